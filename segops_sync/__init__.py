@@ -1,0 +1,1 @@
+"""segops-sync: mirror SegOps segments into Klaviyo lists."""

@@ -1,0 +1,75 @@
+"""Klaviyo layer: a typed httpx client, one error taxonomy, and (in ``.simulator``) a fake Klaviyo.
+
+Nothing here knows Celery or the database.
+"""
+
+from segops_sync.klaviyo.client import DEFAULT_TIMEOUT, KlaviyoClient
+from segops_sync.klaviyo.endpoints import (
+    ENDPOINT_LIMITS,
+    ENDPOINT_SCOPES,
+    REVISION,
+    Endpoint,
+    RateLimit,
+)
+from segops_sync.klaviyo.errors import (
+    ApiErrorItem,
+    Conflict,
+    CredentialsRejected,
+    InvalidRequest,
+    KlaviyoError,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    TransientError,
+    UnexpectedStatus,
+    parse_retry_after,
+)
+from segops_sync.klaviyo.models import (
+    BulkImportJob,
+    ImportedProfile,
+    ImportErrorItem,
+    KlaviyoList,
+    ProfileInput,
+    RateLimitHeaders,
+)
+from segops_sync.klaviyo.payloads import (
+    MAX_FILTER_VALUES,
+    MAX_IDS_PER_RELATIONSHIP_CALL,
+    MAX_JOB_BYTES,
+    MAX_PROFILES_PER_JOB,
+    split_into_jobs,
+)
+from segops_sync.klaviyo.redact import scrub
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ENDPOINT_LIMITS",
+    "ENDPOINT_SCOPES",
+    "MAX_FILTER_VALUES",
+    "MAX_IDS_PER_RELATIONSHIP_CALL",
+    "MAX_JOB_BYTES",
+    "MAX_PROFILES_PER_JOB",
+    "REVISION",
+    "ApiErrorItem",
+    "BulkImportJob",
+    "Conflict",
+    "CredentialsRejected",
+    "Endpoint",
+    "ImportErrorItem",
+    "ImportedProfile",
+    "InvalidRequest",
+    "KlaviyoClient",
+    "KlaviyoError",
+    "KlaviyoList",
+    "NotFound",
+    "PermissionDenied",
+    "ProfileInput",
+    "RateLimit",
+    "RateLimitHeaders",
+    "RateLimited",
+    "TransientError",
+    "UnexpectedStatus",
+    "parse_retry_after",
+    "scrub",
+    "split_into_jobs",
+]

@@ -1,0 +1,441 @@
+"""A small, typed, synchronous Klaviyo client for the calls a list sync needs.
+
+It knows nothing of Celery, databases or retries: every failure becomes one exception of the
+taxonomy in ``errors``, and the caller decides what to do. Rate limiting is the caller's too; it
+hooks in through ``before_request`` (called before every HTTP request, pages included) and
+``after_response`` (called with Klaviyo's RateLimit-* headers after every non-429 answer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+
+from segops_sync.klaviyo.endpoints import REVISION, Endpoint
+from segops_sync.klaviyo.errors import (
+    KlaviyoError,
+    NotFound,
+    TransientError,
+    UnexpectedStatus,
+    error_from_response,
+)
+from segops_sync.klaviyo.models import (
+    BulkImportJob,
+    ImportedProfile,
+    ImportErrorItem,
+    KlaviyoList,
+    ProfileInput,
+    RateLimitHeaders,
+)
+from segops_sync.klaviyo.payloads import (
+    JSONAPI,
+    MAX_FILTER_VALUES,
+    MAX_IDS_PER_RELATIONSHIP_CALL,
+    MAX_JOB_BYTES,
+    MAX_PAGE_SIZE,
+    MAX_PROFILES_PER_JOB,
+    any_filter,
+    bulk_import_body,
+    encode_body,
+    profile_import_body,
+    relationship_body,
+)
+from segops_sync.klaviyo.redact import Secret, fingerprint, install_log_redaction, scrub
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+# A key goes into a header verbatim; anything outside visible ASCII would make httpx raise an
+# error that quotes the header value, key included.
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]+$")
+_LEADING_INT = re.compile(r"^\s*(\d+)")
+_LEADING_NUMBER = re.compile(r"^\s*(\d+(?:\.\d+)?)")
+
+BeforeRequest = Callable[[Endpoint], None]
+AfterResponse = Callable[[Endpoint, RateLimitHeaders], None]
+
+
+class KlaviyoClient:
+    """One pooled httpx.Client per instance; close it (or use ``with``) when done."""
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = "https://a.klaviyo.com",
+        *,
+        timeout: httpx.Timeout | None = None,
+        before_request: BeforeRequest | None = None,
+        after_response: AfterResponse | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not isinstance(api_key, str) or not _HEADER_SAFE.match(api_key):
+            raise ValueError("the API key is empty or contains characters not allowed in a header")
+        install_log_redaction()
+        self._secret = Secret(api_key)
+        self._label = fingerprint(api_key)
+        self._before_request = before_request
+        self._after_response = after_response
+        self.last_rate_limit: RateLimitHeaders | None = None
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={
+                "Authorization": f"Klaviyo-API-Key {api_key}",
+                "revision": REVISION,
+                "accept": JSONAPI,
+                "user-agent": "segops-sync",
+            },
+            timeout=timeout or DEFAULT_TIMEOUT,
+            transport=transport,
+            follow_redirects=False,  # a redirect could carry the key to another host
+        )
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url).rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"KlaviyoClient(base_url={self.base_url!r}, api_key={self._label!r})"
+
+    __str__ = __repr__
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> KlaviyoClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- operations ----------------------------------------------------------------------------
+
+    def get_account_id(self) -> str:
+        """The account the key belongs to (XS tier: 1/s, 15/m, so cache the answer)."""
+        doc = self._json(self._request(Endpoint.GET_ACCOUNTS, Endpoint.GET_ACCOUNTS.path()))
+        data = doc.get("data")
+        if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+            raise _malformed(Endpoint.GET_ACCOUNTS, "no account in data")
+        return _str_field(data[0], "id", Endpoint.GET_ACCOUNTS)
+
+    def get_list(self, list_id: str) -> KlaviyoList:
+        """Checks key and list together in one L-tier call."""
+        endpoint = Endpoint.GET_LIST
+        doc = self._json(self._request(endpoint, endpoint.path(list_id)))
+        data = _dict_field(doc, "data", endpoint)
+        found = _str_field(data, "id", endpoint)
+        if found != list_id:
+            # list ids are case-sensitive: a different id back means the one we asked for is unknown
+            raise NotFound(
+                f"asked for list {list_id!r}, Klaviyo answered with {found!r}",
+                status=200,
+                endpoint=endpoint,
+            )
+        attrs = _obj(data, "attributes")
+        name = attrs.get("name")
+        return KlaviyoList(id=found, name=name if isinstance(name, str) else "")
+
+    def create_bulk_import_job(self, profiles: Sequence[ProfileInput], list_id: str) -> str:
+        """Submits one bulk import job with the list attached; returns the job id.
+
+        Raises ValueError when the batch is empty or over MAX_PROFILES_PER_JOB / MAX_JOB_BYTES
+        (use split_into_jobs first).
+        """
+        if not profiles:
+            raise ValueError("a bulk import job needs at least one profile")
+        if len(profiles) > MAX_PROFILES_PER_JOB:
+            raise ValueError(f"{len(profiles)} profiles exceed {MAX_PROFILES_PER_JOB} per job")
+        body = encode_body(bulk_import_body(profiles, list_id))
+        if len(body) > MAX_JOB_BYTES:
+            raise ValueError(f"the job body is {len(body)} bytes, over {MAX_JOB_BYTES}")
+        endpoint = Endpoint.CREATE_BULK_IMPORT_JOB
+        doc = self._json(self._request(endpoint, endpoint.path(), body=body))
+        return _str_field(_dict_field(doc, "data", endpoint), "id", endpoint)
+
+    def get_bulk_import_job(self, job_id: str) -> BulkImportJob:
+        endpoint = Endpoint.GET_BULK_IMPORT_JOB
+        doc = self._json(self._request(endpoint, endpoint.path(job_id)))
+        data = _dict_field(doc, "data", endpoint)
+        attrs = _dict_field(data, "attributes", endpoint)
+        return BulkImportJob(
+            id=_str_field(data, "id", endpoint),
+            status=_str_field(attrs, "status", endpoint),
+            total_count=_int(attrs.get("total_count")),
+            completed_count=_int(attrs.get("completed_count")),
+            failed_count=_int(attrs.get("failed_count")),
+            expires_at=_datetime(attrs.get("expires_at")),
+        )
+
+    def iter_bulk_import_errors(self, job_id: str) -> Iterator[ImportErrorItem]:
+        """Every per-profile error of a finished job, all pages."""
+        endpoint = Endpoint.GET_BULK_IMPORT_ERRORS
+        params = {"page[size]": str(MAX_PAGE_SIZE)}
+        for item in self._paginate(endpoint, endpoint.path(job_id), params):
+            attrs = _obj(item, "attributes")
+            source = _obj(attrs, "source")
+            payload = attrs.get("original_payload")
+            pointer = source.get("pointer")
+            yield ImportErrorItem(
+                code=scrub(str(attrs.get("code") or ""), self._secret.reveal()),
+                title=scrub(str(attrs.get("title") or ""), self._secret.reveal()),
+                detail=scrub(str(attrs.get("detail") or ""), self._secret.reveal()),
+                pointer=pointer if isinstance(pointer, str) else None,
+                original_payload=payload if isinstance(payload, dict) else None,
+            )
+
+    def iter_bulk_import_profiles(self, job_id: str) -> Iterator[ImportedProfile]:
+        """The profiles a finished job created or updated, with their ids (all pages)."""
+        endpoint = Endpoint.GET_BULK_IMPORT_PROFILES
+        params = {"page[size]": str(MAX_PAGE_SIZE), "fields[profile]": "email,external_id"}
+        for item in self._paginate(endpoint, endpoint.path(job_id), params):
+            yield _imported_profile(item, endpoint)
+
+    def add_profiles_to_list(self, list_id: str, profile_ids: Sequence[str]) -> None:
+        """Idempotent; subscribes nobody. At most MAX_IDS_PER_RELATIONSHIP_CALL ids."""
+        self._relationship(Endpoint.ADD_LIST_PROFILES, list_id, profile_ids)
+
+    def remove_profiles_from_list(self, list_id: str, profile_ids: Sequence[str]) -> None:
+        """Idempotent; the profiles and their consent stay as they are."""
+        self._relationship(Endpoint.REMOVE_LIST_PROFILES, list_id, profile_ids)
+
+    def find_profile_ids(
+        self, field: Literal["email", "external_id"], values: Sequence[str]
+    ) -> dict[str, str]:
+        """value -> profile id, for the values Klaviyo knows (every page of every chunk).
+
+        Emails match case-insensitively (Klaviyo stores them lower-cased); the keys of the result
+        are the values as given. Chunks of MAX_FILTER_VALUES values, MAX_PAGE_SIZE per page.
+        """
+        if field not in ("email", "external_id"):
+            raise ValueError("field must be 'email' or 'external_id'")
+        wanted: dict[str, list[str]] = {}
+        for value in values:
+            if value:
+                wanted.setdefault(_identity_key(field, value), []).append(value)
+        found: dict[str, str] = {}
+        # Ask for the normalized email and, when it differs, the spelling given: both Klaviyo
+        # behaviours (lower-cased storage, exact-match filter) then find the profile.
+        distinct = list(
+            dict.fromkeys(q for key, group in wanted.items() for q in (key, *group) if q)
+        )
+        endpoint = Endpoint.GET_PROFILES
+        for start in range(0, len(distinct), MAX_FILTER_VALUES):
+            chunk = distinct[start : start + MAX_FILTER_VALUES]
+            params = {
+                "filter": any_filter(field, chunk),
+                "page[size]": str(MAX_PAGE_SIZE),
+                "fields[profile]": "email,external_id",
+            }
+            for item in self._paginate(endpoint, endpoint.path(), params):
+                attrs = _obj(item, "attributes")
+                matched = attrs.get(field)
+                pid = item.get("id")
+                if not isinstance(matched, str) or not isinstance(pid, str):
+                    continue
+                for original in wanted.get(_identity_key(field, matched), ()):
+                    found.setdefault(original, pid)
+        return found
+
+    def upsert_profile(self, profile: ProfileInput) -> str:
+        """POST /api/profile-import: creates or updates one profile, returns its id."""
+        endpoint = Endpoint.PROFILE_IMPORT
+        body = encode_body(profile_import_body(profile))
+        doc = self._json(self._request(endpoint, endpoint.path(), body=body))
+        return _str_field(_dict_field(doc, "data", endpoint), "id", endpoint)
+
+    def iter_list_profile_ids(self, list_id: str) -> Iterator[str]:
+        """Every member of the list (ids), all pages; for reconciliation."""
+        endpoint = Endpoint.GET_LIST_PROFILES
+        params = {"page[size]": str(MAX_PAGE_SIZE)}
+        for item in self._paginate(endpoint, endpoint.path(list_id), params):
+            yield _str_field(item, "id", endpoint)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _relationship(self, endpoint: Endpoint, list_id: str, profile_ids: Sequence[str]) -> None:
+        if isinstance(profile_ids, str):
+            raise TypeError("profile_ids must be a sequence of ids, not one string")
+        if len(profile_ids) > MAX_IDS_PER_RELATIONSHIP_CALL:
+            raise ValueError(
+                f"{len(profile_ids)} ids exceed {MAX_IDS_PER_RELATIONSHIP_CALL} per call"
+            )
+        if not profile_ids:
+            return  # Klaviyo refuses an empty data array; nothing to do is not an error
+        body = encode_body(relationship_body(profile_ids))
+        self._request(endpoint, endpoint.path(list_id), body=body)
+
+    def _request(
+        self,
+        endpoint: Endpoint,
+        url: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> httpx.Response:
+        if self._before_request is not None:
+            self._before_request(endpoint)  # may raise: the caller's limiter aborts the call
+        headers = {"content-type": JSONAPI} if body is not None else None
+        response: httpx.Response | None = None
+        failure: KlaviyoError | None = None
+        try:
+            response = self._http.request(
+                endpoint.method, url, params=params, content=body, headers=headers
+            )
+        except httpx.TimeoutException as exc:
+            failure = TransientError(self._transport_text(exc, "timed out"), endpoint=endpoint)
+        except httpx.TransportError as exc:
+            # connection refused/reset, a dropped connection, a truncated answer
+            text = self._transport_text(exc, "connection failed")
+            failure = TransientError(text, endpoint=endpoint)
+        except httpx.HTTPError as exc:
+            failure = KlaviyoError(self._transport_text(exc, "request failed"), endpoint=endpoint)
+        if failure is not None or response is None:
+            # Raised outside the except block: the httpx exception (its message and its request,
+            # headers included) must not ride along as __context__.
+            raise failure or KlaviyoError("no response", endpoint=endpoint)
+        log.debug("%s -> %s", endpoint.value, response.status_code)
+        if response.status_code != 429:
+            limits = _rate_limit_headers(response.headers)
+            self.last_rate_limit = limits
+            if self._after_response is not None:
+                self._after_response(endpoint, limits)
+        if response.is_success:
+            return response
+        raise error_from_response(
+            response.status_code,
+            response.headers,
+            response.content,
+            endpoint=endpoint,
+            secret=self._secret.reveal(),
+        )
+
+    def _paginate(
+        self, endpoint: Endpoint, path: str, params: dict[str, str]
+    ) -> Iterator[dict[str, Any]]:
+        url: str = path
+        query: dict[str, str] | None = params
+        seen: set[str] = set()
+        while True:
+            doc = self._json(self._request(endpoint, url, params=query))
+            data = doc.get("data")
+            if not isinstance(data, list):
+                raise _malformed(endpoint, "data is not a list")
+            for item in data:
+                if isinstance(item, dict):
+                    yield item
+            links = _obj(doc, "links")
+            nxt = links.get("next")
+            if not isinstance(nxt, str) or not nxt:
+                return
+            if nxt in seen:
+                raise _malformed(endpoint, "pagination repeats a page")
+            seen.add(nxt)
+            url, query = self._same_origin(nxt, endpoint), None
+
+    def _same_origin(self, link: str, endpoint: Endpoint) -> str:
+        # links.next is a full URL; following it to another host would hand that host our key.
+        target = self._http.base_url.join(link)
+        base = self._http.base_url
+        if (target.scheme, target.host, target.port) != (base.scheme, base.host, base.port):
+            raise UnexpectedStatus(
+                f"pagination link points to another host ({target.host}); not followed",
+                endpoint=endpoint,
+            )
+        return str(target)
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        doc: Any = None
+        # raised below, not inside a handler: the decode error (as __context__) holds the body
+        with contextlib.suppress(ValueError):
+            doc = response.json()
+        if doc is None:
+            raise TransientError(
+                f"HTTP {response.status_code} with a body that is not JSON",
+                status=response.status_code,
+            )
+        if not isinstance(doc, dict):
+            raise TransientError("the response is not a JSON object", status=response.status_code)
+        return doc
+
+    def _transport_text(self, exc: Exception, what: str) -> str:
+        return scrub(f"{what}: {type(exc).__name__}: {exc}", self._secret.reveal())
+
+
+def _rate_limit_headers(headers: httpx.Headers) -> RateLimitHeaders:
+    return RateLimitHeaders(
+        limit=_header_int(headers.get("ratelimit-limit")),
+        remaining=_header_int(headers.get("ratelimit-remaining")),
+        reset=_header_float(headers.get("ratelimit-reset")),
+    )
+
+
+def _header_int(value: str | None) -> int | None:
+    # "750" or a structured variant such as "750, 750;w=60": the leading number is the limit
+    match = _LEADING_INT.match(value) if value else None
+    return int(match.group(1)) if match else None
+
+
+def _header_float(value: str | None) -> float | None:
+    match = _LEADING_NUMBER.match(value) if value else None
+    return float(match.group(1)) if match else None
+
+
+def _identity_key(field: str, value: str) -> str:
+    return value.strip().lower() if field == "email" else value
+
+
+def _imported_profile(item: dict[str, Any], endpoint: Endpoint) -> ImportedProfile:
+    attrs = _obj(item, "attributes")
+    email, ext = attrs.get("email"), attrs.get("external_id")
+    return ImportedProfile(
+        id=_str_field(item, "id", endpoint),
+        email=email if isinstance(email, str) else None,
+        external_id=ext if isinstance(ext, str) else None,
+    )
+
+
+def _malformed(endpoint: Endpoint, what: str) -> TransientError:
+    return TransientError(f"unexpected response shape: {what}", endpoint=endpoint)
+
+
+def _dict_field(doc: dict[str, Any], name: str, endpoint: Endpoint) -> dict[str, Any]:
+    value = doc.get(name)
+    if not isinstance(value, dict):
+        raise _malformed(endpoint, f"{name} is not an object")
+    return value
+
+
+def _str_field(doc: dict[str, Any], name: str, endpoint: Endpoint) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str) or not value:
+        raise _malformed(endpoint, f"{name} is missing")
+    return value
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _datetime(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _obj(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name)
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,88 @@
+"""The Klaviyo endpoints the client calls, with their published rate limits and scopes.
+
+Numbers come from the ``x-klaviyo-ratelimit`` / ``x-klaviyo-scopes`` extensions of Klaviyo's OpenAPI
+document for revision 2026-07-15. The simulator enforces the same table, so a limiter that keeps
+the simulator happy keeps Klaviyo happy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import quote
+
+# Pinned to the vendored spec: bodies and behaviour are checked against exactly this revision.
+REVISION = "2026-07-15"
+
+
+class Endpoint(StrEnum):
+    """One member per rate-limited Klaviyo endpoint; the value is a stable key ("METHOD path")."""
+
+    GET_ACCOUNTS = "GET /api/accounts"
+    GET_LIST = "GET /api/lists/{id}"
+    # ids only: cheaper than /profiles and all reconciliation needs
+    GET_LIST_PROFILES = "GET /api/lists/{id}/relationships/profiles"
+    ADD_LIST_PROFILES = "POST /api/lists/{id}/relationships/profiles"
+    REMOVE_LIST_PROFILES = "DELETE /api/lists/{id}/relationships/profiles"
+    GET_PROFILES = "GET /api/profiles"
+    PROFILE_IMPORT = "POST /api/profile-import"
+    CREATE_BULK_IMPORT_JOB = "POST /api/profile-bulk-import-jobs"
+    GET_BULK_IMPORT_JOB = "GET /api/profile-bulk-import-jobs/{id}"
+    GET_BULK_IMPORT_ERRORS = "GET /api/profile-bulk-import-jobs/{id}/import-errors"
+    GET_BULK_IMPORT_PROFILES = "GET /api/profile-bulk-import-jobs/{id}/profiles"
+
+    @property
+    def method(self) -> str:
+        return self.value.split(" ", 1)[0]
+
+    @property
+    def path_template(self) -> str:
+        return self.value.split(" ", 1)[1]
+
+    def path(self, resource_id: str | None = None) -> str:
+        """The concrete path; the id is percent-encoded so it can never change the route."""
+        template = self.path_template
+        if "{id}" not in template:
+            return template
+        if not resource_id:
+            raise ValueError(f"{self.name} needs a resource id")
+        return template.replace("{id}", quote(resource_id, safe=""))
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    burst: int  # requests per second
+    steady: int  # requests per minute
+
+
+XS = RateLimit(burst=1, steady=15)
+M = RateLimit(burst=10, steady=150)
+L = RateLimit(burst=75, steady=750)
+
+ENDPOINT_LIMITS: dict[Endpoint, RateLimit] = {
+    Endpoint.GET_ACCOUNTS: XS,
+    Endpoint.GET_LIST: L,
+    Endpoint.GET_LIST_PROFILES: L,
+    Endpoint.ADD_LIST_PROFILES: M,
+    Endpoint.REMOVE_LIST_PROFILES: M,
+    Endpoint.GET_PROFILES: L,
+    Endpoint.PROFILE_IMPORT: L,
+    Endpoint.CREATE_BULK_IMPORT_JOB: M,
+    Endpoint.GET_BULK_IMPORT_JOB: M,
+    Endpoint.GET_BULK_IMPORT_ERRORS: M,
+    Endpoint.GET_BULK_IMPORT_PROFILES: M,
+}
+
+ENDPOINT_SCOPES: dict[Endpoint, frozenset[str]] = {
+    Endpoint.GET_ACCOUNTS: frozenset({"accounts:read"}),
+    Endpoint.GET_LIST: frozenset({"lists:read"}),
+    Endpoint.GET_LIST_PROFILES: frozenset({"lists:read", "profiles:read"}),
+    Endpoint.ADD_LIST_PROFILES: frozenset({"lists:write", "profiles:write"}),
+    Endpoint.REMOVE_LIST_PROFILES: frozenset({"lists:write", "profiles:write"}),
+    Endpoint.GET_PROFILES: frozenset({"profiles:read"}),
+    Endpoint.PROFILE_IMPORT: frozenset({"profiles:write"}),
+    Endpoint.CREATE_BULK_IMPORT_JOB: frozenset({"lists:write", "profiles:write"}),
+    Endpoint.GET_BULK_IMPORT_JOB: frozenset({"lists:read", "profiles:read"}),
+    Endpoint.GET_BULK_IMPORT_ERRORS: frozenset({"profiles:read"}),
+    Endpoint.GET_BULK_IMPORT_PROFILES: frozenset({"profiles:read"}),
+}

@@ -1,0 +1,83 @@
+"""Plain value objects the client accepts and returns (no httpx, no JSON:API nesting)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RateLimitHeaders:
+    """Klaviyo's RateLimit-Limit / -Remaining / -Reset: they describe the steady (1 min) window."""
+
+    limit: int | None
+    remaining: int | None
+    reset: float | None  # seconds until the steady window resets
+
+
+@dataclass(frozen=True)
+class ProfileInput:
+    """One profile to import; Klaviyo matches on email first, then external_id."""
+
+    email: str | None = None
+    external_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.email and not self.external_id:
+            raise ValueError("a profile needs an email or an external_id")
+
+
+@dataclass(frozen=True)
+class KlaviyoList:
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class BulkImportJob:
+    id: str
+    status: str  # queued | processing | complete | cancelled
+    total_count: int
+    completed_count: int
+    failed_count: int
+    expires_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("complete", "cancelled")
+
+
+@dataclass(frozen=True)
+class ImportErrorItem:
+    code: str
+    title: str
+    detail: str
+    pointer: str | None
+    # the profile as it was submitted: how the caller tells which member failed
+    original_payload: dict[str, Any] | None
+
+    @property
+    def email(self) -> str | None:
+        return _payload_attr(self.original_payload, "email")
+
+    @property
+    def external_id(self) -> str | None:
+        return _payload_attr(self.original_payload, "external_id")
+
+
+@dataclass(frozen=True)
+class ImportedProfile:
+    """A profile a bulk job created or updated: lets the caller store ids for later removals."""
+
+    id: str
+    email: str | None
+    external_id: str | None
+
+
+def _payload_attr(payload: dict[str, Any] | None, name: str) -> str | None:
+    if not payload:
+        return None
+    attrs = payload.get("attributes", payload)
+    value = attrs.get(name) if isinstance(attrs, dict) else None
+    return value if isinstance(value, str) else None
