@@ -1,0 +1,365 @@
+"""Fleet-wide Klaviyo rate limiter, shared by every worker process through Redis.
+
+Klaviyo limits each ACCOUNT per ENDPOINT with two fixed windows at once: *burst* (per 1 s) and
+*steady* (per 60 s). Every private key of an account draws from the same budget, so the limiter
+is keyed by the account id (see :class:`AccountResolver`), never by the API key.
+
+Algorithm: sliding-window log
+    Each (account, endpoint) has one sorted set of granted requests, scored by the Redis server
+    time in microseconds (``TIME`` inside the script, so client clock skew does not matter).
+    ``acquire()`` is ONE Lua script: it prunes entries older than the steady window, counts the
+    entries younger than 1 s (``ZCOUNT``) and younger than 60 s (``ZCARD``), and admits the
+    request only if BOTH counts are below their caps and no back-off is active. Admission adds
+    one entry; refusal adds nothing and returns how long until the blocking entry leaves its
+    window. The check runs at every grant instant: the last grant inside any window [a, a + W)
+    saw all the others in its own (t - W, t], so no window of 1 s (or 60 s), wherever it starts,
+    ever holds more than the cap, and Klaviyo's fixed windows cannot either, whatever their
+    phase. (A GCRA with a 60 s tolerance would admit almost twice the steady cap in some
+    sliding minute; a log is exact and costs at most ``steady`` small entries per key.)
+
+Two windows
+    One log serves both windows: the 1 s count is a range count over the same set. A request
+    needs room in both; the wait returned is the later of the two moments room appears.
+
+Headroom
+    We use ``floor(headroom * published)`` (at least 1) of each window, 90 % by default, because
+    Klaviyo's own count also includes other integrations of the account and network jitter can
+    shift our requests into a neighbouring fixed window.
+
+Fairness
+    ``claimant`` (e.g. a connector id) names who asks. Claimants that asked recently are kept in a
+    sorted set with an "active until" time: ``now + a few seconds`` on every ask, and, when
+    refused, ``now + wait + a few seconds`` so a claimant that is waiting on us still counts.
+    With ``n`` active claimants nobody may hold more than ``ceil(cap / n)`` of either window (a
+    per-claimant log answers that), so a huge sync cannot starve a small one. A lone claimant gets
+    the whole budget; ``claimant=None`` is one shared anonymous claimant. A claimant refused for
+    exceeding its share is told to come back when its own entries leave the window or when
+    another claimant goes idle, whichever is first, since either may let it in. "A few seconds"
+    is ``ACTIVE_SECONDS`` (5 s), divided by ``time_scale`` like the windows.
+
+Back-off from Klaviyo's answers
+    ``penalize()`` (after a 429 with ``Retry-After``) and ``observe_remaining()`` (when
+    ``RateLimit-Remaining`` is almost zero; Klaviyo counts traffic our log cannot see) store a
+    "blocked until" server time that every ``acquire()`` on every process honours. They only ever
+    extend it. "Almost zero" is at most 2 % of the published steady limit (at least 1); a missing
+    reset counts as one steady window. Those durations are taken as reported (real seconds); ``time_scale`` compresses
+    only our own windows, exactly as the Klaviyo simulator compresses its windows.
+
+Celery
+    Celery's ``rate_limit`` is a per-worker-instance token bucket per task name: it stays as a
+    local ceiling (protects one worker from spinning) but knows nothing of accounts or of other
+    workers. This limiter is the fleet-wide one. Call ``acquire()`` right before each HTTP
+    request; when it returns a wait, re-queue instead of sleeping::
+
+        wait = limiter.acquire(account, endpoint, limit, claimant=connector_id)
+        if wait > 0:
+            raise self.retry(countdown=wait + random.uniform(0, 1))
+
+    Each such deferral counts against the task's ``max_retries``: set it high (or ``None``) and
+    keep the real error budget elsewhere. After a 429, call ``penalize()`` before retrying.
+
+Storage
+    Keys are ``{prefix}:{<account>|<endpoint>}:<kind>`` (components percent-encoded; the braces
+    are a Redis Cluster hash tag, so one script only touches one slot): ``log`` (all grants),
+    ``c:<claimant>`` (that claimant's grants), ``active`` (claimants), ``ctl`` (hash: back-off,
+    published steady, sequence). Every write re-arms a ``PEXPIRE`` so idle accounts leave nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+from urllib.parse import quote
+
+import redis
+
+__all__ = ["AccountLimiter", "AccountResolver", "Limit"]
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Klaviyo's published limit for one endpoint: requests per 1 s (burst), per 60 s (steady)."""
+
+    burst: int
+    steady: int
+
+    def __post_init__(self) -> None:
+        for name in ("burst", "steady"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limit.{name} must be a positive int, got {value!r}")
+
+
+class _Keys(NamedTuple):
+    log: str
+    active: str
+    ctl: str
+    claimant_base: str
+
+
+# Shared Lua helpers. Numbers are formatted with %.17g because Lua 5.1's default tostring keeps
+# only 14 digits, which would corrupt microsecond timestamps (16 digits).
+_LUA_PRELUDE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local function num(x) return string.format('%.17g', x) end
+local function after(x) return '(' .. num(x) end
+local function ms(us) return math.ceil(us / 1000) end
+"""
+
+# KEYS: 1 log, 2 claimant log, 3 active claimants, 4 control hash
+# ARGV: 1 burst cap, 2 steady cap, 3 burst window (us), 4 steady window (us),
+#       5 activity grace (us), 6 claimant, 7 published steady limit
+# Returns 0 when granted, else the wait in microseconds (>= 1).
+_ACQUIRE_LUA = (
+    _LUA_PRELUDE
+    + """
+local cap1, cap60 = tonumber(ARGV[1]), tonumber(ARGV[2])
+local w1, w60, grace = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local me = ARGV[6]
+local log, mine, active, ctl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+-- Time until the k-th oldest entry of key newer than lo leaves its window of length w.
+local function leaves(key, lo, k, w)
+  local r = redis.call('ZRANGEBYSCORE', key, after(lo), '+inf',
+                       'WITHSCORES', 'LIMIT', num(k - 1), 1)
+  return tonumber(r[2]) + w - now
+end
+
+redis.call('ZREMRANGEBYSCORE', log, '-inf', num(now - w60))
+redis.call('ZREMRANGEBYSCORE', mine, '-inf', num(now - w60))
+redis.call('ZREMRANGEBYSCORE', active, '-inf', num(now))
+
+local wait = 0
+local blocked = tonumber(redis.call('HGET', ctl, 'until') or '0')
+if blocked > now then wait = blocked - now end
+
+local g1 = redis.call('ZCOUNT', log, after(now - w1), '+inf')
+local g60 = redis.call('ZCARD', log)
+if g1 >= cap1 then wait = math.max(wait, leaves(log, now - w1, g1 - cap1 + 1, w1)) end
+if g60 >= cap60 then wait = math.max(wait, leaves(log, now - w60, g60 - cap60 + 1, w60)) end
+
+local held = tonumber(redis.call('ZSCORE', active, me) or '0')
+if held < now + grace then
+  held = now + grace
+  redis.call('ZADD', active, num(held), me)
+end
+local n = redis.call('ZCARD', active)
+if n > 1 then
+  local s1, s60 = math.ceil(cap1 / n), math.ceil(cap60 / n)
+  local c1 = redis.call('ZCOUNT', mine, after(now - w1), '+inf')
+  local c60 = redis.call('ZCARD', mine)
+  local fair = 0
+  if c1 >= s1 then fair = leaves(mine, now - w1, c1 - s1 + 1, w1) end
+  if c60 >= s60 then fair = math.max(fair, leaves(mine, now - w60, c60 - s60 + 1, w60)) end
+  if fair > 0 then
+    -- The share grows as soon as another claimant goes idle: re-check no later than that.
+    local first = redis.call('ZRANGE', active, 0, 1, 'WITHSCORES')
+    local i = 1
+    if first[1] == me then i = 3 end
+    if first[i + 1] then fair = math.min(fair, tonumber(first[i + 1]) - now) end
+    wait = math.max(wait, fair)
+  end
+end
+
+redis.call('HSET', ctl, 'steady', ARGV[7])
+redis.call('PEXPIRE', ctl, num(math.max(ms(w60), ms(blocked - now)) + 1))
+
+if wait > 0 then
+  -- A waiting claimant stays active, or a hammering one would grab everything meanwhile.
+  if now + wait + grace > held then redis.call('ZADD', active, num(now + wait + grace), me) end
+  local last = redis.call('ZRANGE', active, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIRE', active, num(ms(tonumber(last[2]) - now) + 1))
+  return math.max(1, math.ceil(wait))
+end
+
+local last = redis.call('ZRANGE', active, -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', active, num(ms(tonumber(last[2]) - now) + 1))
+local member = num(now) .. '-' .. redis.call('HINCRBY', ctl, 'seq', 1)
+redis.call('ZADD', log, num(now), member)
+redis.call('ZADD', mine, num(now), member)
+redis.call('PEXPIRE', log, num(ms(w60) + 1))
+redis.call('PEXPIRE', mine, num(ms(w60) + 1))
+return 0
+"""
+)
+
+# KEYS: 1 control hash. ARGV: 1 seconds to block, 2 remaining ('' = block unconditionally),
+# 3 threshold as a share of the published steady limit. Returns 1 if the back-off was extended.
+_BLOCK_LUA = (
+    _LUA_PRELUDE
+    + """
+local ctl = KEYS[1]
+if ARGV[2] ~= '' then
+  local steady = tonumber(redis.call('HGET', ctl, 'steady') or '0')
+  local threshold = math.max(1, math.floor(steady * tonumber(ARGV[3])))
+  if tonumber(ARGV[2]) > threshold then return 0 end
+end
+local untl = now + tonumber(ARGV[1]) * 1000000
+local cur = tonumber(redis.call('HGET', ctl, 'until') or '0')
+if untl <= cur then return 0 end
+redis.call('HSET', ctl, 'until', num(untl))
+local ttl = ms(untl - now) + 1
+if redis.call('PTTL', ctl) < ttl then redis.call('PEXPIRE', ctl, num(ttl)) end
+return 1
+"""
+)
+
+# KEYS: 1 log. ARGV: 1 burst window (us), 2 steady window (us).
+_USAGE_LUA = (
+    _LUA_PRELUDE
+    + """
+return {
+  redis.call('ZCOUNT', KEYS[1], after(now - tonumber(ARGV[1])), '+inf'),
+  redis.call('ZCOUNT', KEYS[1], after(now - tonumber(ARGV[2])), '+inf'),
+}
+"""
+)
+
+
+class AccountLimiter:
+    """Distributed per-(account, endpoint) limiter over Klaviyo's burst and steady windows."""
+
+    # A claimant counts as active this long after its last ask (scaled by time_scale).
+    ACTIVE_SECONDS = 5.0
+    # RateLimit-Remaining at or below this share of the steady limit (at least 1) means "stop".
+    REMAINING_SHARE = 0.02
+    _ANONYMOUS = "(anonymous)"
+
+    def __init__(
+        self,
+        redis: redis.Redis,
+        *,
+        headroom: float = 0.9,
+        time_scale: float = 1.0,
+        prefix: str = "segops:rl",
+    ) -> None:
+        if not (0.0 < headroom <= 1.0):
+            raise ValueError(f"headroom must be in (0, 1], got {headroom!r}")
+        if not (math.isfinite(time_scale) and time_scale > 0):
+            raise ValueError(f"time_scale must be a positive finite number, got {time_scale!r}")
+        self._redis = redis
+        self.headroom = headroom
+        self.time_scale = time_scale
+        self.prefix = prefix
+        self.burst_window = 1.0 / time_scale
+        self.steady_window = 60.0 / time_scale
+        self._w1_us = 1_000_000.0 / time_scale
+        self._w60_us = 60_000_000.0 / time_scale
+        self._grace_us = self.ACTIVE_SECONDS * 1_000_000.0 / time_scale
+        self._acquire = redis.register_script(_ACQUIRE_LUA)
+        self._block = redis.register_script(_BLOCK_LUA)
+        self._usage = redis.register_script(_USAGE_LUA)
+
+    def caps(self, limit: Limit) -> tuple[int, int]:
+        """The (burst, steady) numbers this limiter actually admits: headroom share, at least 1."""
+        # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 from flooring to 28.
+        return (
+            max(1, math.floor(self.headroom * limit.burst + 1e-9)),
+            max(1, math.floor(self.headroom * limit.steady + 1e-9)),
+        )
+
+    def acquire(
+        self, account: str, endpoint: str, limit: Limit, *, claimant: str | None = None
+    ) -> float:
+        """Take one slot and return 0.0, or take nothing and return seconds to wait (> 0)."""
+        keys = self._keys(account, endpoint)
+        who = self._ANONYMOUS if claimant is None else claimant
+        cap1, cap60 = self.caps(limit)
+        wait_us = self._acquire(
+            keys=[keys.log, keys.claimant_base + quote(who, safe=""), keys.active, keys.ctl],
+            args=[
+                cap1,
+                cap60,
+                repr(self._w1_us),
+                repr(self._w60_us),
+                repr(self._grace_us),
+                who,
+                limit.steady,
+            ],
+        )
+        return int(wait_us) / 1_000_000
+
+    def penalize(self, account: str, endpoint: str, retry_after: float) -> None:
+        """Make every acquire() for (account, endpoint), fleet-wide, wait until now+retry_after."""
+        if math.isnan(retry_after) or math.isinf(retry_after):
+            raise ValueError(f"retry_after must be finite, got {retry_after!r}")
+        if retry_after <= 0:
+            return
+        self._block(keys=[self._keys(account, endpoint).ctl], args=[repr(float(retry_after)), ""])
+
+    def observe_remaining(
+        self, account: str, endpoint: str, remaining: int | None, reset: float | None
+    ) -> None:
+        """Back off until the steady window resets when Klaviyo says the budget is nearly gone."""
+        if remaining is None:
+            return
+        if reset is None or not math.isfinite(reset):
+            # No reset given: Klaviyo's fixed steady window turns over within one window length.
+            reset = self.steady_window
+        if reset <= 0:
+            return
+        self._block(
+            keys=[self._keys(account, endpoint).ctl],
+            args=[repr(float(reset)), int(remaining), repr(self.REMAINING_SHARE)],
+        )
+
+    def usage(self, account: str, endpoint: str) -> tuple[int, int]:
+        """Requests granted in the current sliding burst and steady windows."""
+        n1, n60 = self._usage(
+            keys=[self._keys(account, endpoint).log],
+            args=[repr(self._w1_us), repr(self._w60_us)],
+        )
+        return int(n1), int(n60)
+
+    def _keys(self, account: str, endpoint: str) -> _Keys:
+        if not account or not endpoint:
+            raise ValueError("account and endpoint must be non-empty")
+        # Percent-encoding keeps '|', '{' and '}' out of the hash tag, so keys cannot collide.
+        base = f"{self.prefix}:{{{quote(account, safe='')}|{quote(endpoint, safe='')}}}:"
+        return _Keys(
+            log=base + "log", active=base + "active", ctl=base + "ctl", claimant_base=base + "c:"
+        )
+
+
+class AccountResolver:
+    """Learn the Klaviyo account behind an API key once, cache it in Redis, so all keys of one
+    account share one budget.
+
+    The cache key is an HMAC-SHA256 fingerprint of the API key; the key itself is never stored
+    in Redis, logged, or put in an exception message.
+    """
+
+    _FINGERPRINT_KEY = b"segops-sync/klaviyo-account-fingerprint/v1"
+
+    def __init__(
+        self, redis: redis.Redis, *, prefix: str = "segops:acct", ttl_seconds: int = 86400
+    ) -> None:
+        if ttl_seconds < 1:
+            raise ValueError("ttl_seconds must be >= 1")
+        self._redis = redis
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+
+    def fingerprint(self, api_key: str) -> str:
+        """Stable, non-reversible identifier of an API key (safe to store and log)."""
+        return hmac.new(self._FINGERPRINT_KEY, api_key.encode(), hashlib.sha256).hexdigest()
+
+    def resolve(self, api_key: str, fetch: Callable[[], str]) -> str:
+        """Return the account id for api_key, calling fetch() (GET /api/accounts) only on a miss."""
+        if not api_key:
+            raise ValueError("api_key must be non-empty")
+        cache_key = f"{self.prefix}:{self.fingerprint(api_key)}"
+        cached = self._redis.get(cache_key)
+        if cached is not None:
+            return cached.decode() if isinstance(cached, bytes) else str(cached)
+        account = fetch()
+        if not isinstance(account, str) or not account:
+            raise ValueError("fetch() must return a non-empty account id")
+        self._redis.set(cache_key, account, ex=self.ttl_seconds)
+        return account

@@ -1,0 +1,299 @@
+"""Unit tests for the fleet-wide Klaviyo limiter, on fakeredis (Lua via lupa).
+
+Most tests compress time with ``time_scale=60``: the burst window is then 1/60 s and the steady
+window 1 s, so the steady path runs in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import uuid
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+
+from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit
+
+EP = "POST /api/lists/{id}/relationships/profiles"
+OTHER_EP = "GET /api/profiles"
+
+
+@pytest.fixture
+def r() -> Iterator[fakeredis.FakeRedis]:
+    client = fakeredis.FakeRedis()
+    yield client
+    client.flushall()
+
+
+def make(r: fakeredis.FakeRedis, **kw: float) -> AccountLimiter:
+    return AccountLimiter(r, prefix=f"t:{uuid.uuid4().hex[:8]}", **kw)
+
+
+def grant_time(r: fakeredis.FakeRedis, lim: AccountLimiter, account: str, endpoint: str) -> float:
+    """Redis TIME (seconds) of the newest grant, read from the limiter's own log."""
+    newest = r.zrange(lim._keys(account, endpoint).log, -1, -1, withscores=True)
+    return float(newest[0][1]) / 1e6
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """Largest number of timestamps in any half-open window [t, t + window)."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def hammer(
+    r: fakeredis.FakeRedis,
+    lim: AccountLimiter,
+    limit: Limit,
+    seconds: float,
+    account: str = "acct",
+    endpoint: str = EP,
+    claimant: str | None = None,
+) -> list[float]:
+    """Ask as fast as allowed for `seconds`, sleeping each returned wait; return grant times."""
+    grants: list[float] = []
+    end = time.monotonic() + seconds
+    while (now := time.monotonic()) < end:
+        wait = lim.acquire(account, endpoint, limit, claimant=claimant)
+        if wait == 0.0:
+            grants.append(grant_time(r, lim, account, endpoint))
+        else:
+            time.sleep(min(wait, end - now))
+    return grants
+
+
+def test_caps_apply_headroom_with_floor_and_minimum_of_one(r: fakeredis.FakeRedis) -> None:
+    assert make(r).caps(Limit(10, 150)) == (9, 135)
+    assert make(r).caps(Limit(75, 750)) == (67, 675)
+    assert make(r).caps(Limit(1, 15)) == (1, 13)
+    assert make(r, headroom=0.29).caps(Limit(100, 100)) == (29, 29)
+    with pytest.raises(ValueError):
+        Limit(0, 10)
+    with pytest.raises(ValueError):
+        make(r, headroom=1.5)
+    with pytest.raises(ValueError):
+        make(r, time_scale=0)
+
+
+def test_burst_cap(r: fakeredis.FakeRedis) -> None:
+    lim = make(r)  # real time: 1 s burst window
+    results = [lim.acquire("acct", EP, Limit(10, 150)) for _ in range(20)]
+    assert results[:9] == [0.0] * 9
+    refused = results[9:]
+    assert all(0 < w <= 1.0 for w in refused)
+    # Refusals take nothing.
+    assert lim.usage("acct", EP) == (9, 9)
+    # Other accounts and endpoints have their own budget.
+    assert lim.acquire("other", EP, Limit(10, 150)) == 0.0
+    assert lim.acquire("acct", OTHER_EP, Limit(10, 150)) == 0.0
+
+
+def test_steady_cap(r: fakeredis.FakeRedis) -> None:
+    lim = make(r, time_scale=60, headroom=1.0)  # steady window = 1 s
+    limit = Limit(burst=100, steady=30)
+    start = time.monotonic()
+    grants = hammer(r, lim, limit, 0.6)
+    assert time.monotonic() - start < 1.0  # all within one steady window
+    assert len(grants) == 30
+    assert lim.usage("acct", EP)[1] == 30
+    wait = lim.acquire("acct", EP, limit)
+    # The wait is for the steady window (the oldest grant leaves ~1 s after it was made).
+    assert 0.3 < wait <= 1.0
+
+
+def test_sliding_windows_never_exceed_caps(r: fakeredis.FakeRedis) -> None:
+    lim = make(r, time_scale=60, headroom=1.0)  # burst window 1/60 s, steady 1 s
+    limit = Limit(burst=5, steady=20)
+    grants = hammer(r, lim, limit, 2.5)
+    assert max_in_window(grants, 1 / 60) == 5  # burst cap reached, never exceeded
+    assert max_in_window(grants, 1.0) == 20  # steady cap reached, never exceeded
+    # A fixed-window limiter would allow up to 2x around window edges; the log does not.
+    # Not needlessly slow either: a window starts every second, so about 3 x 20 in 2.5 s.
+    assert len(grants) >= 0.8 * 20 * 2.5
+
+
+def test_wait_is_accurate_for_burst_window(r: fakeredis.FakeRedis) -> None:
+    lim = make(r, time_scale=4, headroom=1.0)  # burst window 0.25 s
+    limit = Limit(burst=3, steady=1000)
+    assert [lim.acquire("acct", EP, limit) for _ in range(3)] == [0.0] * 3
+    wait = lim.acquire("acct", EP, limit)
+    assert 0.15 < wait <= 0.25
+    time.sleep(wait - 0.1)  # too early: still refused, told (about) the remaining time
+    early = lim.acquire("acct", EP, limit)
+    assert 0 < early <= 0.1
+    time.sleep(early)
+    assert lim.acquire("acct", EP, limit) == 0.0
+
+
+def test_wait_is_accurate_for_steady_window(r: fakeredis.FakeRedis) -> None:
+    lim = make(r, time_scale=60, headroom=1.0)  # steady window 1 s
+    limit = Limit(burst=1000, steady=5)
+    assert [lim.acquire("acct", EP, limit) for _ in range(5)] == [0.0] * 5
+    wait = lim.acquire("acct", EP, limit)
+    assert 0.9 < wait <= 1.0
+    time.sleep(wait)
+    assert lim.acquire("acct", EP, limit) == 0.0
+
+
+def test_penalize_blocks_the_whole_fleet_for_that_account_and_endpoint(
+    r: fakeredis.FakeRedis,
+) -> None:
+    prefix = f"t:{uuid.uuid4().hex[:8]}"
+    worker_a = AccountLimiter(r, prefix=prefix)
+    worker_b = AccountLimiter(r, prefix=prefix)  # another process, same Redis
+    limit = Limit(75, 750)
+    assert worker_a.acquire("acct", EP, limit) == 0.0
+    worker_a.penalize("acct", EP, 0.5)
+    for worker in (worker_a, worker_b):
+        for claimant in (None, "conn-1", "conn-2"):
+            assert 0.4 < worker.acquire("acct", EP, limit, claimant=claimant) <= 0.5
+    assert worker_b.usage("acct", EP) == (1, 1)  # refused calls took nothing
+    assert worker_b.acquire("acct", OTHER_EP, limit) == 0.0
+    assert worker_b.acquire("other-acct", EP, limit) == 0.0
+    # Never shortened by a smaller Retry-After; extended by a larger one.
+    worker_b.penalize("acct", EP, 0.1)
+    assert worker_a.acquire("acct", EP, limit) > 0.3
+    worker_b.penalize("acct", EP, 0.7)
+    wait = worker_a.acquire("acct", EP, limit)
+    assert 0.6 < wait <= 0.7
+    time.sleep(wait)
+    assert worker_b.acquire("acct", EP, limit) == 0.0
+
+
+def test_observe_remaining_slows_down_before_a_429(r: fakeredis.FakeRedis) -> None:
+    lim = make(r)
+    limit = Limit(10, 150)  # threshold: 2 % of 150 = 3
+    assert lim.acquire("acct", EP, limit) == 0.0
+    lim.observe_remaining("acct", EP, remaining=100, reset=30)
+    lim.observe_remaining("acct", EP, remaining=None, reset=30)
+    assert lim.acquire("acct", EP, limit) == 0.0  # plenty left: no change
+    lim.observe_remaining("acct", EP, remaining=3, reset=0.3)
+    wait = lim.acquire("acct", EP, limit)
+    assert 0.2 < wait <= 0.3
+    assert lim.acquire("acct", OTHER_EP, limit) == 0.0
+    # A later, more optimistic answer never shortens the back-off.
+    lim.observe_remaining("acct", EP, remaining=0, reset=0.05)
+    assert lim.acquire("acct", EP, limit) > 0.15
+    time.sleep(lim.acquire("acct", EP, limit))
+    assert lim.acquire("acct", EP, limit) == 0.0
+
+
+def test_fairness_small_claimant_gets_its_share(r: fakeredis.FakeRedis) -> None:
+    lim = make(r, time_scale=120, headroom=1.0)  # steady window 0.5 s, activity grace 1/24 s
+    limit = Limit(burst=100, steady=40)
+    window = 0.5
+    # Alone, the big claimant gets the whole budget.
+    solo = hammer(r, lim, limit, 0.3 * window, claimant="big")
+    assert len(solo) == 40
+
+    # Now both ask; the small one must not be starved by the big one's backlog.
+    grants: dict[str, list[float]] = {"big": [], "small": []}
+    next_at = {"big": 0.0, "small": 0.0}
+    end = time.monotonic() + 2.2 * window
+    while (now := time.monotonic()) < end:
+        for who in ("big", "small"):
+            if next_at[who] > now:
+                continue
+            wait = lim.acquire("acct", EP, limit, claimant=who)
+            if wait == 0.0:
+                grants[who].append(grant_time(r, lim, "acct", EP))
+            else:
+                next_at[who] = now + wait
+        time.sleep(max(0.0, min(next_at.values()) - time.monotonic()))
+
+    share = math.ceil(40 / 2)
+    # Hard guarantee: once both are active, each new grant leaves its claimant at most
+    # `share` grants in the sliding window ending at that grant.
+    for who, mine in grants.items():
+        everything = sorted(solo + mine) if who == "big" else sorted(mine)
+        for t in mine:
+            held = sum(1 for u in everything if t - window < u <= t)
+            assert held <= share, (who, held)
+    all_times = solo + grants["big"] + grants["small"]
+    assert max_in_window(all_times, window) <= 40
+    # The small one got a real share: about one share per steady window once A's solo run ends.
+    assert len(grants["small"]) >= 0.8 * 2 * share, grants
+    assert len(grants["small"]) >= 0.4 * (len(grants["small"]) + len(grants["big"]))
+
+    # When the small one goes quiet, the big one gets the whole budget back.
+    later = hammer(r, lim, limit, 2.3 * window, claimant="big")
+    tail = [t for t in later if t >= later[-1] - window]
+    assert len(tail) >= 0.8 * 40
+
+
+def test_claimant_none_and_a_lone_named_claimant_get_the_whole_budget(
+    r: fakeredis.FakeRedis,
+) -> None:
+    lim = make(r)
+    limit = Limit(10, 150)
+    assert sum(lim.acquire("a1", EP, limit) == 0.0 for _ in range(12)) == 9
+    assert sum(lim.acquire("a2", EP, limit, claimant="conn-9") == 0.0 for _ in range(12)) == 9
+
+
+def test_keys_expire_on_their_own(r: fakeredis.FakeRedis) -> None:
+    lim = make(r, time_scale=60)  # steady window 1 s
+    limit = Limit(10, 150)
+    for claimant in ("x", "y", None):
+        lim.acquire("acct", EP, limit, claimant=claimant)
+    keys = list(r.scan_iter(f"{lim.prefix}:*"))
+    assert len(keys) == 6  # log, active, ctl, and one log per claimant
+    assert all(0 < r.pttl(k) <= 1002 for k in keys)
+    lim.penalize("acct", EP, 30)
+    assert r.pttl(lim._keys("acct", EP).ctl) > 29_000  # the back-off outlives the window
+    lim2 = make(r, time_scale=60)
+    lim2.acquire("acct", EP, limit)
+    time.sleep(1.1)
+    assert list(r.scan_iter(f"{lim2.prefix}:*")) == []
+
+
+def test_account_resolver_caches_and_never_stores_the_key(r: fakeredis.FakeRedis) -> None:
+    api_key = "pk_" + uuid.uuid4().hex + uuid.uuid4().hex[:2]
+    calls: list[str] = []
+
+    def fetch() -> str:
+        calls.append("GET /api/accounts")
+        return "ACCT123"
+
+    resolver = AccountResolver(r, ttl_seconds=3600)
+    assert resolver.resolve(api_key, fetch) == "ACCT123"
+    assert resolver.resolve(api_key, fetch) == "ACCT123"
+    # Another process: a new resolver reads the shared cache.
+    assert AccountResolver(r, ttl_seconds=3600).resolve(api_key, fetch) == "ACCT123"
+    assert len(calls) == 1
+    # A second key of the same account is learnt once too, and then shares the account id.
+    other_key = "pk_" + uuid.uuid4().hex
+    assert resolver.resolve(other_key, fetch) == "ACCT123"
+    assert len(calls) == 2
+
+    # A failing fetch caches nothing and does not leak the key.
+    def broken() -> str:
+        raise RuntimeError("klaviyo down")
+
+    with pytest.raises(RuntimeError) as err:
+        resolver.resolve("pk_broken", broken)
+    assert "pk_broken" not in str(err.value)
+
+    # Scan every key and value in Redis: the key (and its plain sha256) are nowhere.
+    needles = [
+        s.encode()
+        for k in (api_key, other_key, "pk_broken")
+        for s in (k, hashlib.sha256(k.encode()).hexdigest())
+    ]
+    keys = list(r.scan_iter("*"))
+    assert len(keys) == 2
+    for key in keys:
+        kind = r.type(key)
+        assert kind == b"string"
+        value = r.get(key)
+        assert value == b"ACCT123"
+        assert 0 < r.ttl(key) <= 3600
+        for needle in needles:
+            assert needle not in key
