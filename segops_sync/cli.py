@@ -1,0 +1,446 @@
+"""``segops-sync``: the command line of INTERFACE.md.
+
+Every command exits 0 on success; bad input exits 2 with one line on stderr and writes
+nothing; ``--json`` prints one JSON document on stdout and nothing else there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from segops_sync.config import ConfigError, Settings, get_settings
+from segops_sync.connectors import InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class Failure(Exception):
+    """Not the user's input: the sync failed, or a service is unreachable (exit 1)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"segops-sync: {message} (see {self.prog} --help)\n")
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# -- db ------------------------------------------------------------------------------------
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.migrate import upgrade
+
+    upgrade(settings.require_database_url())
+    print("database is up to date")
+    return EXIT_OK
+
+
+# -- connectors ----------------------------------------------------------------------------
+
+
+def _show_connector(doc: dict[str, Any]) -> None:
+    for key in (
+        "id",
+        "type",
+        "segment_id",
+        "list_id",
+        "status",
+        "last_synced_at",
+        "last_error",
+        "api_key",
+    ):
+        print(f"{key:15} {doc[key] if doc[key] is not None else '-'}")
+
+
+def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.connectors import connector_json, create_connector
+    from segops_sync.db.session import session_scope
+
+    with session_scope() as s:
+        connector, warning = create_connector(
+            s,
+            settings,
+            segment_id=args.segment,
+            list_id=args.list_id,
+            api_key=args.api_key,
+            connector_type=args.type,
+            verify=not args.no_verify,
+        )
+        doc = connector_json(connector, settings)
+    if warning:
+        _warn(warning)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(
+            f"created connector {doc['id']} (inactive: run `segops-sync connectors activate {doc['id']}`)"
+        )
+    return EXIT_OK
+
+
+def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.connectors import connector_json, update_connector
+    from segops_sync.db.session import session_scope
+
+    if args.list_id is None and args.api_key is None:
+        raise InputError("nothing to update: give --list-id and/or --api-key")
+    with session_scope() as s:
+        connector, warning = update_connector(
+            s,
+            settings,
+            args.connector_id,
+            list_id=args.list_id,
+            api_key=args.api_key,
+            verify=not args.no_verify,
+        )
+        doc = connector_json(connector, settings)
+    if warning:
+        _warn(warning)
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"updated connector {doc['id']}")
+    return EXIT_OK
+
+
+def _set_status(status: str) -> Callable[[argparse.Namespace, Settings], int]:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        from segops_sync.connectors import set_status
+        from segops_sync.db.session import session_scope
+
+        with session_scope() as s:
+            set_status(s, args.connector_id, status)
+        print(f"connector {args.connector_id} is {status}")
+        return EXIT_OK
+
+    return run
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.connectors import connector_json, get_connector
+    from segops_sync.db.session import session_scope
+
+    with session_scope() as s:
+        doc = connector_json(get_connector(s, args.connector_id), settings)
+    if args.json:
+        _print_json(doc)
+    else:
+        _show_connector(doc)
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.connectors import connector_json, list_connectors
+    from segops_sync.db.session import session_scope
+
+    with session_scope() as s:
+        docs = [connector_json(c, settings) for c in list_connectors(s)]
+    if args.json:
+        _print_json(docs)
+    else:
+        for d in docs:
+            print(
+                f"{d['id']}  {d['status']:8}  segment={d['segment_id']}  list={d['list_id']}  "
+                f"last_synced_at={d['last_synced_at'] or '-'}"
+            )
+    return EXIT_OK
+
+
+def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.connectors import get_connector
+    from segops_sync.db.session import session_scope
+    from segops_sync.tasks import trigger_sync
+
+    with session_scope() as s:
+        connector = get_connector(s, args.connector_id)
+        if connector.status == "inactive":
+            raise InputError(f"connector {args.connector_id} is inactive: activate it first")
+    outcome = trigger_sync(
+        args.connector_id, trigger="resync", allow_mass_removal=args.allow_mass_removal
+    )
+    if outcome.reason == "coalesced":
+        print(f"a sync of connector {args.connector_id} is running; another follows it")
+    else:
+        print(f"sync {outcome.run_id} of connector {args.connector_id} started")
+    if not args.wait:
+        return EXIT_OK
+    return _wait_for_sync(args.connector_id, outcome.run_id)
+
+
+def _wait_for_sync(connector_id: str, first_run: str | None) -> int:
+    """Wait until the connector has no running run and no coalesced trigger waiting."""
+    from sqlalchemy import select
+
+    from segops_sync.db.models import Connector, SyncRun
+    from segops_sync.db.session import session_scope
+
+    while True:
+        with session_scope() as s:
+            busy = s.scalar(
+                select(SyncRun.id).where(
+                    SyncRun.connector_id == connector_id, SyncRun.status == "running"
+                )
+            )
+            requested = s.scalar(
+                select(Connector.resync_requested).where(Connector.id == connector_id)
+            )
+            if busy is None and not requested:
+                run = s.scalars(
+                    select(SyncRun)
+                    .where(SyncRun.connector_id == connector_id)
+                    .order_by(SyncRun.started_at.desc())
+                    .limit(1)
+                ).first()
+                break
+        time.sleep(0.5)
+    if run is None:
+        raise Failure("no sync run was recorded")
+    print(
+        f"sync {run.id}: {run.status}, added {run.added}, removed {run.removed}, rejected {run.rejected}"
+        + (f"; {run.error}" if run.error else "")
+    )
+    return EXIT_OK if run.status == "succeeded" else EXIT_FAILED
+
+
+def cmd_preview(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.session import session_scope
+    from segops_sync.sync.planner import preview
+
+    with session_scope() as s:
+        p = preview(s, args.connector_id)
+    doc = {
+        "connector_id": args.connector_id,
+        "adds": p.adds,
+        "removes": p.removes,
+        "sample_adds": p.sample_adds,
+        "sample_removes": p.sample_removes,
+    }
+    if args.json:
+        _print_json(doc)
+    else:
+        print(f"{p.adds} to add, {p.removes} to remove")
+        for row in p.sample_adds:
+            print(
+                f"  + {row['user_id']}  email={row['email'] or '-'}  external_id={row['external_id'] or '-'}"
+            )
+        for row in p.sample_removes:
+            print(f"  - {row['user_id']}")
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.connectors import list_runs, run_json
+    from segops_sync.db.session import session_scope
+
+    with session_scope() as s:
+        docs = [run_json(r) for r in list_runs(s, args.connector_id)]
+    if args.json:
+        _print_json(docs)
+    else:
+        for d in docs:
+            print(
+                f"{d['started_at']}  {d['status']:9}  {d['trigger']:10} +{d['added']} -{d['removed']} "
+                f"rejected={d['rejected']}" + (f"  {d['error']}" if d["error"] else "")
+            )
+    return EXIT_OK
+
+
+# -- the recompute side --------------------------------------------------------------------
+
+
+def cmd_recompute(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.connectors import validate_segment_id
+    from segops_sync.db.session import session_scope
+    from segops_sync.sync.membership import open_members, replace_membership
+
+    validate_segment_id(args.segment_id)
+    if args.members != "-":
+        open_members(args.members)[0].close()  # fail on an unreadable file before touching the db
+    with session_scope() as s:
+        count = replace_membership(s, args.segment_id, args.members)
+    recompute_id = str(uuid.uuid4())
+    publish(
+        "segops.recompute_finished", {"segment_id": args.segment_id, "recompute_id": recompute_id}
+    )
+    print(f"segment {args.segment_id}: {count} members; recompute {recompute_id} published")
+    return EXIT_OK
+
+
+def publish(task: str, kwargs: dict[str, Any]) -> None:
+    """Send a message exactly as the recompute service does (queue ``segops``)."""
+    from segops_sync.celery import SEGOPS_QUEUE, app
+
+    try:
+        app.send_task(
+            task,
+            kwargs=kwargs,
+            queue=SEGOPS_QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1},
+        )
+    except Exception as exc:  # kombu raises several transport errors
+        raise Failure(
+            f"saved, but could not publish {task} to the broker ({type(exc).__name__}); "
+            "run `segops-sync connectors resync ID` once the broker is back"
+        ) from None
+
+
+def cmd_identify(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.session import session_scope
+    from segops_sync.sync.identity import BadIdentity, record_identity
+
+    try:
+        with session_scope() as s:
+            record_identity(s, args.user_id, args.email)
+    except BadIdentity as exc:
+        raise InputError(str(exc)) from None
+    print(f"{args.user_id} is identified as {args.email}")
+    return EXIT_OK
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.demo import run_demo
+
+    return run_demo()
+
+
+def cmd_klaviyo_sim(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.klaviyo.simulator import serve
+
+    serve(args.port, time_scale=args.time_scale)
+    return EXIT_OK
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.api import serve
+
+    settings.require_api_token()
+    settings.require_database_url()
+    settings.require_secret_key()
+    serve(args.port)
+    return EXIT_OK
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {value!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="segops-sync", description="Mirror SegOps segments into Klaviyo lists."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, parser_class=OneLineParser
+    )
+    db.add_parser("upgrade", help="create or migrate every table").set_defaults(func=cmd_db_upgrade)
+
+    conn = sub.add_parser("connectors", help="manage Klaviyo connectors").add_subparsers(
+        dest="connectors_command", required=True, parser_class=OneLineParser
+    )
+    p = conn.add_parser("create", help="create a connector (inactive)")
+    p.add_argument("--type", required=True)
+    p.add_argument("--segment", required=True)
+    p.add_argument("--list-id", required=True)
+    p.add_argument("--api-key", required=True)
+    p.add_argument("--no-verify", action="store_true", help="skip the live check with Klaviyo")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_create)
+    for name, status in (("activate", "active"), ("deactivate", "inactive")):
+        p = conn.add_parser(name)
+        p.add_argument("connector_id")
+        p.set_defaults(func=_set_status(status))
+    for name, func in (("show", cmd_show), ("history", cmd_history), ("preview", cmd_preview)):
+        p = conn.add_parser(name)
+        p.add_argument("connector_id")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+    p = conn.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = conn.add_parser("update")
+    p.add_argument("connector_id")
+    p.add_argument("--list-id")
+    p.add_argument("--api-key")
+    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_update)
+    p = conn.add_parser("resync")
+    p.add_argument("connector_id")
+    p.add_argument("--wait", action="store_true", help="wait for the sync and report it")
+    p.add_argument("--allow-mass-removal", action="store_true", help="apply a held mass removal")
+    p.set_defaults(func=cmd_resync)
+
+    p = sub.add_parser(
+        "recompute", help="replace a segment's membership and publish recompute_finished"
+    )
+    p.add_argument("segment_id")
+    p.add_argument("--members", required=True, help="one user_id a line; '-' for stdin")
+    p.set_defaults(func=cmd_recompute)
+    p = sub.add_parser("identify", help="record a context_identified email trait")
+    p.add_argument("user_id")
+    p.add_argument("--email", required=True)
+    p.set_defaults(func=cmd_identify)
+    sub.add_parser("demo", help="the whole flow on embedded defaults").set_defaults(func=cmd_demo)
+    p = sub.add_parser("klaviyo-sim", help="the Klaviyo simulator on 127.0.0.1")
+    p.add_argument("--port", type=_port, required=True)
+    p.add_argument("--time-scale", type=float, default=1.0, help="compress Klaviyo's rate windows")
+    p.set_defaults(func=cmd_klaviyo_sim)
+    p = sub.add_parser("api", help="the HTTP API")
+    p.add_argument("--port", type=_port, required=True)
+    p.set_defaults(func=cmd_api)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        return int(args.func(args, settings))
+    except (InputError, ConfigError) as exc:
+        _warn(f"segops-sync: {exc}")
+        return EXIT_BAD_INPUT
+    except Failure as exc:
+        _warn(f"segops-sync: {exc}")
+        return EXIT_FAILED
+    except OperationalError as exc:
+        _warn(
+            f"segops-sync: cannot reach PostgreSQL: {str(exc.orig).splitlines()[0] if exc.orig else exc}"
+        )
+        return EXIT_FAILED
+    except SQLAlchemyError as exc:
+        _warn(
+            f"segops-sync: database error: {str(exc).splitlines()[0]} (did you run `segops-sync db upgrade`?)"
+        )
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

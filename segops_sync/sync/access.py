@@ -1,0 +1,110 @@
+"""A Klaviyo client for one connector, wired to the fleet-wide rate limiter.
+
+Every HTTP request first takes a slot from the per-account, per-endpoint limiter in Redis;
+when none is free the request is not sent and ``Throttled`` tells the caller how long to wait
+(a Celery task then re-queues itself instead of sleeping). 429s and a low
+``RateLimit-Remaining`` are reported back, so every worker slows down, not just this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import redis
+
+from segops_sync.config import Settings
+from segops_sync.klaviyo import (
+    ENDPOINT_LIMITS,
+    Endpoint,
+    KlaviyoClient,
+    PermissionDenied,
+    RateLimitHeaders,
+)
+from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit
+
+
+class Throttled(Exception):
+    """No rate-limit slot is free: try again after ``wait`` seconds. Not an error."""
+
+    def __init__(self, wait: float, endpoint: str) -> None:
+        super().__init__(f"throttled on {endpoint} for {wait:.2f}s")
+        self.wait = wait
+        self.endpoint = endpoint
+
+
+@dataclass
+class LimitedSession:
+    """Hooks for one client: remembers the last endpoint so a 429 can be charged to it."""
+
+    limiter: AccountLimiter
+    account: str
+    claimant: str
+    last_endpoint: Endpoint | None = field(default=None)
+
+    def before_request(self, endpoint: Endpoint) -> None:
+        self.last_endpoint = endpoint
+        wait = self.limiter.acquire(
+            self.account, endpoint.value, _limit(endpoint), claimant=self.claimant
+        )
+        if wait > 0:
+            raise Throttled(wait, endpoint.value)
+
+    def after_response(self, endpoint: Endpoint, headers: RateLimitHeaders) -> None:
+        self.limiter.observe_remaining(
+            self.account, endpoint.value, headers.remaining, headers.reset
+        )
+
+    def rate_limited(self, retry_after: float) -> None:
+        if self.last_endpoint is not None:
+            self.limiter.penalize(self.account, self.last_endpoint.value, retry_after)
+
+
+def _limit(endpoint: Endpoint) -> Limit:
+    published = ENDPOINT_LIMITS[endpoint]
+    return Limit(burst=published.burst, steady=published.steady)
+
+
+class KlaviyoAccess:
+    """Builds limited clients; one per process, shared by the tasks it runs."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = redis_client or redis.Redis.from_url(
+            settings.limiter_url,
+            socket_timeout=10,
+            socket_connect_timeout=10,
+            health_check_interval=30,
+        )
+        self.limiter = AccountLimiter(
+            self.redis, headroom=settings.limiter_headroom, time_scale=settings.klaviyo_time_scale
+        )
+        self.resolver = AccountResolver(self.redis)
+
+    def account_of(self, api_key: str) -> str:
+        """Which Klaviyo account a key belongs to: keys of one account share one budget."""
+
+        def fetch() -> str:
+            session = LimitedSession(
+                self.limiter, account=f"key:{_fingerprint(api_key)}", claimant="resolve"
+            )
+            with self._client(api_key, session) as client:
+                return client.get_account_id()
+
+        return self.resolver.resolve(api_key, fetch)
+
+    def client(self, api_key: str, claimant: str) -> tuple[KlaviyoClient, LimitedSession]:
+        session = LimitedSession(self.limiter, account=self.account_of(api_key), claimant=claimant)
+        return self._client(api_key, session), session
+
+    def _client(self, api_key: str, session: LimitedSession) -> KlaviyoClient:
+        return KlaviyoClient(
+            api_key,
+            self.settings.klaviyo_base_url,
+            before_request=session.before_request,
+            after_response=session.after_response,
+        )
+
+
+def _fingerprint(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]

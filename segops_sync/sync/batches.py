@@ -1,0 +1,509 @@
+"""One batch against Klaviyo: resumable, idempotent, and honest about what Klaviyo confirmed.
+
+A batch is a row; its members are rows. Each call of :func:`run_batch` picks up where the
+last one stopped (after a retry, a crash or a redelivery) and returns either ``Finished`` or
+``Later`` (call again after a countdown: throttled, a job still running, a profile not indexed
+yet, a transient failure). The ledger changes only for what Klaviyo confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session
+
+from segops_sync.config import Settings
+from segops_sync.connectors import describe_klaviyo_error
+from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchItem, SyncRun
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo import (
+    CredentialsRejected,
+    ImportErrorItem,
+    InvalidRequest,
+    KlaviyoClient,
+    KlaviyoError,
+    NotFound,
+    PermissionDenied,
+    ProfileInput,
+    RateLimited,
+    TransientError,
+    split_into_jobs,
+)
+from segops_sync.secrets import decrypt_api_key, scrub
+from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
+from segops_sync.sync.ledger import confirm_added, confirm_removed, remember_profile_ids
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 300.0
+_INDEX_RE = re.compile(r"^/data/(?:attributes/profiles/data/)?(\d+)(?:/|$)")
+
+
+@dataclass(frozen=True)
+class Finished:
+    batch_id: int
+    ok: bool
+
+    def as_result(self) -> dict[str, Any]:
+        # Tiny and deterministic: a redelivered batch adds an identical chord entry.
+        return {"batch": self.batch_id, "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class Later:
+    countdown: float
+    reason: str
+
+
+BatchStep = Finished | Later
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    batch_id: int
+    run_id: str
+    kind: str
+    seq: int
+    status: str
+    attempts: int
+    first_attempt_at: datetime
+    connector_id: str
+    list_id: str
+    api_key_encrypted: bytes
+    abort_reason: str | None
+
+
+def _jitter(base: float) -> float:
+    """Spread retries so a fleet that was refused together does not return together."""
+    return random.uniform(0.05, 0.25) * max(base, 0.2)
+
+
+def backoff(attempt: int, settings: Settings) -> float:
+    """Exponential backoff with jitter for transient failures (attempt starts at 1)."""
+    ceiling = min(MAX_BACKOFF, settings.retry_base_delay * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def run_batch(batch_id: int, access: KlaviyoAccess, settings: Settings) -> BatchStep:
+    ctx = _load(batch_id)
+    if ctx is None:
+        log.warning("batch %s no longer exists; dropped", batch_id)
+        return Finished(batch_id, False)
+    if ctx.status in ("done", "failed"):
+        return Finished(batch_id, ctx.status == "done")
+    if ctx.abort_reason:
+        _fail(ctx, ctx.abort_reason, permanent=True)
+        return Finished(batch_id, False)
+    api_key = decrypt_api_key(ctx.api_key_encrypted, settings.require_secret_key())
+    limited: LimitedSession | None = None
+    try:
+        client, limited = access.client(api_key, claimant=ctx.connector_id)
+        with client:
+            if ctx.kind == "add":
+                return _add(ctx, client, settings)
+            return _remove(ctx, client, settings)
+    except Throttled as exc:
+        return Later(exc.wait + _jitter(exc.wait), f"throttled on {exc.endpoint}")
+    except RateLimited as exc:
+        wait = (
+            exc.retry_after if exc.retry_after is not None else backoff(ctx.attempts + 1, settings)
+        )
+        if limited is not None:
+            limited.rate_limited(wait)
+        return Later(wait + _jitter(wait), "429 from Klaviyo")
+    except TransientError as exc:
+        return _transient(ctx, scrub(exc.detail, api_key), settings)
+    except (CredentialsRejected, PermissionDenied, NotFound) as exc:
+        _fail(ctx, scrub(describe_klaviyo_error(exc, ctx.list_id), api_key), permanent=True)
+        return Finished(batch_id, False)
+    except InvalidRequest as exc:
+        _fail(ctx, scrub(f"Klaviyo refused the request: {exc.detail}", api_key), permanent=True)
+        return Finished(batch_id, False)
+    except KlaviyoError as exc:  # anything else: the taxonomy's flag decides
+        if exc.permanent:
+            _fail(ctx, scrub(f"Klaviyo error {exc.status}: {exc.detail}", api_key), permanent=True)
+            return Finished(batch_id, False)
+        return _transient(ctx, scrub(exc.detail, api_key), settings)
+
+
+# -- loading and recording ---------------------------------------------------------------
+
+
+def _load(batch_id: int) -> BatchContext | None:
+    with session_scope() as s:
+        row = s.execute(
+            select(SyncBatch, SyncRun.abort_reason, Connector)
+            .join(SyncRun, SyncRun.id == SyncBatch.run_id)
+            .join(Connector, Connector.id == SyncRun.connector_id)
+            .where(SyncBatch.id == batch_id)
+        ).one_or_none()
+        if row is None:
+            return None
+        batch, abort_reason, connector = row
+        now = datetime.now(UTC)
+        if batch.first_attempt_at is None:
+            batch.first_attempt_at = now
+        batch.updated_at = now  # a heartbeat: the sweeper leaves batches that are alive alone
+        return BatchContext(
+            batch_id=batch.id,
+            run_id=batch.run_id,
+            kind=batch.kind,
+            seq=batch.seq,
+            status=batch.status,
+            attempts=batch.attempts,
+            first_attempt_at=batch.first_attempt_at,
+            connector_id=connector.id,
+            list_id=connector.list_id,
+            api_key_encrypted=connector.api_key_encrypted,
+            abort_reason=abort_reason,
+        )
+
+
+def _items(s: Session, ctx: BatchContext) -> Any:
+    return select(SyncBatchItem).where(
+        SyncBatchItem.run_id == ctx.run_id,
+        SyncBatchItem.kind == ctx.kind,
+        SyncBatchItem.seq == ctx.seq,
+    )
+
+
+def _fail(ctx: BatchContext, error: str, *, permanent: bool) -> None:
+    with session_scope() as s:
+        s.execute(
+            update(SyncBatch)
+            .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(("pending", "submitted")))
+            .values(status="failed", error=error, permanent=permanent)
+        )
+        if permanent:
+            # The other batches of the run would only meet the same wall: stop them early.
+            s.execute(
+                update(SyncRun)
+                .where(SyncRun.id == ctx.run_id, SyncRun.abort_reason.is_(None))
+                .values(abort_reason=error)
+            )
+
+
+def _transient(ctx: BatchContext, detail: str, settings: Settings) -> BatchStep:
+    with session_scope() as s:
+        attempts = s.execute(
+            update(SyncBatch)
+            .where(SyncBatch.id == ctx.batch_id)
+            .values(attempts=SyncBatch.attempts + 1)
+            .returning(SyncBatch.attempts)
+        ).scalar_one()
+    if attempts > settings.transient_retry_budget:
+        _fail(
+            ctx,
+            f"Klaviyo kept failing after {attempts} attempts ({detail}); "
+            "the next sync retries what is left",
+            permanent=False,
+        )
+        return Finished(ctx.batch_id, False)
+    return Later(backoff(attempts, settings), f"transient: {detail}")
+
+
+def _finish(ctx: BatchContext) -> Finished:
+    with session_scope() as s:
+        counts: dict[str | None, int] = dict(
+            s.execute(
+                text(
+                    "SELECT outcome, count(*) FROM sync_batch_items WHERE run_id = :r AND kind = :k "
+                    "AND seq = :q GROUP BY outcome"
+                ),
+                {"r": ctx.run_id, "k": ctx.kind, "q": ctx.seq},
+            ).tuples().all()
+        )
+        s.execute(
+            update(SyncBatch)
+            .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(("pending", "submitted")))
+            .values(
+                status="done",
+                added=counts.get("added", 0),
+                removed=counts.get("removed", 0),
+                rejected=counts.get("rejected", 0),
+                pending=counts.get("pending", 0),
+            )
+        )
+    return Finished(ctx.batch_id, True)
+
+
+def _set_outcome(
+    s: Session, ctx: BatchContext, user_ids: Iterable[str], outcome: str, reason: str | None = None
+) -> None:
+    ids = list(user_ids)
+    if ids:
+        s.execute(
+            update(SyncBatchItem)
+            .where(SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id.in_(ids))
+            .values(outcome=outcome, reason=reason)
+        )
+
+
+# -- adds: bulk import jobs with the list attached -----------------------------------------
+
+
+def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
+    with session_scope() as s:
+        unsent = s.execute(
+            _items(s, ctx)
+            .where(SyncBatchItem.job_id.is_(None), SyncBatchItem.outcome.is_(None))
+            .order_by(SyncBatchItem.user_id)
+            .with_only_columns(
+                SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id
+            )
+        ).all()
+    if unsent:
+        members = [(uid, ProfileInput(email=email, external_id=ext)) for uid, email, ext in unsent]
+        start = 0
+        for chunk in split_into_jobs([p for _, p in members]):
+            _submit(ctx, client, members[start : start + len(chunk)])
+            start += len(chunk)
+
+    with session_scope() as s:
+        job_ids = s.scalars(
+            _items(s, ctx)
+            .where(SyncBatchItem.job_id.is_not(None), SyncBatchItem.outcome.is_(None))
+            .with_only_columns(SyncBatchItem.job_id)
+            .distinct()
+        ).all()
+    running = False
+    for job_id in job_ids:
+        assert job_id is not None
+        try:
+            job = client.get_bulk_import_job(job_id)
+            if job.status in ("queued", "processing"):
+                running = True
+                continue
+            if job.status == "complete":
+                errors = list(client.iter_bulk_import_errors(job_id))
+                _settle_job(ctx, job_id, errors)
+                continue
+        except NotFound:
+            pass  # Klaviyo lost the job, or its results expired before we read them
+        log.warning("bulk import job %s is gone or cancelled; its members are sent again", job_id)
+        _resend(ctx, job_id)
+        return Later(0.1, "resend a lost job")
+    if running:
+        return Later(settings.job_poll_interval, "bulk import job still running")
+    return _finish(ctx)
+
+
+def _submit(
+    ctx: BatchContext, client: KlaviyoClient, members: list[tuple[str, ProfileInput]]
+) -> None:
+    """Create one job; when Klaviyo rejects the whole job for some members, drop them and resend."""
+    while members:
+        try:
+            job_id = client.create_bulk_import_job([p for _, p in members], ctx.list_id)
+        except InvalidRequest as exc:
+            reasons = _reasons_by_index(exc)
+            if not reasons or any(i >= len(members) for i in reasons):
+                raise
+            with session_scope() as s:
+                for index, reason in reasons.items():
+                    _set_outcome(s, ctx, [members[index][0]], "rejected", reason)
+            members = [m for i, m in enumerate(members) if i not in reasons]
+            continue
+        with session_scope() as s:
+            s.execute(
+                update(SyncBatchItem)
+                .where(
+                    SyncBatchItem.run_id == ctx.run_id,
+                    SyncBatchItem.user_id.in_([u for u, _ in members]),
+                )
+                .values(job_id=job_id)
+            )
+            s.execute(
+                update(SyncBatch)
+                .where(SyncBatch.id == ctx.batch_id)
+                .values(status="submitted", job_ids=SyncBatch.job_ids.op("||")([job_id]))
+            )
+        return
+
+
+def _reasons_by_index(exc: InvalidRequest) -> dict[int, str]:
+    reasons: dict[int, str] = {}
+    for err in exc.errors:
+        match = _INDEX_RE.match(err.pointer or "")
+        if match:
+            reasons.setdefault(
+                int(match.group(1)), f"{err.title}: {err.detail}" if err.title else err.detail
+            )
+    return reasons
+
+
+def _resend(ctx: BatchContext, job_id: str) -> None:
+    with session_scope() as s:
+        s.execute(
+            update(SyncBatchItem)
+            .where(
+                SyncBatchItem.run_id == ctx.run_id,
+                SyncBatchItem.job_id == job_id,
+                SyncBatchItem.outcome.is_(None),
+            )
+            .values(job_id=None)
+        )
+
+
+def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    if not payload:
+        return None, None
+    attrs = payload.get("attributes", payload)
+    if not isinstance(attrs, dict):
+        return None, None
+    email, ext = attrs.get("email"), attrs.get("external_id")
+    return (email.lower() if isinstance(email, str) else None), (
+        ext if isinstance(ext, str) else None
+    )
+
+
+def _settle_job(ctx: BatchContext, job_id: str, errors: Sequence[ImportErrorItem]) -> None:
+    """Members of a finished job: rejected ones get Klaviyo's reason, the rest enter the ledger."""
+    with session_scope() as s:
+        members = s.execute(
+            select(SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id).where(
+                SyncBatchItem.run_id == ctx.run_id,
+                SyncBatchItem.job_id == job_id,
+                SyncBatchItem.outcome.is_(None),
+            )
+        ).all()
+        by_email = {e.lower(): u for u, e, _ in members if e}
+        by_ext = {x: u for u, _, x in members if x}
+        rejected: dict[str, str] = {}
+        unattributed = 0
+        for err in errors:
+            email, ext = _identity_keys(err.original_payload)
+            user_id = (by_ext.get(ext) if ext else None) or (by_email.get(email) if email else None)
+            if user_id is None:
+                unattributed += 1
+                continue
+            rejected[user_id] = f"{err.title}: {err.detail}" if err.title else err.detail
+        if unattributed:
+            log.warning("job %s: %d import errors name no member we sent", job_id, unattributed)
+        for user_id, reason in rejected.items():
+            _set_outcome(s, ctx, [user_id], "rejected", reason)
+        accepted = [u for u, _, _ in members if u not in rejected]
+        _set_outcome(s, ctx, accepted, "added")
+        confirm_added(s, ctx.connector_id, ctx.run_id, accepted)
+
+
+# -- removes: profile ids from the ledger or by lookup, then DELETE ≤1,000 ------------------
+
+
+def _remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
+    with session_scope() as s:
+        rows = s.execute(
+            _items(s, ctx)
+            .where(SyncBatchItem.outcome.is_(None))
+            .with_only_columns(
+                SyncBatchItem.user_id,
+                SyncBatchItem.email,
+                SyncBatchItem.external_id,
+                SyncBatchItem.profile_id,
+            )
+        ).all()
+    if not rows:
+        return _finish(ctx)
+    profile_ids = {u: p for u, _, _, p in rows if p}
+    missing = [(u, e, x) for u, e, x, p in rows if not p]
+    found: dict[str, str] = {}
+    by_ext = {x: u for u, _, x in missing if x}
+    if by_ext:
+        for value, pid in client.find_profile_ids("external_id", list(by_ext)).items():
+            found[by_ext[value]] = pid
+    by_email = {e.lower(): u for u, e, _ in missing if e and u not in found}
+    if by_email:
+        for value, pid in client.find_profile_ids("email", list(by_email)).items():
+            user_id = by_email.get(value.lower())
+            if user_id is not None:
+                found[user_id] = pid
+    if found:
+        with session_scope() as s:
+            for user_id, pid in found.items():
+                s.execute(
+                    update(SyncBatchItem)
+                    .where(SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id == user_id)
+                    .values(profile_id=pid)
+                )
+            remember_profile_ids(s, ctx.connector_id, found)
+        profile_ids.update(found)
+
+    if profile_ids:
+        pairs = sorted(profile_ids.items())
+        try:
+            client.remove_profiles_from_list(ctx.list_id, [p for _, p in pairs])
+        except InvalidRequest as exc:
+            stale = {i for i in exc.profile_indexes() if i < len(pairs)}
+            if not stale:
+                raise
+            # Ids Klaviyo no longer knows (merged or deleted profiles): look them up again.
+            with session_scope() as s:
+                stale_users = [pairs[i][0] for i in stale]
+                s.execute(
+                    update(SyncBatchItem)
+                    .where(
+                        SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id.in_(stale_users)
+                    )
+                    .values(profile_id=None)
+                )
+                s.execute(
+                    update(LedgerEntry)
+                    .where(
+                        LedgerEntry.connector_id == ctx.connector_id,
+                        LedgerEntry.user_id.in_(stale_users),
+                    )
+                    .values(profile_id=None)
+                )
+            return Later(0.1, "stale profile ids")
+        with session_scope() as s:
+            _set_outcome(s, ctx, profile_ids, "removed")
+            confirm_removed(s, ctx.connector_id, list(profile_ids))
+
+    unfound = [u for u, _, _ in missing if u not in found]
+    if unfound:
+        return _unfound(ctx, unfound, settings)
+    return _finish(ctx)
+
+
+def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> BatchStep:
+    """Members Klaviyo cannot find yet. Wait while Klaviyo may still be indexing them;
+    then leave them pending in the ledger (the next sync retries), unless they were added so
+    long ago that the profile must be gone (deleted in Klaviyo), and so is off the list."""
+    now = datetime.now(UTC)
+    with session_scope() as s:
+        added_at = dict(
+            s.execute(
+                select(LedgerEntry.user_id, LedgerEntry.added_at).where(
+                    LedgerEntry.connector_id == ctx.connector_id, LedgerEntry.user_id.in_(user_ids)
+                )
+            ).tuples().all()
+        )
+    indexing = timedelta(seconds=settings.indexing_wait)
+    newest = max((added_at.get(u, now) for u in user_ids), default=now)
+    waited = now - ctx.first_attempt_at
+    if now - newest < indexing and waited < indexing:
+        return Later(
+            max(0.2, min(30.0, settings.indexing_wait / 20)),
+            "waiting for Klaviyo to index profiles",
+        )
+    gone_after = timedelta(seconds=max(settings.profile_gone_after, settings.indexing_wait))
+    gone = [u for u in user_ids if now - added_at.get(u, now) >= gone_after]
+    pending = [u for u in user_ids if u not in set(gone)]
+    with session_scope() as s:
+        _set_outcome(s, ctx, gone, "removed", "no such profile in Klaviyo any more")
+        confirm_removed(s, ctx.connector_id, gone)
+        _set_outcome(
+            s,
+            ctx,
+            pending,
+            "pending",
+            "not found in Klaviyo yet (still indexing); retried next sync",
+        )
+    return _finish(ctx)

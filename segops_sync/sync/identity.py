@@ -1,0 +1,52 @@
+"""How a SegOps user_id becomes a Klaviyo identity.
+
+A user_id that is an email address becomes the profile's ``email``; any other becomes its
+``external_id``, with the email of the latest ``context_identified`` trait when there is one.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+# Deliberately simple: one @, no spaces, a dot in the domain. The same rule runs in SQL below.
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+_EMAIL_RE = re.compile(EMAIL_PATTERN)
+MAX_USER_ID = 255
+
+
+def is_email(value: str) -> bool:
+    return bool(_EMAIL_RE.fullmatch(value))
+
+
+def identity_for(user_id: str, identified_email: str | None) -> tuple[str | None, str | None]:
+    """(email, external_id) for a member, as the SQL planner computes it."""
+    if is_email(user_id):
+        return user_id, None
+    return identified_email, user_id
+
+
+# The SQL twin of identity_for, used where the delta is computed.
+SQL_EMAIL = f"CASE WHEN sm.user_id ~ '{EMAIL_PATTERN}' THEN sm.user_id ELSE i.email END"
+SQL_EXTERNAL_ID = f"CASE WHEN sm.user_id ~ '{EMAIL_PATTERN}' THEN NULL ELSE sm.user_id END"
+
+
+class BadIdentity(ValueError):
+    pass
+
+
+def record_identity(session: Session, user_id: str, email: str) -> None:
+    """Store the latest email trait of a user (``segops.context_identified``)."""
+    if not user_id or len(user_id) > MAX_USER_ID:
+        raise BadIdentity(f"user_id must be 1 to {MAX_USER_ID} characters")
+    if not is_email(email):
+        raise BadIdentity(f"email {email!r} is not an email address")
+    session.execute(
+        text(
+            "INSERT INTO identities (user_id, email, identified_at) VALUES (:u, :e, now()) "
+            "ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email, identified_at = now()"
+        ),
+        {"u": user_id, "e": email},
+    )

@@ -1,0 +1,56 @@
+"""The per-connector ledger: who is on the Klaviyo list, as Klaviyo confirmed it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import delete, text
+from sqlalchemy.orm import Session
+
+from segops_sync.db.models import LedgerEntry
+
+
+def forget_ledger(session: Session, connector_id: str) -> None:
+    session.execute(delete(LedgerEntry).where(LedgerEntry.connector_id == connector_id))
+
+
+def confirm_added(
+    session: Session, connector_id: str, run_id: str, user_ids: Sequence[str]
+) -> None:
+    """Members Klaviyo accepted into the list enter the ledger (with what was sent)."""
+    if not user_ids:
+        return
+    session.execute(
+        text(
+            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id) "
+            "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id FROM sync_batch_items it "
+            "WHERE it.run_id = :r AND it.user_id = ANY(:u) "
+            "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
+            "external_id = EXCLUDED.external_id, "
+            "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
+        ),
+        {"c": connector_id, "r": run_id, "u": list(user_ids)},
+    )
+
+
+def confirm_removed(session: Session, connector_id: str, user_ids: Sequence[str]) -> None:
+    if not user_ids:
+        return
+    session.execute(
+        text("DELETE FROM connector_members WHERE connector_id = :c AND user_id = ANY(:u)"),
+        {"c": connector_id, "u": list(user_ids)},
+    )
+
+
+def remember_profile_ids(session: Session, connector_id: str, found: dict[str, str]) -> None:
+    """Profile ids learnt by lookup are kept, so the next removal needs no lookup."""
+    if not found:
+        return
+    session.execute(
+        text(
+            "UPDATE connector_members cm SET profile_id = f.pid "
+            "FROM unnest(CAST(:u AS text[]), CAST(:p AS text[])) AS f(uid, pid) "
+            "WHERE cm.connector_id = :c AND cm.user_id = f.uid"
+        ),
+        {"c": connector_id, "u": list(found), "p": list(found.values())},
+    )

@@ -1,0 +1,232 @@
+"""Starting a run and planning it: the delta in SQL, cut into batches stored as rows.
+
+The delta never passes through Python: ``added = segment - ledger`` and
+``removed = ledger - segment`` are anti-joins that write ``sync_batch_items`` directly, numbered
+in key order and cut into batches the size of one Klaviyo call.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Result, func, select, text
+from sqlalchemy.orm import Session
+
+from segops_sync.config import Settings
+from segops_sync.connectors import get_connector
+from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncRun
+from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+
+# One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
+ADD_BATCH_SIZE = 10_000
+# One relationship DELETE takes up to 1,000 profile ids.
+REMOVE_BATCH_SIZE = 1_000
+
+_ADDED_SQL = f"""
+    SELECT sm.user_id, {SQL_EMAIL} AS email, {SQL_EXTERNAL_ID} AS external_id
+    FROM segment_members sm LEFT JOIN identities i ON i.user_id = sm.user_id
+    WHERE sm.segment_id = :seg
+      AND NOT EXISTS (SELECT 1 FROM connector_members cm
+                      WHERE cm.connector_id = :c AND cm.user_id = sm.user_id)
+"""
+_REMOVED_SQL = """
+    SELECT cm.user_id, cm.email, cm.external_id, cm.profile_id
+    FROM connector_members cm
+    WHERE cm.connector_id = :c
+      AND NOT EXISTS (SELECT 1 FROM segment_members sm
+                      WHERE sm.segment_id = :seg AND sm.user_id = cm.user_id)
+"""
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    run_id: str | None
+    reason: str  # started | coalesced | inactive | duplicate
+
+
+def start_run(
+    session: Session,
+    connector_id: str,
+    *,
+    trigger: str,
+    recompute_id: str | None = None,
+    allow_mass_removal: bool = False,
+) -> StartOutcome:
+    """Open a run for a connector, unless one is going: then the trigger is coalesced.
+
+    The connector row lock serialises concurrent triggers; the partial unique index on
+    running runs is the backstop.
+    """
+    connector = get_connector(session, connector_id, lock=True)
+    if connector.status == "inactive":
+        return StartOutcome(None, "inactive")
+    if recompute_id is not None:
+        seen = session.scalar(
+            select(SyncRun.id).where(
+                SyncRun.connector_id == connector_id, SyncRun.recompute_id == recompute_id
+            )
+        )
+        if seen is not None:
+            return StartOutcome(seen, "duplicate")
+    running = session.scalar(
+        select(SyncRun.id).where(SyncRun.connector_id == connector_id, SyncRun.status == "running")
+    )
+    if running is not None:
+        connector.resync_requested = True
+        connector.resync_trigger = "mass-removal" if allow_mass_removal else trigger
+        return StartOutcome(running, "coalesced")
+    run = SyncRun(
+        id=str(uuid.uuid4()),
+        connector_id=connector_id,
+        trigger=trigger,
+        recompute_id=recompute_id,
+        status="running",
+        phase="planning",
+        allow_mass_removal=allow_mass_removal,
+    )
+    connector.resync_requested = False
+    connector.resync_trigger = None
+    session.add(run)
+    session.flush()
+    return StartOutcome(run.id, "started")
+
+
+@dataclass
+class Plan:
+    run_id: str
+    status: str  # dispatch | held | empty | finished
+    add_batch_ids: list[int] = field(default_factory=list)
+    remove_batch_ids: list[int] = field(default_factory=list)
+
+    @property
+    def batch_ids(self) -> list[int]:
+        return self.add_batch_ids + self.remove_batch_ids
+
+
+def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
+    """Compute the delta into batch rows. Safe to call again: a planned run keeps its batches."""
+    run = session.scalars(select(SyncRun).where(SyncRun.id == run_id).with_for_update()).one()
+    if run.status != "running":
+        return Plan(run_id, "finished")
+    if run.phase != "planning":
+        return _open_batches(session, run)
+    connector = session.get_one(Connector, run.connector_id)
+    params: dict[str, Any] = {"run": run.id, "seg": connector.segment_id, "c": connector.id}
+    adds = _rowcount(
+        session.execute(
+            text(
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id) "
+                "SELECT :run, d.user_id, 'add', (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
+                f"d.email, d.external_id FROM ({_ADDED_SQL}) d"
+            ),
+            {**params, "size": ADD_BATCH_SIZE},
+        )
+    )
+    removes = _rowcount(
+        session.execute(
+            text(
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, profile_id) "
+                "SELECT :run, d.user_id, 'remove', (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
+                f"d.email, d.external_id, d.profile_id FROM ({_REMOVED_SQL}) d"
+            ),
+            {**params, "size": REMOVE_BATCH_SIZE},
+        )
+    )
+    run.planned_adds, run.planned_removes = adds, removes
+
+    held = (
+        _mass_removal_reason(session, connector, removes, settings)
+        if not run.allow_mass_removal
+        else None
+    )
+    if held is not None:
+        run.status, run.phase, run.error = "held", "finished", held
+        run.finished_at = datetime.now(UTC)
+        connector.last_error = held
+        return Plan(run_id, "held")
+
+    session.execute(
+        text(
+            "INSERT INTO sync_batches (run_id, kind, seq, status, attempts, job_ids, added, removed, "
+            "rejected, pending, permanent) SELECT DISTINCT run_id, kind, seq, 'pending', 0, CAST('{}' AS text[]), "
+            "0, 0, 0, 0, false FROM sync_batch_items WHERE run_id = :run"
+        ),
+        {"run": run.id},
+    )
+    run.phase = "dispatched"
+    plan = _open_batches(session, run)
+    if not plan.batch_ids:
+        plan.status = "empty"
+    return plan
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def _open_batches(session: Session, run: SyncRun) -> Plan:
+    plan = Plan(run.id, "dispatch")
+    rows = session.execute(
+        select(SyncBatch.id, SyncBatch.kind)
+        .where(SyncBatch.run_id == run.id, SyncBatch.status.in_(("pending", "submitted")))
+        .order_by(SyncBatch.kind, SyncBatch.seq)
+    )
+    for batch_id, kind in rows:
+        (plan.add_batch_ids if kind == "add" else plan.remove_batch_ids).append(batch_id)
+    return plan
+
+
+def _mass_removal_reason(
+    session: Session, connector: Connector, removes: int, settings: Settings
+) -> str | None:
+    """A broken segment query must never empty a customer's list."""
+    if removes == 0:
+        return None
+    on_list = (
+        session.scalar(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.connector_id == connector.id)
+        )
+        or 0
+    )
+    share = removes / on_list if on_list else 0.0
+    if share <= settings.mass_removal_threshold:
+        return None
+    return (
+        f"sync held: it would remove {removes} of the {on_list} members on Klaviyo list "
+        f"{connector.list_id} ({share:.0%}, above the {settings.mass_removal_threshold:.0%} guard); "
+        f"check the segment, then run `segops-sync connectors resync {connector.id} --allow-mass-removal`"
+    )
+
+
+@dataclass(frozen=True)
+class Preview:
+    adds: int
+    removes: int
+    sample_adds: list[dict[str, str | None]]
+    sample_removes: list[dict[str, str | None]]
+
+
+def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
+    """The pending delta, computed exactly as a run would, without touching Klaviyo."""
+    connector = get_connector(session, connector_id)
+    params = {"seg": connector.segment_id, "c": connector.id}
+    adds = session.scalar(text(f"SELECT count(*) FROM ({_ADDED_SQL}) d"), params) or 0
+    removes = session.scalar(text(f"SELECT count(*) FROM ({_REMOVED_SQL}) d"), params) or 0
+    sample_adds = [
+        dict(r._mapping)
+        for r in session.execute(
+            text(f"{_ADDED_SQL} ORDER BY sm.user_id LIMIT :n"), {**params, "n": sample}
+        )
+    ]
+    sample_removes = [
+        dict(r._mapping)
+        for r in session.execute(
+            text(f"{_REMOVED_SQL} ORDER BY cm.user_id LIMIT :n"), {**params, "n": sample}
+        )
+    ]
+    return Preview(adds, removes, sample_adds, sample_removes)

@@ -1,0 +1,110 @@
+"""Closing a run: the connector's ``last_synced_at``, or its error in words a person can act on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from segops_sync.db.models import Connector, SyncBatch, SyncRun
+from segops_sync.sync.planner import StartOutcome, start_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunClosed:
+    run_id: str
+    status: str  # succeeded | failed | still-open | already-closed
+    next_run: StartOutcome | None = None
+
+
+def finish_run(session: Session, run_id: str) -> RunClosed:
+    """Record a run from its batch rows (never from chord results). Idempotent."""
+    run = session.scalars(
+        select(SyncRun).where(SyncRun.id == run_id).with_for_update()
+    ).one_or_none()
+    if run is None or run.status != "running":
+        return RunClosed(run_id, "already-closed")
+    batches = list(session.scalars(select(SyncBatch).where(SyncBatch.run_id == run_id)))
+    if any(b.status in ("pending", "submitted") for b in batches):
+        # A chord that fired early (a duplicate delivery); the last batch or the sweeper closes it.
+        return RunClosed(run_id, "still-open")
+    connector = session.get_one(Connector, run.connector_id, with_for_update=True)
+    run.added = sum(b.added for b in batches)
+    run.removed = sum(b.removed for b in batches)
+    run.rejected = sum(b.rejected for b in batches)
+    run.pending = sum(b.pending for b in batches)
+    failed = [b for b in batches if b.status == "failed"]
+    error: str | None = None
+    if failed:
+        permanent = next((b for b in failed if b.permanent), None)
+        error = (permanent or failed[0]).error or "a batch failed"
+    elif run.rejected:
+        error = _rejections(session, run)
+    now = datetime.now(UTC)
+    run.finished_at, run.phase = now, "finished"
+    if error is None:
+        run.status = "succeeded"
+        if run.pending:
+            run.error = (
+                f"{run.pending} removals wait for Klaviyo to index the profiles; "
+                "the next sync retries them"
+            )
+        connector.last_synced_at = now
+        connector.last_error = run.error
+        if connector.status == "error":
+            connector.status = "active"
+    else:
+        run.status, run.error = "failed", error
+        if connector.status != "inactive":
+            connector.status = "error"
+        connector.last_error = error
+    return RunClosed(run_id, run.status, _follow_up(session, connector))
+
+
+def fail_run(session: Session, run_id: str, reason: str) -> RunClosed:
+    """Close a run that cannot finish normally (an unexpected error, a lost chord)."""
+    run = session.scalars(
+        select(SyncRun).where(SyncRun.id == run_id).with_for_update()
+    ).one_or_none()
+    if run is None or run.status != "running":
+        return RunClosed(run_id, "already-closed")
+    connector = session.get_one(Connector, run.connector_id, with_for_update=True)
+    run.status, run.phase, run.error = "failed", "finished", reason
+    run.finished_at = datetime.now(UTC)
+    if connector.status != "inactive":
+        connector.status = "error"
+    connector.last_error = reason
+    return RunClosed(run_id, "failed", _follow_up(session, connector))
+
+
+def _follow_up(session: Session, connector: Connector) -> StartOutcome | None:
+    """Triggers that arrived during the run are served now, by one more run."""
+    if not connector.resync_requested or connector.status == "inactive":
+        return None
+    trigger = connector.resync_trigger or "coalesced"
+    return start_run(
+        session,
+        connector.id,
+        trigger="coalesced" if trigger == "mass-removal" else trigger,
+        allow_mass_removal=trigger == "mass-removal",
+    )
+
+
+def _rejections(session: Session, run: SyncRun) -> str:
+    reasons = session.execute(
+        text(
+            "SELECT reason, count(*) AS n FROM sync_batch_items WHERE run_id = :r AND outcome = 'rejected' "
+            "GROUP BY reason ORDER BY n DESC, reason LIMIT 3"
+        ),
+        {"r": run.id},
+    ).all()
+    summary = "; ".join(f"{n}x {reason}" for reason, n in reasons)
+    return (
+        f"{run.rejected} members rejected by Klaviyo ({summary}); fix them in the segment's data "
+        "(the others were synced)"
+    )

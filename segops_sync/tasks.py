@@ -1,0 +1,284 @@
+"""Thin Celery tasks: check the message, load ids, call ``sync/``, record, publish after commit.
+
+Messages carry ids, never keys or member lists. Expected failures come back as results, so
+the chord body always runs; unexpected ones reach the body's errback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import redis
+from celery import Task, chord
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from segops_sync.celery import app
+from segops_sync.config import ConfigError, get_settings
+from segops_sync.connectors import UnknownConnector
+from segops_sync.db.models import Connector, SegmentMember
+from segops_sync.db.session import session_scope
+from segops_sync.sync.access import KlaviyoAccess
+from segops_sync.sync.batches import Finished, run_batch
+from segops_sync.sync.identity import BadIdentity, record_identity
+from segops_sync.sync.planner import StartOutcome, plan_run, start_run
+from segops_sync.sync.runs import RunClosed, fail_run, finish_run
+from segops_sync.sync.sweeper import find_stuck_runs
+
+log = logging.getLogger("segops_sync.tasks")
+
+# Infrastructure hiccups (PostgreSQL or Redis away for a while) are retried, never fatal.
+INFRA_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError)
+MAX_COUNTDOWN = 300.0
+MAX_ID_LENGTH = 255
+
+
+class Malformed(ValueError):
+    pass
+
+
+def _text_field(kwargs: dict[str, Any], name: str) -> str:
+    value = kwargs.get(name)
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        raise Malformed(f"{name} must be a non-empty string of at most {MAX_ID_LENGTH} characters")
+    return value
+
+
+def _drop(task: str, reason: str) -> None:
+    log.error("dropped malformed %s message: %s", task, reason)
+
+
+_access: tuple[int, KlaviyoAccess] | None = None
+
+
+def klaviyo_access() -> KlaviyoAccess:
+    """One limiter connection pool per process (rebuilt after fork)."""
+    global _access
+    if _access is None or _access[0] != os.getpid():
+        _access = (os.getpid(), KlaviyoAccess(get_settings()))
+    return _access[1]
+
+
+# -- the external messages (INTERFACE.md) ----------------------------------------------
+
+
+@app.task(
+    name="segops.recompute_finished",
+    ignore_result=True,
+    autoretry_for=INFRA_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=None,
+)
+def recompute_finished(*args: Any, **kwargs: Any) -> None:
+    try:
+        if args:
+            raise Malformed("arguments must be keyword arguments segment_id and recompute_id")
+        segment_id = _text_field(kwargs, "segment_id")
+        recompute_id = _text_field(kwargs, "recompute_id")
+    except Malformed as exc:
+        _drop("segops.recompute_finished", str(exc))
+        return
+    with session_scope() as s:
+        connector_ids = list(
+            s.scalars(
+                select(Connector.id).where(
+                    Connector.segment_id == segment_id, Connector.status != "inactive"
+                )
+            )
+        )
+        known = (
+            connector_ids
+            or s.scalar(select(Connector.id).where(Connector.segment_id == segment_id).limit(1))
+            or s.scalar(
+                select(SegmentMember.user_id).where(SegmentMember.segment_id == segment_id).limit(1)
+            )
+        )
+    if not known:
+        _drop("segops.recompute_finished", f"unknown segment {segment_id!r}")
+        return
+    for connector_id in connector_ids:
+        trigger_sync(connector_id, trigger="recompute", recompute_id=recompute_id)
+
+
+@app.task(
+    name="segops.context_identified",
+    ignore_result=True,
+    autoretry_for=INFRA_ERRORS,
+    retry_backoff=True,
+    max_retries=None,
+)
+def context_identified(*args: Any, **kwargs: Any) -> None:
+    try:
+        if args:
+            raise Malformed("arguments must be keyword arguments user_id and traits")
+        user_id = _text_field(kwargs, "user_id")
+        traits = kwargs.get("traits")
+        if not isinstance(traits, dict):
+            raise Malformed("traits must be an object")
+        email = traits.get("email")
+        if email is None:
+            return  # an identify without an email changes nothing for Klaviyo
+        if not isinstance(email, str):
+            raise Malformed("traits.email must be a string")
+        with session_scope() as s:
+            record_identity(s, user_id, email)
+    except (Malformed, BadIdentity) as exc:
+        _drop("segops.context_identified", str(exc))
+
+
+@app.task(
+    name="segops.sync_connector",
+    ignore_result=True,
+    autoretry_for=INFRA_ERRORS,
+    retry_backoff=True,
+    max_retries=None,
+)
+def sync_connector(*args: Any, **kwargs: Any) -> None:
+    """Manual re-sync: ``celery -A segops_sync call segops.sync_connector --args='["<id>"]'``."""
+    connector_id = args[0] if len(args) == 1 else kwargs.get("connector_id")
+    if not isinstance(connector_id, str) or not connector_id:
+        _drop("segops.sync_connector", "expected args [connector_id]")
+        return
+    allow = kwargs.get("allow_mass_removal", False) is True
+    try:
+        trigger_sync(connector_id, trigger="resync", allow_mass_removal=allow)
+    except UnknownConnector as exc:
+        _drop("segops.sync_connector", str(exc))
+
+
+def trigger_sync(
+    connector_id: str,
+    *,
+    trigger: str,
+    recompute_id: str | None = None,
+    allow_mass_removal: bool = False,
+) -> StartOutcome:
+    """Open a run (or coalesce into the running one), then plan it after commit."""
+    with session_scope() as s:
+        outcome = start_run(
+            s,
+            connector_id,
+            trigger=trigger,
+            recompute_id=recompute_id,
+            allow_mass_removal=allow_mass_removal,
+        )
+    log.info("connector %s: %s trigger -> %s", connector_id, trigger, outcome.reason)
+    if outcome.reason == "started" and outcome.run_id:
+        plan_run_task.delay(outcome.run_id)
+    return outcome
+
+
+# -- orchestration -----------------------------------------------------------------------
+
+
+@app.task(
+    name="segops.plan_run",
+    ignore_result=True,
+    trail=False,
+    autoretry_for=INFRA_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=None,
+)
+def plan_run_task(run_id: str) -> None:
+    with session_scope() as s:
+        plan = plan_run(s, run_id, get_settings())
+    if plan.status == "empty":
+        finish_run_task.delay(run_id)
+    elif plan.status == "dispatch":
+        dispatch(run_id, plan.remove_batch_ids, plan.add_batch_ids)
+
+
+def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
+    """Publish the chord; safe to repeat (batches are idempotent, finishing is too)."""
+    header = [remove_batch.si(b) for b in remove_ids] + [add_batch.si(b) for b in add_ids]
+    body = finish_run_task.si(run_id).on_error(run_failed.si(run_id))
+    chord(header)(body)
+
+
+@app.task(
+    name="segops.finish_run", autoretry_for=INFRA_ERRORS, retry_backoff=True, max_retries=None
+)
+def finish_run_task(run_id: str) -> str:
+    with session_scope() as s:
+        closed = finish_run(s, run_id)
+    _follow_up(closed)
+    return closed.status
+
+
+@app.task(
+    name="segops.run_failed", autoretry_for=INFRA_ERRORS, retry_backoff=True, max_retries=None
+)
+def run_failed(run_id: str) -> str:
+    """Errback of the chord body: something unexpected broke the run."""
+    with session_scope() as s:
+        closed = fail_run(
+            s, run_id, "the sync stopped on an internal error; it is retried at the next sync"
+        )
+    _follow_up(closed)
+    return closed.status
+
+
+def _follow_up(closed: RunClosed) -> None:
+    if (
+        closed.next_run is not None
+        and closed.next_run.reason == "started"
+        and closed.next_run.run_id
+    ):
+        plan_run_task.delay(closed.next_run.run_id)
+
+
+class BatchTask(Task):  # type: ignore[misc]
+    acks_late = True
+    max_retries = None  # waiting for a token or a job is not an error; errors have their own budget
+    autoretry_for = INFRA_ERRORS
+    retry_backoff = True
+    retry_backoff_max = 60
+
+
+def _run_batch(task: Task, batch_id: Any) -> dict[str, Any]:
+    if not isinstance(batch_id, int):
+        _drop(task.name, "batch id must be an integer")
+        return Finished(-1, False).as_result()
+    step = run_batch(batch_id, klaviyo_access(), get_settings())
+    if isinstance(step, Finished):
+        return step.as_result()
+    log.debug("batch %s again in %.2fs: %s", batch_id, step.countdown, step.reason)
+    raise task.retry(countdown=min(step.countdown, MAX_COUNTDOWN))
+
+
+def _local_ceiling() -> str | None:
+    """Celery's per-worker token bucket: a local ceiling under the fleet-wide limiter."""
+    try:
+        return get_settings().klaviyo_task_rate_limit
+    except ConfigError:
+        return None  # the worker refuses to start anyway, naming the variable
+
+
+@app.task(base=BatchTask, bind=True, name="segops.add_batch", rate_limit=_local_ceiling())
+def add_batch(self: Task, batch_id: int) -> dict[str, Any]:
+    return _run_batch(self, batch_id)
+
+
+@app.task(base=BatchTask, bind=True, name="segops.remove_batch", rate_limit=_local_ceiling())
+def remove_batch(self: Task, batch_id: int) -> dict[str, Any]:
+    return _run_batch(self, batch_id)
+
+
+@app.task(name="segops.sweep_runs", ignore_result=True, autoretry_for=INFRA_ERRORS, max_retries=3)
+def sweep_runs() -> None:
+    """Beat: finish or re-dispatch runs that made no progress for too long (lost chords)."""
+    settings = get_settings()
+    with session_scope() as s:
+        stuck = find_stuck_runs(s, settings.stuck_after)
+    for item in stuck:
+        log.warning("run %s made no progress: %s", item.run_id, item.action)
+        if item.action == "plan":
+            plan_run_task.delay(item.run_id)
+        elif item.action == "finish":
+            finish_run_task.delay(item.run_id)
+        else:
+            dispatch(item.run_id, item.remove_batch_ids, item.add_batch_ids)

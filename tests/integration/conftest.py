@@ -1,0 +1,152 @@
+"""The real stack: a Celery worker process, the Klaviyo simulator over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from tests.integration.helpers import Klaviyo
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[tuple[Simulator, str]]:
+    sim = Simulator(job_delay=0.2, indexing_delay=0.0)
+    server = SimulatorServer(sim)
+    server.start()
+    try:
+        yield sim, server.base_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_env(
+    segops_env: dict[str, str], sim_server: tuple[Simulator, str]
+) -> Iterator[dict[str, str]]:
+    env = {**segops_env, "SEGOPS_KLAVIYO_BASE_URL": sim_server[1]}
+    os.environ["SEGOPS_KLAVIYO_BASE_URL"] = sim_server[1]
+    from tests.conftest import _reset_settings
+
+    _reset_settings()
+    yield env
+    os.environ.pop("SEGOPS_KLAVIYO_BASE_URL", None)
+
+
+class WorkerProcess:
+    """``celery -A segops_sync worker`` as ops start it, with beat for the sweeper."""
+
+    def __init__(
+        self, env: dict[str, str], workdir: Path, *, concurrency: int = 3, beat: bool = True
+    ) -> None:
+        self.env = {**os.environ, **env}
+        self.workdir = workdir
+        self.concurrency = concurrency
+        self.beat = beat
+        self.log_path = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> WorkerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "segops_sync",
+            "worker",
+            "-l",
+            "info",
+            "-c",
+            str(self.concurrency),
+            "-n",
+            f"test-{uuid.uuid4().hex[:6]}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        if self.beat:
+            cmd += ["-B", "-s", str(self.workdir / f"beat-{uuid.uuid4().hex[:6]}")]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while b"ready." not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Warm shutdown; then make sure no pool child or beat process outlives the test."""
+        import signal
+
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def kill9(self) -> None:
+        """Kill the whole worker (main process and pool children) at once."""
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def worker(
+    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(stack_env, tmp_path_factory.mktemp("worker")).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def klaviyo(sim_server: tuple[Simulator, str]) -> Klaviyo:
+    """A fresh Klaviyo account with a key and a list, per test."""
+    sim, base_url = sim_server
+    return Klaviyo.new(sim, base_url)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _worker_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """When a test fails, show the worker's errors: the test alone rarely says why."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is None or not report.failed or "worker" not in request.fixturenames:
+        return
+    proc: WorkerProcess = request.getfixturevalue("worker")
+    lines = [
+        ln for ln in proc.log().splitlines() if "ERROR" in ln or "WARNING" in ln or "Error" in ln
+    ]
+    print("\n--- worker errors (last 40) ---\n" + "\n".join(lines[-40:]))

@@ -1,0 +1,183 @@
+"""Small tools for the integration tests: the CLI as a person runs it, waiting for syncs,
+and reading the Klaviyo simulator back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, text
+
+from segops_sync.db.models import Connector, SyncRun
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo.simulator import Simulator
+
+
+@dataclass
+class Klaviyo:
+    sim: Simulator
+    base_url: str
+    account: str
+    api_key: str
+    list_id: str
+
+    @classmethod
+    def new(cls, sim: Simulator, base_url: str) -> Klaviyo:
+        account = sim.create_account()
+        return cls(
+            sim, base_url, account, sim.create_key(account), sim.create_list(account, "Synced")
+        )
+
+    def members(self) -> dict[str, Any]:
+        """The list as user_ids: email for email profiles, external_id otherwise."""
+        out: dict[str, Any] = {}
+        for p in self.sim.list_members(self.list_id):
+            out[p.external_id if p.external_id else p.email] = p
+        return out
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``segops-sync …`` in a fresh process, exactly as a person runs it."""
+    raw = subprocess.run(
+        [sys.executable, "-m", "segops_sync.cli", *args],
+        env={**os.environ, **(env or {})},
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        timeout=120,
+    )
+    result = subprocess.CompletedProcess(
+        raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode()
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"segops-sync {' '.join(args)} exited {result.returncode}: {result.stderr}"
+        )
+    return result
+
+
+def cli_json(*args: str) -> Any:
+    result = cli(*args, "--json", check=True)
+    return json.loads(result.stdout)
+
+
+def create_connector(
+    k: Klaviyo,
+    segment: str,
+    *,
+    activate: bool = True,
+    api_key: str | None = None,
+    list_id: str | None = None,
+    verify: bool = True,
+) -> str:
+    args = [
+        "connectors",
+        "create",
+        "--type",
+        "klaviyo",
+        "--segment",
+        segment,
+        "--list-id",
+        list_id or k.list_id,
+        "--api-key",
+        api_key or k.api_key,
+    ]
+    if not verify:
+        args.append("--no-verify")
+    doc = cli_json(*args)
+    if activate:
+        cli("connectors", "activate", doc["id"], check=True)
+    return str(doc["id"])
+
+
+def new_segment() -> str:
+    return f"seg-{uuid.uuid4().hex[:8]}"
+
+
+def recompute(segment: str, members: list[str], tmp_path: Path) -> None:
+    path = tmp_path / f"{segment}-{uuid.uuid4().hex[:6]}.txt"
+    path.write_text("".join(f"{m}\n" for m in members))
+    cli("recompute", segment, "--members", str(path), check=True)
+
+
+def run_count(connector_id: str) -> int:
+    with session_scope() as s:
+        return int(
+            s.scalar(
+                select(func.count())
+                .select_from(SyncRun)
+                .where(SyncRun.connector_id == connector_id)
+            )
+            or 0
+        )
+
+
+def wait_idle(connector_id: str, *, runs_at_least: int = 1, timeout: float = 90) -> Connector:
+    """Wait until the connector has finished at least N runs and has nothing running or queued."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope() as s:
+            connector = s.get_one(Connector, connector_id)
+            finished = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(SyncRun)
+                    .where(SyncRun.connector_id == connector_id, SyncRun.status != "running")
+                )
+                or 0
+            )
+            running = (
+                s.scalar(
+                    select(func.count())
+                    .select_from(SyncRun)
+                    .where(SyncRun.connector_id == connector_id, SyncRun.status == "running")
+                )
+                or 0
+            )
+            if finished >= runs_at_least and not running and not connector.resync_requested:
+                s.expunge(connector)
+                return connector
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"connector {connector_id} did not settle: {finished} finished, {running} running"
+            )
+        time.sleep(0.2)
+
+
+def latest_run(connector_id: str) -> SyncRun:
+    with session_scope() as s:
+        run = s.scalars(
+            select(SyncRun)
+            .where(SyncRun.connector_id == connector_id)
+            .order_by(SyncRun.started_at.desc())
+            .limit(1)
+        ).one()
+        s.expunge(run)
+        return run
+
+
+def row_counts() -> dict[str, int]:
+    tables = (
+        "connectors",
+        "segment_members",
+        "identities",
+        "connector_members",
+        "sync_runs",
+        "sync_batches",
+    )
+    with session_scope() as s:
+        return {t: int(s.scalar(text(f"SELECT count(*) FROM {t}")) or 0) for t in tables}
+
+
+def expected_identity(user_id: str, identified: dict[str, str]) -> tuple[str | None, str | None]:
+    from segops_sync.sync.identity import identity_for
+
+    return identity_for(user_id, identified.get(user_id))

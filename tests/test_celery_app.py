@@ -1,0 +1,41 @@
+"""Every task has a stable name and an explicit route (the addons-server habit)."""
+
+from __future__ import annotations
+
+from segops_sync.celery import KLAVIYO_QUEUE, SEGOPS_QUEUE, TASK_ROUTES, app
+
+
+def _our_tasks() -> set[str]:
+    app.loader.import_default_modules()
+    return {name for name in app.tasks if not name.startswith("celery.")}
+
+
+def test_every_task_is_named_and_routed() -> None:
+    tasks = _our_tasks()
+    assert tasks, "no tasks registered"
+    assert all(name.startswith("segops.") for name in tasks)
+    assert tasks == set(TASK_ROUTES), (
+        f"unrouted: {tasks - set(TASK_ROUTES)}, stale: {set(TASK_ROUTES) - tasks}"
+    )
+
+
+def test_every_route_uses_a_declared_queue_and_every_queue_is_used() -> None:
+    declared = {q.name for q in app.conf.task_queues}
+    used = {route["queue"] for route in TASK_ROUTES.values()}
+    assert used <= declared
+    assert declared == used == {SEGOPS_QUEUE, KLAVIYO_QUEUE}
+
+
+def test_external_messages_arrive_on_the_segops_queue() -> None:
+    for name in ("segops.recompute_finished", "segops.context_identified", "segops.sync_connector"):
+        assert TASK_ROUTES[name]["queue"] == "segops"
+
+
+def test_reliability_settings() -> None:
+    conf = app.conf
+    assert conf.task_serializer == "json" and conf.accept_content == ["json"]
+    assert conf.task_acks_late is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.result_expires >= 2 * 24 * 3600
+    for name in ("segops.add_batch", "segops.remove_batch"):
+        assert app.tasks[name].rate_limit, "the per-worker local ceiling is set"
