@@ -33,7 +33,9 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
 
 
 def configure(app: Celery, settings: Settings) -> None:
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if settings.redis_key_prefix:
+        transport["global_keyprefix"] = settings.redis_key_prefix
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
@@ -52,7 +54,7 @@ def configure(app: Celery, settings: Settings) -> None:
         result_expires=7 * 24 * 3600,
         result_extended=True,  # task args are ids only, so this copies nothing sensitive
         broker_transport_options=transport,
-        result_backend_transport_options=transport,
+        result_backend_transport_options=dict(transport),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=True,

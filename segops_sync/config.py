@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     # Operational knobs beyond the contract; defaults suit production.
     # Redis used by the fleet-wide limiter and locks; defaults to the broker's Redis.
     limiter_redis_url: str | None = None
+    # Prefix for every Redis key we and Celery write: lets environments share one Redis.
+    redis_key_prefix: str = ""
     limiter_headroom: float = Field(default=0.9, gt=0, le=1)
     # Compresses Klaviyo's rate windows; only for the simulator in tests and benchmarks.
     klaviyo_time_scale: float = Field(default=1.0, gt=0)

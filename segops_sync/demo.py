@@ -153,7 +153,9 @@ def _scenario(cli, sim, api_key: str, list_id: str, workdir: Path) -> int:  # ty
     with redirect_stdout(StringIO()):
         for i in range(0, 300, 30):  # some opaque ids carry an email from context_identified
             if i % 3 == 0:
-                identified += cli(["identify", f"cust-{i:05d}", "--email", f"customer{i}@shop.example"]) == 0
+                identified += (
+                    cli(["identify", f"cust-{i:05d}", "--email", f"customer{i}@shop.example"]) == 0
+                )
     _say(f"{identified} opaque user_ids identified with an email (context_identified)")
 
     def recompute(members: list[str], label: str) -> None:

@@ -75,9 +75,10 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def segops_env(database_url: str, redis_server_url: str) -> Iterator[dict[str, str]]:
     """The SEGOPS_* settings every process of the suite shares; the schema is migrated."""
-    for db in (BROKER_DB, BACKEND_DB, LIMITER_DB):
-        redis.Redis.from_url(f"{redis_server_url}/{db}").flushdb()
+    # A key prefix of its own: test sessions (and CI) may share one Redis without crosstalk.
+    prefix = f"segops-test-{uuid.uuid4().hex[:8]}:"
     env = {
+        "SEGOPS_REDIS_KEY_PREFIX": prefix,
         "SEGOPS_DATABASE_URL": database_url,
         "SEGOPS_BROKER_URL": f"{redis_server_url}/{BROKER_DB}",
         "SEGOPS_RESULT_BACKEND": f"{redis_server_url}/{BACKEND_DB}",
@@ -100,6 +101,10 @@ def segops_env(database_url: str, redis_server_url: str) -> Iterator[dict[str, s
     try:
         yield env
     finally:
+        for db in (BROKER_DB, BACKEND_DB, LIMITER_DB):
+            client = redis.Redis.from_url(f"{redis_server_url}/{db}")
+            for key in client.scan_iter(match=f"{prefix}*", count=1000):
+                client.delete(key)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -76,20 +76,29 @@ class KlaviyoAccess:
             socket_connect_timeout=10,
             health_check_interval=30,
         )
+        prefix = settings.redis_key_prefix
         self.limiter = AccountLimiter(
-            self.redis, headroom=settings.limiter_headroom, time_scale=settings.klaviyo_time_scale
+            self.redis,
+            headroom=settings.limiter_headroom,
+            time_scale=settings.klaviyo_time_scale,
+            prefix=f"{prefix}segops:rl",
         )
-        self.resolver = AccountResolver(self.redis)
+        self.resolver = AccountResolver(self.redis, prefix=f"{prefix}segops:acct")
 
     def account_of(self, api_key: str) -> str:
         """Which Klaviyo account a key belongs to: keys of one account share one budget."""
 
+        own_budget = f"key:{_fingerprint(api_key)}"
+
         def fetch() -> str:
-            session = LimitedSession(
-                self.limiter, account=f"key:{_fingerprint(api_key)}", claimant="resolve"
-            )
+            session = LimitedSession(self.limiter, account=own_budget, claimant="resolve")
             with self._client(api_key, session) as client:
-                return client.get_account_id()
+                try:
+                    return client.get_account_id()
+                except PermissionDenied:
+                    # The seed's key setup grants Lists and Profiles only; without
+                    # accounts:read each key gets a budget of its own.
+                    return own_budget
 
         return self.resolver.resolve(api_key, fetch)
 

@@ -11,19 +11,21 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from segops_sync.config import Settings
 from segops_sync.connectors import describe_klaviyo_error
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchItem, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import (
+    MAX_FILTER_VALUES,
     CredentialsRejected,
     ImportErrorItem,
     InvalidRequest,
@@ -43,6 +45,8 @@ from segops_sync.sync.ledger import confirm_added, confirm_removed, remember_pro
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
+QUICK_ATTEMPTS = 3
+T = TypeVar("T")
 _INDEX_RE = re.compile(r"^/data/(?:attributes/profiles/data/)?(\d+)(?:/|$)")
 
 
@@ -209,6 +213,29 @@ def _transient(ctx: BatchContext, detail: str, settings: Settings) -> BatchStep:
     return Later(backoff(attempts, settings), f"transient: {detail}")
 
 
+def _progress(s: Session, ctx: BatchContext) -> None:
+    """Klaviyo answered and we saved it: the transient budget counts failures in a row."""
+    s.execute(
+        update(SyncBatch)
+        .where(SyncBatch.id == ctx.batch_id, SyncBatch.attempts > 0)
+        .values(attempts=0)
+    )
+
+
+def quick_retry(call: Callable[..., T], *args: Any) -> T:
+    """One or two quick in-process retries of a transient failure (a dropped connection, a
+    5xx) before the task-level backoff takes over. Klaviyo writes here are idempotent."""
+    for attempt in Retrying(
+        stop=stop_after_attempt(QUICK_ATTEMPTS),
+        wait=wait_random(0.05, 0.3),
+        retry=retry_if_exception_type(TransientError),
+        reraise=True,
+    ):
+        with attempt:
+            return call(*args)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _finish(ctx: BatchContext) -> Finished:
     with session_scope() as s:
         counts: dict[str | None, int] = dict(
@@ -218,7 +245,9 @@ def _finish(ctx: BatchContext) -> Finished:
                     "AND seq = :q GROUP BY outcome"
                 ),
                 {"r": ctx.run_id, "k": ctx.kind, "q": ctx.seq},
-            ).tuples().all()
+            )
+            .tuples()
+            .all()
         )
         s.execute(
             update(SyncBatch)
@@ -277,12 +306,12 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
     for job_id in job_ids:
         assert job_id is not None
         try:
-            job = client.get_bulk_import_job(job_id)
+            job = quick_retry(client.get_bulk_import_job, job_id)
             if job.status in ("queued", "processing"):
                 running = True
                 continue
             if job.status == "complete":
-                errors = list(client.iter_bulk_import_errors(job_id))
+                errors = quick_retry(_all_import_errors, client, job_id)
                 _settle_job(ctx, job_id, errors)
                 continue
         except NotFound:
@@ -301,7 +330,9 @@ def _submit(
     """Create one job; when Klaviyo rejects the whole job for some members, drop them and resend."""
     while members:
         try:
-            job_id = client.create_bulk_import_job([p for _, p in members], ctx.list_id)
+            job_id = quick_retry(
+                client.create_bulk_import_job, [p for _, p in members], ctx.list_id
+            )
         except InvalidRequest as exc:
             reasons = _reasons_by_index(exc)
             if not reasons or any(i >= len(members) for i in reasons):
@@ -325,6 +356,7 @@ def _submit(
                 .where(SyncBatch.id == ctx.batch_id)
                 .values(status="submitted", job_ids=SyncBatch.job_ids.op("||")([job_id]))
             )
+            _progress(s, ctx)
         return
 
 
@@ -364,6 +396,10 @@ def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | No
     )
 
 
+def _all_import_errors(client: KlaviyoClient, job_id: str) -> list[ImportErrorItem]:
+    return list(client.iter_bulk_import_errors(job_id))
+
+
 def _settle_job(ctx: BatchContext, job_id: str, errors: Sequence[ImportErrorItem]) -> None:
     """Members of a finished job: rejected ones get Klaviyo's reason, the rest enter the ledger."""
     with session_scope() as s:
@@ -392,6 +428,7 @@ def _settle_job(ctx: BatchContext, job_id: str, errors: Sequence[ImportErrorItem
         accepted = [u for u, _, _ in members if u not in rejected]
         _set_outcome(s, ctx, accepted, "added")
         confirm_added(s, ctx.connector_id, ctx.run_id, accepted)
+        _progress(s, ctx)
 
 
 # -- removes: profile ids from the ledger or by lookup, then DELETE ≤1,000 ------------------
@@ -414,31 +451,28 @@ def _remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Bat
     profile_ids = {u: p for u, _, _, p in rows if p}
     missing = [(u, e, x) for u, e, x, p in rows if not p]
     found: dict[str, str] = {}
+    # external_id first (it is what we sent for opaque ids), then email; each chunk of 100
+    # values is one call, saved as soon as it answers so a retry never asks again.
     by_ext = {x: u for u, _, x in missing if x}
-    if by_ext:
-        for value, pid in client.find_profile_ids("external_id", list(by_ext)).items():
-            found[by_ext[value]] = pid
+    for chunk in _chunks(list(by_ext), MAX_FILTER_VALUES):
+        hits = {
+            by_ext[v]: pid
+            for v, pid in quick_retry(client.find_profile_ids, "external_id", chunk).items()
+        }
+        _record_found(ctx, hits)
+        found.update(hits)
     by_email = {e.lower(): u for u, e, _ in missing if e and u not in found}
-    if by_email:
-        for value, pid in client.find_profile_ids("email", list(by_email)).items():
-            user_id = by_email.get(value.lower())
-            if user_id is not None:
-                found[user_id] = pid
-    if found:
-        with session_scope() as s:
-            for user_id, pid in found.items():
-                s.execute(
-                    update(SyncBatchItem)
-                    .where(SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id == user_id)
-                    .values(profile_id=pid)
-                )
-            remember_profile_ids(s, ctx.connector_id, found)
-        profile_ids.update(found)
+    for chunk in _chunks(list(by_email), MAX_FILTER_VALUES):
+        answer = quick_retry(client.find_profile_ids, "email", chunk)
+        hits = {by_email[v.lower()]: pid for v, pid in answer.items() if v.lower() in by_email}
+        _record_found(ctx, hits)
+        found.update(hits)
+    profile_ids.update(found)
 
     if profile_ids:
         pairs = sorted(profile_ids.items())
         try:
-            client.remove_profiles_from_list(ctx.list_id, [p for _, p in pairs])
+            quick_retry(client.remove_profiles_from_list, ctx.list_id, [p for _, p in pairs])
         except InvalidRequest as exc:
             stale = {i for i in exc.profile_indexes() if i < len(pairs)}
             if not stale:
@@ -465,11 +499,34 @@ def _remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Bat
         with session_scope() as s:
             _set_outcome(s, ctx, profile_ids, "removed")
             confirm_removed(s, ctx.connector_id, list(profile_ids))
+            _progress(s, ctx)
 
     unfound = [u for u, _, _ in missing if u not in found]
     if unfound:
         return _unfound(ctx, unfound, settings)
     return _finish(ctx)
+
+
+def _chunks(values: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _record_found(ctx: BatchContext, found: dict[str, str]) -> None:
+    """Profile ids learnt by lookup: kept on the items and in the ledger; counts as progress."""
+    if not found:
+        return
+    with session_scope() as s:
+        s.execute(
+            text(
+                "UPDATE sync_batch_items it SET profile_id = f.pid "
+                "FROM unnest(CAST(:u AS text[]), CAST(:p AS text[])) AS f(uid, pid) "
+                "WHERE it.run_id = :r AND it.user_id = f.uid"
+            ),
+            {"r": ctx.run_id, "u": list(found), "p": list(found.values())},
+        )
+        remember_profile_ids(s, ctx.connector_id, found)
+        _progress(s, ctx)
 
 
 def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> BatchStep:
@@ -483,7 +540,9 @@ def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> Batc
                 select(LedgerEntry.user_id, LedgerEntry.added_at).where(
                     LedgerEntry.connector_id == ctx.connector_id, LedgerEntry.user_id.in_(user_ids)
                 )
-            ).tuples().all()
+            )
+            .tuples()
+            .all()
         )
     indexing = timedelta(seconds=settings.indexing_wait)
     newest = max((added_at.get(u, now) for u in user_ids), default=now)

@@ -112,8 +112,14 @@ def test_300_members_then_churn_sync_exactly(
     assert klaviyo.sim.subscription_calls() == 0
 
 
-def test_send_task_path_syncs_like_the_cli(worker: WorkerProcess, klaviyo: Klaviyo) -> None:
-    from segops_sync.celery import app
+def test_send_task_path_syncs_like_the_cli(
+    worker: WorkerProcess, klaviyo: Klaviyo, stack_env: dict[str, str]
+) -> None:
+    # The recompute service has a Celery app of its own that knows nothing of our tasks.
+    from celery import Celery
+
+    app = Celery("recompute-service", broker=stack_env["SEGOPS_BROKER_URL"])
+    app.conf.broker_transport_options = {"global_keyprefix": stack_env["SEGOPS_REDIS_KEY_PREFIX"]}
 
     segment = new_segment()
     connector_id = create_connector(klaviyo, segment)
