@@ -86,6 +86,9 @@ def start_run(
         status="running",
         phase="planning",
         allow_mass_removal=allow_mass_removal,
+        # The clock, not the transaction start: a follow-up run opens in the transaction that
+        # closes the previous one, and must not seem to start before it ended.
+        started_at=datetime.now(UTC),
     )
     connector.resync_requested = False
     connector.resync_trigger = None

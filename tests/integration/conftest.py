@@ -52,6 +52,7 @@ class WorkerProcess:
         self.concurrency = concurrency
         self.beat = beat
         self.log_path = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        WORKER_LOGS.append(self.log_path)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> WorkerProcess:
@@ -110,9 +111,74 @@ class WorkerProcess:
             self.proc.wait()
 
 
+# Every worker log of the session, for the secrets check at the end.
+WORKER_LOGS: list[Path] = []
+
+
+class FlowerProcess:
+    """``celery -A segops_sync flower`` as ops run it, watching the session's workers."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        from segops_sync.embedded import free_port
+
+        self.port = free_port()
+        self.log_path = workdir / "flower.log"
+        self.env = {**os.environ, **env, "FLOWER_UNAUTHENTICATED_API": "true"}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> FlowerProcess:
+        import httpx
+
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "segops_sync",
+            "flower",
+            f"--port={self.port}",
+            "--address=127.0.0.1",
+        ]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthcheck", timeout=2).status_code == 200:
+                    return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flower did not start: {self.log_path.read_text()[-2000:]}")
+            time.sleep(0.3)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def flower(
+    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FlowerProcess]:
+    proc = FlowerProcess(stack_env, tmp_path_factory.mktemp("flower")).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
 @pytest.fixture(scope="session")
 def worker(
-    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    stack_env: dict[str, str], flower: FlowerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[WorkerProcess]:
     proc = WorkerProcess(stack_env, tmp_path_factory.mktemp("worker")).start()
     try:

@@ -19,6 +19,9 @@ from segops_sync.db.models import Connector, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo.simulator import Simulator
 
+# Every Klaviyo key the session handed to the product, for the secrets check at the end.
+KNOWN_KEYS: set[str] = set()
+
 
 @dataclass
 class Klaviyo:
@@ -47,6 +50,7 @@ def cli(
     *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, check: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """``segops-sync …`` in a fresh process, exactly as a person runs it."""
+    KNOWN_KEYS.update(a for a in args if a.startswith("pk_"))
     raw = subprocess.run(
         [sys.executable, "-m", "segops_sync.cli", *args],
         env={**os.environ, **(env or {})},

@@ -1,0 +1,135 @@
+"""Issue 5 item 8: at the end of the run, no Klaviyo key appears in clear anywhere we can look:
+worker logs, Redis (broker, results, limiter), the tasks Flower shows, or any database column.
+
+The file is named to run after the other integration tests, so it sees what they left."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+from collections.abc import Iterable, Iterator
+
+import httpx
+import redis
+from sqlalchemy import text
+
+from segops_sync.config import get_settings
+from segops_sync.connectors import api_key_of, list_connectors
+from segops_sync.db.session import session_scope
+from tests.integration.conftest import WORKER_LOGS, FlowerProcess, WorkerProcess
+from tests.integration.helpers import KNOWN_KEYS
+
+CANARY = "pk_canary0123456789abcdefghij"
+
+
+def _all_keys() -> set[str]:
+    keys = set(KNOWN_KEYS)
+    with session_scope() as s:
+        keys.update(api_key_of(c, get_settings()) for c in list_connectors(s))
+    return {k for k in keys if len(k) > 8}
+
+
+def _decoded(value: bytes) -> Iterator[str]:
+    """A Redis value as text, plus the base64 message bodies Celery and kombu wrap inside."""
+    textual = value.decode("utf-8", errors="replace")
+    yield textual
+    try:
+        doc = json.loads(textual)
+    except ValueError:
+        return
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            body = item.get("body")
+            if isinstance(body, str):
+                decoded = None
+                with contextlib.suppress(ValueError):
+                    decoded = base64.b64decode(body, validate=True).decode(
+                        "utf-8", errors="replace"
+                    )
+                if decoded is not None:
+                    yield decoded
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _redis_texts(url: str, prefix: str) -> Iterator[str]:
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        yield key.decode(errors="replace")
+        kind = client.type(key).decode()
+        values: Iterable[bytes] = []
+        if kind == "string":
+            values = [client.get(key) or b""]
+        elif kind == "list":
+            values = client.lrange(key, 0, -1)
+        elif kind == "hash":
+            values = [v for pair in client.hgetall(key).items() for v in pair]
+        elif kind == "zset":
+            values = client.zrange(key, 0, -1)
+        elif kind == "set":
+            values = list(client.smembers(key))
+        for value in values:
+            yield from _decoded(value)
+
+
+def _leaks(texts: Iterable[str], keys: set[str]) -> list[str]:
+    found = []
+    for chunk in texts:
+        for key in keys:
+            if key in chunk:
+                found.append(key[:6] + "…")
+    return found
+
+
+def test_no_key_in_clear_anywhere(
+    worker: WorkerProcess, flower: FlowerProcess, stack_env: dict[str, str]
+) -> None:
+    keys = _all_keys()
+    assert len(keys) >= 3, "the session synced with real keys before this check"
+    prefix = stack_env["SEGOPS_REDIS_KEY_PREFIX"]
+    redis_urls = [
+        stack_env[v]
+        for v in ("SEGOPS_BROKER_URL", "SEGOPS_RESULT_BACKEND", "SEGOPS_LIMITER_REDIS_URL")
+    ]
+
+    # the scanner finds a planted key, so a clean answer means something
+    planted = redis.Redis.from_url(redis_urls[0])
+    planted.set(f"{prefix}canary", json.dumps({"body": base64.b64encode(CANARY.encode()).decode()}))
+    try:
+        assert _leaks(_redis_texts(redis_urls[0], prefix), {CANARY}), (
+            "the Redis scan cannot see values"
+        )
+    finally:
+        planted.delete(f"{prefix}canary")
+
+    logs = [p.read_text(errors="replace") for p in WORKER_LOGS if p.exists()]
+    logs.append(flower.log_path.read_text(errors="replace"))
+    assert any("segops.add_batch" in log for log in logs), "the logs saw no sync"
+    assert _leaks(logs, keys) == [], "a key in a log line"
+
+    for url in redis_urls:
+        assert _leaks(_redis_texts(url, prefix), keys) == [], (
+            f"a key in Redis ({url.rsplit('/', 1)[-1]})"
+        )
+
+    tasks = httpx.get(f"{flower.url}/api/tasks", timeout=30)
+    assert tasks.status_code == 200
+    shown = tasks.json()
+    assert any(t.get("name") == "segops.add_batch" for t in shown.values()), "Flower saw no batch"
+    assert _leaks([tasks.text], keys) == [], "a key in a task Flower shows"
+    for task_id in list(shown)[:50]:
+        detail = httpx.get(f"{flower.url}/api/task/info/{task_id}", timeout=30).text
+        assert _leaks([detail], keys) == [], "a key in Flower's task detail"
+
+    with session_scope() as s:
+        tables = s.scalars(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        ).all()
+        assert "connectors" in tables
+        for table in tables:
+            rows = s.scalars(text(f'SELECT t::text FROM "{table}" t')).all()
+            assert _leaks(rows, keys) == [], f"a key in clear in table {table}"
