@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -20,6 +19,7 @@ from segops_sync.config import ConfigError, Settings, get_settings
 from segops_sync.connectors import InputError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+WAIT_TIMEOUT = 6 * 3600.0
 
 
 class Failure(Exception):
@@ -164,12 +164,14 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.connectors import get_connector
     from segops_sync.db.session import session_scope
+    from segops_sync.sync.runs import finished_runs, wait_until_idle
     from segops_sync.tasks import trigger_sync
 
     with session_scope() as s:
         connector = get_connector(s, args.connector_id)
         if connector.status == "inactive":
             raise InputError(f"connector {args.connector_id} is inactive: activate it first")
+        done_before = finished_runs(s, args.connector_id)
     outcome = trigger_sync(
         args.connector_id, trigger="resync", allow_mass_removal=args.allow_mass_removal
     )
@@ -179,40 +181,16 @@ def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
         print(f"sync {outcome.run_id} of connector {args.connector_id} started")
     if not args.wait:
         return EXIT_OK
-    return _wait_for_sync(args.connector_id, outcome.run_id)
-
-
-def _wait_for_sync(connector_id: str, first_run: str | None) -> int:
-    """Wait until the connector has no running run and no coalesced trigger waiting."""
-    from sqlalchemy import select
-
-    from segops_sync.db.models import Connector, SyncRun
-    from segops_sync.db.session import session_scope
-
-    while True:
-        with session_scope() as s:
-            busy = s.scalar(
-                select(SyncRun.id).where(
-                    SyncRun.connector_id == connector_id, SyncRun.status == "running"
-                )
-            )
-            requested = s.scalar(
-                select(Connector.resync_requested).where(Connector.id == connector_id)
-            )
-            if busy is None and not requested:
-                run = s.scalars(
-                    select(SyncRun)
-                    .where(SyncRun.connector_id == connector_id)
-                    .order_by(SyncRun.started_at.desc())
-                    .limit(1)
-                ).first()
-                break
-        time.sleep(0.5)
+    # a coalesced trigger is served by the run after the one going now
+    expected = done_before + (2 if outcome.reason == "coalesced" else 1)
+    run = wait_until_idle(args.connector_id, finished_at_least=expected, timeout=WAIT_TIMEOUT)
     if run is None:
-        raise Failure("no sync run was recorded")
+        raise Failure(
+            f"the sync did not finish within {WAIT_TIMEOUT:.0f}s; see `connectors history`"
+        )
     print(
-        f"sync {run.id}: {run.status}, added {run.added}, removed {run.removed}, rejected {run.rejected}"
-        + (f"; {run.error}" if run.error else "")
+        f"sync {run.id}: {run.status}, added {run.added}, removed {run.removed}, "
+        f"rejected {run.rejected}" + (f"; {run.error}" if run.error else "")
     )
     return EXIT_OK if run.status == "succeeded" else EXIT_FAILED
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,43 +40,6 @@ def embedded_stack(workdir: Path) -> Iterator[dict[str, str]]:
         pg.stop()
 
 
-@contextmanager
-def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "segops_sync",
-                "worker",
-                "-c",
-                "2",
-                "-l",
-                "info",
-                "-n",
-                f"demo-{os.getpid()}@%h",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while b"ready." not in log_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start; see {log_path}")
-            time.sleep(0.2)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def _members(count: int, start: int = 0) -> list[str]:
     """A mix of email user_ids and opaque ids, as real segments have."""
     return [
@@ -91,6 +51,7 @@ def _members(count: int, start: int = 0) -> list[str]:
 def run_demo() -> int:
     from segops_sync.cli import main as cli
     from segops_sync.config import get_settings
+    from segops_sync.embedded import EmbeddedWorker
     from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
 
     workdir = Path(tempfile.mkdtemp(prefix="segops-demo-"))
@@ -113,9 +74,13 @@ def run_demo() -> int:
                 _say(f"Klaviyo simulator on {server.base_url}, list {list_id}")
                 if cli(["db", "upgrade"]) != 0:
                     return 1
-                with worker_process(env, workdir / "worker.log"):
+                worker = EmbeddedWorker(env, workdir, concurrency=2, beat=False, name="demo")
+                worker.start()
+                try:
                     _say("worker ready")
                     return _scenario(cli, sim, api_key, list_id, workdir)
+                finally:
+                    worker.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -158,18 +123,18 @@ def _scenario(cli, sim, api_key: str, list_id: str, workdir: Path) -> int:  # ty
                 )
     _say(f"{identified} opaque user_ids identified with an email (context_identified)")
 
-    def recompute(members: list[str], label: str) -> None:
+    def recompute(members: list[str], label: str, nth_sync: int) -> None:
         path = workdir / f"{label}.txt"
         path.write_text("\n".join(members) + "\n")
         _say(f"recompute '{label}': {len(members)} members")
         cli(["recompute", DEMO_SEGMENT, "--members", str(path)])
-        _wait(cid)
+        _wait(cid, finished=nth_sync)
 
     first = _members(300)
-    recompute(first, "first")
+    recompute(first, "first", 1)
     _report(sim, list_id, set(first))
     second = first[60:] + _members(90, start=300)  # 60 leave, 90 join
-    recompute(second, "second")
+    recompute(second, "second", 2)
     ok = _report(sim, list_id, set(second))
     print()
     cli(["connectors", "show", cid])
@@ -178,28 +143,11 @@ def _scenario(cli, sim, api_key: str, list_id: str, workdir: Path) -> int:  # ty
     return 0 if ok else 1
 
 
-def _wait(connector_id: str, timeout: float = 120) -> None:
-    from sqlalchemy import select
+def _wait(connector_id: str, finished: int, timeout: float = 120) -> None:
+    from segops_sync.sync.runs import wait_until_idle
 
-    from segops_sync.db.models import Connector, SyncRun
-    from segops_sync.db.session import session_scope
-
-    deadline = time.monotonic() + timeout
-    time.sleep(0.5)
-    while time.monotonic() < deadline:
-        with session_scope() as s:
-            running = s.scalar(
-                select(SyncRun.id).where(
-                    SyncRun.connector_id == connector_id, SyncRun.status == "running"
-                )
-            )
-            requested = s.scalar(
-                select(Connector.resync_requested).where(Connector.id == connector_id)
-            )
-        if running is None and not requested:
-            return
-        time.sleep(0.3)
-    raise RuntimeError("the sync did not finish in time")
+    if wait_until_idle(connector_id, finished_at_least=finished, timeout=timeout) is None:
+        raise RuntimeError("the sync did not finish in time")
 
 
 def _report(sim, list_id: str, segment: set[str]) -> bool:  # type: ignore[no-untyped-def]

@@ -4,10 +4,17 @@ on a machine that runs neither. ``pgserver`` ships a real PostgreSQL; ``redislit
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -76,3 +83,78 @@ class EmbeddedRedis:
 
 def temp_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix)
+
+
+class EmbeddedWorker:
+    """``celery -A segops_sync worker`` in a process group of its own, as ops start it, with
+    beat for the sweeper; for the demo, the tests and the benchmarks."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        *,
+        concurrency: int = 3,
+        beat: bool = True,
+        name: str = "segops",
+    ) -> None:
+        self.env = {**os.environ, **env}
+        self.workdir = workdir
+        self.concurrency = concurrency
+        self.beat = beat
+        self.log_path = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> EmbeddedWorker:
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "segops_sync",
+            "worker",
+            "-l",
+            "info",
+            "-c",
+            str(self.concurrency),
+            "-n",
+            f"{self.name}-{uuid.uuid4().hex[:6]}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        if self.beat:
+            cmd += ["-B", "-s", str(self.workdir / f"beat-{uuid.uuid4().hex[:6]}")]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while b"ready." not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Warm shutdown; then make sure no pool child or beat process outlives the test."""
+
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def kill9(self) -> None:
+        """Kill the whole worker (main process and pool children) at once."""
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

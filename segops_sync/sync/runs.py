@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from segops_sync.db.models import Connector, SyncBatch, SyncRun
@@ -93,6 +94,49 @@ def _follow_up(session: Session, connector: Connector) -> StartOutcome | None:
         trigger="coalesced" if trigger == "mass-removal" else trigger,
         allow_mass_removal=trigger == "mass-removal",
     )
+
+
+def finished_runs(session: Session, connector_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(SyncRun)
+            .where(SyncRun.connector_id == connector_id, SyncRun.status != "running")
+        )
+        or 0
+    )
+
+
+def wait_until_idle(connector_id: str, *, finished_at_least: int, timeout: float) -> SyncRun | None:
+    """Poll until the connector has finished N runs and has nothing running or coalesced;
+    returns its newest run, or None on timeout. For the CLI's --wait and the demo."""
+    from segops_sync.db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            connector = s.get_one(Connector, connector_id)
+            running = s.scalar(
+                select(SyncRun.id).where(
+                    SyncRun.connector_id == connector_id, SyncRun.status == "running"
+                )
+            )
+            if (
+                running is None
+                and not connector.resync_requested
+                and finished_runs(s, connector_id) >= finished_at_least
+            ):
+                newest = s.scalars(
+                    select(SyncRun)
+                    .where(SyncRun.connector_id == connector_id)
+                    .order_by(SyncRun.started_at.desc())
+                    .limit(1)
+                ).first()
+                if newest is not None:
+                    s.expunge(newest)
+                return newest
+        time.sleep(0.25)
+    return None
 
 
 def _rejections(session: Session, run: SyncRun) -> str:

@@ -7,12 +7,12 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from segops_sync.embedded import EmbeddedWorker
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
 from tests.integration.helpers import Klaviyo
 
@@ -41,74 +41,14 @@ def stack_env(
     os.environ.pop("SEGOPS_KLAVIYO_BASE_URL", None)
 
 
-class WorkerProcess:
-    """``celery -A segops_sync worker`` as ops start it, with beat for the sweeper."""
+class WorkerProcess(EmbeddedWorker):
+    """A worker of the test session; its log joins the secrets check at the end."""
 
     def __init__(
         self, env: dict[str, str], workdir: Path, *, concurrency: int = 3, beat: bool = True
     ) -> None:
-        self.env = {**os.environ, **env}
-        self.workdir = workdir
-        self.concurrency = concurrency
-        self.beat = beat
-        self.log_path = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
+        super().__init__(env, workdir, concurrency=concurrency, beat=beat, name="test")
         WORKER_LOGS.append(self.log_path)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60) -> WorkerProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "segops_sync",
-            "worker",
-            "-l",
-            "info",
-            "-c",
-            str(self.concurrency),
-            "-n",
-            f"test-{uuid.uuid4().hex[:6]}@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-        if self.beat:
-            cmd += ["-B", "-s", str(self.workdir / f"beat-{uuid.uuid4().hex[:6]}")]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while b"ready." not in self.log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{self.log()[-3000:]}")
-            time.sleep(0.2)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Warm shutdown; then make sure no pool child or beat process outlives the test."""
-        import signal
-
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def kill9(self) -> None:
-        """Kill the whole worker (main process and pool children) at once."""
-        import signal
-
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 # Every worker log of the session, for the secrets check at the end.
