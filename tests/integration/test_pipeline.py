@@ -233,3 +233,63 @@ def test_key_and_list_problems_set_error_then_recover(
     assert connector.status == "error"
     assert connector.last_error and wrong_case in connector.last_error
     assert fresh_key not in connector.last_error
+
+
+def test_preview_shows_the_delta_without_touching_klaviyo(
+    worker: WorkerProcess, klaviyo: Klaviyo, tmp_path: Path
+) -> None:
+    segment = new_segment()
+    connector_id = create_connector(klaviyo, segment)
+    recompute(segment, ["p1@example.com", "p2@example.com"], tmp_path)
+    wait_idle(connector_id)
+    with session_scope() as s:  # membership changes; no message yet
+        s.execute(
+            text(
+                "DELETE FROM segment_members WHERE segment_id = :s AND user_id = 'p1@example.com'"
+            ),
+            {"s": segment},
+        )
+        s.execute(
+            text("INSERT INTO segment_members VALUES (:s, 'p3'), (:s, 'p4@example.com')"),
+            {"s": segment},
+        )
+    requests_before = len(klaviyo.sim.requests())
+    doc = cli_json("connectors", "preview", connector_id)
+    assert (doc["adds"], doc["removes"]) == (2, 1)
+    assert {r["user_id"] for r in doc["sample_adds"]} == {"p3", "p4@example.com"}
+    assert [r["user_id"] for r in doc["sample_removes"]] == ["p1@example.com"]
+    assert len(klaviyo.sim.requests()) == requests_before
+    assert run_count(connector_id) == 1
+
+
+def test_context_identified_message_gives_opaque_ids_their_email(
+    worker: WorkerProcess, klaviyo: Klaviyo, stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    from celery import Celery
+
+    app = Celery("event-pipeline", broker=stack_env["SEGOPS_BROKER_URL"])
+    app.conf.broker_transport_options = {"global_keyprefix": stack_env["SEGOPS_REDIS_KEY_PREFIX"]}
+    user = f"ci-{uuid.uuid4().hex[:6]}"
+    # two events, one after the other: the later trait replaces the earlier one
+    for email in ("old@example.com", "latest@example.com"):
+        app.send_task(
+            "segops.context_identified",
+            kwargs={"user_id": user, "traits": {"email": email, "plan": "pro"}},
+            queue="segops",
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with session_scope() as s:
+                stored = s.scalar(
+                    text("SELECT email FROM identities WHERE user_id = :u"), {"u": user}
+                )
+            if stored == email:
+                break
+            time.sleep(0.1)
+        assert stored == email
+    segment = new_segment()
+    connector_id = create_connector(klaviyo, segment)
+    recompute(segment, [user], tmp_path)
+    wait_idle(connector_id)
+    profile = klaviyo.members()[user]
+    assert (profile.email, profile.external_id) == ("latest@example.com", user)

@@ -1,0 +1,42 @@
+"""The Alembic migrations create exactly what the models describe, and upgrade is repeatable."""
+
+from __future__ import annotations
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+
+from segops_sync.cli import main
+from segops_sync.config import normalise_database_url
+from segops_sync.db.models import Base
+
+
+def test_migrations_match_the_models(segops_env: dict[str, str]) -> None:
+    engine = create_engine(normalise_database_url(segops_env["SEGOPS_DATABASE_URL"]))
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == [], f"models and migrations differ: {diff}"
+
+
+def test_db_upgrade_is_safe_to_run_again(
+    segops_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["db", "upgrade"]) == 0
+    assert main(["db", "upgrade"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_segment_members_is_exactly_the_contract(segops_env: dict[str, str]) -> None:
+    engine = create_engine(normalise_database_url(segops_env["SEGOPS_DATABASE_URL"]))
+    insp = inspect(engine)
+    columns = {
+        c["name"]: (str(c["type"]), c["nullable"]) for c in insp.get_columns("segment_members")
+    }
+    assert columns == {"segment_id": ("TEXT", False), "user_id": ("TEXT", False)}
+    assert insp.get_pk_constraint("segment_members")["constrained_columns"] == [
+        "segment_id",
+        "user_id",
+    ]
+    engine.dispose()
