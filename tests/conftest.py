@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from segops_sync.config import normalise_database_url
@@ -54,8 +56,15 @@ def database_url(pg_server_url: str) -> Iterator[str]:
         from segops_sync.db.session import reset_engine
 
         reset_engine()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        for attempt in range(3):  # a fault test elsewhere may have cut this connection
+            try:
+                with admin.connect() as conn:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                break
+            except OperationalError:
+                if attempt == 2:
+                    raise
+                time.sleep(1)
         admin.dispose()
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
-from segops_sync.config import Settings
+from segops_sync.config import ConfigError, Settings
 from segops_sync.connectors import describe_klaviyo_error
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchItem, SyncRun
 from segops_sync.db.session import session_scope
@@ -105,7 +105,11 @@ def run_batch(batch_id: int, access: KlaviyoAccess, settings: Settings) -> Batch
     if ctx.abort_reason:
         _fail(ctx, ctx.abort_reason, permanent=True)
         return Finished(batch_id, False)
-    api_key = decrypt_api_key(ctx.api_key_encrypted, settings.require_secret_key())
+    try:
+        api_key = decrypt_api_key(ctx.api_key_encrypted, settings.require_secret_key())
+    except ConfigError as exc:  # SEGOPS_SECRET_KEY changed: only a person can fix that
+        _fail(ctx, f"{exc}; re-enter the key with `segops-sync connectors update`", permanent=True)
+        return Finished(batch_id, False)
     limited: LimitedSession | None = None
     try:
         client, limited = access.client(api_key, claimant=ctx.connector_id)
@@ -245,9 +249,7 @@ def _finish(ctx: BatchContext) -> Finished:
                     "AND seq = :q GROUP BY outcome"
                 ),
                 {"r": ctx.run_id, "k": ctx.kind, "q": ctx.seq},
-            )
-            .tuples()
-            .all()
+            ).all()
         )
         s.execute(
             update(SyncBatch)
@@ -540,9 +542,7 @@ def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> Batc
                 select(LedgerEntry.user_id, LedgerEntry.added_at).where(
                     LedgerEntry.connector_id == ctx.connector_id, LedgerEntry.user_id.in_(user_ids)
                 )
-            )
-            .tuples()
-            .all()
+            ).all()
         )
     indexing = timedelta(seconds=settings.indexing_wait)
     newest = max((added_at.get(u, now) for u in user_ids), default=now)

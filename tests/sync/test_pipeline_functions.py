@@ -1,0 +1,260 @@
+"""The sync domain without a broker: planner, batches and run closing called as plain
+functions against the real PostgreSQL, the real Redis (limiter) and the simulator over HTTP."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import func, select, text
+
+from segops_sync.config import get_settings
+from segops_sync.connectors import create_connector
+from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchItem, SyncRun
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.sync.access import KlaviyoAccess
+from segops_sync.sync.batches import Finished, run_batch
+from segops_sync.sync.planner import ADD_BATCH_SIZE, REMOVE_BATCH_SIZE, plan_run, preview, start_run
+from segops_sync.sync.runs import finish_run
+
+
+@dataclass
+class World:
+    sim: Simulator
+    access: KlaviyoAccess
+    account: str
+    key: str
+    list_id: str
+
+
+@pytest.fixture(scope="module")
+def server(segops_env: dict[str, str]) -> Iterator[tuple[Simulator, str]]:
+    sim = Simulator(job_delay=0.05)
+    with SimulatorServer(sim) as srv:
+        yield sim, srv.base_url
+
+
+@pytest.fixture
+def world(server: tuple[Simulator, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    from tests.conftest import _reset_settings
+
+    sim, base_url = server
+    monkeypatch.setenv("SEGOPS_KLAVIYO_BASE_URL", base_url)
+    monkeypatch.setenv("SEGOPS_JOB_POLL_INTERVAL", "0.05")
+    _reset_settings()
+    account = sim.create_account()
+    yield World(
+        sim,
+        KlaviyoAccess(get_settings()),
+        account,
+        sim.create_key(account),
+        sim.create_list(account),
+    )
+    _reset_settings()
+
+
+def _connector(w: World, segment: str, members: list[str]) -> str:
+    with session_scope() as s:
+        connector, _ = create_connector(
+            s, get_settings(), segment_id=segment, list_id=w.list_id, api_key=w.key, verify=False
+        )
+        connector.status = "active"
+        s.execute(text("DELETE FROM segment_members WHERE segment_id = :s"), {"s": segment})
+        if members:
+            s.execute(
+                text("INSERT INTO segment_members SELECT :s, unnest(CAST(:m AS text[]))"),
+                {"s": segment, "m": members},
+            )
+        return connector.id
+
+
+def _set_members(segment: str, members: list[str]) -> None:
+    with session_scope() as s:
+        s.execute(text("DELETE FROM segment_members WHERE segment_id = :s"), {"s": segment})
+        s.execute(
+            text("INSERT INTO segment_members SELECT :s, unnest(CAST(:m AS text[]))"),
+            {"s": segment, "m": members},
+        )
+
+
+def _sync(w: World, connector_id: str, *, allow_mass_removal: bool = False) -> SyncRun:
+    """One whole run, each batch driven to the end in this process, as a worker would."""
+    with session_scope() as s:
+        outcome = start_run(s, connector_id, trigger="test", allow_mass_removal=allow_mass_removal)
+    assert outcome.reason == "started" and outcome.run_id
+    with session_scope() as s:
+        plan = plan_run(s, outcome.run_id, get_settings())
+    for batch_id in plan.batch_ids:
+        deadline = time.monotonic() + 60
+        while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):
+            assert time.monotonic() < deadline, f"batch {batch_id} never finished: {step.reason}"
+            time.sleep(min(step.countdown, 0.5))
+    with session_scope() as s:
+        finish_run(s, outcome.run_id)
+        s.flush()  # before expunge, or the closing is never written
+        run = s.get_one(SyncRun, outcome.run_id)
+        s.expunge(run)
+    return run
+
+
+def _on_list(w: World) -> set[str]:
+    return {p.external_id or p.email or "" for p in w.sim.list_members(w.list_id)}
+
+
+def test_plan_cuts_the_delta_into_batches_of_one_call(world: World) -> None:
+    segment = f"plan-{uuid.uuid4().hex[:6]}"
+    members = [f"m{i:06d}" for i in range(ADD_BATCH_SIZE * 2 + 1)]
+    connector_id = _connector(world, segment, members)
+    with session_scope() as s:  # pretend 2,500 others were synced earlier and have left
+        s.execute(
+            text(
+                "INSERT INTO connector_members (connector_id, user_id, external_id) "
+                "SELECT :c, 'old' || g, 'old' || g FROM generate_series(1, 2500) g"
+            ),
+            {"c": connector_id},
+        )
+    with session_scope() as s:
+        p = preview(s, connector_id)
+        assert (p.adds, p.removes) == (len(members), 2500)
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger="test", allow_mass_removal=True).run_id
+    assert run_id
+    with session_scope() as s:
+        plan = plan_run(s, run_id, get_settings())
+        sizes = dict(
+            s.execute(
+                select(SyncBatch.kind, func.count())
+                .where(SyncBatch.run_id == run_id)
+                .group_by(SyncBatch.kind)
+            ).all()
+        )
+        biggest = s.execute(
+            select(SyncBatchItem.kind, SyncBatchItem.seq, func.count())
+            .where(SyncBatchItem.run_id == run_id)
+            .group_by(SyncBatchItem.kind, SyncBatchItem.seq)
+        ).all()
+    assert len(plan.add_batch_ids) == 3 and len(plan.remove_batch_ids) == 3
+    assert sizes == {"add": 3, "remove": 3}
+    assert max(n for k, _, n in biggest if k == "add") == ADD_BATCH_SIZE
+    assert max(n for k, _, n in biggest if k == "remove") == REMOVE_BATCH_SIZE
+    with session_scope() as s:  # planning again is harmless: the same batches come back
+        assert sorted(plan_run(s, run_id, get_settings()).batch_ids) == sorted(plan.batch_ids)
+
+
+def test_start_run_coalesces_and_ignores_duplicates(world: World) -> None:
+    connector_id = _connector(world, f"co-{uuid.uuid4().hex[:6]}", ["a@example.com"])
+    with session_scope() as s:
+        first = start_run(s, connector_id, trigger="recompute", recompute_id="r1")
+    with session_scope() as s:
+        assert (
+            start_run(s, connector_id, trigger="recompute", recompute_id="r1").reason == "duplicate"
+        )
+        assert (
+            start_run(s, connector_id, trigger="recompute", recompute_id="r2").reason == "coalesced"
+        )
+        assert s.get_one(Connector, connector_id).resync_requested
+    assert first.reason == "started"
+
+
+def test_a_whole_job_rejection_drops_the_named_member_and_sends_the_rest(world: World) -> None:
+    segment = f"rej-{uuid.uuid4().hex[:6]}"
+    members = [f"ok{i}@example.com" for i in range(20)] + ["bad,address@example.com"]
+    connector_id = _connector(world, segment, members)
+    run = _sync(world, connector_id)
+    assert _on_list(world) == set(members[:-1])
+    assert (run.status, run.added, run.rejected) == ("failed", 20, 1)
+    assert run.error and "1 members rejected by Klaviyo" in run.error
+    with session_scope() as s:
+        connector = s.get_one(Connector, connector_id)
+        assert connector.status == "error" and connector.last_error == run.error
+        reason = s.scalar(
+            select(SyncBatchItem.reason).where(
+                SyncBatchItem.run_id == run.id, SyncBatchItem.outcome == "rejected"
+            )
+        )
+        ledger = s.scalar(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.connector_id == connector_id)
+        )
+    assert reason and "email" in reason.lower()
+    assert ledger == 20
+
+
+def test_per_profile_import_errors_are_reported_and_the_rest_synced(world: World) -> None:
+    segment = f"imp-{uuid.uuid4().hex[:6]}"
+    too_long = "x" * 300  # a user_id Klaviyo refuses as external_id, written straight to SQL
+    members = [f"u{i}" for i in range(10)] + [too_long]
+    connector_id = _connector(world, segment, members)
+    run = _sync(world, connector_id)
+    assert _on_list(world) == set(members[:-1])
+    assert (run.status, run.added, run.rejected) == ("failed", 10, 1)
+    with session_scope() as s:
+        states = s.execute(
+            select(SyncRun.id, SyncRun.status).where(SyncRun.connector_id == connector_id)
+        ).all()
+    assert len(states) == 1 and states[0][1] == "failed", states
+    # the next run tries the rejected member again and nobody else
+    run2 = _sync(world, connector_id)
+    assert (run2.added, run2.removed, run2.rejected) == (0, 0, 1)
+
+
+def test_removals_look_up_ids_once_then_use_the_ledger(world: World) -> None:
+    segment = f"rm-{uuid.uuid4().hex[:6]}"
+    members = [f"r{i}@example.com" for i in range(150)] + [f"ext-{i}" for i in range(150)]
+    connector_id = _connector(world, segment, members)
+    assert _sync(world, connector_id).status == "succeeded"
+    lookups_before = len(world.sim.requests(endpoint=None))
+    _set_members(segment, members[100:])  # 100 emails leave: found by lookup
+    run = _sync(world, connector_id)
+    assert (run.status, run.removed) == ("succeeded", 100)
+    assert _on_list(world) == set(members[100:])
+    profile_lookups = [
+        r
+        for r in world.sim.requests()[lookups_before:]
+        if r.path == "/api/profiles" and r.account == world.account
+    ]
+    assert len(profile_lookups) == 1, "100 emails are one lookup call"
+    with session_scope() as s:
+        known = s.scalar(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.connector_id == connector_id, LedgerEntry.profile_id.is_not(None))
+        )
+    assert known == 0, "removed members leave the ledger"
+
+
+def test_mass_removal_is_held_then_applied_when_allowed(world: World) -> None:
+    segment = f"mass-{uuid.uuid4().hex[:6]}"
+    members = [f"h{i}@example.com" for i in range(10)]
+    connector_id = _connector(world, segment, members)
+    _sync(world, connector_id)
+    _set_members(segment, members[:4])
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger="test").run_id
+    assert run_id
+    with session_scope() as s:
+        assert plan_run(s, run_id, get_settings()).status == "held"
+        assert s.get_one(SyncRun, run_id).status == "held"
+    assert _on_list(world) == set(members)
+    run = _sync(world, connector_id, allow_mass_removal=True)
+    assert (run.status, run.removed) == ("succeeded", 6)
+    assert _on_list(world) == set(members[:4])
+
+
+def test_a_permanent_error_stops_the_other_batches(world: World) -> None:
+    segment = f"perm-{uuid.uuid4().hex[:6]}"
+    connector_id = _connector(world, segment, [f"p{i}" for i in range(ADD_BATCH_SIZE + 5)])
+    world.sim.revoke_key(world.key)
+    run = _sync(world, connector_id)
+    assert run.status == "failed" and run.error and "API key" in run.error
+    assert world.key not in run.error
+    with session_scope() as s:
+        batches = s.scalars(select(SyncBatch).where(SyncBatch.run_id == run.id)).all()
+        assert all(b.status == "failed" and b.permanent for b in batches)
+    auth_calls = [r for r in world.sim.requests() if r.status == 401]
+    assert len(auth_calls) <= 2, "the second batch should stop on the first one's permanent error"
