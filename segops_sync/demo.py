@@ -11,9 +11,13 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from segops_sync.klaviyo.simulator import SimProfile, Simulator
 
 DEMO_SEGMENT = "demo-vip-customers"
 
@@ -85,18 +89,21 @@ def run_demo() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _scenario(cli, sim, api_key: str, list_id: str, workdir: Path) -> int:  # type: ignore[no-untyped-def]
+def _scenario(
+    cli: Callable[[list[str]], int], sim: Simulator, api_key: str, list_id: str, workdir: Path
+) -> int:
     import json
     from contextlib import redirect_stdout
     from io import StringIO
 
-    def run_json(*args: str) -> dict:  # type: ignore[type-arg]
+    def run_json(*args: str) -> dict[str, Any]:
         out = StringIO()
         with redirect_stdout(out):
             code = cli(list(args))
         if code != 0:
             raise RuntimeError(f"segops-sync {' '.join(args[:2])} exited {code}")
-        return json.loads(out.getvalue())  # type: ignore[no-any-return]
+        doc: dict[str, Any] = json.loads(out.getvalue())
+        return doc
 
     connector = run_json(
         "connectors",
@@ -136,6 +143,22 @@ def _scenario(cli, sim, api_key: str, list_id: str, workdir: Path) -> int:  # ty
     second = first[60:] + _members(90, start=300)  # 60 leave, 90 join
     recompute(second, "second", 2)
     ok = _report(sim, list_id, set(second))
+    on_list = sim.list_members(list_id)
+    kinds: tuple[tuple[str, Callable[[SimProfile], bool]], ...] = (
+        ("identified id", lambda p: p.external_id is not None and p.email is not None),
+        ("opaque id", lambda p: p.external_id is not None and p.email is None),
+        ("email id", lambda p: p.external_id is None),
+    )
+    for label, match in kinds:
+        profile = next(p for p in on_list if match(p))
+        _say(
+            f"  {label:13} profile {profile.id}: email={profile.email} external_id={profile.external_id}"
+        )
+    leavers = [
+        p for p in sim.profiles(sim.list_members(list_id)[0].account_id) if p.email == first[1]
+    ]
+    if leavers:
+        _say(f"  {first[1]} left the segment: off the list, profile {leavers[0].id} kept")
     print()
     cli(["connectors", "show", cid])
     print()
@@ -150,10 +173,10 @@ def _wait(connector_id: str, finished: int, timeout: float = 120) -> None:
         raise RuntimeError("the sync did not finish in time")
 
 
-def _report(sim, list_id: str, segment: set[str]) -> bool:  # type: ignore[no-untyped-def]
+def _report(sim: Simulator, list_id: str, segment: set[str]) -> bool:
     members = sim.list_members(list_id)
     on_list = {p.email if p.external_id is None else p.external_id for p in members}
-    expected = {u for u in segment}
+    expected = set(segment)
     exact = on_list == expected
     _say(
         f"Klaviyo list {list_id} holds {len(members)} profiles; segment has {len(segment)}: "
