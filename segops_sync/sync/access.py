@@ -51,6 +51,7 @@ class LimitedSession:
             raise Throttled(wait, endpoint.value)
 
     def after_response(self, endpoint: Endpoint, headers: RateLimitHeaders) -> None:
+        # Every answer but a 429: also ends the probe that follows a 429 back-off.
         self.limiter.observe_remaining(
             self.account, endpoint.value, headers.remaining, headers.reset
         )

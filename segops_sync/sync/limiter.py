@@ -45,6 +45,14 @@ Back-off from Klaviyo's answers
     reset counts as one steady window. Those durations are taken as reported (real seconds); ``time_scale`` compresses
     only our own windows, exactly as the Klaviyo simulator compresses its windows.
 
+After a 429: one probe first
+    When a ``penalize()`` back-off ends, every task that waited on it would come back at about
+    the same moment, and any that went out together with a request that met a fresh 429 would
+    reach Klaviyo before that 429's Retry-After. So the first request admitted after a 429
+    back-off is a probe: until an answer other than 429 comes back (``observe_remaining()`` is
+    called with every such answer) or ``PROBE_SECONDS`` pass, nobody else is admitted. A probe
+    that meets a 429 is penalized like any other request, and the next probe waits for that.
+
 Celery
     Celery's ``rate_limit`` is a per-worker-instance token bucket per task name: it stays as a
     local ceiling (protects one worker from spinning) but knows nothing of accounts or of other
@@ -114,7 +122,7 @@ local function ms(us) return math.ceil(us / 1000) end
 
 # KEYS: 1 log, 2 claimant log, 3 active claimants, 4 control hash
 # ARGV: 1 burst cap, 2 steady cap, 3 burst window (us), 4 steady window (us),
-#       5 activity grace (us), 6 claimant, 7 published steady limit
+#       5 activity grace (us), 6 claimant, 7 published steady limit, 8 probe hold (us)
 # Returns 0 when granted, else the wait in microseconds (>= 1).
 _ACQUIRE_LUA = (
     _LUA_PRELUDE
@@ -167,6 +175,13 @@ if n > 1 then
   end
 end
 
+-- After a 429 back-off, one probe goes first; the others wait for its answer.
+local probe = false
+if wait == 0 then
+  local holder = tonumber(redis.call('HGET', ctl, 'probe') or '-1')
+  if holder > now then wait = holder - now elseif holder >= 0 then probe = true end
+end
+
 redis.call('HSET', ctl, 'steady', ARGV[7])
 redis.call('PEXPIRE', ctl, num(math.max(ms(w60), ms(blocked - now)) + 1))
 
@@ -180,6 +195,7 @@ end
 
 local last = redis.call('ZRANGE', active, -1, -1, 'WITHSCORES')
 redis.call('PEXPIRE', active, num(ms(tonumber(last[2]) - now) + 1))
+if probe then redis.call('HSET', ctl, 'probe', num(now + tonumber(ARGV[8]))) end
 local member = num(now) .. '-' .. redis.call('HINCRBY', ctl, 'seq', 1)
 redis.call('ZADD', log, num(now), member)
 redis.call('ZADD', mine, num(now), member)
@@ -189,24 +205,35 @@ return 0
 """
 )
 
-# KEYS: 1 control hash. ARGV: 1 seconds to block, 2 remaining ('' = block unconditionally),
-# 3 threshold as a share of the published steady limit. Returns 1 if the back-off was extended.
+# KEYS: 1 control hash. ARGV: 1 seconds to block, 2 remaining ('' = a 429: block
+# unconditionally, then probe; '-' = an answer without a remaining count), 3 threshold as a share
+# of the published steady limit. Returns 1 if the back-off was extended.
 _BLOCK_LUA = (
     _LUA_PRELUDE
     + """
 local ctl = KEYS[1]
-if ARGV[2] ~= '' then
+if ARGV[2] == '' then
+  redis.call('HSET', ctl, 'probe', '0')
+else
+  -- Klaviyo answered with something other than 429: the probe, if any, has done its job.
+  redis.call('HDEL', ctl, 'probe')
+  if ARGV[2] == '-' then return 0 end
   local steady = tonumber(redis.call('HGET', ctl, 'steady') or '0')
   local threshold = math.max(1, math.floor(steady * tonumber(ARGV[3])))
   if tonumber(ARGV[2]) > threshold then return 0 end
 end
 local untl = now + tonumber(ARGV[1]) * 1000000
 local cur = tonumber(redis.call('HGET', ctl, 'until') or '0')
-if untl <= cur then return 0 end
-redis.call('HSET', ctl, 'until', num(untl))
-local ttl = ms(untl - now) + 1
+local extended = 0
+if untl > cur then
+  redis.call('HSET', ctl, 'until', num(untl))
+  cur, extended = untl, 1
+end
+local ttl = ms(cur - now) + 1
+-- After a 429 the probe state outlives the back-off: the first request after it is the probe.
+if ARGV[2] == '' then ttl = ttl + 60000 end
 if redis.call('PTTL', ctl) < ttl then redis.call('PEXPIRE', ctl, num(ttl)) end
-return 1
+return extended
 """
 )
 
@@ -229,6 +256,9 @@ class AccountLimiter:
     ACTIVE_SECONDS = 5.0
     # RateLimit-Remaining at or below this share of the steady limit (at least 1) means "stop".
     REMAINING_SHARE = 0.02
+    # After a 429 back-off, the probe holds the others this long at most (real seconds: it waits
+    # for one answer, which time_scale does not compress).
+    PROBE_SECONDS = 1.0
     _ANONYMOUS = "(anonymous)"
 
     def __init__(
@@ -281,6 +311,7 @@ class AccountLimiter:
                 repr(self._grace_us),
                 who,
                 limit.steady,
+                repr(self.PROBE_SECONDS * 1_000_000.0),
             ],
         )
         return int(wait_us) / 1_000_000
@@ -296,17 +327,19 @@ class AccountLimiter:
     def observe_remaining(
         self, account: str, endpoint: str, remaining: int | None, reset: float | None
     ) -> None:
-        """Back off until the steady window resets when Klaviyo says the budget is nearly gone."""
-        if remaining is None:
-            return
+        """Klaviyo answered (not with a 429): ends the probe after a 429 back-off, and backs off
+        until the steady window resets when Klaviyo says the budget is nearly gone."""
         if reset is None or not math.isfinite(reset):
             # No reset given: Klaviyo's fixed steady window turns over within one window length.
             reset = self.steady_window
-        if reset <= 0:
-            return
+        known = remaining is not None and reset > 0
         self._block(
             keys=[self._keys(account, endpoint).ctl],
-            args=[repr(float(reset)), int(remaining), repr(self.REMAINING_SHARE)],
+            args=[
+                repr(float(max(reset, 0.0))),
+                int(remaining) if known and remaining is not None else "-",
+                repr(self.REMAINING_SHARE),
+            ],
         )
 
     def usage(self, account: str, endpoint: str) -> tuple[int, int]:

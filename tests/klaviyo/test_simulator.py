@@ -506,3 +506,21 @@ def test_serve_prints_one_line_and_serves() -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_a_request_is_stamped_on_arrival_not_when_its_turn_comes(
+    fake: Setup, clock: FakeClock
+) -> None:
+    """A request queued behind a slow one (a due bulk job applied under the lock) keeps the time
+    it arrived: it was not sent any later, so it cannot pass for an early retry."""
+    import threading
+
+    clock.advance(0.1)
+    arrived = clock()
+    with fake.sim._lock:  # the simulator is busy
+        caller = threading.Thread(target=fake.get_list)
+        caller.start()
+        time.sleep(0.1)
+        clock.advance(0.3)
+    caller.join()
+    assert [r.time for r in fake.sim.requests()] == [arrived]

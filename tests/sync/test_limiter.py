@@ -186,6 +186,42 @@ def test_observe_remaining_slows_down_before_a_429(r: fakeredis.FakeRedis) -> No
     assert lim.acquire("acct", EP, limit) == 0.0
 
 
+def test_after_a_429_back_off_one_probe_goes_first(r: fakeredis.FakeRedis) -> None:
+    prefix = f"t:{uuid.uuid4().hex[:8]}"
+    worker_a = AccountLimiter(r, prefix=prefix)
+    worker_b = AccountLimiter(r, prefix=prefix)  # another process, same Redis
+    limit = Limit(75, 750)
+    worker_a.penalize("acct", EP, 0.2)
+    time.sleep(0.21)
+    assert worker_a.acquire("acct", EP, limit) == 0.0  # the probe
+    # The rest of the fleet waits for the probe's answer, not for the windows.
+    assert 0.9 < worker_b.acquire("acct", EP, limit, claimant="c2") <= 1.0
+    assert worker_b.acquire("acct", OTHER_EP, limit) == 0.0
+    worker_a.observe_remaining("acct", EP, remaining=None, reset=None)  # an answer, not a 429
+    assert worker_b.acquire("acct", EP, limit, claimant="c2") == 0.0
+    assert worker_a.acquire("acct", EP, limit) == 0.0
+
+    # A probe that meets a 429 is penalized; the next probe goes after that back-off.
+    worker_a.penalize("acct", EP, 0.2)
+    time.sleep(0.21)
+    assert worker_b.acquire("acct", EP, limit) == 0.0
+    worker_b.penalize("acct", EP, 0.3)
+    assert 0.2 < worker_a.acquire("acct", EP, limit) <= 0.3
+    time.sleep(0.31)
+    assert worker_a.acquire("acct", EP, limit) == 0.0
+    assert worker_b.acquire("acct", EP, limit) > 0.5
+
+    # A probe whose answer never comes holds the others PROBE_SECONDS at most.
+    worker_a.PROBE_SECONDS = 0.2
+    worker_a.penalize("acct", EP, 0.1)
+    time.sleep(0.11)
+    assert worker_a.acquire("acct", EP, limit) == 0.0
+    wait = worker_b.acquire("acct", EP, limit)
+    assert 0.1 < wait <= 0.2
+    time.sleep(wait)
+    assert worker_b.acquire("acct", EP, limit) == 0.0  # the next probe
+
+
 def test_fairness_small_claimant_gets_its_share(r: fakeredis.FakeRedis) -> None:
     lim = make(r, time_scale=120, headroom=1.0)  # steady window 0.5 s, activity grace 1/24 s
     limit = Limit(burst=100, steady=40)

@@ -525,8 +525,11 @@ class Simulator:
     # -- request handling ----------------------------------------------------------------------
 
     def handle(self, req: SimHttpRequest) -> SimHttpResponse:
+        # Stamped on arrival, before waiting for the lock, as Klaviyo stamps a request at its
+        # edge: a request queued behind a slow one (a due bulk job applied under the lock) was
+        # not sent any later, and must not be counted as a retry that came too early.
+        now = self._clock()
         with self._lock:
-            now = self._clock()
             self._advance(now)
             path = req.path.rstrip("/") or "/"  # Klaviyo accepts trailing slashes
             endpoint, handler, path_params, allowed = _match(req.method, path)
