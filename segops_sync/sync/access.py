@@ -23,6 +23,9 @@ from segops_sync.klaviyo import (
 )
 from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit
 
+# The budget that GET /api/accounts calls draw on, whichever account they turn out to be.
+ACCOUNT_LOOKUPS = "(account lookups)"
+
 
 class Throttled(Exception):
     """No rate-limit slot is free: try again after ``wait`` seconds. Not an error."""
@@ -92,7 +95,9 @@ class KlaviyoAccess:
         own_budget = f"key:{_fingerprint(api_key)}"
 
         def fetch() -> str:
-            session = LimitedSession(self.limiter, account=own_budget, claimant="resolve")
+            # Before the answer we cannot know whose budget to charge, so every lookup of the
+            # fleet shares one (XS tier: 1/s, 15/min). Answers are cached for a day.
+            session = LimitedSession(self.limiter, account=ACCOUNT_LOOKUPS, claimant="resolve")
             with self._client(api_key, session) as client:
                 try:
                     return client.get_account_id()
