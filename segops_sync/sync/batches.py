@@ -314,7 +314,9 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
                 continue
             if job.status == "complete":
                 errors = quick_retry(_all_import_errors, client, job_id)
-                _settle_job(ctx, job_id, errors)
+                problem = _settle_job(ctx, job.id, job.failed_count, errors)
+                if problem is not None:
+                    return _transient(ctx, problem, settings)
                 continue
         except NotFound:
             pass  # Klaviyo lost the job, or its results expired before we read them
@@ -402,8 +404,14 @@ def _all_import_errors(client: KlaviyoClient, job_id: str) -> list[ImportErrorIt
     return list(client.iter_bulk_import_errors(job_id))
 
 
-def _settle_job(ctx: BatchContext, job_id: str, errors: Sequence[ImportErrorItem]) -> None:
-    """Members of a finished job: rejected ones get Klaviyo's reason, the rest enter the ledger."""
+def _settle_job(
+    ctx: BatchContext, job_id: str, failed_count: int, errors: Sequence[ImportErrorItem]
+) -> str | None:
+    """Members of a finished job: rejected ones get Klaviyo's reason, the rest enter the ledger.
+
+    Returns why the job cannot be settled yet, or None. When Klaviyo counts more failed
+    profiles than its import errors name, we cannot tell who failed: nobody of the job is
+    confirmed (the others would be "added" on faith, the silent success others ship)."""
     with session_scope() as s:
         members = s.execute(
             select(SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id).where(
@@ -425,12 +433,18 @@ def _settle_job(ctx: BatchContext, job_id: str, errors: Sequence[ImportErrorItem
             rejected[user_id] = f"{err.title}: {err.detail}" if err.title else err.detail
         if unattributed:
             log.warning("job %s: %d import errors name no member we sent", job_id, unattributed)
+        if failed_count > len(rejected):
+            return (
+                f"Klaviyo's bulk import job {job_id} counts {failed_count} failed profiles but its "
+                f"import errors name {len(rejected)} of ours; its members stay unconfirmed"
+            )
         for user_id, reason in rejected.items():
             _set_outcome(s, ctx, [user_id], "rejected", reason)
         accepted = [u for u, _, _ in members if u not in rejected]
         _set_outcome(s, ctx, accepted, "added")
         confirm_added(s, ctx.connector_id, ctx.run_id, accepted)
         _progress(s, ctx)
+    return None
 
 
 # -- removes: profile ids from the ledger or by lookup, then DELETE ≤1,000 ------------------

@@ -258,3 +258,37 @@ def test_a_permanent_error_stops_the_other_batches(world: World) -> None:
         assert all(b.status == "failed" and b.permanent for b in batches)
     auth_calls = [r for r in world.sim.requests() if r.status == 401]
     assert len(auth_calls) <= 2, "the second batch should stop on the first one's permanent error"
+
+
+def test_a_job_whose_failures_are_not_named_confirms_nobody(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Klaviyo counts a failed profile but lists no import error for it: who failed is
+    unknown, so nobody of that job enters the ledger and the next sync sends them again."""
+    from segops_sync.klaviyo import KlaviyoClient
+
+    monkeypatch.setenv("SEGOPS_TRANSIENT_RETRY_BUDGET", "1")
+    monkeypatch.setenv("SEGOPS_RETRY_BASE_DELAY", "0.05")
+    from tests.conftest import _reset_settings
+
+    _reset_settings()
+    segment = f"unnamed-{uuid.uuid4().hex[:6]}"
+    members = [f"n{i}" for i in range(5)] + ["y" * 300]  # one profile Klaviyo refuses
+    connector_id = _connector(world, segment, members)
+    monkeypatch.setattr(KlaviyoClient, "iter_bulk_import_errors", lambda self, job_id: iter(()))
+    run = _sync(world, connector_id)
+    assert run.status == "failed" and run.error and "failed profiles" in run.error
+    with session_scope() as s:
+        ledger = s.scalar(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.connector_id == connector_id)
+        )
+    assert ledger == 0, "members of an unexplained job were confirmed"
+
+    monkeypatch.undo()  # Klaviyo names its errors again: the next sync completes the work
+    monkeypatch.setenv("SEGOPS_KLAVIYO_BASE_URL", world.access.settings.klaviyo_base_url)
+    _reset_settings()
+    run = _sync(world, connector_id)
+    assert (run.added, run.rejected) == (5, 1)
+    assert _on_list(world) == set(members[:5])
