@@ -8,6 +8,7 @@ in a database of its own, dropped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -42,15 +43,19 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pg.stop()
 
 
-@pytest.fixture(scope="session")
-def database_url(pg_server_url: str) -> Iterator[str]:
-    name = f"segops_test_{uuid.uuid4().hex[:10]}"
+@contextlib.contextmanager
+def scratch_database(pg_server_url: str, label: str) -> Iterator[str]:
+    """A database of its own on the server, migrated, dropped afterwards."""
+    from segops_sync.db.migrate import upgrade
+
+    name = f"segops_{label}_{uuid.uuid4().hex[:10]}"
     # NullPool: a fresh connection for the drop, whatever happened to the server meanwhile.
     admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
     try:
+        upgrade(url)
         yield url
     finally:
         from segops_sync.db.session import reset_engine
@@ -66,6 +71,59 @@ def database_url(pg_server_url: str) -> Iterator[str]:
                     raise
                 time.sleep(1)
         admin.dispose()
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """The test process (CLI helpers, session_scope) agrees with the workers' settings."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    _reset_settings()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reset_settings()
+
+
+def delete_prefixed(env: dict[str, str]) -> None:
+    """Remove every Redis key written under this environment's prefix."""
+    prefix = env["SEGOPS_REDIS_KEY_PREFIX"]
+    for var in ("SEGOPS_BROKER_URL", "SEGOPS_RESULT_BACKEND", "SEGOPS_LIMITER_REDIS_URL"):
+        with contextlib.suppress(redis.RedisError):
+            client = redis.Redis.from_url(env[var])
+            for key in client.scan_iter(match=f"{prefix}*", count=1000):
+                client.delete(key)
+
+
+@contextlib.contextmanager
+def isolated_env(
+    segops_env: dict[str, str], pg_server_url: str, label: str, **overrides: str
+) -> Iterator[dict[str, str]]:
+    """A database and a Redis key prefix of its own: workers started with this environment
+    never see the session's messages or runs (nor its beat sweeper theirs)."""
+    with scratch_database(pg_server_url, label) as url:
+        env = {
+            **segops_env,
+            "SEGOPS_DATABASE_URL": url,
+            "SEGOPS_REDIS_KEY_PREFIX": f"segops-{label}-{uuid.uuid4().hex[:8]}:",
+            **overrides,
+        }
+        try:
+            with environ(env):
+                yield env
+        finally:
+            delete_prefixed(env)
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server_url: str) -> Iterator[str]:
+    with scratch_database(pg_server_url, "test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -103,25 +161,11 @@ def segops_env(database_url: str, redis_server_url: str) -> Iterator[dict[str, s
         "SEGOPS_SWEEP_INTERVAL": "2",
         "SEGOPS_VISIBILITY_TIMEOUT": "30",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _reset_settings()
-    from segops_sync.db.migrate import upgrade
-
-    upgrade(database_url)
     try:
-        yield env
+        with environ(env):
+            yield env
     finally:
-        for db in (BROKER_DB, BACKEND_DB, LIMITER_DB):
-            client = redis.Redis.from_url(f"{redis_server_url}/{db}")
-            for key in client.scan_iter(match=f"{prefix}*", count=1000):
-                client.delete(key)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        _reset_settings()
+        delete_prefixed(env)
 
 
 def _reset_settings() -> None:

@@ -44,14 +44,14 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
 from segops_sync.db.models import SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.embedded import EmbeddedRedis, free_port
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
-from tests.conftest import _reset_settings
+from tests.conftest import environ, isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
     Klaviyo,
@@ -68,47 +68,10 @@ pytestmark = pytest.mark.slow
 # -- isolation: a database, a key prefix and SEGOPS_* of this test's own ----------------------
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    """Make the test process (CLI helpers, session_scope) agree with the worker's settings."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    _reset_settings()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        _reset_settings()
-
-
 @pytest.fixture
 def iso_env(segops_env: dict[str, str], pg_server_url: str) -> Iterator[dict[str, str]]:
-    name = f"segops_crash_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    prefix = f"segops-crash-{uuid.uuid4().hex[:8]}:"
-    env = {**segops_env, "SEGOPS_DATABASE_URL": url, "SEGOPS_REDIS_KEY_PREFIX": prefix}
-    from segops_sync.db.migrate import upgrade
-
-    upgrade(url)
-    try:
-        with _environ(env):
-            yield env
-    finally:
-        for var in ("SEGOPS_BROKER_URL", "SEGOPS_RESULT_BACKEND", "SEGOPS_LIMITER_REDIS_URL"):
-            with contextlib.suppress(redis.RedisError):
-                client = redis.Redis.from_url(segops_env[var])
-                for key in client.scan_iter(match=f"{prefix}*", count=1000):
-                    client.delete(key)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with isolated_env(segops_env, pg_server_url, "crash") as env:
+        yield env
 
 
 @dataclass
@@ -150,7 +113,7 @@ def stack(env: dict[str, str], workdir: Path, sim: Simulator, **overrides: str) 
     full = {**env, **overrides, "SEGOPS_KLAVIYO_BASE_URL": server.base_url}
     st = Stack(sim, Klaviyo.new(sim, server.base_url), full, workdir)
     try:
-        with _environ(full):
+        with environ(full):
             yield st
     except BaseException:
         print(st.worker_errors())

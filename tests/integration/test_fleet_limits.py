@@ -11,7 +11,6 @@ no other worker of the session (the suite's shared one) can take its tasks or sw
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,15 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 
 from segops_sync.db.models import SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
-from tests.conftest import BACKEND_DB, BROKER_DB, LIMITER_DB, _reset_settings
+from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
     Klaviyo,
@@ -83,58 +80,29 @@ class Fleet:
 def fleet(
     segops_env: dict[str, str], pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Fleet]:
-    from segops_sync.db.migrate import upgrade
-
     sim = Simulator(time_scale=TIME_SCALE, job_delay=JOB_DELAY, indexing_delay=0.0)
     server = SimulatorServer(sim)
     server.start()
-    db_name = f"segops_fleet_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{db_name}"'))
-    db_url = make_url(pg_server_url).set(database=db_name).render_as_string(hide_password=False)
-    prefix = f"segops-fleet-{uuid.uuid4().hex[:8]}:"
-    env = {
-        **segops_env,
-        "SEGOPS_DATABASE_URL": db_url,
-        "SEGOPS_REDIS_KEY_PREFIX": prefix,
+    overrides = {
         "SEGOPS_KLAVIYO_BASE_URL": server.base_url,
         "SEGOPS_KLAVIYO_TIME_SCALE": str(TIME_SCALE),
         # Batches may wait a whole compressed steady window (15 s) for a slot: not stuck.
         "SEGOPS_STUCK_AFTER": "90",
         "SEGOPS_VISIBILITY_TIMEOUT": "120",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _reset_settings()
-    upgrade(db_url)
-
-    fleet = Fleet(sim, server.base_url, env)
-    workdir = tmp_path_factory.mktemp("fleet")
-    try:
-        for i in range(WORKERS):
-            proc = WorkerProcess(env, workdir, concurrency=CONCURRENCY, beat=i == 0)
-            fleet.workers.append(proc)
-            proc.start()
-        yield fleet
-    finally:
-        for proc in fleet.workers:
-            proc.stop()
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        _reset_settings()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
-        admin.dispose()
-        redis_url = env["SEGOPS_BROKER_URL"].rsplit("/", 1)[0]
-        for db in (BROKER_DB, BACKEND_DB, LIMITER_DB):
-            client = redis.Redis.from_url(f"{redis_url}/{db}")
-            for key in client.scan_iter(match=f"{prefix}*", count=1000):
-                client.delete(key)
+    with isolated_env(segops_env, pg_server_url, "fleet", **overrides) as env:
+        fleet = Fleet(sim, server.base_url, env)
+        workdir = tmp_path_factory.mktemp("fleet")
+        try:
+            for i in range(WORKERS):
+                proc = WorkerProcess(env, workdir, concurrency=CONCURRENCY, beat=i == 0)
+                fleet.workers.append(proc)
+                proc.start()
+            yield fleet
+        finally:
+            for proc in fleet.workers:
+                proc.stop()
+            server.stop()
 
 
 @pytest.fixture
