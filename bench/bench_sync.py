@@ -140,30 +140,12 @@ def database(server_url: str) -> Iterator[str]:
 
 
 def wait_for_run(connector_id: str, runs: int, timeout: float) -> Any:
-    from sqlalchemy import func, select
+    from segops_sync.sync.runs import wait_until_idle
 
-    from segops_sync.db.models import SyncRun
-    from segops_sync.db.session import session_scope
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with session_scope() as s:
-            done = s.scalar(
-                select(func.count())
-                .select_from(SyncRun)
-                .where(SyncRun.connector_id == connector_id, SyncRun.status != "running")
-            )
-            if (done or 0) >= runs:
-                run = s.scalars(
-                    select(SyncRun)
-                    .where(SyncRun.connector_id == connector_id)
-                    .order_by(SyncRun.started_at.desc())
-                    .limit(1)
-                ).one()
-                s.expunge(run)
-                return run
-        time.sleep(0.2)
-    raise SystemExit(f"bench: the sync did not finish within {timeout:.0f} s")
+    run = wait_until_idle(connector_id, finished_at_least=runs, timeout=timeout)
+    if run is None:
+        raise SystemExit(f"bench: the sync did not finish within {timeout:.0f} s")
+    return run
 
 
 def run_phase(

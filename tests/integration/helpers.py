@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from sqlalchemy import func, select, text
 from segops_sync.db.models import Connector, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo.simulator import Simulator
+from segops_sync.sync.runs import wait_until_idle
 
 # Every Klaviyo key the session handed to the product, for the secrets check at the end.
 KNOWN_KEYS: set[str] = set()
@@ -126,34 +126,18 @@ def run_count(connector_id: str) -> int:
 
 def wait_idle(connector_id: str, *, runs_at_least: int = 1, timeout: float = 90) -> Connector:
     """Wait until the connector has finished at least N runs and has nothing running or queued."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with session_scope() as s:
-            connector = s.get_one(Connector, connector_id)
-            finished = (
-                s.scalar(
-                    select(func.count())
-                    .select_from(SyncRun)
-                    .where(SyncRun.connector_id == connector_id, SyncRun.status != "running")
-                )
-                or 0
-            )
-            running = (
-                s.scalar(
-                    select(func.count())
-                    .select_from(SyncRun)
-                    .where(SyncRun.connector_id == connector_id, SyncRun.status == "running")
-                )
-                or 0
-            )
-            if finished >= runs_at_least and not running and not connector.resync_requested:
-                s.expunge(connector)
-                return connector
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"connector {connector_id} did not settle: {finished} finished, {running} running"
-            )
-        time.sleep(0.2)
+    settled = wait_until_idle(connector_id, finished_at_least=runs_at_least, timeout=timeout)
+    with session_scope() as s:
+        if settled is None:
+            states = s.execute(
+                select(SyncRun.status, func.count())
+                .where(SyncRun.connector_id == connector_id)
+                .group_by(SyncRun.status)
+            ).all()
+            raise AssertionError(f"connector {connector_id} did not settle: runs {dict(states)}")
+        connector = s.get_one(Connector, connector_id)
+        s.expunge(connector)
+        return connector
 
 
 def latest_run(connector_id: str) -> SyncRun:
