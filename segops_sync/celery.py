@@ -7,6 +7,8 @@ a recompute message. A worker started with no flags consumes both.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from typing import Any
 
@@ -15,6 +17,9 @@ from celery import Celery, signals
 from kombu import Queue
 
 from segops_sync.config import ConfigError, Settings, get_settings
+from segops_sync.sync import liveness
+
+log = logging.getLogger("segops_sync.celery")
 
 SEGOPS_QUEUE = "segops"
 KLAVIYO_QUEUE = "segops.klaviyo"
@@ -34,9 +39,12 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
 
 
 def configure(app: Celery, settings: Settings) -> None:
+    # Visibility timeout and key prefix are Redis transport options; RabbitMQ has neither (it
+    # gives a dead consumer's messages back at once, and tests isolate by vhost).
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     if settings.redis_key_prefix:
         transport["global_keyprefix"] = settings.redis_key_prefix
+    broker_transport = transport if settings.broker_is_redis else {}
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
@@ -54,7 +62,7 @@ def configure(app: Celery, settings: Settings) -> None:
         # Chord counters live as long as results: far longer than any backlog.
         result_expires=7 * 24 * 3600,
         result_extended=True,  # task args are ids only, so this copies nothing sensitive
-        broker_transport_options=transport,
+        broker_transport_options=broker_transport,
         result_backend_transport_options=dict(transport),
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
@@ -106,14 +114,17 @@ else:
 
 
 @signals.worker_init.connect
-def _check_settings(**_: Any) -> None:
+def _check_settings(sender: Any = None, **_: Any) -> None:
     """A missing or malformed setting stops the worker at start, in one line."""
+    global NODE_ID
+    NODE_ID = liveness.new_node_id(str(getattr(sender, "hostname", None) or "worker"))
     try:
         if _config_error:
             raise ConfigError(_config_error)
         settings = get_settings()
         settings.require_database_url()
         settings.require_secret_key()
+        settings.require_limiter_url()
     except ConfigError as exc:
         print(f"segops-sync: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -125,3 +136,76 @@ def _fresh_connections(**_: Any) -> None:
     from segops_sync.db.session import reset_engine
 
     reset_engine()
+
+
+# -- liveness: a dead worker's tasks are re-sent within seconds (sync/liveness.py) --------------
+
+# This worker node; set in the main process before the pool forks, so children inherit it.
+NODE_ID = ""
+_redis: tuple[int, redis.Redis] | None = None
+_liveness: liveness.NodeLiveness | None = None
+
+
+def liveness_redis() -> tuple[redis.Redis, liveness.Keys]:
+    """One client per process (rebuilt after fork) on the limiter's Redis."""
+    global _redis
+    settings = get_settings()
+    if _redis is None or _redis[0] != os.getpid():
+        client = redis.Redis.from_url(
+            settings.require_limiter_url(), socket_timeout=10, socket_connect_timeout=10
+        )
+        _redis = (os.getpid(), client)
+    return _redis[1], liveness.Keys.for_prefix(settings.redis_key_prefix)
+
+
+def _resend(held: liveness.Held) -> None:
+    app.send_task(held.name, args=held.args, kwargs=held.kwargs)
+
+
+@signals.worker_ready.connect
+def _start_liveness(**_: Any) -> None:
+    global _liveness
+    settings = get_settings()
+    r, keys = liveness_redis()
+    _liveness = liveness.NodeLiveness(
+        r,
+        keys,
+        NODE_ID,
+        _resend,
+        ttl=settings.heartbeat_ttl,
+        scan_interval=settings.liveness_scan_interval,
+        broker_gives_back=not settings.broker_is_redis,
+    )
+    _liveness.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_liveness(**_: Any) -> None:
+    if _liveness is not None:
+        _liveness.stop()
+
+
+@signals.task_received.connect
+def _hold(request: Any = None, **_: Any) -> None:
+    if request is None or request.name not in TASK_ROUTES or not NODE_ID:
+        return
+    try:
+        r, keys = liveness_redis()
+        held = liveness.Held(
+            request.id, NODE_ID, request.name, list(request.args), dict(request.kwargs)
+        )
+        liveness.hold(r, keys, held)
+    except (redis.RedisError, TypeError, ValueError) as exc:
+        log.warning("liveness: not recorded %s[%s]: %s", request.name, request.id, exc)
+
+
+@signals.task_postrun.connect
+def _release(task_id: str | None = None, state: str | None = None, **_: Any) -> None:
+    # A retry keeps the entry: whoever receives the retry's message records it anew.
+    if not task_id or state == "RETRY" or not NODE_ID:
+        return
+    try:
+        r, keys = liveness_redis()
+        liveness.release(r, keys, task_id)
+    except redis.RedisError as exc:
+        log.warning("liveness: not released %s: %s", task_id, exc)

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     api_token: str | None = None
 
     # Operational knobs beyond the contract; defaults suit production.
-    # Redis used by the fleet-wide limiter and locks; defaults to the broker's Redis.
+    # Redis used by the fleet-wide limiter, locks and worker heartbeats; defaults to the
+    # broker's Redis, or the result backend's when the broker is not Redis (RabbitMQ).
     limiter_redis_url: str | None = None
     # Prefix for every Redis key we and Celery write: lets environments share one Redis.
     redis_key_prefix: str = ""
@@ -46,6 +47,13 @@ class Settings(BaseSettings):
     stuck_after: float = Field(default=900.0, gt=0)
     # Transient failures (5xx, transport) a batch tolerates before the run fails.
     transient_retry_budget: int = Field(default=8, ge=0)
+    # A worker node's heartbeat in Redis lives this long (refreshed every third of it); its work
+    # is re-sent by the other workers once it expired. How often each node looks for such work.
+    heartbeat_ttl: float = Field(default=15.0, ge=3)
+    liveness_scan_interval: float = Field(default=10.0, gt=0)
+    # Deliveries of one batch that killed their worker process (OOM, segfault) before the batch
+    # is failed: a poison pill must not loop forever.
+    worker_lost_budget: int = Field(default=5, ge=1)
     # Share of the list a single sync may remove before it is held for approval.
     mass_removal_threshold: float = Field(default=0.5, gt=0, le=1)
     # Celery's per-worker ceiling on Klaviyo batch tasks (the fleet-wide limit is the limiter).
@@ -84,7 +92,35 @@ class Settings(BaseSettings):
 
     @property
     def limiter_url(self) -> str:
-        return self.limiter_redis_url or self.broker_url
+        """The Redis the limiter, the locks and the heartbeats use."""
+        if self.limiter_redis_url:
+            return self.limiter_redis_url
+        if is_redis_url(self.broker_url):
+            return self.broker_url
+        return self.result_backend
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return is_redis_url(self.broker_url)
+
+    def require_limiter_url(self) -> str:
+        url = self.limiter_url
+        if not is_redis_url(url):
+            scheme = url.split("://", 1)[0]
+            source = (
+                "SEGOPS_LIMITER_REDIS_URL"
+                if self.limiter_redis_url
+                else "SEGOPS_LIMITER_REDIS_URL is not set and SEGOPS_RESULT_BACKEND"
+            )
+            raise ConfigError(
+                f"{source} is a {scheme}:// URL; the rate limiter needs Redis: set "
+                "SEGOPS_LIMITER_REDIS_URL to a redis:// or rediss:// URL"
+            )
+        return url
+
+
+def is_redis_url(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://"))
 
 
 def normalise_database_url(url: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any
 
 import redis
@@ -15,15 +16,18 @@ from celery import Task, chord
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from segops_sync import celery as celery_app
 from segops_sync.celery import app
 from segops_sync.config import ConfigError, get_settings
 from segops_sync.connectors import UnknownConnector
 from segops_sync.db.models import Connector, SegmentMember
 from segops_sync.db.session import session_scope
+from segops_sync.sync import liveness
 from segops_sync.sync.access import KlaviyoAccess
-from segops_sync.sync.batches import Finished, run_batch
+from segops_sync.sync.batches import Finished, Later, run_batch
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
+from segops_sync.sync.recovery import fail_crashing_batch, run_ready_to_close
 from segops_sync.sync.runs import RunClosed, fail_run, finish_run
 from segops_sync.sync.sweeper import find_stuck_runs
 
@@ -243,11 +247,37 @@ def _run_batch(task: Task, batch_id: Any) -> dict[str, Any]:
     if not isinstance(batch_id, int):
         _drop(task.name, "batch id must be an integer")
         return Finished(-1, False).as_result()
-    step = run_batch(batch_id, klaviyo_access(), get_settings())
+    settings = get_settings()
+    r, keys = celery_app.liveness_redis()
+    holder = liveness.batch_holder(celery_app.NODE_ID or "no-worker")
+    entry = liveness.enter_batch(
+        r, keys, batch_id, holder, worker_lost_budget=settings.worker_lost_budget
+    )
+    if entry.outcome == "busy":  # another copy of it is running (a re-sent duplicate)
+        raise task.retry(countdown=1.0 + random.uniform(0, 1))
+    try:
+        if entry.outcome == "poisoned":
+            log.error("batch %s killed its worker %d times: given up", batch_id, entry.crashes)
+            with session_scope() as s:
+                fail_crashing_batch(s, batch_id, entry.crashes)
+            step: Finished | Later = Finished(batch_id, False)
+        else:
+            step = run_batch(batch_id, klaviyo_access(), settings)
+    finally:
+        liveness.leave_batch(r, keys, batch_id, holder)
     if isinstance(step, Finished):
+        _close_if_last(batch_id)
         return step.as_result()
     log.debug("batch %s again in %.2fs: %s", batch_id, step.countdown, step.reason)
     raise task.retry(countdown=min(step.countdown, MAX_COUNTDOWN))
+
+
+def _close_if_last(batch_id: int) -> None:
+    """A re-sent batch is outside its run's chord: the last open batch closes the run."""
+    with session_scope() as s:
+        run_id = run_ready_to_close(s, batch_id)
+    if run_id is not None:
+        finish_run_task.delay(run_id)
 
 
 def _local_ceiling() -> str | None:

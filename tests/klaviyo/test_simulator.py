@@ -524,3 +524,17 @@ def test_a_request_is_stamped_on_arrival_not_when_its_turn_comes(
         clock.advance(0.3)
     caller.join()
     assert [r.time for r in fake.sim.requests()] == [arrived]
+
+
+def test_profiles_submitted_in_bulk_jobs_are_counted_per_identifier(fake: Setup) -> None:
+    body = job_body(
+        {"email": "c1@example.com"},
+        {"email": "c2@example.com", "external_id": "u2"},
+        list_id=fake.list_id,
+    )
+    for _ in range(2):
+        assert fake.sim.call("POST", JOB_PATH, key=fake.key, json_body=body).status == 202
+    refused = job_body({"email": "not-an-email"}, list_id=fake.list_id)
+    assert fake.sim.call("POST", JOB_PATH, key=fake.key, json_body=refused).status == 400
+    assert fake.sim.submitted_counts(fake.account) == {"c1@example.com": 2, "u2": 2}
+    assert fake.sim.submitted_counts("other-account") == {}

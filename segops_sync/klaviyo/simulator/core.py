@@ -285,6 +285,9 @@ class Simulator:
         self._forced_429: list[float] = []
         self._not_before: dict[tuple[str, Endpoint], float] = {}
         self._subscription_calls = 0
+        # Profiles accepted in bulk import jobs, per account and identifier (external_id, else
+        # email): how many times a sync sent each member.
+        self._submitted: dict[str, dict[str, int]] = {}
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -416,6 +419,12 @@ class Simulator:
                 lo += 1
             best = max(best, hi - lo + 1)
         return best
+
+    def submitted_counts(self, account_id: str) -> dict[str, int]:
+        """How many times each profile (by external_id, else email) was sent in an accepted
+        bulk import job of the account."""
+        with self._lock:
+            return dict(self._submitted.get(account_id, {}))
 
     def subscription_calls(self) -> int:
         with self._lock:
@@ -1156,6 +1165,12 @@ class Simulator:
         )
         self._jobs[job.id] = job
         self._pending_jobs.append(job.id)
+        counts = self._submitted.setdefault(account.id, {})
+        for item in profiles:
+            attrs = item.get("attributes") or {}
+            ident = attrs.get("external_id") or attrs.get("email")
+            if isinstance(ident, str):
+                counts[ident] = counts.get(ident, 0) + 1
         return _ok(
             {"data": self._job_resource(ctx, job), "links": {"self": _self_link(ctx)}}, status=202
         )

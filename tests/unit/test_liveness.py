@@ -1,0 +1,165 @@
+"""sync/liveness.py on fakeredis: heartbeats, held tasks, the scan, batch locks, poison pills."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import fakeredis
+import pytest
+
+from segops_sync.sync import liveness
+from segops_sync.sync.liveness import Held, Keys
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+KEYS = Keys.for_prefix("t-")
+
+
+def _held(task_id: str, node: str, batch: int = 1) -> Held:
+    return Held(task_id, node, "segops.add_batch", [batch], {})
+
+
+def test_keys_live_under_the_environment_prefix() -> None:
+    assert KEYS.heartbeat("n1") == "t-segops:live:hb:n1"
+    assert KEYS.held == "t-segops:live:held"
+    assert KEYS.batch_lock(7).startswith("t-segops:live:")
+
+
+def test_node_ids_differ_per_start_of_the_same_host() -> None:
+    a, b = liveness.new_node_id("celery@h"), liveness.new_node_id("celery@h")
+    assert a != b and a.startswith("celery@h/") and "|" not in liveness.new_node_id("a|b")
+
+
+def test_heartbeat_expires_after_its_ttl(r: fakeredis.FakeRedis) -> None:
+    liveness.beat(r, KEYS, "n1", ttl=0.3)
+    assert liveness.alive(r, KEYS, ["n1", "n2"]) == {"n1"}
+    time.sleep(0.4)
+    assert liveness.alive(r, KEYS, ["n1"]) == set()
+
+
+def test_scan_resends_what_dead_nodes_held_and_leaves_live_nodes_alone(
+    r: fakeredis.FakeRedis,
+) -> None:
+    liveness.beat(r, KEYS, "alive", ttl=10)
+    for item in (_held("t1", "dead", 1), _held("t2", "dead", 2), _held("t3", "alive", 3)):
+        liveness.hold(r, KEYS, item)
+    resent: list[Held] = []
+    result = liveness.scan(r, KEYS, "me", resent.append, broker_gives_back=False)
+    assert result.scanned and result.resent == 2
+    assert sorted(h.args[0] for h in resent) == [1, 2]
+    assert [h.task_id for h in liveness.held_by(r, KEYS)] == ["t3"]
+    # claimed once: a second scan finds nothing more
+    assert liveness.scan(r, KEYS, "me", resent.append, broker_gives_back=False).resent == 0
+    assert len(resent) == 2
+
+
+def test_on_rabbitmq_the_scan_only_forgets(r: fakeredis.FakeRedis) -> None:
+    liveness.hold(r, KEYS, _held("t1", "dead"))
+    resent: list[Held] = []
+    result = liveness.scan(r, KEYS, "me", resent.append, broker_gives_back=True)
+    assert [h.task_id for h in result.orphans] == ["t1"] and resent == []
+    assert liveness.held_by(r, KEYS) == []
+
+
+def test_one_scanner_at_a_time(r: fakeredis.FakeRedis) -> None:
+    liveness.hold(r, KEYS, _held("t1", "dead"))
+    r.set(KEYS.scan_lock, "other|x", px=10_000)
+    result = liveness.scan(r, KEYS, "me", lambda h: None, broker_gives_back=False)
+    assert not result.scanned and liveness.held_by(r, KEYS)
+
+
+def test_a_message_received_again_since_the_read_is_not_claimed(r: fakeredis.FakeRedis) -> None:
+    liveness.hold(r, KEYS, _held("t1", "dead"))
+    real = liveness.held_by
+
+    def racing(client: fakeredis.FakeRedis, keys: Keys) -> list[Held]:
+        entries = real(client, keys)
+        liveness.beat(client, keys, "new", ttl=10)
+        liveness.hold(client, keys, _held("t1", "new"))  # a live node received it meanwhile
+        return entries
+
+    liveness.held_by = racing  # type: ignore[assignment]
+    try:
+        assert liveness.claim_orphans(r, KEYS) == []
+    finally:
+        liveness.held_by = real  # type: ignore[assignment]
+    assert [h.node for h in liveness.held_by(r, KEYS)] == ["new"]
+
+
+def test_release_and_forget(r: fakeredis.FakeRedis) -> None:
+    liveness.beat(r, KEYS, "n1", ttl=10)
+    liveness.hold(r, KEYS, _held("t1", "n1"))
+    liveness.hold(r, KEYS, _held("t2", "n1"))
+    liveness.hold(r, KEYS, _held("t3", "n2"))
+    liveness.release(r, KEYS, "t1")
+    liveness.forget_node(r, KEYS, "n1")
+    assert [h.task_id for h in liveness.held_by(r, KEYS)] == ["t3"]
+    assert liveness.alive(r, KEYS, ["n1"]) == set()
+
+
+def test_one_copy_of_a_batch_runs_at_a_time(r: fakeredis.FakeRedis) -> None:
+    liveness.beat(r, KEYS, "n1", ttl=10)
+    liveness.beat(r, KEYS, "n2", ttl=10)
+    a, b = liveness.batch_holder("n1"), liveness.batch_holder("n2")
+    assert liveness.enter_batch(r, KEYS, 5, a, worker_lost_budget=3).outcome == "run"
+    assert liveness.enter_batch(r, KEYS, 5, b, worker_lost_budget=3).outcome == "busy"
+    assert liveness.enter_batch(r, KEYS, 6, b, worker_lost_budget=3).outcome == "run"
+    liveness.leave_batch(r, KEYS, 5, a)
+    assert liveness.enter_batch(r, KEYS, 5, b, worker_lost_budget=3).outcome == "run"
+
+
+def test_a_dead_nodes_batch_lock_is_taken_over(r: fakeredis.FakeRedis) -> None:
+    liveness.beat(r, KEYS, "n2", ttl=10)
+    dead = liveness.batch_holder("dead-node")
+    assert liveness.enter_batch(r, KEYS, 5, dead, worker_lost_budget=3).outcome == "run"
+    mine = liveness.batch_holder("n2")
+    entry = liveness.enter_batch(r, KEYS, 5, mine, worker_lost_budget=3)
+    assert (entry.outcome, entry.crashes) == ("run", 1)  # the dead one never left
+
+
+def test_a_dead_pool_childs_lock_is_taken_over_by_its_node(r: fakeredis.FakeRedis) -> None:
+    liveness.beat(r, KEYS, "n1", ttl=10)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    gone = f"n1|{int(child.stdout)}|abcd"  # a pool child of n1 that was killed mid-step
+    r.set(KEYS.batch_lock(9), gone)
+    assert (
+        liveness.enter_batch(r, KEYS, 9, liveness.batch_holder("n1"), worker_lost_budget=3).outcome
+        == "run"
+    )
+    # a live sibling process of the same node still excludes
+    r.set(KEYS.batch_lock(10), f"n1|{os.getppid()}|abcd")
+    assert (
+        liveness.enter_batch(r, KEYS, 10, liveness.batch_holder("n1"), worker_lost_budget=3).outcome
+        == "busy"
+    )
+
+
+def test_a_poison_pill_is_given_up_after_the_budget(r: fakeredis.FakeRedis) -> None:
+    liveness.beat(r, KEYS, "n1", ttl=10)
+    outcomes = []
+    for _ in range(4):  # each delivery dies with its process: nobody leaves the batch
+        entry = liveness.enter_batch(
+            r, KEYS, 3, f"n1|999999999|{len(outcomes)}", worker_lost_budget=3
+        )
+        outcomes.append((entry.outcome, entry.crashes))
+    assert outcomes == [("run", 0), ("run", 1), ("run", 2), ("poisoned", 3)]
+
+
+def test_steps_that_end_normally_never_count_as_crashes(r: fakeredis.FakeRedis) -> None:
+    liveness.beat(r, KEYS, "n1", ttl=10)
+    for _ in range(10):  # a batch polling its job: many deliveries, none of them lost
+        holder = liveness.batch_holder("n1")
+        assert liveness.enter_batch(r, KEYS, 4, holder, worker_lost_budget=2).crashes == 0
+        liveness.leave_batch(r, KEYS, 4, holder)
