@@ -99,6 +99,7 @@ class EmbeddedWorker:
         concurrency: int = 3,
         beat: bool = True,
         name: str = "segops",
+        extra_args: list[str] | None = None,
     ) -> None:
         self.env = {**os.environ, **env}
         self.workdir = workdir
@@ -106,6 +107,7 @@ class EmbeddedWorker:
         self.beat = beat
         self.log_path = workdir / f"worker-{uuid.uuid4().hex[:6]}.log"
         self.name = name
+        self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> EmbeddedWorker:
@@ -127,6 +129,7 @@ class EmbeddedWorker:
         ]
         if self.beat:
             cmd += ["-B", "-s", str(self.workdir / f"beat-{uuid.uuid4().hex[:6]}")]
+        cmd += self.extra_args
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

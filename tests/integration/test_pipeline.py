@@ -8,9 +8,11 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from segops_sync.db.session import session_scope
+from tests.conftest import BROKERS
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
     Klaviyo,
@@ -24,6 +26,9 @@ from tests.integration.helpers import (
     run_count,
     wait_idle,
 )
+
+# Every test here runs on Redis and on RabbitMQ as the broker.
+pytestmark = pytest.mark.parametrize("broker", BROKERS, indirect=True)
 
 
 def _segment_members(n_email: int, n_other: int, prefix: str) -> list[str]:

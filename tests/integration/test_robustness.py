@@ -19,6 +19,7 @@ from segops_sync.db.models import SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint
 from segops_sync.sync.membership import replace_membership
+from tests.conftest import BROKERS
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
     Klaviyo,
@@ -29,6 +30,9 @@ from tests.integration.helpers import (
     recompute,
     wait_idle,
 )
+
+# Every test here runs on Redis and on RabbitMQ as the broker.
+pytestmark = pytest.mark.parametrize("broker", BROKERS, indirect=True)
 
 
 @pytest.fixture
