@@ -84,8 +84,12 @@ class Stack:
     workdir: Path
     workers: list[WorkerProcess] = field(default_factory=list)
 
-    def start_worker(self, **overrides: str) -> WorkerProcess:
-        worker = WorkerProcess({**self.env, **overrides}, self.workdir)
+    def start_worker(
+        self, *, beat: bool = True, extra_args: list[str] | None = None, **overrides: str
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            {**self.env, **overrides}, self.workdir, beat=beat, extra_args=extra_args
+        )
         self.workers.append(worker)
         return worker.start()
 
