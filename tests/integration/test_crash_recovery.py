@@ -5,7 +5,8 @@ a Redis key prefix of its own: the beat sweeper looks at every run in its databa
 session-wide worker left running by another test file must never see (and "rescue") the runs
 these tests leave stuck on purpose.
 
-What each test proves:
+The kill -9 and fan-out tests run on Redis and on RabbitMQ as the broker; the others are
+about Redis as the broker, PostgreSQL or Klaviyo, and run on Redis. What each test proves:
 
 * ``test_kill9_mid_sync_then_fresh_worker``: a worker killed with SIGKILL (main process, pool
   and beat at once) while bulk import jobs and a removal batch are in flight; a fresh worker
@@ -51,7 +52,7 @@ from segops_sync.db.models import SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.embedded import EmbeddedRedis, free_port
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
-from tests.conftest import environ, isolated_env
+from tests.conftest import BROKERS, environ, isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
     Klaviyo,
@@ -69,8 +70,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def iso_env(segops_env: dict[str, str], pg_server_url: str) -> Iterator[dict[str, str]]:
-    with isolated_env(segops_env, pg_server_url, "crash") as env:
+def iso_env(
+    segops_env: dict[str, str], pg_server_url: str, broker: str
+) -> Iterator[dict[str, str]]:
+    with isolated_env(segops_env, pg_server_url, "crash", broker=broker) as env:
         yield env
 
 
@@ -256,6 +259,7 @@ def _profile_ids(k: Klaviyo, user_ids: list[str]) -> set[str]:
 # -- 1. kill -9 mid-sync; a chord whose fan-out was cut off halfway ---------------------------
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_kill9_mid_sync_then_fresh_worker(iso_env: dict[str, str], tmp_path: Path) -> None:
     sim = Simulator(job_delay=1.0, indexing_delay=0.0)
     with stack(iso_env, tmp_path, sim) as st:
@@ -339,6 +343,7 @@ tasks.plan_run_task(outcome.run_id)
 """
 
 
+@pytest.mark.parametrize("broker", BROKERS, indirect=True)
 def test_fan_out_cut_off_halfway(iso_env: dict[str, str], tmp_path: Path) -> None:
     sim = Simulator(job_delay=0.2, indexing_delay=0.0)
     with stack(iso_env, tmp_path, sim) as st:

@@ -11,7 +11,7 @@ never the sweeper nor Redis's visibility timeout.
   the list exact, within 60 s of being ready.
 * ``test_chaos_four_kills_during_100k_sync``: four kills 2-5 s apart during a 100,000-member
   sync, a new worker each time; exact within 60 s of the last start, no run left running, and
-  each member sent to Klaviyo at most twice.
+  each member sent to Klaviyo at most 3 times (measured: at most twice).
 * ``test_poison_pill_batch_fails_its_run_and_the_worker_lives``: a batch that kills its pool
   process at every delivery is given up after ``SEGOPS_WORKER_LOST_BUDGET`` deliveries; its run
   fails with a message for a person; the worker lives on and other connectors keep syncing.
@@ -202,9 +202,10 @@ def test_chaos_four_kills_during_100k_sync(
         _assert_run(latest_run(connector_id), added=100_000, removed=0)
         sends = _max_sends(k, members)
         twice = sum(1 for n in k.sim.submitted_counts(k.account).values() if n > 1)
-        # Sent again only when a kill lands between Klaviyo accepting a job and us recording
-        # it: at most once per member across four kills, in practice.
-        assert sends <= 2, f"a member was sent {sends} times ({twice} members more than once)"
+        # A member is sent again only when a kill lands between Klaviyo accepting its job and
+        # us recording the job id (up to ~1 s for a 10,000-profile job): once per kill at worst.
+        # Measured: at most 2. Bound asserted: 3 (one batch caught by two of the four kills).
+        assert sends <= 3, f"a member was sent {sends} times ({twice} members more than once)"
         print(
             f"CHAOS broker={broker} seconds_after_last_start={recovery:.1f} max_sends={sends} "
             f"members_sent_twice={twice} kills_at={kills} runs={_describe(connector_id)}"
