@@ -106,15 +106,16 @@ class Settings(BaseSettings):
     def require_limiter_url(self) -> str:
         url = self.limiter_url
         if not is_redis_url(url):
-            scheme = url.split("://", 1)[0]
-            source = (
-                "SEGOPS_LIMITER_REDIS_URL"
-                if self.limiter_redis_url
-                else "SEGOPS_LIMITER_REDIS_URL is not set and SEGOPS_RESULT_BACKEND"
-            )
+            need = "(the rate limiter, locks and worker heartbeats live in Redis)"
+            if self.limiter_redis_url:
+                scheme = url.split("://", 1)[0]
+                raise ConfigError(
+                    f"SEGOPS_LIMITER_REDIS_URL must be a redis:// or rediss:// URL {need}, "
+                    f"not {scheme}://"
+                )
             raise ConfigError(
-                f"{source} is a {scheme}:// URL; the rate limiter needs Redis: set "
-                "SEGOPS_LIMITER_REDIS_URL to a redis:// or rediss:// URL"
+                "SEGOPS_LIMITER_REDIS_URL is not set and neither SEGOPS_BROKER_URL nor "
+                f"SEGOPS_RESULT_BACKEND is Redis: set it to a redis:// or rediss:// URL {need}"
             )
         return url
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from segops_sync.embedded import free_port
 from segops_sync.klaviyo import KlaviyoClient
@@ -84,3 +85,37 @@ def test_worker_refuses_to_start_without_a_database_url(stack_env: dict[str, str
     )
     assert result.returncode != 0
     assert "SEGOPS_DATABASE_URL" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"SEGOPS_LIMITER_REDIS_URL": "amqp://guest:guest@127.0.0.1:5672//"},
+        # RabbitMQ broker, no limiter URL: the result backend's Redis would do, but not this one
+        {
+            "SEGOPS_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//",
+            "SEGOPS_RESULT_BACKEND": "db+postgresql://nobody@127.0.0.1/none",
+            "SEGOPS_LIMITER_REDIS_URL": None,
+        },
+    ],
+)
+def test_worker_refuses_a_limiter_url_that_is_not_redis(
+    stack_env: dict[str, str], overrides: dict[str, str | None]
+) -> None:
+    env = {**os.environ, **{k: v for k, v in overrides.items() if v is not None}}
+    for key in [k for k, v in overrides.items() if v is None]:
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "segops_sync", "worker", "-c", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    # ours is one line (as root, Celery adds its own warning about running as root)
+    ours = [ln for ln in result.stderr.splitlines() if "SEGOPS_" in ln]
+    assert len(ours) == 1 and ours[0].startswith("segops-sync: SEGOPS_LIMITER_REDIS_URL"), (
+        result.stderr
+    )
+    assert "guest:guest" not in result.stderr, "credentials echoed"
