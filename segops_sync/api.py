@@ -130,7 +130,13 @@ def patch(request: Request, settings: Settings) -> Response:
             api_key=body.get("api_key"),
             status=body.get("status"),
         )
-        return JSONResponse(connector_json(connector, settings))
+        doc = connector_json(connector, settings)
+        resync_due = connector.resync_requested and connector.status == "active"
+    if resync_due:  # the fix is in: sync now rather than at the next recompute
+        from segops_sync.tasks import trigger_sync
+
+        trigger_sync(request.path_params["id"], trigger="resync")
+    return JSONResponse(doc)
 
 
 def resync(request: Request, settings: Settings) -> Response:

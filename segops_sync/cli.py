@@ -109,12 +109,23 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
             verify=not args.no_verify,
         )
         doc = connector_json(connector, settings)
+        resync_due = connector.resync_requested and connector.status == "active"
     if warning:
         _warn(warning)
+    note = ""
+    if resync_due:  # the fix is in: sync now rather than at the next recompute
+        from segops_sync.tasks import trigger_sync
+
+        outcome = trigger_sync(args.connector_id, trigger="resync")
+        note = "; a resync is pending: " + (
+            f"sync {outcome.run_id} started"
+            if outcome.reason == "started"
+            else "it follows the sync running now"
+        )
     if args.json:
         _print_json(doc)
     else:
-        print(f"updated connector {doc['id']}")
+        print(f"updated connector {doc['id']}{note}")
     return EXIT_OK
 
 

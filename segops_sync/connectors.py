@@ -210,7 +210,8 @@ def update_connector(
         key = api_key if api_key is not None else api_key_of(connector, settings)
         target_list = list_id if list_id is not None else connector.list_id
         warning = live_check(key, target_list, settings.klaviyo_base_url).warning
-    if list_id is not None and list_id != connector.list_id:
+    new_list = list_id is not None and list_id != connector.list_id
+    if list_id is not None and new_list:
         connector.list_id = list_id
         # A new list starts empty for us: forget what the old list held.
         from segops_sync.sync.ledger import forget_ledger
@@ -219,13 +220,18 @@ def update_connector(
     if api_key is not None:
         connector.api_key_encrypted = encrypt_api_key(api_key, settings.require_secret_key())
         connector.api_key_hint = redact_api_key(api_key)
-    if (list_id is not None or api_key is not None) and connector.status == "error":
+    fixed = (list_id is not None or api_key is not None) and connector.status == "error"
+    if fixed:
         # The fix is in; the next sync decides whether it worked.
         connector.status = "active"
     if status is not None:
         connector.status = status
         if status == "inactive":
             connector.resync_requested = False
+    if (fixed or new_list) and connector.status == "active":
+        # Don't wait for the next recompute: the caller starts this resync (trigger_resync).
+        connector.resync_requested = True
+        connector.resync_trigger = "resync"
     session.flush()
     return connector, warning
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,11 +13,20 @@ import uvicorn
 
 from segops_sync.api import create_app
 from segops_sync.embedded import free_port
-from tests.integration.helpers import Klaviyo, new_segment, row_counts
+from tests.integration.conftest import WorkerProcess
+from tests.integration.helpers import (
+    Klaviyo,
+    create_connector,
+    new_segment,
+    recompute,
+    row_counts,
+    wait_idle,
+)
 
 
 @pytest.fixture(scope="module")
-def api(stack_env: dict[str, str]) -> Iterator[httpx.Client]:
+def api(redis_stack_env: dict[str, str]) -> Iterator[httpx.Client]:
+    stack_env = redis_stack_env
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
@@ -105,3 +115,21 @@ def test_unknown_connector_is_404(api: httpx.Client) -> None:
     assert api.get("/v1/connectors/nope").status_code == 404
     assert api.patch("/v1/connectors/nope", json={"status": "active"}).status_code == 404
     assert api.delete("/v1/connectors/nope").status_code == 404
+
+
+def test_patching_a_fixed_key_resyncs_and_clears_the_error(
+    api: httpx.Client, klaviyo: Klaviyo, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    segment = new_segment()
+    connector_id = create_connector(klaviyo, segment)
+    klaviyo.sim.revoke_key(klaviyo.api_key)
+    recompute(segment, ["patch1@example.com"], tmp_path)
+    broken = wait_idle(connector_id)
+    assert broken.status == "error" and broken.last_error and "revoked" in broken.last_error
+
+    fresh_key = klaviyo.sim.create_key(klaviyo.account)
+    patched = api.patch(f"/v1/connectors/{connector_id}", json={"api_key": fresh_key})
+    assert patched.status_code == 200 and fresh_key not in patched.text
+    fixed = wait_idle(connector_id, runs_at_least=2)  # no recompute: the PATCH resynced
+    assert (fixed.status, fixed.last_error) == ("active", None)
+    assert set(klaviyo.members()) == {"patch1@example.com"}

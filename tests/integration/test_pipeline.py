@@ -209,6 +209,7 @@ def test_key_and_list_problems_set_error_then_recover(
     assert bogus not in connector.last_error and bogus[3:] not in connector.last_error
 
     # after an update with a good key the next sync succeeds and the status is active again
+    # (the update starts a resync itself; the recompute is served by it or the run after it)
     cli("connectors", "update", connector_id, "--api-key", klaviyo.api_key, check=True)
     recompute(segment, ["k1@example.com", "k2@example.com"], tmp_path)
     connector = wait_idle(connector_id, runs_at_least=2)
@@ -217,15 +218,17 @@ def test_key_and_list_problems_set_error_then_recover(
 
     # 2. a key revoked mid-life
     sim.revoke_key(klaviyo.api_key)
+    done = run_count(connector_id)
     recompute(segment, ["k1@example.com", "k3@example.com"], tmp_path)
-    connector = wait_idle(connector_id, runs_at_least=3)
+    connector = wait_idle(connector_id, runs_at_least=done + 1)
     assert connector.status == "error"
     assert connector.last_error and "revoked" in connector.last_error
     assert klaviyo.api_key not in connector.last_error
     fresh_key = sim.create_key(klaviyo.account)
+    done = run_count(connector_id)
     cli("connectors", "update", connector_id, "--api-key", fresh_key, check=True)
     recompute(segment, ["k1@example.com", "k3@example.com"], tmp_path)
-    connector = wait_idle(connector_id, runs_at_least=4)
+    connector = wait_idle(connector_id, runs_at_least=done + 1)
     assert connector.status == "active"
     assert set(klaviyo.members()) == {"k1@example.com", "k3@example.com"}
 
@@ -298,3 +301,35 @@ def test_context_identified_message_gives_opaque_ids_their_email(
     wait_idle(connector_id)
     profile = klaviyo.members()[user]
     assert (profile.email, profile.external_id) == ("latest@example.com", user)
+
+
+def test_a_fixed_key_clears_the_error_and_the_update_starts_a_resync(
+    worker: WorkerProcess, klaviyo: Klaviyo, tmp_path: Path
+) -> None:
+    sim = klaviyo.sim
+    segment = new_segment()
+    connector_id = create_connector(klaviyo, segment)
+    recompute(segment, ["fx1@example.com"], tmp_path)
+    first = wait_idle(connector_id)
+    assert first.last_synced_at is not None
+
+    sim.revoke_key(klaviyo.api_key)
+    recompute(segment, ["fx1@example.com", "fx2@example.com"], tmp_path)
+    broken = wait_idle(connector_id, runs_at_least=2)
+    assert broken.status == "error" and broken.last_error and "revoked" in broken.last_error
+
+    fresh_key = sim.create_key(klaviyo.account)
+    result = cli("connectors", "update", connector_id, "--api-key", fresh_key, check=True)
+    assert "a resync is pending" in result.stdout, result.stdout
+    # no recompute: the update itself brings the list up to date
+    fixed = wait_idle(connector_id, runs_at_least=3)
+    assert (fixed.status, fixed.last_error) == ("active", None)
+    assert fixed.last_synced_at is not None and fixed.last_synced_at > first.last_synced_at
+    assert set(klaviyo.members()) == {"fx1@example.com", "fx2@example.com"}
+    assert latest_run(connector_id).trigger == "resync"
+    shown = cli_json("connectors", "show", connector_id)
+    assert (shown["status"], shown["last_error"]) == ("active", None)
+
+    # a key change on a healthy connector needs no resync, and says none
+    again = cli("connectors", "update", connector_id, "--api-key", fresh_key, check=True)
+    assert "resync" not in again.stdout
