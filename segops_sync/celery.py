@@ -1,6 +1,6 @@
 """The Celery app: ``celery -A segops_sync worker`` finds it here.
 
-Queues: ``segops`` takes the external messages (INTERFACE.md) and the orchestration tasks;
+Queues: ``segops`` takes the external messages (docs/contract.md#messages) and the orchestration tasks;
 ``segops.klaviyo`` takes the rate-limited Klaviyo batches, so a backlog of batches never delays
 a recompute message. A worker started with no flags consumes both.
 """
@@ -144,6 +144,11 @@ def _fresh_connections(**_: Any) -> None:
 NODE_ID = ""
 _redis: tuple[int, redis.Redis] | None = None
 _liveness: liveness.NodeLiveness | None = None
+
+
+def node_id() -> str:
+    """This worker node's id ("" outside a worker, e.g. a task called in-process)."""
+    return NODE_ID
 
 
 def liveness_redis() -> tuple[redis.Redis, liveness.Keys]:

@@ -11,8 +11,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, aliased
 
 from segops_sync.db.models import SyncBatch, SyncRun
-
-OPEN_BATCH = ("pending", "submitted")
+from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus, RunStatus
 
 
 def run_ready_to_close(session: Session, batch_id: int) -> str | None:
@@ -23,7 +22,7 @@ def run_ready_to_close(session: Session, batch_id: int) -> str | None:
         .join(SyncBatch, SyncBatch.run_id == SyncRun.id)
         .where(
             SyncBatch.id == batch_id,
-            SyncRun.status == "running",
+            SyncRun.status == RunStatus.RUNNING,
             ~exists().where(other.run_id == SyncRun.id, other.status.in_(OPEN_BATCH)),
         )
     )
@@ -39,7 +38,7 @@ def fail_crashing_batch(session: Session, batch_id: int, crashes: int) -> bool:
     if row is None:
         return False
     kind, seq, connector_id = row
-    what = "adding members" if kind == "add" else "removing members"
+    what = "adding members" if kind == BatchKind.ADD else "removing members"
     error = (
         f"a batch of this sync ({what}, batch {seq}) killed its worker process {crashes} times "
         "in a row (out of memory, or a crash) and was given up so that other syncs keep going; "
@@ -49,7 +48,7 @@ def fail_crashing_batch(session: Session, batch_id: int, crashes: int) -> bool:
     result = session.execute(
         update(SyncBatch)
         .where(SyncBatch.id == batch_id, SyncBatch.status.in_(OPEN_BATCH))
-        .values(status="failed", error=error, permanent=False)
+        .values(status=BatchStatus.FAILED, error=error, permanent=False)
         .returning(SyncBatch.id)
     )
     return result.first() is not None
