@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     transient_retry_budget: int = Field(default=8, ge=0)
     # A worker node's heartbeat in Redis lives this long (refreshed every third of it); its work
     # is re-sent by the other workers once it expired. How often each node looks for such work.
-    heartbeat_ttl: float = Field(default=15.0, ge=3)
-    liveness_scan_interval: float = Field(default=10.0, gt=0)
+    heartbeat_ttl: float = Field(default=10.0, ge=3)
+    liveness_scan_interval: float = Field(default=5.0, gt=0)
     # Deliveries of one batch that killed their worker process (OOM, segfault) before the batch
     # is failed: a poison pill must not loop forever.
     worker_lost_budget: int = Field(default=5, ge=1)
