@@ -65,6 +65,8 @@ return 0
 # How long a batch step may hold its lock; far above a step's runtime (seconds), and a dead
 # holder's lock is taken over as soon as its node's heartbeat is gone anyway.
 BATCH_LOCK_TTL = 120.0
+# Our messages carry ids; a bigger one is malformed (dropped by its task) and is not recorded.
+MAX_HELD_BYTES = 64 * 1024
 CRASH_COUNT_TTL = 24 * 3600
 
 
@@ -153,8 +155,12 @@ def alive(r: redis.Redis, keys: Keys, nodes: list[str]) -> set[str]:
 # -- what each node holds -------------------------------------------------------------------------
 
 
-def hold(r: redis.Redis, keys: Keys, held: Held) -> None:
-    r.hset(keys.held, held.task_id, held.encode())
+def hold(r: redis.Redis, keys: Keys, held: Held) -> bool:
+    encoded = held.encode()
+    if len(encoded) > MAX_HELD_BYTES:
+        return False
+    r.hset(keys.held, held.task_id, encoded)
+    return True
 
 
 def release(r: redis.Redis, keys: Keys, task_id: str) -> None:

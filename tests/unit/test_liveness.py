@@ -163,3 +163,9 @@ def test_steps_that_end_normally_never_count_as_crashes(r: fakeredis.FakeRedis) 
         holder = liveness.batch_holder("n1")
         assert liveness.enter_batch(r, KEYS, 4, holder, worker_lost_budget=2).crashes == 0
         liveness.leave_batch(r, KEYS, 4, holder)
+
+
+def test_an_oversized_message_is_not_recorded(r: fakeredis.FakeRedis) -> None:
+    huge = Held("t1", "n1", "segops.recompute_finished", [], {"segment_id": "x" * 100_000})
+    assert not liveness.hold(r, KEYS, huge)
+    assert liveness.held_by(r, KEYS) == []
