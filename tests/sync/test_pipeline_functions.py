@@ -293,3 +293,34 @@ def test_a_job_whose_failures_are_not_named_confirms_nobody(
     run = _sync(world, connector_id)
     assert (run.added, run.rejected) == (5, 1)
     assert _on_list(world) == set(members[:5])
+
+
+def test_the_last_open_batch_closes_its_run_and_a_poison_pill_fails_it(world: World) -> None:
+    """sync/recovery.py: a batch re-sent outside its chord closes its run when it is the last;
+    a batch that kept killing its worker is failed with a message for a person."""
+    from segops_sync.sync.recovery import fail_crashing_batch, run_ready_to_close
+
+    segment = f"rec-{uuid.uuid4().hex[:6]}"
+    connector_id = _connector(world, segment, [f"rec{i}@example.com" for i in range(3)])
+    with session_scope() as s:
+        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC)
+    assert outcome.run_id
+    with session_scope() as s:
+        plan = plan_run(s, outcome.run_id, get_settings())
+    (batch_id,) = plan.batch_ids
+    with session_scope() as s:
+        assert run_ready_to_close(s, batch_id) is None  # the batch itself is still open
+        assert fail_crashing_batch(s, batch_id, crashes=5)
+        assert not fail_crashing_batch(s, batch_id, crashes=5)  # once only
+    with session_scope() as s:
+        assert run_ready_to_close(s, batch_id) == outcome.run_id
+        finish_run(s, outcome.run_id)
+    with session_scope() as s:
+        run = s.get_one(SyncRun, outcome.run_id)
+        connector = s.get_one(Connector, connector_id)
+        assert run.status == "failed" and connector.status == "error"
+        assert run.error and "killed its worker process 5 times in a row" in run.error
+        assert f"segops-sync connectors resync {connector_id}" in run.error
+        assert connector.last_error == run.error
+    with session_scope() as s:
+        assert run_ready_to_close(s, batch_id) is None  # closed: nothing more to close
