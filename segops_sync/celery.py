@@ -113,7 +113,10 @@ def _check_settings(**_: Any) -> None:
             raise ConfigError(_config_error)
         settings = get_settings()
         settings.require_database_url()
-        settings.require_secret_key()
+        # Refuse now, not at every connector's next sync, when the key ring cannot read them.
+        from segops_sync.keys import check_keys_at_start
+
+        check_keys_at_start(settings)
     except ConfigError as exc:
         print(f"segops-sync: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -67,6 +67,16 @@ def _show_connector(doc: dict[str, Any]) -> None:
         print(f"{key:15} {doc[key] if doc[key] is not None else '-'}")
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """``--api-key KEY`` or ``--api-key-file FILE`` (kept out of ``ps`` and shell history)."""
+    if args.api_key_file is None:
+        key: str | None = args.api_key
+        return key
+    from segops_sync.keys import read_api_key_file
+
+    return read_api_key_file(args.api_key_file)
+
+
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.connectors import connector_json, create_connector
     from segops_sync.db.session import session_scope
@@ -77,7 +87,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
             settings,
             segment_id=args.segment,
             list_id=args.list_id,
-            api_key=args.api_key,
+            api_key=_api_key(args) or "",  # the parser requires one of the two
             connector_type=args.type,
             verify=not args.no_verify,
         )
@@ -97,15 +107,16 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.connectors import connector_json, update_connector
     from segops_sync.db.session import session_scope
 
-    if args.list_id is None and args.api_key is None:
-        raise InputError("nothing to update: give --list-id and/or --api-key")
+    api_key = _api_key(args)
+    if args.list_id is None and api_key is None:
+        raise InputError("nothing to update: give --list-id and/or --api-key (or --api-key-file)")
     with session_scope() as s:
         connector, warning = update_connector(
             s,
             settings,
             args.connector_id,
             list_id=args.list_id,
-            api_key=args.api_key,
+            api_key=api_key,
             verify=not args.no_verify,
         )
         doc = connector_json(connector, settings)
@@ -238,6 +249,22 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+# -- keys ----------------------------------------------------------------------------------
+
+
+def cmd_keys_reencrypt(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.session import session_scope
+    from segops_sync.keys import reencrypt_all
+
+    with session_scope() as s:
+        done = reencrypt_all(s, settings.require_secret_key())
+    print(
+        f"re-encrypted {done.reencrypted} stored API key(s) with the first SEGOPS_SECRET_KEY "
+        f"({done.already_current} already used it)"
+    )
+    return EXIT_OK
+
+
 # -- the recompute side --------------------------------------------------------------------
 
 
@@ -309,11 +336,12 @@ def cmd_klaviyo_sim(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.api import serve
+    from segops_sync.keys import check_keys_at_start
 
     settings.require_api_token()
     settings.require_database_url()
-    settings.require_secret_key()
-    serve(args.port)
+    check_keys_at_start(settings)
+    serve(args.port, host=args.host)
     return EXIT_OK
 
 
@@ -345,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", required=True)
     p.add_argument("--segment", required=True)
     p.add_argument("--list-id", required=True)
-    p.add_argument("--api-key", required=True)
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--api-key")
+    key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE ('-': stdin)")
     p.add_argument("--no-verify", action="store_true", help="skip the live check with Klaviyo")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_create)
@@ -364,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = conn.add_parser("update")
     p.add_argument("connector_id")
     p.add_argument("--list-id")
-    p.add_argument("--api-key")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key")
+    key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE ('-': stdin)")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_update)
@@ -389,7 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, required=True)
     p.add_argument("--time-scale", type=float, default=1.0, help="compress Klaviyo's rate windows")
     p.set_defaults(func=cmd_klaviyo_sim)
+    keys = sub.add_parser("keys", help="the SEGOPS_SECRET_KEY key ring").add_subparsers(
+        dest="keys_command", required=True, parser_class=OneLineParser
+    )
+    keys.add_parser(
+        "reencrypt", help="re-encrypt every stored API key with the first SEGOPS_SECRET_KEY"
+    ).set_defaults(func=cmd_keys_reencrypt)
     p = sub.add_parser("api", help="the HTTP API")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=_port, required=True)
     p.set_defaults(func=cmd_api)
     return parser
