@@ -330,7 +330,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_klaviyo_sim(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.klaviyo.simulator import serve
 
-    serve(args.port, time_scale=args.time_scale)
+    serve(args.port, host=args.host, time_scale=args.time_scale)
     return EXIT_OK
 
 
@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", required=True)
     p.set_defaults(func=cmd_identify)
     sub.add_parser("demo", help="the whole flow on embedded defaults").set_defaults(func=cmd_demo)
-    p = sub.add_parser("klaviyo-sim", help="the Klaviyo simulator on 127.0.0.1")
+    p = sub.add_parser("klaviyo-sim", help="the Klaviyo simulator (default on 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
     p.add_argument("--port", type=_port, required=True)
     p.add_argument("--time-scale", type=float, default=1.0, help="compress Klaviyo's rate windows")
     p.set_defaults(func=cmd_klaviyo_sim)
