@@ -361,6 +361,16 @@ def _port(value: str) -> int:
     return port
 
 
+def _host(value: str) -> str:
+    import socket
+
+    try:
+        socket.getaddrinfo(value, None)
+    except (OSError, UnicodeError):
+        raise argparse.ArgumentTypeError(f"host {value!r} is not an address to bind") from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="segops-sync", description="Mirror SegOps segments into Klaviyo lists."
@@ -424,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_identify)
     sub.add_parser("demo", help="the whole flow on embedded defaults").set_defaults(func=cmd_demo)
     p = sub.add_parser("klaviyo-sim", help="the Klaviyo simulator (default on 127.0.0.1)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    p.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to bind (0.0.0.0 in a container)"
+    )
     p.add_argument("--port", type=_port, required=True)
     p.add_argument("--time-scale", type=float, default=1.0, help="compress Klaviyo's rate windows")
     p.set_defaults(func=cmd_klaviyo_sim)
@@ -435,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reencrypt", help="re-encrypt every stored API key with the first SEGOPS_SECRET_KEY"
     ).set_defaults(func=cmd_keys_reencrypt)
     p = sub.add_parser("api", help="the HTTP API")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to bind (default 127.0.0.1)"
+    )
     p.add_argument("--port", type=_port, required=True)
     p.set_defaults(func=cmd_api)
     return parser

@@ -85,3 +85,24 @@ def test_flower_requires_the_basic_auth_from_the_environment(segops_env: dict[st
         assert httpx.get(f"{base}/", auth=("ops", secret)).status_code == 200
         # the password is not on the command line, where `ps` would show it
         assert secret not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+
+
+@pytest.mark.parametrize("command", ["api", "klaviyo-sim"])
+def test_a_bad_host_is_refused_in_one_line(command: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "segops_sync.cli",
+            command,
+            "--host",
+            "no such host!",
+            "--port",
+            "8000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "no such host!" in result.stderr
