@@ -1,9 +1,9 @@
 """The demo of ``docker compose --profile demo up``: a segment synced into the Klaviyo simulator.
 
 ``python -m segops_sync.stack_demo --klaviyo-url http://klaviyo-sim:8080`` uses the stack's own
-PostgreSQL and Redis, but a database (``segops_demo``) and a Redis key prefix of its own, and a
-worker of its own pointed at the simulator: the stack's workers, beat and API (pointed at the
-real Klaviyo) never see a simulated connector. Unlike ``segops-sync demo`` it needs no demo
+PostgreSQL and Redis, but a database (``segops_demo``, recreated each run), a Redis key prefix
+and a worker of its own, pointed at the simulator: the stack's workers, beat and API (pointed
+at the real Klaviyo) never see a simulated connector. Unlike ``segops-sync demo`` it needs no demo
 extra: the production image runs it.
 """
 
@@ -32,13 +32,15 @@ def _say(message: str) -> None:
 
 
 def demo_database(server_url: str, name: str) -> str:
-    """The URL of database ``name`` on the server of ``server_url``, created if missing."""
+    """A fresh database ``name`` beside the stack's own: each demo run starts empty (and a
+    changed SEGOPS_SECRET_KEY never meets a previous run's connectors)."""
+    if name == make_url(server_url).database:
+        raise ValueError(f"the demo's database must not be the stack's own ({name!r})")
     admin = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         with admin.connect() as conn:
-            exists = conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name})
-            if not exists:
-                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
     finally:
         admin.dispose()
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)

@@ -67,3 +67,19 @@ def test_the_compose_demo_syncs_through_a_separate_simulator(
                 client = redis.Redis.from_url(segops_env[var])
                 for key in client.scan_iter(match=f"{prefix}*", count=1000):
                     client.delete(key)
+
+
+def test_the_demo_never_replaces_the_stacks_own_database(segops_env: dict[str, str]) -> None:
+    from sqlalchemy.engine import make_url
+
+    own = make_url(segops_env["SEGOPS_DATABASE_URL"]).database
+    result = subprocess.run(
+        [sys.executable, "-m", "segops_sync.stack_demo", "--klaviyo-url", "http://127.0.0.1:9",
+         "--database", str(own)],
+        env={**os.environ, **segops_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "must not be the stack's own" in result.stderr
