@@ -46,6 +46,19 @@ def demo_database(server_url: str, name: str) -> str:
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
 
 
+def clear_prefix(redis_urls: list[str], prefix: str) -> None:
+    """Forget a previous demo run's messages and limiter state: the prefix is the demo's own."""
+    import redis
+
+    for url in dict.fromkeys(u for u in redis_urls if u.startswith(("redis://", "rediss://"))):
+        client = redis.Redis.from_url(url)
+        try:
+            for key in client.scan_iter(match=f"{prefix}*", count=1000):
+                client.delete(key)
+        finally:
+            client.close()
+
+
 def _cli(*args: str) -> str:
     """``segops-sync …`` in this process; its stdout, or an error naming the command."""
     from segops_sync.cli import main
@@ -70,8 +83,12 @@ def run(klaviyo_url: str, *, database: str, redis_prefix: str, members: int) -> 
     from segops_sync.klaviyo.simulator import RemoteSimulator
     from segops_sync.sync.runs import wait_until_idle
 
-    url = demo_database(get_settings().require_database_url(), database)
+    settings = get_settings()
+    if not redis_prefix:
+        raise ValueError("the demo needs a Redis key prefix of its own")
+    url = demo_database(settings.require_database_url(), database)
     upgrade(url)
+    clear_prefix([settings.broker_url, settings.result_backend, settings.limiter_url], redis_prefix)
     os.environ.update(
         {
             "SEGOPS_DATABASE_URL": url,
