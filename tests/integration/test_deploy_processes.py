@@ -106,3 +106,48 @@ def test_a_bad_host_is_refused_in_one_line(command: str) -> None:
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "no such host!" in result.stderr
+
+
+def test_the_worker_liveness_probe_of_the_manifest_pings_its_own_worker(
+    segops_env: dict[str, str], tmp_path: Path
+) -> None:
+    """deploy/k8s/worker.yaml's probe, run as the kubelet runs it, against a real worker whose
+    node name is celery@<its host name> (Kubernetes sets HOSTNAME to the pod name)."""
+    import uuid
+
+    import yaml
+
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "worker.yaml"
+    container = yaml.safe_load(manifest.read_text())["spec"]["template"]["spec"]["containers"][0]
+    probe = container["livenessProbe"]["exec"]["command"]
+    pod = f"segops-worker-{uuid.uuid4().hex[:8]}"
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, **segops_env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "segops_sync", "worker", "-l", "info",
+             "-c", "1", "-n", f"celery@{pod}", "--without-gossip", "--without-mingle"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready." not in log.read_bytes():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+        alive = subprocess.run(probe, env={**env, "HOSTNAME": pod}, capture_output=True, timeout=60)
+        assert alive.returncode == 0, alive.stderr
+        other = subprocess.run(
+            probe, env={**env, "HOSTNAME": f"{pod}-gone"}, capture_output=True, timeout=60
+        )
+        assert other.returncode != 0, "a probe that cannot fail proves nothing"
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
