@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from segops_sync.config import ConfigError, Settings
-from segops_sync.connectors import InputError
 from segops_sync.db.models import Connector
+from segops_sync.errors import InputError
 from segops_sync.secrets import decrypt_api_key, encrypted_with_first, reencrypt_api_key
 
 # Connectors checked at start: the oldest are the likeliest to hold a key the ring no longer has

@@ -1,7 +1,8 @@
-"""Klaviyo API keys at rest: Fernet-encrypted with ``SEGOPS_SECRET_KEY``; shown only redacted.
+"""Klaviyo API keys at rest: Fernet-encrypted with ``SEGOPS_SECRET_KEY``.
 
 ``SEGOPS_SECRET_KEY`` is a key ring, ``new,old,…``: the first key encrypts, every key decrypts,
 so a key can be rotated without a moment where some process cannot read the stored keys.
+Showing or masking a key is ``segops_sync.klaviyo.redact``'s job, not this module's.
 """
 
 from __future__ import annotations
@@ -73,16 +74,3 @@ def reencrypt_api_key(token: bytes, secret_key: str) -> bytes:
         raise ConfigError(
             "SEGOPS_SECRET_KEY does not decrypt a stored API key: no key in it was used to store it"
         ) from None
-
-
-def redact_api_key(api_key: str) -> str:
-    """``pk_…ab12``: enough to tell keys apart, never the whole key."""
-    return f"pk_…{api_key[-4:]}" if len(api_key) > 12 else "pk_…"
-
-
-def scrub(text: str, *secrets: str) -> str:
-    """Remove any secret that slipped into a message meant for people."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, redact_api_key(secret))
-    return text

@@ -50,7 +50,8 @@ def _create_args(k: Klaviyo, *extra: str) -> list[str]:
 
 def _stored_key(connector_id: str) -> str:
     from segops_sync.config import get_settings
-    from segops_sync.connectors import api_key_of, get_connector
+    from segops_sync.connectors import api_key_of
+    from segops_sync.db.queries import get_connector
 
     with session_scope() as s:
         return api_key_of(get_connector(s, connector_id), get_settings())
