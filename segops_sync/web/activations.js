@@ -64,6 +64,7 @@
   function pageAlert(message) {
     refreshAlertShown = false;
     show($("page-alert"), message);
+    if (message) show($("page-status"), ""); // the refusal, not an older success, is news
   }
 
   let statusTimer = null;
@@ -154,7 +155,9 @@
     const changed = snapshot !== lastSnapshot;
     lastSnapshot = snapshot;
     const running = list.some((c) => latestRun.get(c.id)?.status === "running");
-    $("refreshed").textContent = `Updated ${new Date().toLocaleTimeString()}${running ? " · a sync is running" : ""}`;
+    const count = `${list.length} connector${list.length === 1 ? "" : "s"}`;
+    const syncing = running ? " · a sync is running" : "";
+    $("refreshed").textContent = `${count} · updated ${new Date().toLocaleTimeString()}${syncing}`;
     return running || changed;
   }
 
@@ -193,11 +196,17 @@
 
   // -- table ----------------------------------------------------------------------------
 
+  const present = (nodes) => nodes.filter((n) => n !== null && n !== undefined);
+
   function el(tag, props = {}, ...children) {
     const node = document.createElement(tag);
     Object.assign(node, props);
-    node.append(...children.filter((c) => c !== null && c !== undefined));
+    node.append(...present(children));
     return node;
+  }
+
+  function put(cell, ...children) {
+    cell.replaceChildren(...present(children));
   }
 
   function ago(iso) {
@@ -249,7 +258,7 @@
     } else if (run && run.status === "held") {
       runNote = el("small", { className: "muted block", textContent: "last run held: needs approval" });
     }
-    status.replaceChildren(badge, runNote);
+    put(status, badge, runNote);
 
     if (c.last_synced_at) {
       const when = el("time", { dateTime: c.last_synced_at, textContent: ago(c.last_synced_at) });
@@ -258,7 +267,7 @@
         run && run.status === "succeeded"
           ? el("small", { className: "muted block", textContent: `+${run.added} −${run.removed}${run.rejected ? ` · ${run.rejected} rejected` : ""}` })
           : null;
-      synced.replaceChildren(when, counts);
+      put(synced, when, counts);
     } else {
       synced.replaceChildren(el("span", { className: "muted", textContent: "never" }));
     }
