@@ -249,6 +249,7 @@ def test_a_fleet_reads_at_a_glance(
         assert k.api_key not in page.content()
 
     shot = tmp_path / "activations.png"
+    page.set_viewport_size({"width": 1280, "height": 480})
     page.screenshot(path=str(shot), full_page=True)
     target = os.environ.get("SEGOPS_ACTIVATIONS_SCREENSHOT")
     if target:  # how docs/activations.png is made: see the README
