@@ -1,5 +1,5 @@
-"""``segops-sync api``: the HTTP API of INTERFACE.md (bearer token, JSON, 422 on bad input),
-its OpenAPI document, and the Activations page.
+"""``segops-sync api``: the HTTP API of docs/contract.md#http-api (bearer token, JSON, 422 on
+bad input), its OpenAPI document, and the Activations page.
 
 Every answer that is not a success is JSON ``{"error": ...}``: refused input (422), unknown
 connectors and routes (404), methods (405), tokens (401, with ``WWW-Authenticate: Bearer``),
@@ -33,20 +33,13 @@ from segops_sync.api_input import (
     read_body,
 )
 from segops_sync.config import Settings, get_settings
-from segops_sync.connectors import (
-    InputError,
-    UnknownConnector,
-    connector_json,
-    create_connector,
-    delete_connector,
-    get_connector,
-    list_connectors,
-    list_runs,
-    run_json,
-    update_connector,
-)
+from segops_sync.connectors import create_connector, delete_connector, update_connector
+from segops_sync.db.queries import get_connector, list_connectors, list_runs
 from segops_sync.db.session import session_scope
+from segops_sync.errors import InputError, UnknownConnector
 from segops_sync.openapi import ApiSchema
+from segops_sync.shapes import connector_json, run_json
+from segops_sync.states import ConnectorStatus, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +138,7 @@ def create(request: Request, settings: Settings) -> Response:
             api_key=body["api_key"],
             connector_type=body.get("type", "klaviyo"),
         )
-        doc = connector_json(connector, settings)
+        doc = connector_json(connector)
     headers = {"Warning": '199 - "Klaviyo unreachable; saved unchecked"'} if warning else None
     return JSONResponse(doc, status_code=201, headers=headers)
 
@@ -169,9 +162,7 @@ def index(request: Request, settings: Settings) -> Response:
               required: [connectors]
     """
     with session_scope() as s:
-        return JSONResponse(
-            {"connectors": [connector_json(c, settings) for c in list_connectors(s)]}
-        )
+        return JSONResponse({"connectors": [connector_json(c) for c in list_connectors(s)]})
 
 
 def show(request: Request, settings: Settings) -> Response:
@@ -187,7 +178,7 @@ def show(request: Request, settings: Settings) -> Response:
             schema: {$ref: '#/components/schemas/Connector'}
     """
     with session_scope() as s:
-        return JSONResponse(connector_json(get_connector(s, path_id(request)), settings))
+        return JSONResponse(connector_json(get_connector(s, path_id(request))))
 
 
 def patch(request: Request, settings: Settings) -> Response:
@@ -219,7 +210,7 @@ def patch(request: Request, settings: Settings) -> Response:
             api_key=body.get("api_key"),
             status=body.get("status"),
         )
-        return JSONResponse(connector_json(connector, settings))
+        return JSONResponse(connector_json(connector))
 
 
 def resync(request: Request, settings: Settings) -> Response:
@@ -232,12 +223,7 @@ def resync(request: Request, settings: Settings) -> Response:
         description: the sync is started, coalesced into the running one, or already requested
         content:
           application/json:
-            schema:
-              type: object
-              properties:
-                run_id: {type: string, nullable: true}
-                outcome: {type: string, enum: [started, coalesced, duplicate, inactive]}
-              required: [run_id, outcome]
+            schema: {$ref: '#/components/schemas/Resync'}
       422:
         $ref: '#/components/responses/Invalid'
     """
@@ -245,9 +231,9 @@ def resync(request: Request, settings: Settings) -> Response:
 
     connector_id = path_id(request)
     with session_scope() as s:
-        if get_connector(s, connector_id).status == "inactive":
+        if get_connector(s, connector_id).status == ConnectorStatus.INACTIVE:
             raise InputError("connector is inactive: activate it first")
-    outcome = trigger_sync(connector_id, trigger="resync")
+    outcome = trigger_sync(connector_id, trigger=Trigger.RESYNC)
     return JSONResponse({"run_id": outcome.run_id, "outcome": outcome.reason}, status_code=202)
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from segops_sync.connectors import InputError, UnknownConnector
+from segops_sync.errors import InputError, UnknownConnector
+from segops_sync.states import ConnectorStatus
 
 MAX_BODY = 64 * 1024
 
@@ -59,7 +60,9 @@ CREATE_FIELDS: dict[str, BodyField] = {
     "api_key": BodyField(API_KEY.schema, required=True),
 }
 PATCH_FIELDS: dict[str, BodyField] = {
-    "status": BodyField({"type": "string", "enum": ["active", "inactive"]}),
+    "status": BodyField(
+        {"type": "string", "enum": [ConnectorStatus.ACTIVE.value, ConnectorStatus.INACTIVE.value]}
+    ),
     "list_id": LIST_ID,
     "api_key": API_KEY,
 }

@@ -17,14 +17,23 @@ from starlette.routing import BaseRoute
 from starlette.schemas import SchemaGenerator
 
 from segops_sync.api_input import CREATE_FIELDS, MAX_BODY, PATCH_FIELDS, body_schema
+from segops_sync.states import ConnectorStatus, RunStatus, StartReason
 
 ERROR = {
     "type": "object",
     "properties": {"error": {"type": "string", "description": "what is wrong, in one line"}},
     "required": ["error"],
 }
+RESYNC = {
+    "type": "object",
+    "properties": {
+        "run_id": {"type": "string", "nullable": True},
+        "outcome": {"type": "string", "enum": [r.value for r in StartReason]},
+    },
+    "required": ["run_id", "outcome"],
+}
 NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
-# Keep in step with connector_json / run_json: tests compare a live answer with these keys.
+# Keep in step with shapes.connector_json / run_json: a test compares live answers' keys.
 CONNECTOR = {
     "type": "object",
     "properties": {
@@ -32,7 +41,7 @@ CONNECTOR = {
         "type": {"type": "string", "enum": ["klaviyo"]},
         "segment_id": {"type": "string"},
         "list_id": {"type": "string"},
-        "status": {"type": "string", "enum": ["inactive", "active", "error"]},
+        "status": {"type": "string", "enum": [s.value for s in ConnectorStatus]},
         "last_synced_at": NULLABLE_TIME,
         "last_error": {"type": "string", "nullable": True},
         "api_key": {"type": "string", "description": "redacted hint, never the whole key"},
@@ -56,7 +65,7 @@ RUN = {
         "trigger": {"type": "string"},
         "started_at": {"type": "string", "format": "date-time"},
         "finished_at": NULLABLE_TIME,
-        "status": {"type": "string", "enum": ["running", "succeeded", "failed", "held"]},
+        "status": {"type": "string", "enum": [s.value for s in RunStatus]},
         "added": {"type": "integer"},
         "removed": {"type": "integer"},
         "rejected": {"type": "integer"},
@@ -107,6 +116,7 @@ def _base_schema() -> dict[str, Any]:
                 "Error": ERROR,
                 "Connector": CONNECTOR,
                 "Run": RUN,
+                "Resync": RESYNC,
                 "NewConnector": body_schema(CREATE_FIELDS),
                 "ConnectorChange": body_schema(PATCH_FIELDS),
             },

@@ -15,7 +15,7 @@ from segops_sync.api_input import (
     parse_body,
     storable,
 )
-from segops_sync.connectors import InputError
+from segops_sync.errors import InputError
 
 
 def test_storable_refuses_what_postgresql_text_cannot_hold() -> None:
