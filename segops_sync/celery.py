@@ -7,6 +7,9 @@ a recompute message. A worker started with no flags consumes both.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 from typing import Any
 
@@ -15,6 +18,10 @@ from celery import Celery, signals
 from kombu import Queue
 
 from segops_sync.config import ConfigError, Settings, get_settings
+from segops_sync.klaviyo.endpoints import endpoint_for
+from segops_sync.observability import logging as obs_log
+from segops_sync.observability.logging import host_only
+from segops_sync.observability.metrics import MetricsNode, process_exited
 
 SEGOPS_QUEUE = "segops"
 KLAVIYO_QUEUE = "segops.klaviyo"
@@ -28,6 +35,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     "segops.finish_run": {"queue": SEGOPS_QUEUE},
     "segops.run_failed": {"queue": SEGOPS_QUEUE},
     "segops.sweep_runs": {"queue": SEGOPS_QUEUE},
+    "segops.deliver_alert": {"queue": SEGOPS_QUEUE},
     "segops.add_batch": {"queue": KLAVIYO_QUEUE},
     "segops.remove_batch": {"queue": KLAVIYO_QUEUE},
 }
@@ -114,9 +122,91 @@ def _check_settings(**_: Any) -> None:
         settings = get_settings()
         settings.require_database_url()
         settings.require_secret_key()
+        settings.require_alert_settings()
     except ConfigError as exc:
         print(f"segops-sync: {exc}", file=sys.stderr)
         sys.exit(2)
+    if settings.metrics_port is not None:
+        # Before the pool forks: the children inherit the samples directory.
+        _metrics_node.prepare()
+        try:
+            _metrics_node.serve(settings.metrics_port, settings.metrics_host)
+        except OSError as exc:
+            print(
+                f"segops-sync: SEGOPS_METRICS_PORT={settings.metrics_port}: cannot serve metrics "
+                f"({exc.strerror or exc})",
+                file=sys.stderr,
+            )
+            _metrics_node.close()
+            sys.exit(2)
+
+
+# -- observability: metrics of the node, JSON logs, the run of each line ----------------------
+
+_metrics_node = MetricsNode()
+
+
+def _json_logs() -> bool:
+    try:
+        return get_settings().log_format == "json"
+    except ConfigError:
+        return False  # the worker stops at start anyway, naming the variable
+
+
+def _url_label(method: str, url: Any) -> str:
+    """Klaviyo URLs become their endpoint template; any other URL only its host."""
+    endpoint = endpoint_for(method, getattr(url, "path", ""))
+    return endpoint.value if endpoint is not None else host_only(method, url)
+
+
+@signals.celeryd_init.connect
+def _quiet_banner(instance: Any = None, **_: Any) -> None:
+    """JSON logs: every line the worker writes is JSON, so Celery's text banner stays off, and
+    its few direct writes to stdout (shutdown notices) become JSON lines."""
+    if not _json_logs():
+        return
+    if instance is not None:
+        instance.quiet = True
+    from celery.apps import worker as celery_worker
+
+    def say(msg: str, f: Any = None) -> None:
+        stream = f or sys.__stdout__
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                os.write(stream.fileno(), obs_log.json_line(msg, logger="celery.worker"))
+
+    celery_worker.safe_say = say
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger | None = None, **_: Any) -> None:
+    loggers = [logging.getLogger(), logging.getLogger("celery.task")]
+    if logger is not None:
+        loggers.append(logger)
+    from celery.utils.log import get_multiprocessing_logger
+
+    mp_logger = get_multiprocessing_logger()
+    if mp_logger is not None:
+        loggers.append(mp_logger)
+    obs_log.install(loggers, json_format=_json_logs(), labeler=_url_label)
+
+
+@signals.task_prerun.connect
+def _task_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    # A pool process runs one task after another: nothing of the previous one may stick.
+    obs_log.clear()
+    obs_log.bind(task_id=task_id, task_name=getattr(task, "name", None))
+
+
+@signals.worker_process_shutdown.connect
+def _process_gone(pid: int | None = None, **_: Any) -> None:
+    process_exited(pid or os.getpid())
+
+
+@signals.worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    _metrics_node.close()
 
 
 @signals.worker_process_init.connect

@@ -18,13 +18,16 @@ from sqlalchemy.exc import OperationalError
 from segops_sync.celery import app
 from segops_sync.config import ConfigError, get_settings
 from segops_sync.connectors import UnknownConnector
-from segops_sync.db.models import Connector, SegmentMember
+from segops_sync.db.models import Connector, SegmentMember, SyncRun
 from segops_sync.db.session import session_scope
+from segops_sync.observability import logging as obs_log
+from segops_sync.observability.runs import run_ended, run_started
 from segops_sync.sync.access import KlaviyoAccess
+from segops_sync.sync.alerts import deliver, record_alert
 from segops_sync.sync.batches import Finished, run_batch
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
-from segops_sync.sync.runs import RunClosed, fail_run, finish_run
+from segops_sync.sync.runs import RunClosed, closed_summary, fail_run, finish_run
 from segops_sync.sync.sweeper import find_stuck_runs
 
 log = logging.getLogger("segops_sync.tasks")
@@ -100,7 +103,8 @@ def recompute_finished(*args: Any, **kwargs: Any) -> None:
         _drop("segops.recompute_finished", f"unknown segment {segment_id!r}")
         return
     for connector_id in connector_ids:
-        trigger_sync(connector_id, trigger="recompute", recompute_id=recompute_id)
+        with obs_log.bound(connector_id=connector_id):
+            trigger_sync(connector_id, trigger="recompute", recompute_id=recompute_id)
 
 
 @app.task(
@@ -157,6 +161,7 @@ def trigger_sync(
     allow_mass_removal: bool = False,
 ) -> StartOutcome:
     """Open a run (or coalesce into the running one), then plan it after commit."""
+    obs_log.bind(connector_id=connector_id)
     with session_scope() as s:
         outcome = start_run(
             s,
@@ -165,7 +170,13 @@ def trigger_sync(
             recompute_id=recompute_id,
             allow_mass_removal=allow_mass_removal,
         )
-    log.info("connector %s: %s trigger -> %s", connector_id, trigger, outcome.reason)
+    log.info(
+        "connector %s: %s trigger -> %s",
+        connector_id,
+        trigger,
+        outcome.reason,
+        extra={"run_id": outcome.run_id} if outcome.run_id else None,
+    )
     if outcome.reason == "started" and outcome.run_id:
         plan_run_task.delay(outcome.run_id)
     return outcome
@@ -184,8 +195,25 @@ def trigger_sync(
     max_retries=None,
 )
 def plan_run_task(run_id: str) -> None:
+    _bind_run(run_id)
+    settings = get_settings()
+    closed: RunClosed | None = None
+    alert: int | None = None
     with session_scope() as s:
-        plan = plan_run(s, run_id, get_settings())
+        plan = plan_run(s, run_id, settings)
+        if plan.status == "held":
+            closed = closed_summary(s, run_id)
+            alert = record_alert(s, run_id, settings)
+    if plan.planned_now and plan.connector_id:
+        run_started(
+            connector_id=plan.connector_id,
+            run_id=run_id,
+            trigger=plan.trigger or "?",
+            to_add=plan.adds,
+            to_remove=plan.removes,
+        )
+    if closed is not None:
+        _report_closed(closed, alert)
     if plan.status == "empty":
         finish_run_task.delay(run_id)
     elif plan.status == "dispatch":
@@ -203,8 +231,11 @@ def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
     name="segops.finish_run", autoretry_for=INFRA_ERRORS, retry_backoff=True, max_retries=None
 )
 def finish_run_task(run_id: str) -> str:
+    _bind_run(run_id)
     with session_scope() as s:
         closed = finish_run(s, run_id)
+        alert = record_alert(s, run_id, get_settings()) if closed.closed_now else None
+    _report_closed(closed, alert)
     _follow_up(closed)
     return closed.status
 
@@ -214,12 +245,40 @@ def finish_run_task(run_id: str) -> str:
 )
 def run_failed(run_id: str) -> str:
     """Errback of the chord body: something unexpected broke the run."""
+    _bind_run(run_id)
     with session_scope() as s:
         closed = fail_run(
             s, run_id, "the sync stopped on an internal error; it is retried at the next sync"
         )
+        alert = record_alert(s, run_id, get_settings()) if closed.closed_now else None
+    _report_closed(closed, alert)
     _follow_up(closed)
     return closed.status
+
+
+def _bind_run(run_id: str) -> None:
+    """Tag this task's log lines with the run and its connector."""
+    with session_scope() as s:
+        connector_id = s.scalar(select(SyncRun.connector_id).where(SyncRun.id == run_id))
+    obs_log.bind(run_id=run_id, connector_id=connector_id)
+
+
+def _report_closed(closed: RunClosed, alert: int | None) -> None:
+    """After commit: the run's end line and metrics (once: only the call that closed it), then
+    its alert (only when this call recorded it)."""
+    if closed.connector_id is not None and closed.status in ("succeeded", "failed", "held"):
+        run_ended(
+            connector_id=closed.connector_id,
+            run_id=closed.run_id,
+            status=closed.status,
+            seconds=closed.seconds,
+            added=closed.added,
+            removed=closed.removed,
+            rejected=closed.rejected,
+            error=closed.error,
+        )
+    if alert is not None:
+        deliver_alert.delay(alert)
 
 
 def _follow_up(closed: RunClosed) -> None:
@@ -275,6 +334,7 @@ def sweep_runs() -> None:
     with session_scope() as s:
         stuck = find_stuck_runs(s, settings.stuck_after)
     for item in stuck:
+        obs_log.bind(run_id=item.run_id)
         log.warning("run %s made no progress: %s", item.run_id, item.action)
         if item.action == "plan":
             plan_run_task.delay(item.run_id)
@@ -282,3 +342,22 @@ def sweep_runs() -> None:
             finish_run_task.delay(item.run_id)
         else:
             dispatch(item.run_id, item.remove_batch_ids, item.add_batch_ids)
+
+
+@app.task(
+    name="segops.deliver_alert",
+    bind=True,
+    ignore_result=True,
+    autoretry_for=INFRA_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=None,
+)
+def deliver_alert(self: Task, delivery_id: Any) -> None:
+    """POST one signed alert; retried with backoff while the receiver is down (sync.alerts)."""
+    if not isinstance(delivery_id, int):
+        _drop("segops.deliver_alert", "delivery id must be an integer")
+        return
+    outcome = deliver(delivery_id, get_settings())
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)

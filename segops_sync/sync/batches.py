@@ -38,6 +38,7 @@ from segops_sync.klaviyo import (
     TransientError,
     split_into_jobs,
 )
+from segops_sync.observability import logging as obs_log
 from segops_sync.secrets import decrypt_api_key, scrub
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.ledger import confirm_added, confirm_removed, remember_profile_ids
@@ -100,6 +101,7 @@ def run_batch(batch_id: int, access: KlaviyoAccess, settings: Settings) -> Batch
     if ctx is None:
         log.warning("batch %s no longer exists; dropped", batch_id)
         return Finished(batch_id, False)
+    obs_log.bind(run_id=ctx.run_id, connector_id=ctx.connector_id)
     if ctx.status in ("done", "failed"):
         return Finished(batch_id, ctx.status == "done")
     if ctx.abort_reason:

@@ -21,6 +21,36 @@ class RunClosed:
     run_id: str
     status: str  # succeeded | failed | still-open | already-closed
     next_run: StartOutcome | None = None
+    # Set when this call closed the run (succeeded | failed): what the logs and metrics report.
+    connector_id: str | None = None
+    seconds: float | None = None
+    added: int = 0
+    removed: int = 0
+    rejected: int = 0
+    error: str | None = None
+
+    @property
+    def closed_now(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+
+def _closed(run: SyncRun, next_run: StartOutcome | None) -> RunClosed:
+    seconds = (
+        (run.finished_at - run.started_at).total_seconds()
+        if run.finished_at and run.started_at
+        else None
+    )
+    return RunClosed(
+        run.id,
+        run.status,
+        next_run,
+        connector_id=run.connector_id,
+        seconds=seconds,
+        added=run.added,
+        removed=run.removed,
+        rejected=run.rejected,
+        error=run.error,
+    )
 
 
 def finish_run(session: Session, run_id: str) -> RunClosed:
@@ -64,7 +94,7 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
         if connector.status != "inactive":
             connector.status = "error"
         connector.last_error = error
-    return RunClosed(run_id, run.status, _follow_up(session, connector))
+    return _closed(run, _follow_up(session, connector))
 
 
 def fail_run(session: Session, run_id: str, reason: str) -> RunClosed:
@@ -75,12 +105,17 @@ def fail_run(session: Session, run_id: str, reason: str) -> RunClosed:
     if run is None or run.status != "running":
         return RunClosed(run_id, "already-closed")
     connector = session.get_one(Connector, run.connector_id, with_for_update=True)
+    # What Klaviyo confirmed before the failure still happened: the run's counts say so.
+    batches = list(session.scalars(select(SyncBatch).where(SyncBatch.run_id == run_id)))
+    run.added = sum(b.added for b in batches)
+    run.removed = sum(b.removed for b in batches)
+    run.rejected = sum(b.rejected for b in batches)
     run.status, run.phase, run.error = "failed", "finished", reason
     run.finished_at = datetime.now(UTC)
     if connector.status != "inactive":
         connector.status = "error"
     connector.last_error = reason
-    return RunClosed(run_id, "failed", _follow_up(session, connector))
+    return _closed(run, _follow_up(session, connector))
 
 
 def _follow_up(session: Session, connector: Connector) -> StartOutcome | None:
@@ -152,3 +187,8 @@ def _rejections(session: Session, run: SyncRun) -> str:
         f"{run.rejected} members rejected by Klaviyo ({summary}); fix them in the segment's data "
         "(the others were synced)"
     )
+
+
+def closed_summary(session: Session, run_id: str) -> RunClosed:
+    """A run closed elsewhere (held by the planner), described as :func:`finish_run` does."""
+    return _closed(session.get_one(SyncRun, run_id), None)
