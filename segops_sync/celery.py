@@ -11,7 +11,8 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any
+import warnings
+from typing import Any, NoReturn
 
 import redis
 from celery import Celery, signals
@@ -124,21 +125,30 @@ def _check_settings(**_: Any) -> None:
         settings.require_secret_key()
         settings.require_alert_settings()
     except ConfigError as exc:
-        print(f"segops-sync: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(str(exc))
     if settings.metrics_port is not None:
         # Before the pool forks: the children inherit the samples directory.
         _metrics_node.prepare()
         try:
             _metrics_node.serve(settings.metrics_port, settings.metrics_host)
         except OSError as exc:
-            print(
-                f"segops-sync: SEGOPS_METRICS_PORT={settings.metrics_port}: cannot serve metrics "
-                f"({exc.strerror or exc})",
-                file=sys.stderr,
-            )
             _metrics_node.close()
-            sys.exit(2)
+            _refuse(
+                f"SEGOPS_METRICS_PORT={settings.metrics_port}: cannot serve metrics "
+                f"({exc.strerror or exc})"
+            )
+
+
+def _refuse(reason: str) -> NoReturn:
+    """One line naming the variable, then exit 2; a JSON line when the logs are JSON."""
+    if _json_logs():
+        sys.stderr.flush()
+        os.write(
+            2, obs_log.json_line(f"segops-sync: {reason}", level="ERROR", logger="segops_sync")
+        )
+    else:
+        print(f"segops-sync: {reason}", file=sys.stderr)
+    sys.exit(2)
 
 
 # -- observability: metrics of the node, JSON logs, the run of each line ----------------------
@@ -167,6 +177,9 @@ def _quiet_banner(instance: Any = None, **_: Any) -> None:
         return
     if instance is not None:
         instance.quiet = True
+    # Warnings raised before logging is set up (Celery's own, about running as root, say) would
+    # print as text; Celery routes later ones through logging (captureWarnings).
+    warnings.showwarning = _warning_as_json
     from celery.apps import worker as celery_worker
 
     def say(msg: str, f: Any = None) -> None:
@@ -176,6 +189,19 @@ def _quiet_banner(instance: Any = None, **_: Any) -> None:
                 os.write(stream.fileno(), obs_log.json_line(msg, logger="celery.worker"))
 
     celery_worker.safe_say = say
+
+
+def _warning_as_json(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    text = f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})"
+    with contextlib.suppress(OSError):
+        os.write(2, obs_log.json_line(text, level="WARNING", logger="py.warnings"))
 
 
 @signals.after_setup_logger.connect

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -142,9 +143,16 @@ def finished_runs(session: Session, connector_id: str) -> int:
     )
 
 
-def wait_until_idle(connector_id: str, *, finished_at_least: int, timeout: float) -> SyncRun | None:
+def wait_until_idle(
+    connector_id: str,
+    *,
+    finished_at_least: int,
+    timeout: float,
+    on_poll: Callable[[], None] | None = None,
+) -> SyncRun | None:
     """Poll until the connector has finished N runs and has nothing running or coalesced;
-    returns its newest run, or None on timeout. For the CLI's --wait and the demo."""
+    returns its newest run, or None on timeout. For the CLI's --wait and the demo.
+    ``on_poll`` runs between polls (the CLI's progress display)."""
     from segops_sync.db.session import session_scope
 
     deadline = time.monotonic() + timeout
@@ -170,6 +178,8 @@ def wait_until_idle(connector_id: str, *, finished_at_least: int, timeout: float
                 if newest is not None:
                     s.expunge(newest)
                 return newest
+        if on_poll is not None:
+            on_poll()
         time.sleep(0.25)
     return None
 
