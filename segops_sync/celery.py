@@ -230,6 +230,16 @@ def _process_gone(pid: int | None = None, **_: Any) -> None:
     process_exited(pid or os.getpid())
 
 
+@signals.worker_ready.connect
+def _say_metrics(**_: Any) -> None:
+    if _metrics_node.port is not None:
+        logging.getLogger("segops_sync.observability").info(
+            "metrics at :%d/metrics, summed over the pool processes' samples in %s",
+            _metrics_node.port,
+            _metrics_node.directory,
+        )
+
+
 @signals.worker_shutdown.connect
 def _stop_metrics(**_: Any) -> None:
     _metrics_node.close()

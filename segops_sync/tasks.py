@@ -23,7 +23,7 @@ from segops_sync.db.session import session_scope
 from segops_sync.observability import logging as obs_log
 from segops_sync.observability.runs import run_ended, run_started
 from segops_sync.sync.access import KlaviyoAccess
-from segops_sync.sync.alerts import deliver, record_alert
+from segops_sync.sync.alerts import deliver, lost_alerts, record_alert
 from segops_sync.sync.batches import Finished, run_batch
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
@@ -333,6 +333,9 @@ def sweep_runs() -> None:
     settings = get_settings()
     with session_scope() as s:
         stuck = find_stuck_runs(s, settings.stuck_after)
+        lost = lost_alerts(s, settings.stuck_after)
+    for delivery_id in lost:
+        deliver_alert.delay(delivery_id)
     for item in stuck:
         obs_log.bind(run_id=item.run_id)
         log.warning("run %s made no progress: %s", item.run_id, item.action)

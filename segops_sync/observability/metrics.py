@@ -113,6 +113,7 @@ class MetricsNode:
         self.directory: str | None = None
         self._owned = False
         self._server: Any = None
+        self.port: int | None = None
 
     def prepare(self) -> str:
         """Before the pool forks: children inherit the directory through the environment.
@@ -137,6 +138,7 @@ class MetricsNode:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         self._server = start_http_server(port, addr=host, registry=registry)
+        self.port = port
 
     def close(self) -> None:
         server = self._server[0] if isinstance(self._server, tuple) else None
@@ -145,7 +147,7 @@ class MetricsNode:
                 server.shutdown()
         if self._owned and self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
-        self._server, self._owned = None, False
+        self._server, self._owned, self.port = None, False, None
 
 
 def process_exited(pid: int) -> None:

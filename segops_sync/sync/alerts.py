@@ -127,6 +127,22 @@ def deliver(delivery_id: int, settings: Settings) -> Delivery:
         return Delivery(wait)
 
 
+def lost_alerts(session: Session, older_than: float) -> list[int]:
+    """Alerts recorded but never tried: the message to send them was lost (a crash between the
+    commit and the publish). Tried ones have a retry message of their own."""
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+    return list(
+        session.scalars(
+            select(AlertDelivery.id).where(
+                AlertDelivery.delivered_at.is_(None),
+                AlertDelivery.attempts == 0,
+                AlertDelivery.created_at < cutoff,
+                AlertDelivery.created_at > datetime.now(UTC) - GIVE_UP_AFTER,
+            )
+        )
+    )
+
+
 def backoff(attempts: int, settings: Settings) -> float:
     # Below the visibility timeout: a longer countdown would make Redis deliver the retry twice.
     cap = min(MAX_BACKOFF, settings.visibility_timeout / 2)

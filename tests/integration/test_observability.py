@@ -226,6 +226,14 @@ def test_metrics_are_summed_over_the_worker_processes(obs: Obs, tmp_path: Path) 
         return s
 
     samples = _eventually(counted)
+    # the node's samples came from several pool processes, and /metrics summed them
+    messages = "\n".join(json.loads(line)["message"] for line in obs.worker.log().splitlines())
+    match = re.search(r"summed over the pool processes' samples in (\S+)", messages)
+    assert match, "the worker says where its samples are"
+    pids = {
+        m.group(1) for m in re.finditer(r"_(\d+)\.db$", "\n".join(os.listdir(match.group(1))), re.M)
+    }
+    assert len(pids) >= 2, pids
     # Klaviyo answers counted by the workers (whichever process made them) equal what the
     # simulator saw, endpoint by endpoint; the CLI's live checks (GET /api/lists/{id}) aside.
     seen: dict[tuple[str, str], int] = {}
@@ -341,6 +349,28 @@ def test_signed_alerts_failed_recovered_held_recovered(obs: Obs, tmp_path: Path)
         app.send_task("segops.deliver_alert", args=[delivery_id], queue=SEGOPS_QUEUE)
     time.sleep(4)
     assert len(received(4)) == 4
+
+    # an alert whose message was lost (a crash between commit and publish): beat's sweeper
+    # sends it
+    lost_body = json.dumps(
+        {
+            "event": "sync.failed",
+            "connector_id": connector,
+            "run_id": held_run.id,
+            "status": "failed",
+            "error": "lost",
+            "at": datetime.now().astimezone().isoformat(),
+        }
+    ).encode()
+    with session_scope() as s:
+        s.execute(
+            text(
+                "INSERT INTO alert_deliveries (run_id, connector_id, event, body, created_at) "
+                "VALUES (:r, :c, 'sync.failed', :b, now() - interval '1 minute')"
+            ),
+            {"r": held_run.id, "c": connector, "b": lost_body},
+        )
+    assert _eventually(lambda: received(5))[-1]["error"] == "lost"
 
 
 # -- 3. progress -----------------------------------------------------------------------------
