@@ -511,3 +511,25 @@ def test_zz_every_log_line_is_json_with_context_and_no_member_data(obs: Obs) -> 
     assert leaks == [], f"member data in the worker log: {leaks[:5]}"
     for key in KNOWN_KEYS:
         assert key not in raw and key[3:] not in raw
+
+
+def test_worker_refuses_an_alert_url_without_its_secret(segops_env: dict[str, str]) -> None:
+    env = {
+        **os.environ,
+        "SEGOPS_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+        "SEGOPS_ALERT_WEBHOOK_SECRET": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "segops_sync", "worker", "-c", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    # (Celery may warn first about running as root, as on the CI machine)
+    ours = [ln for ln in result.stderr.splitlines() if "SEGOPS_" in ln]
+    assert ours == [
+        "segops-sync: SEGOPS_ALERT_WEBHOOK_SECRET is not set (it is required with "
+        "SEGOPS_ALERT_WEBHOOK_URL: it signs each alert)"
+    ]

@@ -206,3 +206,33 @@ def test_metrics_are_summed_over_forked_processes(monkeypatch: pytest.MonkeyPatc
     )
     assert samples[key] == 3
     assert not os.path.exists(directory)
+
+
+def test_alert_settings_need_the_secret_with_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segops_sync.config import ConfigError, Settings, load_settings
+
+    monkeypatch.setenv("SEGOPS_ALERT_WEBHOOK_URL", "https://hooks.example.com/segops")
+    monkeypatch.delenv("SEGOPS_ALERT_WEBHOOK_SECRET", raising=False)
+    with pytest.raises(ConfigError, match="SEGOPS_ALERT_WEBHOOK_SECRET"):
+        Settings().require_alert_settings()
+    monkeypatch.setenv("SEGOPS_ALERT_WEBHOOK_SECRET", "s3cret")
+    settings = Settings()
+    settings.require_alert_settings()
+    assert settings.alerts_enabled and "s3cret" not in repr(settings)
+    monkeypatch.setenv("SEGOPS_ALERT_WEBHOOK_URL", "hooks.example.com")
+    with pytest.raises(ConfigError, match="SEGOPS_ALERT_WEBHOOK_URL"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("SEGOPS_METRICS_PORT", "0"), ("SEGOPS_METRICS_PORT", "http"), ("SEGOPS_LOG_FORMAT", "xml")],
+)
+def test_malformed_observability_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    from segops_sync.config import ConfigError, load_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
