@@ -37,6 +37,7 @@ _context: dict[str, ContextVar[str | None]] = {
 _EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+(?:@|%40)[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
 _PHONE = re.compile(r"(?:\+|%2B)[1-9][0-9 ().\-]{6,18}[0-9]")
 MASK = "[redacted]"
+_POOL_APPLY = "TaskPool: Apply %s (args:%s kwargs:%s)"  # celery/concurrency/base.py
 
 
 def bind(**values: str | None) -> None:
@@ -114,9 +115,13 @@ def _is_url(value: Any) -> bool:
 
 
 class MemberDataFilter(logging.Filter):
-    """Masks emails, phone numbers and API keys in the final text of every record."""
+    """Masks emails, phone numbers and API keys in the final text of every record; and drops
+    the task arguments Celery's pool prints at DEBUG (``context_identified`` carries a user id
+    and an email there)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == _POOL_APPLY and isinstance(record.args, tuple) and len(record.args) == 3:
+            record.args = (record.args[0], "(…)", "{…}")
         try:
             message = record.getMessage()
         except Exception:  # a broken record is logging's to report, not ours

@@ -108,6 +108,15 @@ def test_json_lines_carry_the_context_and_mask_member_data(
     for secret in ("Jane.Doe", "Example.com", "4155552671", "abcdefghijklmnop", "jane@"):
         assert secret not in text
     assert inner["run_id"] == "r-2" and inner["connector_id"] == "c-1"
+    pool = logging.getLogger("obs-test.pool")
+    # Celery's pool at DEBUG prints each task's message, kwargs and all
+    pool.debug(
+        "TaskPool: Apply %s (args:%s kwargs:%s)",
+        "<function fast_trace_task>",
+        "('segops.context_identified', 'id', {}, b'[[], {\"user_id\": \"opaque-991\"}]')",
+        "{}",
+    )
+    assert "opaque-991" not in stream.getvalue()
     assert error["level"] == "ERROR" and "ValueError" in str(error["exc_info"])
     datetime.fromisoformat(str(before["ts"]))
 
