@@ -1,6 +1,6 @@
 """The Celery app: ``celery -A segops_sync worker`` finds it here.
 
-Queues: ``segops`` takes the external messages (INTERFACE.md) and the orchestration tasks;
+Queues: ``segops`` takes the external messages (docs/contract.md#messages) and the orchestration tasks;
 ``segops.klaviyo`` takes the rate-limited Klaviyo batches, so a backlog of batches never delays
 a recompute message. A worker started with no flags consumes both.
 """
@@ -19,9 +19,8 @@ from celery import Celery, signals
 from kombu import Queue
 
 from segops_sync.config import ConfigError, Settings, get_settings
-from segops_sync.klaviyo.endpoints import endpoint_for
 from segops_sync.observability import logging as obs_log
-from segops_sync.observability.logging import host_only
+from segops_sync.observability.logging import klaviyo_url_label
 from segops_sync.observability.metrics import MetricsNode, process_exited
 
 SEGOPS_QUEUE = "segops"
@@ -163,12 +162,6 @@ def _json_logs() -> bool:
         return False  # the worker stops at start anyway, naming the variable
 
 
-def _url_label(method: str, url: Any) -> str:
-    """Klaviyo URLs become their endpoint template; any other URL only its host."""
-    endpoint = endpoint_for(method, getattr(url, "path", ""))
-    return endpoint.value if endpoint is not None else host_only(method, url)
-
-
 @signals.celeryd_init.connect
 def _quiet_banner(instance: Any = None, **_: Any) -> None:
     """JSON logs: every line the worker writes is JSON, so Celery's text banner stays off, and
@@ -215,7 +208,7 @@ def _log_format(logger: logging.Logger | None = None, **_: Any) -> None:
     mp_logger = get_multiprocessing_logger()
     if mp_logger is not None:
         loggers.append(mp_logger)
-    obs_log.install(loggers, json_format=_json_logs(), labeler=_url_label)
+    obs_log.install(loggers, json_format=_json_logs(), labeler=klaviyo_url_label)
 
 
 @signals.task_prerun.connect

@@ -17,9 +17,10 @@ from datetime import datetime
 import httpx
 
 from segops_sync.klaviyo.redact import scrub
+from segops_sync.states import AlertEvent
 
 SIGNATURE_HEADER = "X-SegOps-Signature"
-EVENTS = ("sync.failed", "sync.held", "sync.recovered")
+EVENTS = frozenset(AlertEvent)
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
@@ -29,10 +30,10 @@ def alert_body(
     if event not in EVENTS:
         raise ValueError(f"unknown alert event {event!r}")
     doc = {
-        "event": event,
+        "event": str(event),
         "connector_id": connector_id,
         "run_id": run_id,
-        "status": status,
+        "status": str(status),
         # run errors are written without keys already; scrub again, a body must never hold one
         "error": scrub(error) if error else None,
         "at": at.isoformat(),

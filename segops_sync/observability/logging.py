@@ -25,6 +25,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from segops_sync.klaviyo.endpoints import endpoint_for
 from segops_sync.klaviyo.redact import scrub
 
 CONTEXT_FIELDS = ("connector_id", "run_id", "task_id", "task_name")
@@ -83,6 +84,12 @@ def host_only(method: str, url: Any) -> str:
     """A URL we cannot name: its host, never its path or query."""
     host = getattr(url, "host", None) or "?"
     return f"{method} {getattr(url, 'scheme', 'http')}://{host}/…"
+
+
+def klaviyo_url_label(method: str, url: Any) -> str:
+    """Klaviyo URLs become their endpoint template; any other URL only its host."""
+    endpoint = endpoint_for(method, getattr(url, "path", ""))
+    return endpoint.value if endpoint is not None else host_only(method, url)
 
 
 class HttpUrlFilter(logging.Filter):
@@ -168,7 +175,10 @@ _RESERVED = _reserved()
 
 
 def install(
-    loggers: Iterable[logging.Logger], *, json_format: bool, labeler: UrlLabeler = host_only
+    loggers: Iterable[logging.Logger],
+    *,
+    json_format: bool,
+    labeler: UrlLabeler = klaviyo_url_label,
 ) -> None:
     """Every handler of these loggers: the context, URL labels, masking, and JSON if asked.
 

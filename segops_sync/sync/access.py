@@ -8,7 +8,6 @@ when none is free the request is not sent and ``Throttled`` tells the caller how
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import httpx
@@ -21,6 +20,7 @@ from segops_sync.klaviyo import (
     KlaviyoClient,
     PermissionDenied,
     RateLimitHeaders,
+    fingerprint,
 )
 from segops_sync.klaviyo.endpoints import endpoint_for
 from segops_sync.observability import metrics
@@ -96,7 +96,7 @@ class KlaviyoAccess:
     def account_of(self, api_key: str) -> str:
         """Which Klaviyo account a key belongs to: keys of one account share one budget."""
 
-        own_budget = f"key:{_fingerprint(api_key)}"
+        own_budget = f"key:{fingerprint(api_key)[:16]}"
 
         def fetch() -> str:
             # Before the answer we cannot know whose budget to charge, so every lookup of the
@@ -131,7 +131,3 @@ def _count_answer(response: httpx.Response) -> None:
     with ids or filter values)."""
     endpoint = endpoint_for(response.request.method, response.request.url.path)
     metrics.count_klaviyo_answer(endpoint.value if endpoint else "other", response.status_code)
-
-
-def _fingerprint(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()[:16]

@@ -23,6 +23,7 @@ from segops_sync.config import Settings
 from segops_sync.db.models import AlertDelivery, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.observability.alerts import alert_body, send
+from segops_sync.states import AlertEvent, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,14 @@ GIVE_UP_AFTER = timedelta(hours=24)
 MAX_BACKOFF = 300.0
 
 
-def next_event(run_status: str, last_event: str | None) -> str | None:
+def next_event(run_status: str, last_event: str | None) -> AlertEvent | None:
     """The table: the run's final status and the connector's previous alert decide."""
-    if run_status == "failed":
-        return "sync.failed"
-    if run_status == "held":
-        return "sync.held"
-    if run_status == "succeeded" and last_event in ("sync.failed", "sync.held"):
-        return "sync.recovered"
+    if run_status == RunStatus.FAILED:
+        return AlertEvent.FAILED
+    if run_status == RunStatus.HELD:
+        return AlertEvent.HELD
+    if run_status == RunStatus.SUCCEEDED and last_event in (AlertEvent.FAILED, AlertEvent.HELD):
+        return AlertEvent.RECOVERED
     return None
 
 
@@ -47,7 +48,7 @@ def record_alert(session: Session, run_id: str, settings: Settings) -> int | Non
     if not settings.alerts_enabled:
         return None
     run = session.get(SyncRun, run_id)
-    if run is None or run.status == "running":
+    if run is None or run.status == RunStatus.RUNNING:
         return None
     last_event = session.scalar(
         select(AlertDelivery.event)
@@ -63,7 +64,7 @@ def record_alert(session: Session, run_id: str, settings: Settings) -> int | Non
         connector_id=run.connector_id,
         run_id=run.id,
         status=run.status,
-        error=run.error if event != "sync.recovered" else None,
+        error=run.error if event != AlertEvent.RECOVERED else None,
         at=run.finished_at or datetime.now(UTC),
     )
     delivery_id = session.scalar(

@@ -33,6 +33,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+from segops_sync.celery import SEGOPS_QUEUE, configure
+from segops_sync.config import get_settings
 from segops_sync.db.session import session_scope
 from segops_sync.embedded import free_port
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
@@ -166,6 +168,20 @@ def obs(
         server.stop()
 
 
+def _send(
+    task: str, *, args: list[Any] | None = None, kwargs: dict[str, Any] | None = None
+) -> None:
+    """Publish as a producer does, with this module's settings (its own Redis key prefix)."""
+    from celery import Celery
+
+    producer = Celery("obs-test-producer")
+    configure(producer, get_settings())
+    try:
+        producer.send_task(task, args=args, kwargs=kwargs, queue=SEGOPS_QUEUE)
+    finally:
+        producer.close()
+
+
 def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     families = text_string_to_metric_families(httpx.get(url, timeout=10).text)
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
@@ -204,10 +220,21 @@ def test_metrics_are_summed_over_the_worker_processes(obs: Obs, tmp_path: Path) 
     obs.identifiers |= set(members_a) | set(members_b) | set(identified.values())
     a = create_connector(k, seg_a)
     b = create_connector(k, seg_b)
-    recompute(seg_a, members_a, tmp_path)
-    recompute(seg_b, members_b, tmp_path)
-    wait_idle(a)
-    wait_idle(b)
+    # Both recomputes at once, and Klaviyo answering slowly: the two syncs overlap, so several
+    # pool processes do the work
+    _add_members_quietly(seg_a, members_a)
+    _add_members_quietly(seg_b, members_b)
+    obs.sim.set_faults(latency=0.3)
+    try:
+        for segment in (seg_a, seg_b):
+            _send(
+                "segops.recompute_finished",
+                kwargs={"segment_id": segment, "recompute_id": str(uuid.uuid4())},
+            )
+        wait_idle(a)
+        wait_idle(b)
+    finally:
+        obs.sim.set_faults()
     # then 50 leave A: removals look profiles up by email and external_id (filters in URLs)
     leavers = members_a[:25] + members_a[120:145]
     recompute(seg_a, [m for m in members_a if m not in leavers], tmp_path)
@@ -335,8 +362,6 @@ def test_signed_alerts_failed_recovered_held_recovered(obs: Obs, tmp_path: Path)
         assert key.encode() not in bodies and key[3:].encode() not in bodies
 
     # a redelivered close or delivery sends nothing again
-    from segops_sync.celery import SEGOPS_QUEUE, app
-
     with session_scope() as s:
         ids = list(
             s.scalars(
@@ -344,10 +369,24 @@ def test_signed_alerts_failed_recovered_held_recovered(obs: Obs, tmp_path: Path)
             )
         )
     assert len(ids) == 4
-    app.send_task("segops.finish_run", args=[failed_run], queue=SEGOPS_QUEUE)
+
+    def finished(task: str) -> int:
+        return sum(
+            1
+            for line in obs.worker.log().splitlines()
+            if (doc := json.loads(line)).get("task_name") == task and "succeeded" in doc["message"]
+        )
+
+    closes, deliveries = finished("segops.finish_run"), finished("segops.deliver_alert")
+    _send("segops.finish_run", args=[failed_run])
     for delivery_id in ids:
-        app.send_task("segops.deliver_alert", args=[delivery_id], queue=SEGOPS_QUEUE)
-    time.sleep(4)
+        _send("segops.deliver_alert", args=[delivery_id])
+
+    def all_ran() -> None:
+        assert finished("segops.finish_run") > closes
+        assert finished("segops.deliver_alert") >= deliveries + len(ids)
+
+    _eventually(all_ran)
     assert len(received(4)) == 4
 
     # an alert whose message was lost (a crash between commit and publish): beat's sweeper
@@ -515,9 +554,10 @@ def test_zz_every_log_line_is_json_with_context_and_no_member_data(obs: Obs) -> 
 
 def test_worker_refuses_an_alert_url_without_its_secret(segops_env: dict[str, str]) -> None:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "SEGOPS_METRICS_PORT"},
         "SEGOPS_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/hook",
         "SEGOPS_ALERT_WEBHOOK_SECRET": "",
+        "SEGOPS_LOG_FORMAT": "text",
     }
     result = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "segops_sync", "worker", "-c", "1"],
