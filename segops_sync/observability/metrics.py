@@ -70,6 +70,20 @@ def _get() -> _Metrics:
     return _metrics
 
 
+def forget_metrics() -> None:
+    """Drop this process's metric objects; the next record creates them with the current
+    value class (files in multiprocess mode)."""
+    global _metrics
+    with _lock:
+        if _metrics is not None:
+            from prometheus_client import REGISTRY
+
+            for collector in vars(_metrics).values():
+                with contextlib.suppress(KeyError):
+                    REGISTRY.unregister(collector)
+            _metrics = None
+
+
 # -- recording (any process) ----------------------------------------------------------------
 
 
@@ -128,6 +142,7 @@ class MetricsNode:
         from prometheus_client import values
 
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+        forget_metrics()  # any made before (in memory) would hide the children's files
         return self.directory
 
     def serve(self, port: int, host: str) -> None:
