@@ -250,3 +250,17 @@ def test_malformed_observability_settings_name_the_variable(
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         load_settings()
+
+
+def test_progress_lines_off_a_terminal() -> None:
+    from segops_sync.follow import line
+    from segops_sync.sync.progress import Progress
+
+    started = datetime(2026, 11, 30, tzinfo=UTC)
+    assert line(Progress("r1", started, 0, 0), None) == "sync r1: 0/0 members, planning"
+    assert line(Progress("r1", started, 1200, 5000), None) == "sync r1: 1,200/5,000 members (24%)"
+    assert (
+        line(Progress("r1", started, 1200, 5000), 100.0)
+        == "sync r1: 1,200/5,000 members (24%), 100/s, ETA 38s"
+    )
+    assert Progress("r1", started, 3, 4).as_json() == {"done": 3, "total": 4}
