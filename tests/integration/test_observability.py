@@ -433,7 +433,7 @@ def test_progress_while_a_run_is_running(obs: Obs, tmp_path: Path) -> None:
     _add_members_quietly(segment, first)
     idle = cli_json("connectors", "show", connector)
     assert set(idle) == CONNECTOR_KEYS  # no run: INTERFACE's JSON, nothing more
-    obs.sim.job_delay = 8.0  # a bulk job that takes a while, so the run is seen running
+    obs.sim.job_delay = 12.0  # a bulk job that takes a while, so the run is seen running
     try:
         waiting = subprocess.Popen(
             [sys.executable, "-m", "segops_sync.cli", "connectors", "resync", connector, "--wait"],
@@ -444,19 +444,19 @@ def test_progress_while_a_run_is_running(obs: Obs, tmp_path: Path) -> None:
         seen: list[dict[str, int]] = []
 
         def planned() -> None:
-            shown = cli("connectors", "show", connector, check=True).stdout
-            assert re.search(r"progress\s+\d+/300 members", shown), shown
             doc = cli_json("connectors", "show", connector)
             assert "progress" in doc and doc["progress"]["total"] == 300, doc
             seen.append(doc["progress"])
 
         _eventually(planned, timeout=30)
+        shown = cli("connectors", "show", connector, check=True).stdout
+        assert re.search(r"progress\s+\d+/300 members", shown), shown
         out, _ = waiting.communicate(timeout=120)
     finally:
         obs.sim.job_delay = 0.2
     assert waiting.returncode == 0, out
     lines = [ln for ln in out.splitlines() if re.match(r"sync \S+: [\d,]+/300 members", ln)]
-    assert len(lines) >= 2, out  # one every 0.5 s (SEGOPS_PROGRESS_INTERVAL) of an ~8 s run
+    assert len(lines) >= 2, out  # one every 0.5 s (SEGOPS_PROGRESS_INTERVAL) of a 12 s+ run
     assert "added 300" in out.splitlines()[-1]
     assert 0 <= seen[0]["done"] <= 300
     assert set(cli_json("connectors", "show", connector)) == CONNECTOR_KEYS
@@ -465,7 +465,7 @@ def test_progress_while_a_run_is_running(obs: Obs, tmp_path: Path) -> None:
     more = _members("pt", 200, 0)
     obs.identifiers |= set(more)
     _add_members_quietly(segment, more)
-    obs.sim.job_delay = 3.0
+    obs.sim.job_delay = 6.0
     try:
         out_tty = _run_in_terminal(
             [sys.executable, "-m", "segops_sync.cli", "connectors", "resync", connector, "--wait"]
