@@ -35,6 +35,7 @@ API_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_]{8,}$")
 SEGMENT_ID_MAX = 200
 
 
+
 def validate_list_id(list_id: str) -> str:
     if not LIST_ID_RE.fullmatch(list_id or ""):
         raise InputError(
@@ -66,6 +67,7 @@ def validate_segment_id(segment_id: str) -> str:
 class CheckResult:
     ok: bool
     warning: str | None = None
+
 
 
 def live_check(api_key: str, list_id: str, base_url: str) -> CheckResult:
@@ -174,3 +176,4 @@ def _set(connector: Connector, status: ConnectorStatus) -> None:
 def delete_connector(session: Session, connector_id: str) -> None:
     connector = get_connector(session, connector_id, lock=True)
     session.delete(connector)
+

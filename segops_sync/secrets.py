@@ -39,3 +39,4 @@ def decrypt_api_key(token: bytes, secret_key: str) -> str:
         raise ConfigError(
             "SEGOPS_SECRET_KEY does not decrypt the stored API keys (was it changed?)"
         ) from None
+

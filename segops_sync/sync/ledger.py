@@ -71,9 +71,7 @@ def forget_profile_ids(session: Session, connector_id: str, user_ids: Sequence[s
     )
 
 
-def added_times(
-    session: Session, connector_id: str, user_ids: Sequence[str]
-) -> dict[str, datetime]:
+def added_times(session: Session, connector_id: str, user_ids: Sequence[str]) -> dict[str, datetime]:
     """When each of these members entered the list, as far as the ledger knows."""
     rows = session.execute(
         select(LedgerEntry.user_id, LedgerEntry.added_at).where(
