@@ -62,11 +62,11 @@ def check_stored_keys(session: Session, secret_key: str) -> int:
     return len(tokens)
 
 
-def check_keys_at_start(settings: Settings) -> None:
+def check_keys_at_start(settings: Settings) -> str | None:
     """For a worker or the API about to start: refuse early rather than fail every sync later.
 
     A database that cannot be reached (or is not migrated yet) is not a key problem: the process
-    starts and reports that on first use, as it did before.
+    starts as it did before and reports that on first use; the returned warning says so.
     """
     secret_key = settings.require_secret_key()
     engine = create_engine(
@@ -77,11 +77,10 @@ def check_keys_at_start(settings: Settings) -> None:
             check_stored_keys(session, secret_key)
     except SQLAlchemyError as exc:
         first = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        print(
-            f"segops-sync: warning: could not check the stored API keys: {first}", file=sys.stderr
-        )
+        return f"segops-sync: warning: could not check the stored API keys: {first}"
     finally:
         engine.dispose()
+    return None
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     # the API's body checks and OpenAPI document (issue 13), below the api face
     "api_input": {"errors", "states"},
     "openapi": {"api_input", "states"},
+    "follow": {"db", "sync"},  # the CLI's progress display
 }
 # the faces may import every room below them (stack_demo: compose's demo, an entry point)
 FACES = {"cli", "api", "stack_demo", "__init__"}
