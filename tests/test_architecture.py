@@ -32,9 +32,6 @@ ALLOWED: dict[str, set[str]] = {
     "embedded": {"config"},
     "demo": {"config", "embedded", "klaviyo", "sync", "states"},
     "web": set(),
-    # the API's body checks and OpenAPI document (issue 13), below the api face
-    "api_input": {"errors", "states"},
-    "openapi": {"api_input", "states"},
     "follow": {"db", "sync"},  # the CLI's progress display
     "api_input": {"errors", "states"},  # the API's body checks
     "openapi": {"api_input", "states"},  # the API's published document
