@@ -12,7 +12,7 @@ never the sweeper nor Redis's visibility timeout.
   are then given back (as after the visibility timeout) and change nothing.
 * ``test_chaos_four_kills_during_100k_sync``: four kills 2-5 s apart during a 100,000-member
   sync, a new worker each time; exact within 60 s of the last start, no run left running, and
-  each member sent to Klaviyo at most 3 times (measured: at most twice).
+  each member sent to Klaviyo at most once plus once per kill (5; measured: 2 or 3).
 * ``test_poison_pill_batch_fails_its_run_and_the_worker_lives``: a batch that kills its pool
   process at every delivery is given up after ``SEGOPS_WORKER_LOST_BUDGET`` deliveries; its run
   fails with a message for a person; the worker lives on and other connectors keep syncing.
@@ -232,9 +232,9 @@ def test_chaos_four_kills_during_100k_sync(
         sends = _max_sends(k, members)
         twice = sum(1 for n in k.sim.submitted_counts(k.account).values() if n > 1)
         # A member is sent again only when a kill lands between Klaviyo accepting its job and
-        # us recording the job id (up to ~1 s for a 10,000-profile job): once per kill at worst.
-        # Measured: at most 2. Bound asserted: 3 (one batch caught by two of the four kills).
-        assert sends <= 3, f"a member was sent {sends} times ({twice} members more than once)"
+        # us recording the job id (up to ~1 s for a 10,000-profile job under load): at most
+        # once per kill, so 1 + 4 = 5 at worst. Measured: 2 or 3 (a batch caught by two kills).
+        assert sends <= 1 + len(kills), f"a member was sent {sends} times ({twice} more than once)"
         print(
             f"CHAOS broker={broker} seconds_after_last_start={recovery:.1f} max_sends={sends} "
             f"members_sent_twice={twice} kills_at={kills} runs={_describe(connector_id)}"
