@@ -41,6 +41,7 @@ from segops_sync.klaviyo import (
 from segops_sync.secrets import decrypt_api_key, scrub
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.ledger import confirm_added, confirm_removed, remember_profile_ids
+from segops_sync.sync.watcher import AccountJobs
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def run_batch(batch_id: int, access: KlaviyoAccess, settings: Settings) -> Batch
         client, limited = access.client(api_key, claimant=ctx.connector_id)
         with client:
             if ctx.kind == "add":
-                return _add(ctx, client, settings)
+                return _add(ctx, client, settings, access.jobs(client, limited))
             return _remove(ctx, client, settings)
     except Throttled as exc:
         return Later(exc.wait + _jitter(exc.wait), f"throttled on {exc.endpoint}")
@@ -280,7 +281,9 @@ def _set_outcome(
 # -- adds: bulk import jobs with the list attached -----------------------------------------
 
 
-def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
+def _add(
+    ctx: BatchContext, client: KlaviyoClient, settings: Settings, jobs: AccountJobs
+) -> BatchStep:
     with session_scope() as s:
         unsent = s.execute(
             _items(s, ctx)
@@ -294,7 +297,7 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
         members = [(uid, ProfileInput(email=email, external_id=ext)) for uid, email, ext in unsent]
         start = 0
         for chunk in split_into_jobs([p for _, p in members]):
-            _submit(ctx, client, members[start : start + len(chunk)])
+            _submit(ctx, client, members[start : start + len(chunk)], jobs)
             start += len(chunk)
 
     with session_scope() as s:
@@ -304,12 +307,15 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
             .with_only_columns(SyncBatchItem.job_id)
             .distinct()
         ).all()
-    running = False
-    for job_id in job_ids:
-        assert job_id is not None
+    # One poll of the account's unfinished jobs answers for every batch (sync/watcher.py);
+    # only a job that left them is read on its own, once.
+    view = jobs.view([j for j in job_ids if j is not None])
+    running = bool(view.running)
+    for job_id in view.finished:
         try:
             job = quick_retry(client.get_bulk_import_job, job_id)
             if job.status in ("queued", "processing"):
+                jobs.still_running(job_id)  # the poll's pages shifted under it
                 running = True
                 continue
             if job.status == "complete":
@@ -317,19 +323,24 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
                 problem = _settle_job(ctx, job.id, job.failed_count, errors)
                 if problem is not None:
                     return _transient(ctx, problem, settings)
+                jobs.forget([job_id])
                 continue
         except NotFound:
             pass  # Klaviyo lost the job, or its results expired before we read them
         log.warning("bulk import job %s is gone or cancelled; its members are sent again", job_id)
         _resend(ctx, job_id)
+        jobs.forget([job_id])
         return Later(0.1, "resend a lost job")
     if running:
-        return Later(settings.job_poll_interval, "bulk import job still running")
+        return Later(view.wait or settings.job_poll_interval, "bulk import job still running")
     return _finish(ctx)
 
 
 def _submit(
-    ctx: BatchContext, client: KlaviyoClient, members: list[tuple[str, ProfileInput]]
+    ctx: BatchContext,
+    client: KlaviyoClient,
+    members: list[tuple[str, ProfileInput]],
+    jobs: AccountJobs,
 ) -> None:
     """Create one job; when Klaviyo rejects the whole job for some members, drop them and resend."""
     while members:
@@ -361,6 +372,7 @@ def _submit(
                 .values(status="submitted", job_ids=SyncBatch.job_ids.op("||")([job_id]))
             )
             _progress(s, ctx)
+        jobs.register([job_id])
         return
 
 
