@@ -40,6 +40,8 @@ from segops_sync.klaviyo import (
 )
 from segops_sync.secrets import decrypt_api_key, scrub
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
+from segops_sync.sync.costs import goes_direct
+from segops_sync.sync.direct import add_directly
 from segops_sync.sync.ledger import confirm_added, confirm_removed, remember_profile_ids
 from segops_sync.sync.watcher import AccountJobs
 
@@ -83,6 +85,7 @@ class BatchContext:
     list_id: str
     api_key_encrypted: bytes
     abort_reason: str | None
+    planned_adds: int = 0
 
 
 def _jitter(base: float) -> float:
@@ -115,6 +118,8 @@ def run_batch(batch_id: int, access: KlaviyoAccess, settings: Settings) -> Batch
     try:
         client, limited = access.client(api_key, claimant=ctx.connector_id)
         with client:
+            if ctx.kind == "add" and goes_direct(ctx.planned_adds, settings):
+                return _add_direct(ctx, client, settings)
             if ctx.kind == "add":
                 return _add(ctx, client, settings, access.jobs(client, limited))
             return _remove(ctx, client, settings)
@@ -148,14 +153,14 @@ def run_batch(batch_id: int, access: KlaviyoAccess, settings: Settings) -> Batch
 def _load(batch_id: int) -> BatchContext | None:
     with session_scope() as s:
         row = s.execute(
-            select(SyncBatch, SyncRun.abort_reason, Connector)
+            select(SyncBatch, SyncRun.abort_reason, Connector, SyncRun.planned_adds)
             .join(SyncRun, SyncRun.id == SyncBatch.run_id)
             .join(Connector, Connector.id == SyncRun.connector_id)
             .where(SyncBatch.id == batch_id)
         ).one_or_none()
         if row is None:
             return None
-        batch, abort_reason, connector = row
+        batch, abort_reason, connector, planned_adds = row
         now = datetime.now(UTC)
         if batch.first_attempt_at is None:
             batch.first_attempt_at = now
@@ -172,6 +177,7 @@ def _load(batch_id: int) -> BatchContext | None:
             list_id=connector.list_id,
             api_key_encrypted=connector.api_key_encrypted,
             abort_reason=abort_reason,
+            planned_adds=planned_adds or 0,
         )
 
 
@@ -333,6 +339,28 @@ def _add(
         return Later(0.1, "resend a lost job")
     if running:
         return Later(view.wait or settings.job_poll_interval, "bulk import job still running")
+    return _finish(ctx)
+
+
+def _add_direct(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
+    """A small delta's adds: profile-import per member, then one list write (sync/direct.py)."""
+
+    def progress() -> None:
+        with session_scope() as s:
+            _progress(s, ctx)
+
+    again = add_directly(
+        ctx.run_id,
+        ctx.kind,
+        ctx.seq,
+        ctx.connector_id,
+        ctx.list_id,
+        client,
+        retry=quick_retry,
+        on_progress=progress,
+    )
+    if again is not None:
+        return Later(0.1, again)
     return _finish(ctx)
 
 

@@ -18,9 +18,11 @@ from sqlalchemy.orm import Session
 from segops_sync.config import Settings
 from segops_sync.connectors import get_connector
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncRun
+from segops_sync.sync.costs import DIRECT_BATCH_SIZE, goes_direct
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
 
 # One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
+# (A run with few adds sends them synchronously instead, DIRECT_BATCH_SIZE to a batch.)
 ADD_BATCH_SIZE = 10_000
 # One relationship DELETE takes up to 1,000 profile ids.
 REMOVE_BATCH_SIZE = 1_000
@@ -138,6 +140,18 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
             {**params, "size": REMOVE_BATCH_SIZE},
         )
     )
+    if goes_direct(adds, settings):
+        # A small delta's adds take the synchronous path (sync/direct.py, arithmetic in
+        # sync/costs.py): batches of DIRECT_BATCH_SIZE, so a few run side by side.
+        session.execute(
+            text(
+                "UPDATE sync_batch_items it SET seq = n.rn / :size FROM ("
+                "SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS rn "
+                "FROM sync_batch_items WHERE run_id = :run AND kind = 'add') n "
+                "WHERE it.run_id = :run AND it.kind = 'add' AND it.user_id = n.user_id"
+            ),
+            {"run": run.id, "size": DIRECT_BATCH_SIZE},
+        )
     run.planned_adds, run.planned_removes = adds, removes
 
     held = (

@@ -189,7 +189,9 @@ class JobWatcher:
             pipe.expire(finished, KEY_TTL)
             pipe.zrem(watch, *done)
             pipe.execute()
-        log.debug("account %s: %d jobs unfinished, %d of ours finished", account, len(still), len(done))
+        log.debug(
+            "account %s: %d jobs unfinished, %d of ours finished", account, len(still), len(done)
+        )
         return pages
 
     def _finished(self, account: str, job_ids: Sequence[str]) -> list[str]:
