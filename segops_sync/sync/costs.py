@@ -142,13 +142,16 @@ def last_request_time(n: int, endpoint: Endpoint) -> float:
     return request_time(n - 1, ENDPOINT_LIMITS[endpoint]) if n > 0 else 0.0
 
 
-def floor_seconds(delta: Delta, *, job_seconds: float, direct: bool | None = None) -> float:
+def floor_seconds(
+    delta: Delta, *, job_seconds: float, direct: bool | None = None, time_scale: float = 1.0
+) -> float:
     """The shortest time Klaviyo's published limits allow for this delta.
 
     Adds (bulk): the last job is submitted at the burst rate, then runs ``job_seconds``; its
     single read and its import errors fit the same instant. Adds (synchronous): the last upsert,
     then the relationship write. Removals: the last lookup (L tier), then its DELETE; DELETEs
-    themselves are spaced by the M tier. Adds and removals run side by side.
+    themselves are spaced by the M tier. Adds and removals run side by side. ``time_scale``
+    compresses Klaviyo's windows (the simulator's); the job time is real seconds already.
     """
     if direct is None:
         direct = goes_direct(delta.adds)
@@ -162,7 +165,7 @@ def floor_seconds(delta: Delta, *, job_seconds: float, direct: bool | None = Non
         )
     elif delta.adds:
         jobs = math.ceil(delta.adds / MAX_PROFILES_PER_JOB)
-        adds = last_request_time(jobs, Endpoint.CREATE_BULK_IMPORT_JOB) + job_seconds
+        adds = last_request_time(jobs, Endpoint.CREATE_BULK_IMPORT_JOB) / time_scale + job_seconds
     removes = 0.0
     if delta.removes:
         deletes = math.ceil(delta.removes / MAX_IDS_PER_RELATIONSHIP_CALL)
@@ -170,7 +173,9 @@ def floor_seconds(delta: Delta, *, job_seconds: float, direct: bool | None = Non
             last_request_time(delta.lookup_calls, Endpoint.GET_PROFILES),
             last_request_time(deletes, Endpoint.REMOVE_LIST_PROFILES),
         )
-    return max(adds, removes)
+    if direct and delta.adds:
+        adds /= time_scale
+    return max(adds, removes / time_scale)
 
 
 __all__ = [

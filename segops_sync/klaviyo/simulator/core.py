@@ -360,6 +360,18 @@ class Simulator:
             self._advance(self._clock())
             return set(self._list(list_id).members)
 
+    def on_list(self, list_id: str, identities: Iterable[str]) -> dict[str, bool]:
+        """For each email or external_id: is its profile on the list? (Cheap on a big list.)"""
+        with self._lock:
+            self._advance(self._clock())
+            lst = self._list(list_id)
+            account = self._account(lst.account_id)
+            answer: dict[str, bool] = {}
+            for ident in identities:
+                pid = account.by_email.get(_norm_email(ident)) or account.by_external_id.get(ident)
+                answer[ident] = pid is not None and pid in lst.members
+            return answer
+
     def list_members(self, list_id: str) -> list[SimProfile]:
         with self._lock:
             self._advance(self._clock())
