@@ -112,7 +112,8 @@ def test_requests_per_endpoint_match_the_formula(stack: Stack, tmp_path: Path) -
     delta = Delta.of(churn, [(m, key(m)) for m in first[:churn]])
     assert not goes_direct(churn)
     check(sent, delta, direct=False)
-    assert sent[Endpoint.REMOVE_LIST_PROFILES] == 1 and sent[Endpoint.GET_PROFILES] == 10
+    # 1,000 leavers, one DELETE: 334 external_ids (4 lookups of <= 100) and 666 emails (7)
+    assert sent[Endpoint.REMOVE_LIST_PROFILES] == 1 and sent[Endpoint.GET_PROFILES] == 4 + 7
 
     small = churned[5:] + members(SIZE + churn, SIZE + churn + 5)
     sent = sync(stack, k, connector_id, segment, small, tmp_path, runs=3)
