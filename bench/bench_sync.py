@@ -455,11 +455,13 @@ def _connector(
     list_id: str,
     api_key: str,
 ) -> str:
+    from segops_sync.states import ConnectorStatus
+
     with session_scope() as s:
         connector, _ = create_connector(
             s, get_settings(), segment_id=segment, list_id=list_id, api_key=api_key
         )
-        set_status(s, connector.id, "active")
+        set_status(s, connector.id, ConnectorStatus.ACTIVE)
         return str(connector.id)
 
 

@@ -27,6 +27,7 @@ from segops_sync.klaviyo import (
     KlaviyoClient,
     ProfileInput,
 )
+from segops_sync.states import ItemOutcome
 from segops_sync.sync.ledger import confirm_added
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def add_directly(
             s.execute(
                 update(SyncBatchItem)
                 .where(SyncBatchItem.run_id == run_id, SyncBatchItem.user_id.in_(users))
-                .values(outcome="added", reason=None)
+                .values(outcome=ItemOutcome.ADDED, reason=None)
             )
             confirm_added(s, connector_id, run_id, users)
         on_progress()
@@ -153,7 +154,7 @@ def _save(
             s.execute(
                 update(SyncBatchItem)
                 .where(SyncBatchItem.run_id == run_id, SyncBatchItem.user_id == user_id)
-                .values(outcome="rejected", reason=reason)
+                .values(outcome=ItemOutcome.REJECTED, reason=reason)
             )
     on_progress()
 
