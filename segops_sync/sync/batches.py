@@ -317,10 +317,13 @@ def _set_outcome(
 ) -> None:
     ids = list(user_ids)
     if ids:
+        # One array parameter, not an IN list of 10,000 binds (compiled and parsed each time).
         s.execute(
-            update(SyncBatchItem)
-            .where(SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id.in_(ids))
-            .values(outcome=outcome, reason=reason)
+            text(
+                "UPDATE sync_batch_items SET outcome = :o, reason = :why "
+                "WHERE run_id = :r AND user_id = ANY(CAST(:u AS text[]))"
+            ),
+            {"o": outcome, "why": reason, "r": ctx.run_id, "u": ids},
         )
 
 
@@ -430,12 +433,11 @@ def _submit(
             continue
         with session_scope() as s:
             s.execute(
-                update(SyncBatchItem)
-                .where(
-                    SyncBatchItem.run_id == ctx.run_id,
-                    SyncBatchItem.user_id.in_([u for u, _ in members]),
-                )
-                .values(job_id=job_id)
+                text(
+                    "UPDATE sync_batch_items SET job_id = :j "
+                    "WHERE run_id = :r AND user_id = ANY(CAST(:u AS text[]))"
+                ),
+                {"j": job_id, "r": ctx.run_id, "u": [u for u, _ in members]},
             )
             s.execute(
                 update(SyncBatch)
