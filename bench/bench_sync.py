@@ -282,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--churn", type=float, default=0.1, help="share of the segment that leaves and joins (0.1)"
     )
+    parser.add_argument(
+        "--phases",
+        default="first,churn,small",
+        help="which phases to run, in order (first,churn,small); e.g. 'first' for a 5M RSS check",
+    )
     parser.add_argument("--workers", type=int, default=3, help="worker processes (3)")
     parser.add_argument("--concurrency", type=int, default=2, help="pool size of each (2)")
     parser.add_argument(
@@ -308,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="results file name (default from the parameters)")
     args = parser.parse_args(argv)
     sizes = [1_000_000] if args.million else args.members
+    order = ["first", "churn", "small"]
+    if [p.strip() for p in args.phases.split(",")] not in (order[:1], order[:2], order):
+        parser.error("--phases is first, first,churn or first,churn,small (each needs the last)")
     if not 0 < args.churn <= 0.5 or not 0 < args.headroom <= 1:
         parser.error("--churn must be within (0, 0.5] and --headroom within (0, 1]")
     name = args.name or (
@@ -489,6 +497,10 @@ def bench_size(
         (Phase("first sync", size, adds=size, removes=0), everyone, [], False),
         (Phase("churn", size, adds=churn, removes=churn), churned, everyone, False),
         (Phase("5 out 5 in", size, adds=5, removes=5), small, churned, True),
+    ]
+    wanted = [p.strip() for p in args.phases.split(",")]
+    steps = [
+        step for step, key in zip(steps, ("first", "churn", "small"), strict=True) if key in wanted
     ]
     done: list[Phase] = []
     for runs, (phase, segment_members, previous, fresh) in enumerate(steps, start=1):

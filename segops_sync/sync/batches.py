@@ -455,6 +455,8 @@ def _resend(ctx: BatchContext, job_id: str) -> None:
             update(SyncBatchItem)
             .where(
                 SyncBatchItem.run_id == ctx.run_id,
+                SyncBatchItem.kind == ctx.kind,
+                SyncBatchItem.seq == ctx.seq,
                 SyncBatchItem.job_id == job_id,
                 SyncBatchItem.outcome.is_(None),
             )
@@ -489,7 +491,10 @@ def _settle_job(
     with session_scope() as s:
         members = s.execute(
             select(SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id).where(
+                # the batch's own rows (an index), not a scan of the whole run for the job id
                 SyncBatchItem.run_id == ctx.run_id,
+                SyncBatchItem.kind == ctx.kind,
+                SyncBatchItem.seq == ctx.seq,
                 SyncBatchItem.job_id == job_id,
                 SyncBatchItem.outcome.is_(None),
             )
