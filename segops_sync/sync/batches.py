@@ -89,6 +89,7 @@ class BatchContext:
     api_key_encrypted: bytes
     abort_reason: str | None
     planned_adds: int = 0
+    job_ids: tuple[str, ...] = ()  # every bulk job this batch submitted
 
 
 class BatchStore(Protocol):
@@ -207,6 +208,7 @@ class PostgresBatchStore:
                 api_key_encrypted=connector.api_key_encrypted,
                 abort_reason=abort_reason,
                 planned_adds=planned_adds or 0,
+                job_ids=tuple(batch.job_ids or ()),
             )
 
     def fail(self, ctx: BatchContext, error: str, *, permanent: bool) -> None:
@@ -333,6 +335,12 @@ def _set_outcome(
 def _add(
     ctx: BatchContext, client: KlaviyoClient, settings: Settings, jobs: AccountJobs
 ) -> BatchStep:
+    if ctx.status == BatchStatus.SUBMITTED and ctx.job_ids:
+        # Waking while its jobs run is the common case (a million members: a hundred batches,
+        # each back every poll): ask the watcher before reading any of the batch's rows.
+        early = jobs.view(list(ctx.job_ids))
+        if not early.finished:
+            return Later(early.wait or settings.job_poll_interval, "bulk import job still running")
     with session_scope() as s:
         unsent = s.execute(
             _items(s, ctx)
@@ -382,6 +390,7 @@ def _add(
         return Later(0.1, "resend a lost job")
     if running:
         return Later(view.wait or settings.job_poll_interval, "bulk import job still running")
+    jobs.forget(ctx.job_ids)  # nothing of this batch is watched any more
     return _finish(ctx)
 
 
