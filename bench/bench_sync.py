@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", help="a Redis server, no db number (default: embedded)")
     parser.add_argument("--timeout", type=float, default=3600, help="per sync, seconds")
     parser.add_argument("--name", help="results file name (default from the parameters)")
+    parser.add_argument("--keep-logs", help="copy the worker logs into this directory")
     args = parser.parse_args(argv)
     sizes = [1_000_000] if args.million else args.members
     order = ["first", "churn", "small"]
@@ -439,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in workers:
             proc.stop()
+            if args.keep_logs:
+                Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+                shutil.copy(proc.log_path, args.keep_logs)
         os.environ.clear()
         os.environ.update(saved_env)
         shutil.rmtree(workdir, ignore_errors=True)
