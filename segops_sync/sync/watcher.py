@@ -40,7 +40,7 @@ from urllib.parse import quote
 
 import redis
 
-from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint, KlaviyoClient
+from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint, KlaviyoClient, RateLimited
 from segops_sync.klaviyo.payloads import MAX_PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,12 @@ class JobWatcher:
             polled = True
             try:
                 pages = self._poll(account, client)
+            except RateLimited as exc:
+                # Nobody polls again before Klaviyo's Retry-After: the fleet-wide back-off only
+                # starts once this batch has handled the 429, which another could beat.
+                hold = exc.retry_after if exc.retry_after is not None else self.interval
+                self._redis.set(gate, "polled", px=max(1, math.ceil(hold * 1000)))
+                raise
             except BaseException:
                 # Nobody learnt anything: let the next batch poll without waiting a full gate.
                 self._redis.delete(gate)
