@@ -136,13 +136,23 @@ def _set_status(status: ConnectorStatus) -> Callable[[argparse.Namespace, Settin
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
+    from segops_sync.sync.progress import running_progress
 
     with session_scope() as s:
         doc = connector_json(get_connector(s, args.connector_id))
+        progress = running_progress(s, args.connector_id)
+    if progress is not None:  # only while a run is running: otherwise the JSON is INTERFACE's
+        doc["progress"] = progress.as_json()
     if args.json:
         _print_json(doc)
     else:
         _show_connector(doc)
+        if progress is not None:
+            share = f" ({progress.done / progress.total:.0%})" if progress.total else ""
+            print(
+                f"{'progress':15} {progress.done}/{progress.total} members{share}, "
+                f"run {progress.run_id} running since {progress.started_at.isoformat()}"
+            )
     return EXIT_OK
 
 
@@ -166,6 +176,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
+    from segops_sync.follow import Follower
     from segops_sync.sync.runs import finished_runs, wait_until_idle
     from segops_sync.tasks import trigger_sync
 
@@ -185,7 +196,16 @@ def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     # a coalesced trigger is served by the run after the one going now
     expected = done_before + (2 if outcome.reason == StartReason.COALESCED else 1)
-    run = wait_until_idle(args.connector_id, finished_at_least=expected, timeout=WAIT_TIMEOUT)
+    follower = Follower(args.connector_id, sys.stdout, interval=settings.progress_interval)
+    try:
+        run = wait_until_idle(
+            args.connector_id,
+            finished_at_least=expected,
+            timeout=WAIT_TIMEOUT,
+            on_poll=follower.tick,
+        )
+    finally:
+        follower.close()
     if run is None:
         raise Failure(
             f"the sync did not finish within {WAIT_TIMEOUT:.0f}s; see `connectors history`"
