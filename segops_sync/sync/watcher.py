@@ -11,8 +11,9 @@ Coordination, all in Redis, per account:
 
 ``gate``
     ``SET NX PX``: whoever sets it polls, and nobody polls again until it expires. It holds
-    ``polling`` during the poll (waiters come back in a moment, not a whole interval later) and
-    then ``polled`` until the next poll is due. A poller that dies leaves a gate that expires.
+    ``polling`` during the poll (a lease of 5 s; waiters come back in a moment, not a whole
+    interval later), then ``polled`` until the next poll is due (after a 429, until its
+    Retry-After). A poller that dies leaves a lease that expires.
 ``watch``
     sorted set job id -> when it was registered (Redis server time, µs). A poll that *started*
     after a job was registered and did not list it proves the job left the unfinished states;
@@ -50,6 +51,8 @@ UNFINISHED = ("queued", "processing")
 POLL_SHARE = 0.4
 # Keys of an idle account disappear after this long (seconds).
 KEY_TTL = 86_400
+# How long a poll may hold the gate before another process may take it (milliseconds).
+POLL_LEASE_MS = 5_000
 # How soon a waiter looks again while someone else's poll is under way (seconds).
 POLL_IN_PROGRESS_WAIT = 0.05
 
@@ -145,8 +148,10 @@ class JobWatcher:
         polled = False
         gate = self._key(account, "gate")
         gate_ms = max(1, math.ceil(self.interval * 1000))
+        # The lease covers the poll itself (a short interval must not let a second poller in
+        # while the first still waits for its answer); a poller that dies frees it in 5 s.
         if not finished_now.issuperset(job_ids) and self._redis.set(
-            gate, "polling", nx=True, px=gate_ms
+            gate, "polling", nx=True, px=max(gate_ms, POLL_LEASE_MS)
         ):
             polled = True
             try:
