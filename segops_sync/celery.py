@@ -121,8 +121,13 @@ def _check_settings(**_: Any) -> None:
             raise ConfigError(_config_error)
         settings = get_settings()
         settings.require_database_url()
-        settings.require_secret_key()
         settings.require_alert_settings()
+        # Refuse now, not at every connector's next sync, when the key ring cannot read them.
+        from segops_sync.keys import check_keys_at_start
+
+        warning = check_keys_at_start(settings)
+        if warning:
+            _say_warning(warning)
     except ConfigError as exc:
         _refuse(str(exc))
     if settings.metrics_port is not None:
@@ -136,6 +141,15 @@ def _check_settings(**_: Any) -> None:
                 f"SEGOPS_METRICS_PORT={settings.metrics_port}: cannot serve metrics "
                 f"({exc.strerror or exc})"
             )
+
+
+def _say_warning(message: str) -> None:
+    """One warning line at start, before logging is set up; JSON when the logs are JSON."""
+    if _json_logs():
+        sys.stderr.flush()
+        os.write(2, obs_log.json_line(message, level="WARNING", logger="segops_sync"))
+    else:
+        print(message, file=sys.stderr)
 
 
 def _refuse(reason: str) -> NoReturn:
