@@ -38,6 +38,8 @@ from segops_sync.observability import logging as obs_log
 from segops_sync.secrets import decrypt_api_key
 from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus, ItemOutcome
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
+from segops_sync.sync.costs import goes_direct
+from segops_sync.sync.direct import add_directly
 from segops_sync.sync.ledger import (
     added_times,
     confirm_added,
@@ -46,6 +48,7 @@ from segops_sync.sync.ledger import (
     remember_profile_ids,
 )
 from segops_sync.sync.outcomes import Action, decide
+from segops_sync.sync.watcher import AccountJobs
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,8 @@ class BatchContext:
     list_id: str
     api_key_encrypted: bytes
     abort_reason: str | None
+    planned_adds: int = 0
+    job_ids: tuple[str, ...] = ()  # every bulk job this batch submitted
 
 
 class BatchStore(Protocol):
@@ -143,12 +148,17 @@ def run_batch(
             ctx, f"{exc}; re-enter the key with `segops-sync connectors update`", permanent=True
         )
         return Finished(batch_id, False)
-    do = work or (_add if ctx.kind == BatchKind.ADD else _remove)
     limited: LimitedSession | None = None
     try:
         client, limited = access.client(api_key, claimant=ctx.connector_id)
         with client:
-            return do(ctx, client, settings)
+            if work is not None:
+                return work(ctx, client, settings)
+            if ctx.kind == BatchKind.ADD and goes_direct(ctx.planned_adds, settings):
+                return _add_direct(ctx, client, settings)
+            if ctx.kind == BatchKind.ADD:
+                return _add(ctx, client, settings, access.jobs(client, limited))
+            return _remove(ctx, client, settings)
     except (Throttled, KlaviyoError) as exc:
         decision = decide(exc, list_id=ctx.list_id)
         from_klaviyo = not isinstance(exc, Throttled)
@@ -175,14 +185,14 @@ class PostgresBatchStore:
     def load(self, batch_id: int) -> BatchContext | None:
         with session_scope() as s:
             row = s.execute(
-                select(SyncBatch, SyncRun.abort_reason, Connector)
+                select(SyncBatch, SyncRun.abort_reason, Connector, SyncRun.planned_adds)
                 .join(SyncRun, SyncRun.id == SyncBatch.run_id)
                 .join(Connector, Connector.id == SyncRun.connector_id)
                 .where(SyncBatch.id == batch_id)
             ).one_or_none()
             if row is None:
                 return None
-            batch, abort_reason, connector = row
+            batch, abort_reason, connector, planned_adds = row
             now = datetime.now(UTC)
             if batch.first_attempt_at is None:
                 batch.first_attempt_at = now
@@ -199,6 +209,8 @@ class PostgresBatchStore:
                 list_id=connector.list_id,
                 api_key_encrypted=connector.api_key_encrypted,
                 abort_reason=abort_reason,
+                planned_adds=planned_adds or 0,
+                job_ids=tuple(batch.job_ids or ()),
             )
 
     def fail(self, ctx: BatchContext, error: str, *, permanent: bool) -> None:
@@ -309,17 +321,28 @@ def _set_outcome(
 ) -> None:
     ids = list(user_ids)
     if ids:
+        # One array parameter, not an IN list of 10,000 binds (compiled and parsed each time).
         s.execute(
-            update(SyncBatchItem)
-            .where(SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id.in_(ids))
-            .values(outcome=outcome, reason=reason)
+            text(
+                "UPDATE sync_batch_items SET outcome = :o, reason = :why "
+                "WHERE run_id = :r AND user_id = ANY(CAST(:u AS text[]))"
+            ),
+            {"o": outcome, "why": reason, "r": ctx.run_id, "u": ids},
         )
 
 
 # -- adds: bulk import jobs with the list attached -----------------------------------------
 
 
-def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
+def _add(
+    ctx: BatchContext, client: KlaviyoClient, settings: Settings, jobs: AccountJobs
+) -> BatchStep:
+    if ctx.status == BatchStatus.SUBMITTED and ctx.job_ids:
+        # Waking while its jobs run is the common case (a million members: a hundred batches,
+        # each back every poll): ask the watcher before reading any of the batch's rows.
+        early = jobs.view(list(ctx.job_ids))
+        if not early.finished:
+            return Later(early.wait or settings.job_poll_interval, "bulk import job still running")
     with session_scope() as s:
         unsent = s.execute(
             _items(s, ctx)
@@ -333,7 +356,7 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
         members = [(uid, ProfileInput(email=email, external_id=ext)) for uid, email, ext in unsent]
         start = 0
         for chunk in split_into_jobs([p for _, p in members]):
-            _submit(ctx, client, members[start : start + len(chunk)])
+            _submit(ctx, client, members[start : start + len(chunk)], jobs)
             start += len(chunk)
 
     with session_scope() as s:
@@ -343,12 +366,15 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
             .with_only_columns(SyncBatchItem.job_id)
             .distinct()
         ).all()
-    running = False
-    for job_id in job_ids:
-        assert job_id is not None
+    # One poll of the account's unfinished jobs answers for every batch (sync/watcher.py);
+    # only a job that left them is read on its own, once.
+    view = jobs.view([j for j in job_ids if j is not None])
+    running = bool(view.running)
+    for job_id in view.finished:
         try:
             job = quick_retry(client.get_bulk_import_job, job_id)
             if job.status in ("queued", "processing"):
+                jobs.still_running(job_id)  # the poll's pages shifted under it
                 running = True
                 continue
             if job.status == "complete":
@@ -356,19 +382,47 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
                 problem = _settle_job(ctx, job.id, job.failed_count, errors)
                 if problem is not None:
                     return _transient(ctx, problem, settings)
+                jobs.forget([job_id])
                 continue
         except NotFound:
             pass  # Klaviyo lost the job, or its results expired before we read them
         log.warning("bulk import job %s is gone or cancelled; its members are sent again", job_id)
         _resend(ctx, job_id)
+        jobs.forget([job_id])
         return Later(0.1, "resend a lost job")
     if running:
-        return Later(settings.job_poll_interval, "bulk import job still running")
+        return Later(view.wait or settings.job_poll_interval, "bulk import job still running")
+    jobs.forget(ctx.job_ids)  # nothing of this batch is watched any more
+    return _finish(ctx)
+
+
+def _add_direct(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
+    """A small delta's adds: profile-import per member, then one list write (sync/direct.py)."""
+
+    def progress() -> None:
+        with session_scope() as s:
+            _progress(s, ctx)
+
+    again = add_directly(
+        ctx.run_id,
+        ctx.kind,
+        ctx.seq,
+        ctx.connector_id,
+        ctx.list_id,
+        client,
+        retry=quick_retry,
+        on_progress=progress,
+    )
+    if again is not None:
+        return Later(0.1, again)
     return _finish(ctx)
 
 
 def _submit(
-    ctx: BatchContext, client: KlaviyoClient, members: list[tuple[str, ProfileInput]]
+    ctx: BatchContext,
+    client: KlaviyoClient,
+    members: list[tuple[str, ProfileInput]],
+    jobs: AccountJobs,
 ) -> None:
     """Create one job; when Klaviyo rejects the whole job for some members, drop them and resend."""
     while members:
@@ -390,12 +444,11 @@ def _submit(
             continue
         with session_scope() as s:
             s.execute(
-                update(SyncBatchItem)
-                .where(
-                    SyncBatchItem.run_id == ctx.run_id,
-                    SyncBatchItem.user_id.in_([u for u, _ in members]),
-                )
-                .values(job_id=job_id)
+                text(
+                    "UPDATE sync_batch_items SET job_id = :j "
+                    "WHERE run_id = :r AND user_id = ANY(CAST(:u AS text[]))"
+                ),
+                {"j": job_id, "r": ctx.run_id, "u": [u for u, _ in members]},
             )
             s.execute(
                 update(SyncBatch)
@@ -403,6 +456,7 @@ def _submit(
                 .values(status=BatchStatus.SUBMITTED, job_ids=SyncBatch.job_ids.op("||")([job_id]))
             )
             _progress(s, ctx)
+        jobs.register([job_id])
         return
 
 
@@ -412,6 +466,8 @@ def _resend(ctx: BatchContext, job_id: str) -> None:
             update(SyncBatchItem)
             .where(
                 SyncBatchItem.run_id == ctx.run_id,
+                SyncBatchItem.kind == ctx.kind,
+                SyncBatchItem.seq == ctx.seq,
                 SyncBatchItem.job_id == job_id,
                 SyncBatchItem.outcome.is_(None),
             )
@@ -446,7 +502,10 @@ def _settle_job(
     with session_scope() as s:
         members = s.execute(
             select(SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id).where(
+                # the batch's own rows (an index), not a scan of the whole run for the job id
                 SyncBatchItem.run_id == ctx.run_id,
+                SyncBatchItem.kind == ctx.kind,
+                SyncBatchItem.seq == ctx.seq,
                 SyncBatchItem.job_id == job_id,
                 SyncBatchItem.outcome.is_(None),
             )

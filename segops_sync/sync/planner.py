@@ -28,9 +28,11 @@ from segops_sync.states import (
     StartReason,
     Trigger,
 )
+from segops_sync.sync.costs import DIRECT_BATCH_SIZE, goes_direct
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
 
 # One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
+# (A run with few adds sends them synchronously instead, DIRECT_BATCH_SIZE to a batch.)
 ADD_BATCH_SIZE = 10_000
 # One relationship DELETE takes up to 1,000 profile ids.
 REMOVE_BATCH_SIZE = 1_000
@@ -49,6 +51,19 @@ _REMOVED_SQL = """
       AND NOT EXISTS (SELECT 1 FROM segment_members sm
                       WHERE sm.segment_id = :seg AND sm.user_id = cm.user_id)
 """
+
+# Both directions of the delta in one pass: a hash full join of the segment against the ledger
+# reads each table once (index-only when vacuumed); two anti-joins read each twice.
+_DELTA_SQL = """
+    SELECT COALESCE(s.user_id, cm.user_id) AS user_id, s.user_id IS NOT NULL AS joins,
+           cm.email, cm.external_id, cm.profile_id
+    FROM (SELECT user_id FROM segment_members WHERE segment_id = :seg) s
+    FULL JOIN (SELECT user_id, email, external_id, profile_id FROM connector_members
+               WHERE connector_id = :c) cm ON cm.user_id = s.user_id
+    WHERE s.user_id IS NULL OR cm.user_id IS NULL
+"""
+# Enough for the hash of a few million ids in one batch instead of spilling to disk in eight.
+_DELTA_WORK_MEM = "SET LOCAL work_mem = '128MB'"
 
 
 @dataclass(frozen=True)
@@ -136,12 +151,16 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
         return _open_batches(session, run)
     connector = session.get_one(Connector, run.connector_id)
     params: dict[str, Any] = {"run": run.id, "seg": connector.segment_id, "c": connector.id}
+    session.execute(text(_DELTA_WORK_MEM))
+    session.execute(text(f"CREATE TEMP TABLE run_delta ON COMMIT DROP AS {_DELTA_SQL}"), params)
     adds = _rowcount(
         session.execute(
             text(
                 "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id) "
-                "SELECT :run, d.user_id, :kind, (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
-                f"d.email, d.external_id FROM ({_ADDED_SQL}) d"
+                "SELECT :run, sm.user_id, :kind, "
+                "(row_number() OVER (ORDER BY sm.user_id) - 1) / :size, "
+                f"{SQL_EMAIL}, {SQL_EXTERNAL_ID} "
+                "FROM run_delta sm LEFT JOIN identities i ON i.user_id = sm.user_id WHERE sm.joins"
             ),
             {**params, "size": ADD_BATCH_SIZE, "kind": BatchKind.ADD},
         )
@@ -151,11 +170,23 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
             text(
                 "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, profile_id) "
                 "SELECT :run, d.user_id, :kind, (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
-                f"d.email, d.external_id, d.profile_id FROM ({_REMOVED_SQL}) d"
+                "d.email, d.external_id, d.profile_id FROM run_delta d WHERE NOT d.joins"
             ),
             {**params, "size": REMOVE_BATCH_SIZE, "kind": BatchKind.REMOVE},
         )
     )
+    if goes_direct(adds, settings):
+        # A small delta's adds take the synchronous path (sync/direct.py, arithmetic in
+        # sync/costs.py): batches of DIRECT_BATCH_SIZE, so a few run side by side.
+        session.execute(
+            text(
+                "UPDATE sync_batch_items it SET seq = n.rn / :size FROM ("
+                "SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS rn "
+                "FROM sync_batch_items WHERE run_id = :run AND kind = :kind) n "
+                "WHERE it.run_id = :run AND it.kind = :kind AND it.user_id = n.user_id"
+            ),
+            {"run": run.id, "size": DIRECT_BATCH_SIZE, "kind": BatchKind.ADD},
+        )
     run.planned_adds, run.planned_removes = adds, removes
 
     held = (
@@ -248,8 +279,7 @@ def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
     """The pending delta, computed exactly as a run would, without touching Klaviyo."""
     connector = get_connector(session, connector_id)
     params = {"seg": connector.segment_id, "c": connector.id}
-    adds = session.scalar(text(f"SELECT count(*) FROM ({_ADDED_SQL}) d"), params) or 0
-    removes = session.scalar(text(f"SELECT count(*) FROM ({_REMOVED_SQL}) d"), params) or 0
+    adds, removes = delta_sizes(session, connector)
     sample_adds = [
         dict(r._mapping)
         for r in session.execute(
@@ -263,3 +293,16 @@ def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
         )
     ]
     return Preview(adds, removes, sample_adds, sample_removes)
+
+
+def delta_sizes(session: Session, connector: Connector) -> tuple[int, int]:
+    """(adds, removes) by the planner's own one-pass delta, without writing anything."""
+    session.execute(text(_DELTA_WORK_MEM))
+    row = session.execute(
+        text(
+            "SELECT count(*) FILTER (WHERE joins), count(*) FILTER (WHERE NOT joins) "
+            f"FROM ({_DELTA_SQL}) d"
+        ),
+        {"seg": connector.segment_id, "c": connector.id},
+    ).one()
+    return int(row[0]), int(row[1])

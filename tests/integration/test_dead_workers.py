@@ -257,6 +257,7 @@ def test_poison_pill_batch_fails_its_run_and_the_worker_lives(
             beat=False,
             extra_args=["-I", "tests.integration.poison"],
             SEGOPS_TEST_POISON_LIST=poisoned.list_id,
+            SEGOPS_DIRECT_ADD_LIMIT="0",  # the fault is in bulk imports: small syncs use them too
         )
         bad_segment, good_segment = new_segment(), new_segment()
         bad = create_connector(poisoned, bad_segment)
