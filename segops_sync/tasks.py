@@ -119,12 +119,11 @@ def context_identified(*args: Any, **kwargs: Any) -> None:
         if not isinstance(traits, dict):
             raise Malformed("traits must be an object")
         email = traits.get("email")
-        if email is None:
-            return  # an identify without an email changes nothing for Klaviyo
-        if not isinstance(email, str):
+        if email is not None and not isinstance(email, str):
             raise Malformed("traits.email must be a string")
         with session_scope() as s:
-            record_identity(s, user_id, email)
+            # every trait is kept; connectors choose the ones they send (sync/traits.py)
+            record_identity(s, user_id, email, traits)
     except (Malformed, BadIdentity) as exc:
         _drop("segops.context_identified", str(exc))
 

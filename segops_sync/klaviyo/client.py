@@ -31,6 +31,7 @@ from segops_sync.klaviyo.models import (
     ImportedProfile,
     ImportErrorItem,
     KlaviyoList,
+    ListMember,
     ProfileInput,
     RateLimitHeaders,
 )
@@ -143,8 +144,12 @@ class KlaviyoClient:
                 endpoint=endpoint,
             )
         attrs = _obj(data, "attributes")
-        name = attrs.get("name")
-        return KlaviyoList(id=found, name=name if isinstance(name, str) else "")
+        name, opt_in = attrs.get("name"), attrs.get("opt_in_process")
+        return KlaviyoList(
+            id=found,
+            name=name if isinstance(name, str) else "",
+            opt_in_process=opt_in if isinstance(opt_in, str) else None,
+        )
 
     def create_bulk_import_job(self, profiles: Sequence[ProfileInput], list_id: str) -> str:
         """Submits one bulk import job with the list attached; returns the job id.
@@ -261,6 +266,27 @@ class KlaviyoClient:
         for item in self._paginate(endpoint, endpoint.path(list_id), params):
             yield _str_field(item, "id", endpoint)
 
+    def iter_list_members(self, list_id: str) -> Iterator[list[ListMember]]:
+        """The list read back a page at a time (100 a page, L tier), with the identifiers
+        the sync matches on; one page per request, so a caller can store each as it comes."""
+        endpoint = Endpoint.GET_LIST_MEMBERS
+        params = {"page[size]": str(MAX_PAGE_SIZE), "fields[profile]": "email,external_id"}
+        page: list[ListMember] = []
+        for item, last_of_page in self._paginate_marked(endpoint, endpoint.path(list_id), params):
+            if item is not None:
+                attrs = _obj(item, "attributes")
+                email, ext = attrs.get("email"), attrs.get("external_id")
+                page.append(
+                    ListMember(
+                        id=_str_field(item, "id", endpoint),
+                        email=email if isinstance(email, str) else None,
+                        external_id=ext if isinstance(ext, str) else None,
+                    )
+                )
+            if last_of_page:
+                yield page
+                page = []
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def _relationship(self, endpoint: Endpoint, list_id: str, profile_ids: Sequence[str]) -> None:
@@ -323,6 +349,14 @@ class KlaviyoClient:
     def _paginate(
         self, endpoint: Endpoint, path: str, params: dict[str, str]
     ) -> Iterator[dict[str, Any]]:
+        for item, _ in self._paginate_marked(endpoint, path, params):
+            if item is not None:
+                yield item
+
+    def _paginate_marked(
+        self, endpoint: Endpoint, path: str, params: dict[str, str]
+    ) -> Iterator[tuple[dict[str, Any] | None, bool]]:
+        """(item, False) for each item, then (None, True) at the end of every page."""
         url: str = path
         query: dict[str, str] | None = params
         seen: set[str] = set()
@@ -333,7 +367,8 @@ class KlaviyoClient:
                 raise _malformed(endpoint, "data is not a list")
             for item in data:
                 if isinstance(item, dict):
-                    yield item
+                    yield item, False
+            yield None, True
             links = _obj(doc, "links")
             nxt = links.get("next")
             if not isinstance(nxt, str) or not nxt:

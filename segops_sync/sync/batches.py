@@ -41,6 +41,7 @@ from segops_sync.klaviyo import (
 from segops_sync.secrets import decrypt_api_key, scrub
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.ledger import confirm_added, confirm_removed, remember_profile_ids
+from segops_sync.sync.traits import klaviyo_profile
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +288,14 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
             .where(SyncBatchItem.job_id.is_(None), SyncBatchItem.outcome.is_(None))
             .order_by(SyncBatchItem.user_id)
             .with_only_columns(
-                SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id
+                SyncBatchItem.user_id,
+                SyncBatchItem.email,
+                SyncBatchItem.external_id,
+                SyncBatchItem.traits,
             )
         ).all()
     if unsent:
-        members = [(uid, ProfileInput(email=email, external_id=ext)) for uid, email, ext in unsent]
+        members = _profiles(ctx, unsent)
         start = 0
         for chunk in split_into_jobs([p for _, p in members]):
             _submit(ctx, client, members[start : start + len(chunk)])
@@ -326,6 +330,27 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
     if running:
         return Later(settings.job_poll_interval, "bulk import job still running")
     return _finish(ctx)
+
+
+def _profiles(ctx: BatchContext, rows: Sequence[Any]) -> list[tuple[str, ProfileInput]]:
+    """What Klaviyo gets for each member; trait values it would refuse are left out, and named
+    on the item (set, not added: a resumed batch counts them once)."""
+    members: list[tuple[str, ProfileInput]] = []
+    dropped: dict[str, list[str]] = {}
+    for user_id, email, external_id, traits in rows:
+        built = klaviyo_profile(email, external_id, traits)
+        members.append((user_id, built.profile))
+        if built.dropped:
+            dropped[user_id] = built.dropped
+    if dropped:
+        with session_scope() as s:
+            for user_id, names in dropped.items():
+                s.execute(
+                    update(SyncBatchItem)
+                    .where(SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id == user_id)
+                    .values(dropped_traits=names)
+                )
+    return members
 
 
 def _submit(
@@ -414,14 +439,19 @@ def _settle_job(
     confirmed (the others would be "added" on faith, the silent success others ship)."""
     with session_scope() as s:
         members = s.execute(
-            select(SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id).where(
+            select(
+                SyncBatchItem.user_id,
+                SyncBatchItem.email,
+                SyncBatchItem.external_id,
+                SyncBatchItem.refresh,
+            ).where(
                 SyncBatchItem.run_id == ctx.run_id,
                 SyncBatchItem.job_id == job_id,
                 SyncBatchItem.outcome.is_(None),
             )
         ).all()
-        by_email = {e.lower(): u for u, e, _ in members if e}
-        by_ext = {x: u for u, _, x in members if x}
+        by_email = {e.lower(): u for u, e, _, _ in members if e}
+        by_ext = {x: u for u, _, x, _ in members if x}
         rejected: dict[str, str] = {}
         unattributed = 0
         for err in errors:
@@ -440,8 +470,11 @@ def _settle_job(
             )
         for user_id, reason in rejected.items():
             _set_outcome(s, ctx, [user_id], "rejected", reason)
-        accepted = [u for u, _, _ in members if u not in rejected]
-        _set_outcome(s, ctx, accepted, "added")
+        accepted = [u for u, _, _, _ in members if u not in rejected]
+        refreshed = {u for u, _, _, refresh in members if refresh}
+        _set_outcome(s, ctx, [u for u in accepted if u not in refreshed], "added")
+        # already on the list: only their traits were sent again
+        _set_outcome(s, ctx, [u for u in accepted if u in refreshed], "updated")
         confirm_added(s, ctx.connector_id, ctx.run_id, accepted)
         _progress(s, ctx)
     return None

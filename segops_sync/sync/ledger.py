@@ -17,16 +17,19 @@ def forget_ledger(session: Session, connector_id: str) -> None:
 def confirm_added(
     session: Session, connector_id: str, run_id: str, user_ids: Sequence[str]
 ) -> None:
-    """Members Klaviyo accepted into the list enter the ledger (with what was sent)."""
+    """Members Klaviyo accepted into the list enter the ledger (with what was sent, and the
+    hash of the traits sent, so that a change of them is sent again)."""
     if not user_ids:
         return
     session.execute(
         text(
-            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id) "
-            "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id FROM sync_batch_items it "
+            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id, "
+            "traits_hash) "
+            "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash "
+            "FROM sync_batch_items it "
             "WHERE it.run_id = :r AND it.user_id = ANY(:u) "
             "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
-            "external_id = EXCLUDED.external_id, "
+            "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
             "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
         ),
         {"c": connector_id, "r": run_id, "u": list(user_ids)},

@@ -19,6 +19,7 @@ from segops_sync.config import Settings
 from segops_sync.connectors import get_connector
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncRun
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 
 # One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
 ADD_BATCH_SIZE = 10_000
@@ -26,12 +27,29 @@ ADD_BATCH_SIZE = 10_000
 REMOVE_BATCH_SIZE = 1_000
 
 _ADDED_SQL = f"""
-    SELECT sm.user_id, {SQL_EMAIL} AS email, {SQL_EXTERNAL_ID} AS external_id
+    SELECT sm.user_id, {SQL_EMAIL} AS email, {SQL_EXTERNAL_ID} AS external_id,
+           {SELECTED_TRAITS_SQL} AS traits, {TRAITS_HASH_SQL} AS traits_hash, false AS refresh
     FROM segment_members sm LEFT JOIN identities i ON i.user_id = sm.user_id
     WHERE sm.segment_id = :seg
       AND NOT EXISTS (SELECT 1 FROM connector_members cm
                       WHERE cm.connector_id = :c AND cm.user_id = sm.user_id)
 """
+# Members on the list whose named traits changed since Klaviyo confirmed them: sent again
+# through the bulk path (an upsert with the list attached), costing only those members.
+_CHANGED_SQL = f"""
+    SELECT sm.user_id, {SQL_EMAIL} AS email, {SQL_EXTERNAL_ID} AS external_id,
+           {SELECTED_TRAITS_SQL} AS traits, {TRAITS_HASH_SQL} AS traits_hash, true AS refresh
+    FROM segment_members sm
+    JOIN connector_members cm ON cm.connector_id = :c AND cm.user_id = sm.user_id
+    LEFT JOIN identities i ON i.user_id = sm.user_id
+    WHERE sm.segment_id = :seg
+      AND cm.traits_hash IS DISTINCT FROM {TRAITS_HASH_SQL}
+"""
+
+
+def _adds_sql(traits: list[str]) -> str:
+    # Without named traits every hash is NULL: skip the per-member comparison altogether.
+    return f"{_ADDED_SQL} UNION ALL {_CHANGED_SQL}" if traits else _ADDED_SQL
 _REMOVED_SQL = """
     SELECT cm.user_id, cm.email, cm.external_id, cm.profile_id
     FROM connector_members cm
@@ -117,13 +135,19 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
     if run.phase != "planning":
         return _open_batches(session, run)
     connector = session.get_one(Connector, run.connector_id)
-    params: dict[str, Any] = {"run": run.id, "seg": connector.segment_id, "c": connector.id}
+    params: dict[str, Any] = {
+        "run": run.id,
+        "seg": connector.segment_id,
+        "c": connector.id,
+        "names": list(connector.traits or []),
+    }
     adds = _rowcount(
         session.execute(
             text(
-                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id) "
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, "
+                "traits, traits_hash, refresh) "
                 "SELECT :run, d.user_id, 'add', (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
-                f"d.email, d.external_id FROM ({_ADDED_SQL}) d"
+                f"d.email, d.external_id, d.traits, d.traits_hash, d.refresh FROM ({_adds_sql(connector.traits)}) d"
             ),
             {**params, "size": ADD_BATCH_SIZE},
         )
@@ -217,11 +241,11 @@ class Preview:
 def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
     """The pending delta, computed exactly as a run would, without touching Klaviyo."""
     connector = get_connector(session, connector_id)
-    params = {"seg": connector.segment_id, "c": connector.id}
+    params = {"seg": connector.segment_id, "c": connector.id, "names": list(connector.traits or [])}
     adds = session.scalar(text(f"SELECT count(*) FROM ({_ADDED_SQL}) d"), params) or 0
     removes = session.scalar(text(f"SELECT count(*) FROM ({_REMOVED_SQL}) d"), params) or 0
     sample_adds = [
-        dict(r._mapping)
+        {k: v for k, v in r._mapping.items() if k in ("user_id", "email", "external_id")}
         for r in session.execute(
             text(f"{_ADDED_SQL} ORDER BY sm.user_id LIMIT :n"), {**params, "n": sample}
         )

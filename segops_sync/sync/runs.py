@@ -39,6 +39,7 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     run.removed = sum(b.removed for b in batches)
     run.rejected = sum(b.rejected for b in batches)
     run.pending = sum(b.pending for b in batches)
+    _trait_counts(session, run)
     failed = [b for b in batches if b.status == "failed"]
     error: str | None = None
     if failed:
@@ -137,6 +138,19 @@ def wait_until_idle(connector_id: str, *, finished_at_least: int, timeout: float
                 return newest
         time.sleep(0.25)
     return None
+
+
+def _trait_counts(session: Session, run: SyncRun) -> None:
+    """Trait updates and refused trait values, counted from the members' rows."""
+    updated, dropped = session.execute(
+        text(
+            "SELECT count(*) FILTER (WHERE outcome = 'updated'), "
+            "COALESCE(sum(cardinality(dropped_traits)), 0) "
+            "FROM sync_batch_items WHERE run_id = :r"
+        ),
+        {"r": run.id},
+    ).one()
+    run.updated, run.traits_dropped = int(updated), int(dropped)
 
 
 def _rejections(session: Session, run: SyncRun) -> str:
