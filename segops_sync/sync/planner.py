@@ -50,6 +50,8 @@ _CHANGED_SQL = f"""
 def _adds_sql(traits: list[str]) -> str:
     # Without named traits every hash is NULL: skip the per-member comparison altogether.
     return f"{_ADDED_SQL} UNION ALL {_CHANGED_SQL}" if traits else _ADDED_SQL
+
+
 _REMOVED_SQL = """
     SELECT cm.user_id, cm.email, cm.external_id, cm.profile_id
     FROM connector_members cm
