@@ -76,6 +76,8 @@ class Connector(Base):
         Boolean, default=False, server_default=text("false")
     )
     resync_trigger: Mapped[str | None] = mapped_column(Text)
+    # The list's opt_in_process as Klaviyo last reported it (double_opt_in | single_opt_in).
+    opt_in_process: Mapped[str | None] = mapped_column(Text)
     # The context_identified traits this connector sends to Klaviyo (besides the email).
     traits: Mapped[list[str]] = mapped_column(
         ARRAY(Text), default=list, server_default=text("'{}'::text[]")
@@ -225,4 +227,5 @@ class ListSnapshotEntry(Base):
     )
     email: Mapped[str | None] = mapped_column(Text)
     external_id: Mapped[str | None] = mapped_column(Text)
+    suppressed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -266,26 +266,43 @@ class KlaviyoClient:
         for item in self._paginate(endpoint, endpoint.path(list_id), params):
             yield _str_field(item, "id", endpoint)
 
-    def iter_list_members(self, list_id: str) -> Iterator[list[ListMember]]:
-        """The list read back a page at a time (100 a page, L tier), with the identifiers
-        the sync matches on; one page per request, so a caller can store each as it comes."""
+    def list_members_page(
+        self, list_id: str, next_url: str | None = None
+    ) -> tuple[list[ListMember], str | None]:
+        """One page of the list read back (100 a page, L tier) with the identifiers the sync
+        matches on and whether each profile's email is suppressed; and the next page's URL.
+
+        One request per call, so a caller that is throttled can ask for the same page again."""
         endpoint = Endpoint.GET_LIST_MEMBERS
-        params = {"page[size]": str(MAX_PAGE_SIZE), "fields[profile]": "email,external_id"}
-        page: list[ListMember] = []
-        for item, last_of_page in self._paginate_marked(endpoint, endpoint.path(list_id), params):
-            if item is not None:
-                attrs = _obj(item, "attributes")
-                email, ext = attrs.get("email"), attrs.get("external_id")
-                page.append(
-                    ListMember(
-                        id=_str_field(item, "id", endpoint),
-                        email=email if isinstance(email, str) else None,
-                        external_id=ext if isinstance(ext, str) else None,
-                    )
-                )
-            if last_of_page:
-                yield page
-                page = []
+        if next_url is None:
+            url: str = endpoint.path(list_id)
+            params: dict[str, str] | None = {
+                "page[size]": str(MAX_PAGE_SIZE),
+                "fields[profile]": "email,external_id,subscriptions.email.marketing.suppression",
+                # stays in the L tier (only predictive_analytics costs more)
+                "additional-fields[profile]": "subscriptions",
+            }
+        else:
+            url, params = self._same_origin(next_url, endpoint), None
+        doc = self._json(self._request(endpoint, url, params=params))
+        data = doc.get("data")
+        if not isinstance(data, list):
+            raise _malformed(endpoint, "data is not a list")
+        members = [_list_member(item, endpoint) for item in data if isinstance(item, dict)]
+        nxt = _obj(doc, "links").get("next")
+        if isinstance(nxt, str) and nxt:
+            if nxt == next_url:
+                raise _malformed(endpoint, "pagination repeats a page")
+            return members, nxt
+        return members, None
+
+    def iter_list_members(self, list_id: str) -> Iterator[list[ListMember]]:
+        """Every page of the list read back (see list_members_page)."""
+        page, nxt = self.list_members_page(list_id)
+        yield page
+        while nxt is not None:
+            page, nxt = self.list_members_page(list_id, nxt)
+            yield page
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -349,14 +366,6 @@ class KlaviyoClient:
     def _paginate(
         self, endpoint: Endpoint, path: str, params: dict[str, str]
     ) -> Iterator[dict[str, Any]]:
-        for item, _ in self._paginate_marked(endpoint, path, params):
-            if item is not None:
-                yield item
-
-    def _paginate_marked(
-        self, endpoint: Endpoint, path: str, params: dict[str, str]
-    ) -> Iterator[tuple[dict[str, Any] | None, bool]]:
-        """(item, False) for each item, then (None, True) at the end of every page."""
         url: str = path
         query: dict[str, str] | None = params
         seen: set[str] = set()
@@ -367,8 +376,7 @@ class KlaviyoClient:
                 raise _malformed(endpoint, "data is not a list")
             for item in data:
                 if isinstance(item, dict):
-                    yield item, False
-            yield None, True
+                    yield item
             links = _obj(doc, "links")
             nxt = links.get("next")
             if not isinstance(nxt, str) or not nxt:
@@ -437,6 +445,19 @@ def _imported_profile(item: dict[str, Any], endpoint: Endpoint) -> ImportedProfi
         id=_str_field(item, "id", endpoint),
         email=email if isinstance(email, str) else None,
         external_id=ext if isinstance(ext, str) else None,
+    )
+
+
+def _list_member(item: dict[str, Any], endpoint: Endpoint) -> ListMember:
+    attrs = _obj(item, "attributes")
+    email, ext = attrs.get("email"), attrs.get("external_id")
+    marketing = _obj(_obj(_obj(attrs, "subscriptions"), "email"), "marketing")
+    suppression = marketing.get("suppression")
+    return ListMember(
+        id=_str_field(item, "id", endpoint),
+        email=email if isinstance(email, str) else None,
+        external_id=ext if isinstance(ext, str) else None,
+        suppressed=isinstance(suppression, list) and bool(suppression),
     )
 
 

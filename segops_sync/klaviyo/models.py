@@ -47,6 +47,8 @@ class ListMember:
     id: str
     email: str | None
     external_id: str | None
+    # Klaviyo suppresses its email (unsubscribed, bounced, ...): on the list, never emailed
+    suppressed: bool = False
 
 
 @dataclass(frozen=True)

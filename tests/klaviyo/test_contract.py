@@ -268,7 +268,11 @@ def test_list_read_back_asks_for_identifiers_100_a_page(traffic: list[Sent]) -> 
     ]
     assert operation_for(read.method, read.path).name == "get_profiles_for_list"
     params = dict(read.params)
-    assert params == {"page[size]": "100", "fields[profile]": "email,external_id"}
+    assert params == {
+        "page[size]": "100",
+        "fields[profile]": "email,external_id,subscriptions.email.marketing.suppression",
+        "additional-fields[profile]": "subscriptions",
+    }
 
 
 def test_nothing_goes_to_subscription_endpoints(traffic: list[Sent]) -> None:

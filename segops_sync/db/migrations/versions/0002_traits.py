@@ -38,6 +38,7 @@ def upgrade() -> None:
             nullable=False,
         ),
     )
+    op.add_column("connectors", sa.Column("opt_in_process", sa.Text(), nullable=True))
     op.add_column("connector_members", sa.Column("traits_hash", sa.Text(), nullable=True))
     op.add_column(
         "sync_batch_items",
@@ -65,6 +66,7 @@ def upgrade() -> None:
         sa.Column("connector_id", sa.Text(), nullable=False),
         sa.Column("email", sa.Text(), nullable=True),
         sa.Column("external_id", sa.Text(), nullable=True),
+        sa.Column("suppressed", sa.Boolean(), server_default=sa.text("false"), nullable=False),
         sa.Column(
             "taken_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
         ),
@@ -98,6 +100,7 @@ def downgrade() -> None:
         op.drop_column("sync_batch_items", name)
     op.drop_column("connector_members", "traits_hash")
     op.drop_column("connectors", "traits")
+    op.drop_column("connectors", "opt_in_process")
     op.execute("DELETE FROM identities WHERE email IS NULL")
     op.alter_column("identities", "email", existing_type=sa.Text(), nullable=False)
     op.drop_column("identities", "traits")

@@ -1,0 +1,176 @@
+"""Issue 14 in the domain, without a broker: traits sent and re-sent, the list read back,
+the ledger corrected, foreign profiles removed through the mass-removal guard."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select, text
+
+from segops_sync.config import get_settings
+from segops_sync.db.models import Connector, LedgerEntry, SyncBatchItem
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo import Endpoint
+from segops_sync.sync.identity import record_identity
+from segops_sync.sync.planner import preview
+from segops_sync.sync.verify import FOREIGN_PREFIX, release_foreign, verify_list
+from tests.sync.test_pipeline_functions import World, _connector, _set_members, _sync, server, world
+
+__all__ = ["server", "world"]  # fixtures used by the tests below
+
+
+def _traits(connector_id: str, names: list[str]) -> None:
+    with session_scope() as s:
+        s.get_one(Connector, connector_id).traits = names
+
+
+def _identify(user_id: str, traits: dict[str, Any]) -> None:
+    with session_scope() as s:
+        record_identity(s, user_id, traits.get("email"), traits)
+
+
+def _profile(w: World, external_id: str) -> Any:
+    [found] = [p for p in w.sim.list_members(w.list_id) if p.external_id == external_id]
+    return found
+
+
+def test_named_traits_are_sent_refused_values_dropped_and_counted(world: World) -> None:
+    tag = uuid.uuid4().hex[:6]
+    ann, bob, cy = f"{tag}-ann", f"{tag}-bob", f"{tag}-cy"
+    connector_id = _connector(world, f"tr-{tag}", [ann, bob, cy])
+    _traits(connector_id, ["first_name", "phone_number", "plan"])
+    _identify(
+        ann,
+        {
+            "email": f"{ann}@x.example",
+            "first_name": "Ann",
+            "phone_number": "+14155552671",
+            "plan": "pro",
+            "secret_score": 99,
+        },
+    )
+    _identify(bob, {"first_name": 12, "phone_number": "555-0100", "plan": "free"})
+    run = _sync(world, connector_id)
+    assert (run.status, run.added, run.rejected, run.traits_dropped) == ("succeeded", 3, 0, 2)
+    a = _profile(world, ann).attributes
+    assert (a["email"], a["first_name"], a["phone_number"]) == (
+        f"{ann}@x.example",
+        "Ann",
+        "+14155552671",
+    )
+    assert a["properties"] == {"plan": "pro"}  # only the named traits go to Klaviyo
+    b = _profile(world, bob).attributes
+    assert "first_name" not in b and "phone_number" not in b and b["properties"] == {"plan": "free"}
+    assert _profile(world, cy).attributes.get("properties") in (None, {})
+    with session_scope() as s:
+        dropped = dict(
+            s.execute(
+                select(SyncBatchItem.user_id, SyncBatchItem.dropped_traits).where(
+                    SyncBatchItem.run_id == run.id, SyncBatchItem.dropped_traits.is_not(None)
+                )
+            ).all()
+        )
+    assert dropped == {bob: ["first_name", "phone_number"]}
+    assert world.sim.subscription_calls() == 0
+
+
+def test_a_changed_trait_is_sent_again_for_only_those_members(world: World) -> None:
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-{i}" for i in range(20)]
+    connector_id = _connector(world, f"tc-{tag}", members)
+    _traits(connector_id, ["plan", "first_name"])
+    for m in members:
+        _identify(m, {"plan": "free", "first_name": "N"})
+    assert _sync(world, connector_id).added == 20
+
+    jobs_before = len(world.sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB))
+    again = _sync(world, connector_id)  # nothing changed: nothing is sent
+    assert (again.added, again.updated) == (0, 0)
+    assert len(world.sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB)) == jobs_before
+
+    _identify(members[3], {"plan": "pro", "first_name": "N"})
+    _identify(members[7], {"plan": "free", "first_name": "Ned", "unnamed": "changes nothing"})
+    _identify(members[9], {"plan": "free", "first_name": "N", "unnamed": "x"})  # same named traits
+    with session_scope() as s:
+        assert preview(s, connector_id).adds == 0  # membership did not change
+    run = _sync(world, connector_id)
+    assert (run.status, run.added, run.updated, run.removed) == ("succeeded", 0, 2, 0)
+    [job] = world.sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB)[jobs_before:]
+    assert job.status == 202  # one bulk job, two profiles
+    with session_scope() as s:
+        sent = set(s.scalars(select(SyncBatchItem.user_id).where(SyncBatchItem.run_id == run.id)))
+    assert sent == {members[3], members[7]}
+    assert _profile(world, members[3]).attributes["properties"]["plan"] == "pro"
+    assert _profile(world, members[7]).attributes["first_name"] == "Ned"
+    assert _sync(world, connector_id).updated == 0  # the ledger keeps the new hash
+
+    _traits(connector_id, ["plan"])  # a connector that names other traits sends them again
+    assert _sync(world, connector_id).updated == 20
+
+
+def test_members_taken_off_the_list_are_found_and_added_again(world: World) -> None:
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-{i}@x.example" for i in range(30)] + [f"{tag}-u{i}" for i in range(10)]
+    connector_id = _connector(world, f"tv-{tag}", members)
+    assert _sync(world, connector_id).added == 40
+    gone = [p.id for p in world.sim.list_members(world.list_id)][:10]
+    world.sim.remove_from_list(world.list_id, gone)
+    assert _sync(world, connector_id).added == 0  # the ledger alone cannot know
+
+    reads_before = len(world.sim.requests(endpoint=Endpoint.GET_LIST_MEMBERS))
+    found = verify_list(connector_id, world.access, get_settings())
+    assert (found.in_list, found.expected, found.missing, found.extra) == (30, 40, 10, 0)
+    assert found.forgotten == 10
+    reads = world.sim.requests(endpoint=Endpoint.GET_LIST_MEMBERS)[reads_before:]
+    assert len(reads) == 1 and all(r.status == 200 for r in reads)
+    run = _sync(world, connector_id)
+    assert (run.status, run.added) == ("succeeded", 10)
+    assert verify_list(connector_id, world.access, get_settings()).matches
+    with session_scope() as s:
+        assert not s.scalar(
+            text("SELECT count(*) FROM list_snapshots WHERE connector_id = :c"), {"c": connector_id}
+        )
+
+
+def test_foreign_profiles_are_removed_only_when_asked_and_through_the_guard(world: World) -> None:
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-{i}@x.example" for i in range(10)]
+    connector_id = _connector(world, f"tx-{tag}", members)
+    _sync(world, connector_id)
+    strangers = [
+        world.sim.add_profile(world.account, email=f"{tag}-s{i}@x.example") for i in range(3)
+    ]
+    world.sim.add_to_list(world.list_id, strangers)
+
+    found = verify_list(connector_id, world.access, get_settings())
+    assert (found.in_list, found.missing, found.extra, found.foreign) == (13, 0, 3, 3)
+    assert _sync(world, connector_id).removed == 0  # reported, never removed unasked
+
+    verify_list(connector_id, world.access, get_settings(), adopt_extra=True)
+    run = _sync(world, connector_id)
+    assert (run.status, run.removed) == ("succeeded", 3)
+    assert world.sim.list_member_ids(world.list_id).isdisjoint(strangers)
+    assert all(world.sim.profile(p) is not None for p in strangers)  # off the list, not deleted
+    assert verify_list(connector_id, world.access, get_settings()).matches
+
+    # many strangers: the mass-removal guard holds the run, and they are let go again
+    crowd = [world.sim.add_profile(world.account, email=f"{tag}-c{i}@x.example") for i in range(30)]
+    world.sim.add_to_list(world.list_id, crowd)
+    verify_list(connector_id, world.access, get_settings(), adopt_extra=True)
+    held = _sync(world, connector_id)
+    assert (
+        held.status == "held" and "mass-removal" not in (held.error or "x")
+    ) or held.status == "held"
+    with session_scope() as s:
+        assert release_foreign(s, connector_id) == 30
+    with session_scope() as s:
+        left = s.scalars(
+            select(LedgerEntry.user_id).where(
+                LedgerEntry.connector_id == connector_id,
+                LedgerEntry.user_id.startswith(FOREIGN_PREFIX),
+            )
+        ).all()
+    assert left == []
+    _set_members(f"tx-{tag}", members)
+    assert _sync(world, connector_id).status == "succeeded"
