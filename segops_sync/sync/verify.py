@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from segops_sync.config import Settings
@@ -37,6 +37,7 @@ from segops_sync.klaviyo import ListMember, RateLimited, TransientError
 from segops_sync.secrets import decrypt_api_key
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.planner import StartOutcome, start_run
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ def read_list(
         lambda: access.client(api_key, claimant=f"verify:{connector_id}"), None, settings, sleep
     )
     with client:
+        # one L-tier call: the list still exists for this key, and its opt-in process for `show`
+        found = _with_waits(partial(client.get_list, list_id), limited, settings, sleep)
+        with session_scope() as s:
+            s.get_one(Connector, connector_id).opt_in_process = found.opt_in_process
         next_url: str | None = None
         while True:
             page, nxt = _with_waits(
@@ -313,6 +318,43 @@ def verify_list(
         return result
     finally:
         discard(connector_id, verify_id)
+
+
+def start_verified_run(session: Session, connector_id: str, result: Comparison) -> StartOutcome:
+    """Open a run with trigger ``verify`` that carries what the read-back found; the normal
+    planning then adds the members the ledger forgot (and removes adopted foreign profiles)."""
+    outcome = start_run(session, connector_id, trigger="verify")
+    if outcome.reason == "started" and outcome.run_id:
+        record_on_run(session, outcome.run_id, result)
+    return outcome
+
+
+def verifiable_connectors(session: Session) -> list[str]:
+    """Active connectors (and those in error: a repair may be what they need) with no run going:
+    a list read while a run writes to it would count its members as missing."""
+    return list(
+        session.scalars(
+            select(Connector.id)
+            .where(Connector.status != "inactive")
+            .where(
+                ~select(SyncRun.id)
+                .where(SyncRun.connector_id == Connector.id, SyncRun.status == "running")
+                .exists()
+            )
+            .order_by(Connector.id)
+        )
+    )
+
+
+def is_running(session: Session, connector_id: str) -> bool:
+    return (
+        session.scalar(
+            select(SyncRun.id).where(
+                SyncRun.connector_id == connector_id, SyncRun.status == "running"
+            )
+        )
+        is not None
+    )
 
 
 def record_on_run(session: Session, run_id: str, result: Comparison) -> None:
