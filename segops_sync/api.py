@@ -64,7 +64,10 @@ def _body(raw: bytes, allowed: set[str]) -> dict[str, Any]:
     if unknown:
         raise InputError(f"unknown field(s): {', '.join(sorted(unknown))}")
     for key, value in body.items():
-        if not isinstance(value, str):
+        if key == "traits":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InputError("traits must be a list of strings")
+        elif not isinstance(value, str):
             raise InputError(f"{key} must be a string")
     return body
 
@@ -89,7 +92,7 @@ def _read(request: Request) -> bytes:
 
 
 def create(request: Request, settings: Settings) -> Response:
-    body = _body(_read(request), {"type", "segment_id", "list_id", "api_key"})
+    body = _body(_read(request), {"type", "segment_id", "list_id", "api_key", "traits"})
     for field in ("segment_id", "list_id", "api_key"):
         if field not in body:
             raise InputError(f"{field} is required")
@@ -101,6 +104,7 @@ def create(request: Request, settings: Settings) -> Response:
             list_id=body["list_id"],
             api_key=body["api_key"],
             connector_type=body.get("type", "klaviyo"),
+            traits=body.get("traits"),
         )
         doc = connector_json(connector, settings)
     headers = {"Warning": '199 - "Klaviyo unreachable; saved unchecked"'} if warning else None
@@ -120,7 +124,7 @@ def show(request: Request, settings: Settings) -> Response:
 
 
 def patch(request: Request, settings: Settings) -> Response:
-    body = _body(_read(request), {"status", "list_id", "api_key"})
+    body = _body(_read(request), {"status", "list_id", "api_key", "traits"})
     with session_scope() as s:
         connector, _ = update_connector(
             s,
@@ -129,6 +133,7 @@ def patch(request: Request, settings: Settings) -> Response:
             list_id=body.get("list_id"),
             api_key=body.get("api_key"),
             status=body.get("status"),
+            traits=body.get("traits"),
         )
         return JSONResponse(connector_json(connector, settings))
 
@@ -150,6 +155,19 @@ def runs(request: Request, settings: Settings) -> Response:
         )
 
 
+def rejected(request: Request, settings: Settings) -> Response:
+    from segops_sync.sync.rejected import UnknownRun, rejected_members
+
+    connector_id, run_id = request.path_params["id"], request.path_params["run"]
+    with session_scope() as s:
+        get_connector(s, connector_id)
+        try:
+            found = rejected_members(s, connector_id, run_id=run_id)
+        except UnknownRun as exc:
+            return _error(404, str(exc))
+        return JSONResponse({"rejected_members": [m.as_json() for m in found]})
+
+
 def remove(request: Request, settings: Settings) -> Response:
     with session_scope() as s:
         delete_connector(s, request.path_params["id"])
@@ -166,6 +184,7 @@ def create_app(token: str) -> Starlette:
             Route("/v1/connectors/{id}", _guard(remove), methods=["DELETE"]),
             Route("/v1/connectors/{id}/resync", _guard(resync), methods=["POST"]),
             Route("/v1/connectors/{id}/runs", _guard(runs), methods=["GET"]),
+            Route("/v1/connectors/{id}/runs/{run}/rejected", _guard(rejected), methods=["GET"]),
         ]
     )
     app.add_middleware(BearerAuth, token=token)

@@ -21,6 +21,7 @@ from segops_sync.klaviyo import (
     PermissionDenied,
 )
 from segops_sync.secrets import decrypt_api_key, encrypt_api_key, redact_api_key, scrub
+from segops_sync.sync.rejected import rejected_members_url
 
 LIST_ID_RE = re.compile(r"^[A-Za-z0-9]{6}$")
 API_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_]{8,}$")
@@ -68,6 +69,27 @@ def validate_segment_id(segment_id: str) -> str:
 class CheckResult:
     ok: bool
     warning: str | None = None
+    opt_in_process: str | None = None
+
+
+def validate_traits(traits: str | list[str]) -> list[str]:
+    from segops_sync.sync.traits import BadTraits, parse_trait_names
+
+    try:
+        return parse_trait_names(traits)
+    except BadTraits as exc:
+        raise InputError(str(exc)) from None
+
+
+def opt_in_warning(list_id: str, opt_in_process: str | None) -> str | None:
+    """Consent pre-flight: on a double opt-in list, API membership reaches nobody's inbox."""
+    if opt_in_process != "double_opt_in":
+        return None
+    return (
+        f"warning: Klaviyo list {list_id} uses double opt-in: profiles this connector adds are "
+        "list members, not subscribers (adding by API subscribes nobody and sends no "
+        "confirmation); they get marketing email only once they subscribe themselves"
+    )
 
 
 def describe_klaviyo_error(exc: KlaviyoError, list_id: str) -> str:
@@ -94,7 +116,7 @@ def live_check(api_key: str, list_id: str, base_url: str) -> CheckResult:
     """One ``GET /api/lists/{id}``: checks the key and the list id together (L tier)."""
     try:
         with KlaviyoClient(api_key, base_url) as client:
-            client.get_list(list_id)
+            found = client.get_list(list_id)
     except (CredentialsRejected, PermissionDenied, NotFound) as exc:
         raise InputError(scrub(describe_klaviyo_error(exc, list_id), api_key)) from None
     except KlaviyoError as exc:
@@ -103,7 +125,11 @@ def live_check(api_key: str, list_id: str, base_url: str) -> CheckResult:
             ok=False,
             warning=f"warning: could not reach Klaviyo to check the key and list ({detail}); saved unchecked",
         )
-    return CheckResult(ok=True)
+    return CheckResult(
+        ok=True,
+        warning=opt_in_warning(list_id, found.opt_in_process),
+        opt_in_process=found.opt_in_process,
+    )
 
 
 def connector_json(connector: Connector, settings: Settings) -> dict[str, Any]:
@@ -116,6 +142,9 @@ def connector_json(connector: Connector, settings: Settings) -> dict[str, Any]:
         "last_synced_at": _iso(connector.last_synced_at),
         "last_error": connector.last_error,
         "api_key": connector.api_key_hint,
+        "traits": list(connector.traits or []),
+        # as Klaviyo last reported it (null: not checked yet)
+        "opt_in_process": connector.opt_in_process,
     }
 
 
@@ -131,6 +160,21 @@ def run_json(run: SyncRun) -> dict[str, Any]:
         "removed": run.removed,
         "rejected": run.rejected,
         "error": run.error,
+        # beyond the contract's fields (issue 14)
+        "updated": run.updated,
+        "traits_dropped": run.traits_dropped,
+        "suppressed": run.suppressed,
+        "rejected_members": rejected_members_url(run.connector_id, run),
+        "verify": (
+            {
+                "in_list": run.verify_in_list,
+                "expected": run.verify_expected,
+                "missing": run.verify_missing,
+                "extra": run.verify_extra,
+            }
+            if run.verify_in_list is not None
+            else None
+        ),
     }
 
 
@@ -165,6 +209,7 @@ def create_connector(
     api_key: str,
     connector_type: str = "klaviyo",
     verify: bool = True,
+    traits: str | list[str] | None = None,
 ) -> tuple[Connector, str | None]:
     """Validate, check with Klaviyo, then write. Returns the connector and any warning."""
     if connector_type != "klaviyo":
@@ -172,9 +217,13 @@ def create_connector(
     validate_segment_id(segment_id)
     validate_list_id(list_id)
     validate_api_key(api_key)
+    names = validate_traits(traits) if traits is not None else []
     secret = settings.require_secret_key()
-    warning = live_check(api_key, list_id, settings.klaviyo_base_url).warning if verify else None
+    check = live_check(api_key, list_id, settings.klaviyo_base_url) if verify else None
+    warning = check.warning if check else None
     connector = Connector(
+        traits=names,
+        opt_in_process=check.opt_in_process if check else None,
         id=str(uuid.uuid4()),
         type="klaviyo",
         segment_id=segment_id,
@@ -197,7 +246,9 @@ def update_connector(
     api_key: str | None = None,
     status: str | None = None,
     verify: bool = True,
+    traits: str | list[str] | None = None,
 ) -> tuple[Connector, str | None]:
+    names = validate_traits(traits) if traits is not None else None
     if list_id is not None:
         validate_list_id(list_id)
     if api_key is not None:
@@ -209,7 +260,19 @@ def update_connector(
     if verify and (list_id is not None or api_key is not None):
         key = api_key if api_key is not None else api_key_of(connector, settings)
         target_list = list_id if list_id is not None else connector.list_id
-        warning = live_check(key, target_list, settings.klaviyo_base_url).warning
+        check = live_check(key, target_list, settings.klaviyo_base_url)
+        warning = check.warning
+        if check.ok:
+            connector.opt_in_process = check.opt_in_process
+    elif list_id is not None:
+        connector.opt_in_process = None  # a list we did not ask about
+    if names is not None:
+        # members whose named traits now hash differently are sent again at the next sync
+        connector.traits = names
+        if verify and warning is None and connector.opt_in_process == "double_opt_in":
+            warning = opt_in_warning(
+                connector.list_id if list_id is None else list_id, "double_opt_in"
+            )
     if list_id is not None and list_id != connector.list_id:
         connector.list_id = list_id
         # A new list starts empty for us: forget what the old list held.

@@ -26,6 +26,7 @@ from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
 from segops_sync.sync.runs import RunClosed, fail_run, finish_run
 from segops_sync.sync.sweeper import find_stuck_runs
+from segops_sync.sync.verify import Comparison
 
 log = logging.getLogger("segops_sync.tasks")
 
@@ -281,3 +282,82 @@ def sweep_runs() -> None:
             finish_run_task.delay(item.run_id)
         else:
             dispatch(item.run_id, item.remove_batch_ids, item.add_batch_ids)
+
+
+# -- read-back verification (issue 14) -----------------------------------------------------
+
+
+def trigger_verified_sync(connector_id: str, result: Comparison) -> StartOutcome:
+    """A run with trigger ``verify`` carrying what the read-back found; planned after commit."""
+    from segops_sync.sync.verify import start_verified_run
+
+    with session_scope() as s:
+        outcome = start_verified_run(s, connector_id, result)
+    log.info("connector %s: verify trigger -> %s", connector_id, outcome.reason)
+    if outcome.reason == "started" and outcome.run_id:
+        plan_run_task.delay(outcome.run_id)
+    return outcome
+
+
+@app.task(
+    name="segops.verify_connectors", ignore_result=True, autoretry_for=INFRA_ERRORS, max_retries=3
+)
+def verify_connectors() -> None:
+    """Beat: read every connector's list back, one task per connector."""
+    from segops_sync.sync.verify import verifiable_connectors
+
+    with session_scope() as s:
+        connector_ids = verifiable_connectors(s)
+    for connector_id in connector_ids:
+        verify_connector.delay(connector_id)
+
+
+@app.task(
+    name="segops.verify_connector",
+    ignore_result=True,
+    acks_late=True,
+    autoretry_for=INFRA_ERRORS,
+    retry_backoff=True,
+    max_retries=3,
+)
+def verify_connector(connector_id: Any) -> None:
+    """Read one list back, correct the ledger, and let a ``verify`` run add the missing.
+
+    The read waits for the fleet limiter in the task (a million members is ~15 minutes of
+    L-tier pages), which is why it runs on the Klaviyo queue. Extra profiles are reported in
+    the run history, never removed from here."""
+    from segops_sync.connectors import describe_klaviyo_error
+    from segops_sync.klaviyo import KlaviyoError
+    from segops_sync.sync.verify import VerifyError, is_running, verify_list
+
+    if not isinstance(connector_id, str) or not connector_id:
+        _drop("segops.verify_connector", "expected args [connector_id]")
+        return
+    with session_scope() as s:
+        connector = s.get(Connector, connector_id)
+        if connector is None or connector.status == "inactive" or is_running(s, connector_id):
+            return  # gone, switched off, or a run is writing to the list: next time
+        list_id = connector.list_id
+    try:
+        result = verify_list(connector_id, klaviyo_access(), get_settings())
+    except VerifyError as exc:
+        log.warning("connector %s: list not verified: %s", connector_id, exc)
+        return
+    except KlaviyoError as exc:
+        log.warning(
+            "connector %s: list not verified: %s",
+            connector_id,
+            describe_klaviyo_error(exc, list_id),
+        )
+        return
+    if result.extra:
+        log.warning(
+            "connector %s: %d profiles on Klaviyo list %s are in no segment (%d never added by "
+            "this connector); `segops-sync connectors verify %s --repair --remove-extra` removes them",
+            connector_id,
+            result.extra,
+            list_id,
+            result.foreign,
+            connector_id,
+        )
+    trigger_verified_sync(connector_id, result)
