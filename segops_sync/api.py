@@ -107,7 +107,12 @@ def create(request: Request, settings: Settings) -> Response:
             traits=body.get("traits"),
         )
         doc = connector_json(connector, settings)
-    headers = {"Warning": '199 - "Klaviyo unreachable; saved unchecked"'} if warning else None
+    # unreachable Klaviyo, or a double opt-in list (consent pre-flight): said, not refused
+    headers = (
+        {"Warning": "199 - " + json.dumps(warning.splitlines()[0], ensure_ascii=True)}
+        if warning
+        else None
+    )
     return JSONResponse(doc, status_code=201, headers=headers)
 
 

@@ -219,13 +219,14 @@ def cmd_preview(args: argparse.Namespace, settings: Settings) -> int:
         "connector_id": args.connector_id,
         "adds": p.adds,
         "removes": p.removes,
+        "updates": p.updates,
         "sample_adds": p.sample_adds,
         "sample_removes": p.sample_removes,
     }
     if args.json:
         _print_json(doc)
     else:
-        print(f"{p.adds} to add, {p.removes} to remove")
+        print(f"{p.adds} to add, {p.removes} to remove, {p.updates} to update (traits)")
         for row in p.sample_adds:
             print(
                 f"  + {row['user_id']}  email={row['email'] or '-'}  external_id={row['external_id'] or '-'}"

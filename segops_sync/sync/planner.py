@@ -238,6 +238,8 @@ class Preview:
     removes: int
     sample_adds: list[dict[str, str | None]]
     sample_removes: list[dict[str, str | None]]
+    # members on the list whose named traits changed: sent again, not added
+    updates: int = 0
 
 
 def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
@@ -246,6 +248,11 @@ def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
     params = {"seg": connector.segment_id, "c": connector.id, "names": list(connector.traits or [])}
     adds = session.scalar(text(f"SELECT count(*) FROM ({_ADDED_SQL}) d"), params) or 0
     removes = session.scalar(text(f"SELECT count(*) FROM ({_REMOVED_SQL}) d"), params) or 0
+    updates = (
+        session.scalar(text(f"SELECT count(*) FROM ({_CHANGED_SQL}) d"), params) or 0
+        if connector.traits
+        else 0
+    )
     sample_adds = [
         {k: v for k, v in r._mapping.items() if k in ("user_id", "email", "external_id")}
         for r in session.execute(
@@ -258,4 +265,4 @@ def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
             text(f"{_REMOVED_SQL} ORDER BY cm.user_id LIMIT :n"), {**params, "n": sample}
         )
     ]
-    return Preview(adds, removes, sample_adds, sample_removes)
+    return Preview(adds, removes, sample_adds, sample_removes, updates)
