@@ -4,6 +4,7 @@ consent pre-flight, rejected members one by one (CLI processes, a worker, the si
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,8 +49,6 @@ def _identify(producer: Celery, user_id: str, traits: dict[str, Any]) -> None:
 
 
 def _wait_traits(user_id: str, traits: dict[str, Any], timeout: float = 30) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope() as s:
@@ -371,3 +370,41 @@ def test_the_api_takes_traits(api: httpx.Client, klaviyo: Klaviyo) -> None:
         answer = api.patch(f"/v1/connectors/{created.json()['id']}", json={"traits": bad})
         assert answer.status_code == 422, bad
     assert api.get(f"/v1/connectors/{created.json()['id']}").json()["traits"] == ["title"]
+
+
+def test_the_beat_verifies_at_the_configured_interval(
+    segops_env: dict[str, str],
+    pg_server_url: str,
+    sim_server: tuple[Any, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A deployment's beat (SEGOPS_VERIFY_INTERVAL=2 s here) finds and repairs drift alone."""
+    from tests.conftest import isolated_env
+
+    sim, base_url = sim_server
+    overrides = {"SEGOPS_KLAVIYO_BASE_URL": base_url, "SEGOPS_VERIFY_INTERVAL": "2"}
+    with isolated_env(segops_env, pg_server_url, "beatverify", **overrides) as env:
+        k = Klaviyo.new(sim, base_url)
+        worker = WorkerProcess(env, tmp_path_factory.mktemp("beatverify"), concurrency=2)
+        worker.start()
+        try:
+            segment = new_segment()
+            members = [f"bv{i}@example.com" for i in range(8)]
+            connector_id = create_connector(k, segment)
+            recompute(segment, members, tmp_path_factory.mktemp("members"))
+            wait_idle(connector_id)
+            gone = [p.id for p in sim.list_members(k.list_id)][:3]
+            sim.remove_from_list(k.list_id, gone)
+            deadline = time.monotonic() + 90
+            while not set(members) <= set(k.members()):
+                assert time.monotonic() < deadline, "the beat never repaired the list"
+                time.sleep(0.5)
+            repairs = [
+                r
+                for r in cli_json("connectors", "history", connector_id)
+                if r["trigger"] == "verify" and r["added"]
+            ]
+            assert repairs and repairs[-1]["verify"]["missing"] == 3
+            assert repairs[-1]["added"] == 3
+        finally:
+            worker.stop()
