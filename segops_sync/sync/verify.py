@@ -169,75 +169,86 @@ def _store(connector_id: str, verify_id: str, page: list[ListMember]) -> None:
 
 # -- comparing -------------------------------------------------------------------------------
 
-# (user_id, profile_id) pairs: a segment member and the list profile that is it. Three
-# equi-joins (external_id, email, the ledger's profile id) rather than one OR join.
-_PAIRS = f"""
-    WITH expected AS (
+# The comparison runs on indexed temporary tables of this transaction: expected (the segment
+# with its identifiers), snap (the read-back), pairs (user_id, profile_id: a member and the list
+# profile that is it) and ours (list profiles the ledger knows). Equi-joins only, ANALYZEd, so
+# PostgreSQL hash-joins a million rows instead of nesting loops.
+_PREPARE = (
+    "DROP TABLE IF EXISTS v_expected, v_snap, v_pairs, v_ours",
+    f"""CREATE TEMP TABLE v_expected ON COMMIT DROP AS
         SELECT sm.user_id, lower({SQL_EMAIL}) AS email, {SQL_EXTERNAL_ID} AS external_id
         FROM segment_members sm LEFT JOIN identities i ON i.user_id = sm.user_id
-        WHERE sm.segment_id = :seg
-    ), snap AS (
+        WHERE sm.segment_id = :seg""",
+    """CREATE TEMP TABLE v_snap ON COMMIT DROP AS
         SELECT profile_id, lower(email) AS email, external_id, suppressed
-        FROM list_snapshots WHERE verify_id = :v
-    ), pairs AS (
-        SELECT e.user_id, s.profile_id FROM expected e JOIN snap s ON s.external_id = e.external_id
+        FROM list_snapshots WHERE verify_id = :v""",
+    "ANALYZE v_expected",
+    "ANALYZE v_snap",
+    """CREATE TEMP TABLE v_pairs ON COMMIT DROP AS
+        SELECT e.user_id, s.profile_id FROM v_expected e JOIN v_snap s
+          ON s.external_id = e.external_id
         UNION
-        SELECT e.user_id, s.profile_id FROM expected e JOIN snap s ON s.email = e.email
+        SELECT e.user_id, s.profile_id FROM v_expected e JOIN v_snap s ON s.email = e.email
         UNION
-        SELECT e.user_id, s.profile_id FROM expected e
+        SELECT e.user_id, s.profile_id FROM v_expected e
         JOIN connector_members cm ON cm.connector_id = :c AND cm.user_id = e.user_id
-        JOIN snap s ON s.profile_id = cm.profile_id
-    ), ours AS (
-        SELECT s.profile_id FROM snap s JOIN connector_members cm
-          ON cm.connector_id = :c AND (cm.profile_id = s.profile_id
-              OR (cm.external_id IS NOT NULL AND cm.external_id = s.external_id))
+        JOIN v_snap s ON s.profile_id = cm.profile_id""",
+    """CREATE TEMP TABLE v_ours ON COMMIT DROP AS
+        SELECT s.profile_id FROM v_snap s JOIN connector_members cm
+          ON cm.connector_id = :c AND cm.profile_id = s.profile_id
         UNION
-        SELECT s.profile_id FROM snap s JOIN connector_members cm
-          ON cm.connector_id = :c AND lower(cm.email) = s.email
-    )
-"""
+        SELECT s.profile_id FROM v_snap s JOIN connector_members cm
+          ON cm.connector_id = :c AND cm.external_id = s.external_id
+        UNION
+        SELECT s.profile_id FROM v_snap s JOIN connector_members cm
+          ON cm.connector_id = :c AND lower(cm.email) = s.email""",
+    "CREATE INDEX ON v_pairs (user_id)",
+    "CREATE INDEX ON v_pairs (profile_id)",
+    "ANALYZE v_pairs",
+    "ANALYZE v_ours",
+)
+_MISSING = "SELECT e.user_id FROM v_expected e WHERE NOT EXISTS (SELECT 1 FROM v_pairs p WHERE p.user_id = e.user_id)"
+_EXTRA = "SELECT s.profile_id FROM v_snap s WHERE NOT EXISTS (SELECT 1 FROM v_pairs p WHERE p.profile_id = s.profile_id)"
+_FOREIGN = f"SELECT x.profile_id FROM ({_EXTRA}) x WHERE NOT EXISTS (SELECT 1 FROM v_ours o WHERE o.profile_id = x.profile_id)"
 
 
-def compare(session: Session, connector_id: str, verify_id: str, started: datetime) -> Comparison:
+def compare(
+    session: Session,
+    connector_id: str,
+    verify_id: str,
+    started: datetime,
+    *,
+    adopt_extra: bool = False,
+) -> Comparison:
     """Count what differs, and drop from the ledger the members Klaviyo no longer has on the
-    list (only rows confirmed before the read began: a run may have added others since)."""
+    list (only rows confirmed before the read began: a run may have added others since).
+
+    With ``adopt_extra`` the foreign profiles enter the ledger, so that the next sync removes
+    them through the normal removal path, mass-removal guard included (``--remove-extra``)."""
     connector = session.get_one(Connector, connector_id)
     params: dict[str, Any] = {"seg": connector.segment_id, "c": connector_id, "v": verify_id}
+    for statement in _PREPARE:
+        session.execute(text(statement), params)
     row = session.execute(
         text(
-            _PAIRS
-            + """
-            SELECT (SELECT count(*) FROM snap),
-                   (SELECT count(*) FROM expected),
-                   (SELECT count(*) FROM expected e
-                     WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.user_id = e.user_id)),
-                   (SELECT count(*) FROM snap s
-                     WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.profile_id = s.profile_id)),
-                   (SELECT count(*) FROM snap s
-                     WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.profile_id = s.profile_id)
-                       AND NOT EXISTS (SELECT 1 FROM ours o WHERE o.profile_id = s.profile_id)),
-                   (SELECT count(DISTINCT p.user_id) FROM pairs p
-                     JOIN snap s ON s.profile_id = p.profile_id WHERE s.suppressed)
-            """
-        ),
-        params,
+            f"""SELECT (SELECT count(*) FROM v_snap), (SELECT count(*) FROM v_expected),
+                   (SELECT count(*) FROM ({_MISSING}) m), (SELECT count(*) FROM ({_EXTRA}) x),
+                   (SELECT count(*) FROM ({_FOREIGN}) f),
+                   (SELECT count(DISTINCT p.user_id) FROM v_pairs p
+                     JOIN v_snap s ON s.profile_id = p.profile_id WHERE s.suppressed)"""
+        )
     ).one()
     in_list, expected, missing, extra, foreign, suppressed = (int(v) for v in row)
     forgotten = 0
     if missing:
         result = session.execute(
             text(
-                _PAIRS
-                + """
-                DELETE FROM connector_members cm
-                WHERE cm.connector_id = :c AND cm.added_at < :started
-                  AND cm.user_id IN (SELECT e.user_id FROM expected e
-                     WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.user_id = e.user_id))
-                """
+                "DELETE FROM connector_members cm WHERE cm.connector_id = :c "
+                f"AND cm.added_at < :started AND cm.user_id IN ({_MISSING})"
             ),
             {**params, "started": started},
         )
-        forgotten = int(getattr(result, "rowcount", 0) or 0)
+        forgotten = _rowcount(result)
         if forgotten:
             log.warning(
                 "connector %s: %d members the ledger counted are not on Klaviyo list %s; "
@@ -246,6 +257,16 @@ def compare(session: Session, connector_id: str, verify_id: str, started: dateti
                 forgotten,
                 connector.list_id,
             )
+    if adopt_extra and foreign:
+        session.execute(
+            text(
+                "INSERT INTO connector_members (connector_id, user_id, email, external_id, "
+                "profile_id) SELECT :c, :prefix || s.profile_id, s.email, s.external_id, "
+                f"s.profile_id FROM v_snap s WHERE s.profile_id IN ({_FOREIGN}) "
+                "ON CONFLICT (connector_id, user_id) DO NOTHING"
+            ),
+            {**params, "prefix": FOREIGN_PREFIX},
+        )
     return Comparison(
         connector_id=connector_id,
         verify_id=verify_id,
@@ -259,23 +280,7 @@ def compare(session: Session, connector_id: str, verify_id: str, started: dateti
     )
 
 
-def adopt_foreign(session: Session, connector_id: str, verify_id: str) -> int:
-    """Enter the foreign extra profiles in the ledger, so that the next sync removes them
-    through the normal removal path, mass-removal guard included (``--remove-extra``)."""
-    connector = session.get_one(Connector, connector_id)
-    result = session.execute(
-        text(
-            _PAIRS
-            + """
-            INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id)
-            SELECT :c, :prefix || s.profile_id, s.email, s.external_id, s.profile_id FROM snap s
-            WHERE NOT EXISTS (SELECT 1 FROM pairs p WHERE p.profile_id = s.profile_id)
-              AND NOT EXISTS (SELECT 1 FROM ours o WHERE o.profile_id = s.profile_id)
-            ON CONFLICT (connector_id, user_id) DO NOTHING
-            """
-        ),
-        {"seg": connector.segment_id, "c": connector_id, "v": verify_id, "prefix": FOREIGN_PREFIX},
-    )
+def _rowcount(result: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
@@ -288,7 +293,7 @@ def release_foreign(session: Session, connector_id: str) -> int:
         ),
         {"c": connector_id, "prefix": FOREIGN_PREFIX},
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    return _rowcount(result)
 
 
 def discard(connector_id: str, verify_id: str) -> None:
@@ -312,10 +317,7 @@ def verify_list(
     verify_id, started = read_list(connector_id, access, settings, sleep=sleep)
     try:
         with session_scope() as s:
-            result = compare(s, connector_id, verify_id, started)
-            if adopt_extra and result.foreign:
-                adopt_foreign(s, connector_id, verify_id)
-        return result
+            return compare(s, connector_id, verify_id, started, adopt_extra=adopt_extra)
     finally:
         discard(connector_id, verify_id)
 
