@@ -39,3 +39,14 @@ def test_reliability_settings() -> None:
     assert conf.result_expires >= 2 * 24 * 3600
     for name in ("segops.add_batch", "segops.remove_batch"):
         assert app.tasks[name].rate_limit, "the per-worker local ceiling is set"
+
+
+def test_the_beat_verifies_connectors_at_the_configured_interval() -> None:
+    from segops_sync.config import Settings
+
+    entry = app.conf.beat_schedule["verify-connectors"]
+    assert entry["task"] == "segops.verify_connectors"
+    assert entry["schedule"] == Settings().verify_interval
+    assert Settings.model_fields["verify_interval"].default == 6 * 3600  # README explains why
+    # the long list read waits among the Klaviyo work, never before a recompute message
+    assert TASK_ROUTES["segops.verify_connector"]["queue"] == KLAVIYO_QUEUE
