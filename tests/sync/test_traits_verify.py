@@ -173,3 +173,25 @@ def test_foreign_profiles_are_removed_only_when_asked_and_through_the_guard(worl
     assert left == []
     _set_members(f"tx-{tag}", members)
     assert _sync(world, connector_id).status == "succeeded"
+
+
+def test_context_identified_keeps_every_trait_of_the_latest_event(world: World) -> None:
+    import pytest
+
+    from segops_sync.sync.identity import BadIdentity
+
+    user = f"id-{uuid.uuid4().hex[:6]}"
+    _identify(user, {"email": "first@x.example", "first_name": "Ann", "plan": "pro"})
+    _identify(user, {"first_name": "Annie", "nested": {"a": [1, 2]}})  # no email this time
+    with session_scope() as s:
+        email, traits = s.execute(
+            text("SELECT email, traits FROM identities WHERE user_id = :u"), {"u": user}
+        ).one()
+    # the email seen before stays; the traits are those of the latest event only
+    assert email == "first@x.example"
+    assert traits == {"first_name": "Annie", "nested": {"a": [1, 2]}}
+    for bad in ({"x": "nul\x00byte"}, {"x": float("nan")}, {"x": "y" * 70_000}):
+        with pytest.raises(BadIdentity), session_scope() as s:
+            record_identity(s, user, None, bad)
+    with pytest.raises(BadIdentity), session_scope() as s:
+        record_identity(s, user, "not-an-email", {"email": "not-an-email"})
