@@ -8,6 +8,7 @@ yet, a transient failure). The ledger changes only for what Klaviyo confirmed.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -344,12 +345,15 @@ def _profiles(ctx: BatchContext, rows: Sequence[Any]) -> list[tuple[str, Profile
             dropped[user_id] = built.dropped
     if dropped:
         with session_scope() as s:
-            for user_id, names in dropped.items():
-                s.execute(
-                    update(SyncBatchItem)
-                    .where(SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id == user_id)
-                    .values(dropped_traits=names)
-                )
+            s.execute(
+                text(
+                    "UPDATE sync_batch_items it SET dropped_traits = "
+                    "ARRAY(SELECT jsonb_array_elements_text(d.names)) "
+                    "FROM jsonb_each(CAST(:d AS jsonb)) AS d(uid, names) "
+                    "WHERE it.run_id = :r AND it.user_id = d.uid"
+                ),
+                {"r": ctx.run_id, "d": json.dumps(dropped)},
+            )
     return members
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import phonenumbers
 
 from segops_sync.klaviyo import PROFILE_FIELDS, ProfileInput
+from segops_sync.klaviyo.payloads import encode_body, profile_resource
 
 MAX_TRAITS = 50
 # choice: a name a Klaviyo property can carry and a CLI list can hold (no comma, no space).
@@ -29,8 +30,10 @@ TRAIT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
 RESERVED = frozenset({"email", "external_id", "id", "_kx", "anonymous_id"})
 # choice: Klaviyo publishes no per-field length; 255 is what its UI fields hold.
 MAX_FIELD_CHARS = 255
-# choice: a custom property value of at most 10 KB keeps a profile far under Klaviyo's 100 KB.
+# choice: a custom property value of at most 10 KB; the whole profile stays under Klaviyo's
+# 100 KB per profile (a little kept back for the job's own JSON around it).
 MAX_PROPERTY_BYTES = 10 * 1024
+MAX_PROFILE_BYTES = 100 * 1024 - 256
 # IETF BCP 47 language tag, as Klaviyo describes `locale` ("en-US", "fr", "zh-Hant-TW").
 LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
 
@@ -103,10 +106,22 @@ def klaviyo_profile(
             properties[name] = value
         else:
             dropped.append(name)
-    return KlaviyoProfile(
-        ProfileInput(email=email, external_id=external_id, fields=fields, properties=properties),
-        dropped,
+    profile = ProfileInput(
+        email=email, external_id=external_id, fields=fields, properties=properties
     )
+    # Klaviyo refuses a profile over 100 KB: the largest custom values go first until it fits.
+    while properties and _size(profile) > MAX_PROFILE_BYTES:
+        largest = max(properties, key=lambda n: len(json.dumps(properties[n], ensure_ascii=False)))
+        del properties[largest]
+        dropped.append(largest)
+        profile = ProfileInput(
+            email=email, external_id=external_id, fields=fields, properties=properties
+        )
+    return KlaviyoProfile(profile, sorted(dropped))
+
+
+def _size(profile: ProfileInput) -> int:
+    return len(encode_body(profile_resource(profile)))
 
 
 def standard_value(name: str, value: Any) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -113,3 +114,16 @@ def test_null_traits_are_absent_not_refused() -> None:
     built = klaviyo_profile("a@example.com", None, {"first_name": None, "plan": None})
     assert built.dropped == []
     assert profile_attributes(built.profile) == {"email": "a@example.com"}
+
+
+def test_a_profile_over_klaviyo_s_100_kb_loses_its_largest_custom_values() -> None:
+    traits = {f"note{i}": "x" * (9_000 + i) for i in range(15)}  # ~135 KB in all
+    traits["plan"] = "pro"
+    built = klaviyo_profile("a@example.com", None, traits)
+    attrs = profile_attributes(built.profile)
+    size = len(json.dumps({"type": "profile", "attributes": attrs}).encode())
+    assert size <= 100 * 1024
+    assert attrs["properties"]["plan"] == "pro"  # small values stay
+    assert built.dropped and all(name.startswith("note") for name in built.dropped)
+    assert "note14" in built.dropped  # the largest went first
+    assert set(built.dropped).isdisjoint(attrs["properties"])
