@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from segops_sync.embedded import EmbeddedWorker
     from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
     from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+    from segops_sync.states import ConnectorStatus
 
     workdir = Path(tempfile.mkdtemp(prefix="segops-bench-"))
     workers: list[EmbeddedWorker] = []
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                     connector, _ = create_connector(
                         s, get_settings(), segment_id=segment, list_id=list_id, api_key=api_key
                     )
-                    set_status(s, connector.id, "active")
+                    set_status(s, connector.id, ConnectorStatus.ACTIVE)
                     connector_id = connector.id
 
                 everyone = members(0, size)

@@ -1,4 +1,4 @@
-"""``segops-sync api``: the HTTP API of INTERFACE.md (bearer token, JSON, 422 on bad input)."""
+"""``segops-sync api``: the HTTP API of docs/contract.md#http-api (bearer token, JSON, 422 on bad input)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from segops_sync.config import Settings, get_settings
-from segops_sync.connectors import (
-    InputError,
-    UnknownConnector,
-    connector_json,
-    create_connector,
-    delete_connector,
-    get_connector,
-    list_connectors,
-    list_runs,
-    run_json,
-    update_connector,
-)
+from segops_sync.connectors import create_connector, delete_connector, update_connector
+from segops_sync.db.queries import get_connector, list_connectors, list_runs
 from segops_sync.db.session import session_scope
+from segops_sync.errors import InputError, UnknownConnector
+from segops_sync.shapes import connector_json, run_json
+from segops_sync.states import ConnectorStatus, Trigger
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -106,7 +99,7 @@ def create(request: Request, settings: Settings) -> Response:
             connector_type=body.get("type", "klaviyo"),
             traits=body.get("traits"),
         )
-        doc = connector_json(connector, settings)
+        doc = connector_json(connector)
     # unreachable Klaviyo, or a double opt-in list (consent pre-flight): said, not refused
     headers = (
         {"Warning": "199 - " + json.dumps(warning.splitlines()[0], ensure_ascii=True)}
@@ -118,14 +111,12 @@ def create(request: Request, settings: Settings) -> Response:
 
 def index(request: Request, settings: Settings) -> Response:
     with session_scope() as s:
-        return JSONResponse(
-            {"connectors": [connector_json(c, settings) for c in list_connectors(s)]}
-        )
+        return JSONResponse({"connectors": [connector_json(c) for c in list_connectors(s)]})
 
 
 def show(request: Request, settings: Settings) -> Response:
     with session_scope() as s:
-        return JSONResponse(connector_json(get_connector(s, request.path_params["id"]), settings))
+        return JSONResponse(connector_json(get_connector(s, request.path_params["id"])))
 
 
 def patch(request: Request, settings: Settings) -> Response:
@@ -140,16 +131,16 @@ def patch(request: Request, settings: Settings) -> Response:
             status=body.get("status"),
             traits=body.get("traits"),
         )
-        return JSONResponse(connector_json(connector, settings))
+        return JSONResponse(connector_json(connector))
 
 
 def resync(request: Request, settings: Settings) -> Response:
     from segops_sync.tasks import trigger_sync
 
     with session_scope() as s:
-        if get_connector(s, request.path_params["id"]).status == "inactive":
+        if get_connector(s, request.path_params["id"]).status == ConnectorStatus.INACTIVE:
             raise InputError("connector is inactive: activate it first")
-    outcome = trigger_sync(request.path_params["id"], trigger="resync")
+    outcome = trigger_sync(request.path_params["id"], trigger=Trigger.RESYNC)
     return JSONResponse({"run_id": outcome.run_id, "outcome": outcome.reason}, status_code=202)
 
 

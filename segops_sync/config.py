@@ -1,4 +1,4 @@
-"""Typed settings, read from the ``SEGOPS_*`` environment variables (see INTERFACE.md)."""
+"""Typed settings, read from the ``SEGOPS_*`` environment variables (see docs/contract.md#configuration)."""
 
 from __future__ import annotations
 

@@ -1,41 +1,39 @@
-"""Connector management: validation, the live check, key encryption, redaction, JSON shape."""
+"""The connector service: validate, check live with Klaviyo, encrypt the key, then write.
+
+It sits on top of ``sync/`` (a new list id forgets the ledger) and below the faces (CLI, API).
+Lookups live in ``db/queries.py``, the JSON shapes in ``shapes.py``, the errors in ``errors.py``.
+"""
 
 from __future__ import annotations
 
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from segops_sync.config import Settings
-from segops_sync.db.models import Connector, SyncRun
+from segops_sync.db.models import Connector
+from segops_sync.db.queries import get_connector
+from segops_sync.errors import InputError
 from segops_sync.klaviyo import (
     CredentialsRejected,
     KlaviyoClient,
     KlaviyoError,
     NotFound,
     PermissionDenied,
+    redact_key,
+    scrub,
 )
-from segops_sync.secrets import decrypt_api_key, encrypt_api_key, redact_api_key, scrub
-from segops_sync.sync.rejected import rejected_members_url
+from segops_sync.secrets import decrypt_api_key, encrypt_api_key
+from segops_sync.states import ConnectorStatus
+from segops_sync.sync.ledger import forget_ledger
+from segops_sync.sync.outcomes import describe_for_person
+from segops_sync.sync.traits import BadTraits, parse_trait_names
 
 LIST_ID_RE = re.compile(r"^[A-Za-z0-9]{6}$")
 API_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_]{8,}$")
 SEGMENT_ID_MAX = 200
-STATUSES = ("inactive", "active", "error")
-
-
-class InputError(Exception):
-    """Bad input from a person or a script: one line that says what is wrong."""
-
-
-class UnknownConnector(InputError):
-    def __init__(self, connector_id: str) -> None:
-        super().__init__(f"unknown connector id {connector_id!r}")
 
 
 def validate_list_id(list_id: str) -> str:
@@ -73,8 +71,6 @@ class CheckResult:
 
 
 def validate_traits(traits: str | list[str]) -> list[str]:
-    from segops_sync.sync.traits import BadTraits, parse_trait_names
-
     try:
         return parse_trait_names(traits)
     except BadTraits as exc:
@@ -92,33 +88,13 @@ def opt_in_warning(list_id: str, opt_in_process: str | None) -> str | None:
     )
 
 
-def describe_klaviyo_error(exc: KlaviyoError, list_id: str) -> str:
-    """What a person must fix, in one line, never with the key."""
-    if isinstance(exc, CredentialsRejected):
-        return (
-            "Klaviyo rejected the API key (401): it is invalid or was revoked; "
-            "create a private key with Lists and Profiles read/write and update the connector"
-        )
-    if isinstance(exc, PermissionDenied):
-        return (
-            f"Klaviyo refused the API key (403: {exc.detail}): the key was revoked or lacks a scope; "
-            "it needs Lists read/write and Profiles read/write"
-        )
-    if isinstance(exc, NotFound):
-        return (
-            f"Klaviyo has no list with id {list_id!r} in this account (404); list ids are "
-            "case-sensitive and exactly 6 characters: copy it from klaviyo.com/list/<ID>/"
-        )
-    return f"Klaviyo error: {exc.detail}"
-
-
 def live_check(api_key: str, list_id: str, base_url: str) -> CheckResult:
     """One ``GET /api/lists/{id}``: checks the key and the list id together (L tier)."""
     try:
         with KlaviyoClient(api_key, base_url) as client:
             found = client.get_list(list_id)
     except (CredentialsRejected, PermissionDenied, NotFound) as exc:
-        raise InputError(scrub(describe_klaviyo_error(exc, list_id), api_key)) from None
+        raise InputError(scrub(describe_for_person(exc, list_id), api_key)) from None
     except KlaviyoError as exc:
         detail = scrub(str(exc.detail), api_key)
         return CheckResult(
@@ -130,70 +106,6 @@ def live_check(api_key: str, list_id: str, base_url: str) -> CheckResult:
         warning=opt_in_warning(list_id, found.opt_in_process),
         opt_in_process=found.opt_in_process,
     )
-
-
-def connector_json(connector: Connector, settings: Settings) -> dict[str, Any]:
-    return {
-        "id": connector.id,
-        "type": connector.type,
-        "segment_id": connector.segment_id,
-        "list_id": connector.list_id,
-        "status": connector.status,
-        "last_synced_at": _iso(connector.last_synced_at),
-        "last_error": connector.last_error,
-        "api_key": connector.api_key_hint,
-        "traits": list(connector.traits or []),
-        # as Klaviyo last reported it (null: not checked yet)
-        "opt_in_process": connector.opt_in_process,
-    }
-
-
-def run_json(run: SyncRun) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "connector_id": run.connector_id,
-        "trigger": run.trigger,
-        "started_at": _iso(run.started_at),
-        "finished_at": _iso(run.finished_at),
-        "status": run.status,
-        "added": run.added,
-        "removed": run.removed,
-        "rejected": run.rejected,
-        "error": run.error,
-        # beyond the contract's fields (issue 14)
-        "updated": run.updated,
-        "traits_dropped": run.traits_dropped,
-        "suppressed": run.suppressed,
-        "rejected_members": rejected_members_url(run.connector_id, run),
-        "verify": (
-            {
-                "in_list": run.verify_in_list,
-                "expected": run.verify_expected,
-                "missing": run.verify_missing,
-                "extra": run.verify_extra,
-            }
-            if run.verify_in_list is not None
-            else None
-        ),
-    }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def get_connector(session: Session, connector_id: str, *, lock: bool = False) -> Connector:
-    stmt = select(Connector).where(Connector.id == connector_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    connector = session.scalars(stmt).one_or_none()
-    if connector is None:
-        raise UnknownConnector(connector_id)
-    return connector
-
-
-def list_connectors(session: Session) -> list[Connector]:
-    return list(session.scalars(select(Connector).order_by(Connector.created_at, Connector.id)))
 
 
 def api_key_of(connector: Connector, settings: Settings) -> str:
@@ -229,8 +141,8 @@ def create_connector(
         segment_id=segment_id,
         list_id=list_id,
         api_key_encrypted=encrypt_api_key(api_key, secret),
-        api_key_hint=redact_api_key(api_key),
-        status="inactive",
+        api_key_hint=redact_key(api_key),
+        status=ConnectorStatus.INACTIVE,
     )
     session.add(connector)
     session.flush()
@@ -248,12 +160,13 @@ def update_connector(
     verify: bool = True,
     traits: str | list[str] | None = None,
 ) -> tuple[Connector, str | None]:
+    """Validate every field given, check the key and list with Klaviyo, then write."""
     names = validate_traits(traits) if traits is not None else None
     if list_id is not None:
         validate_list_id(list_id)
     if api_key is not None:
         validate_api_key(api_key)
-    if status is not None and status not in ("active", "inactive"):
+    if status is not None and status not in (ConnectorStatus.ACTIVE, ConnectorStatus.INACTIVE):
         raise InputError(f"status {status!r} is not allowed: use 'active' or 'inactive'")
     connector = get_connector(session, connector_id, lock=True)
     warning = None
@@ -276,42 +189,31 @@ def update_connector(
     if list_id is not None and list_id != connector.list_id:
         connector.list_id = list_id
         # A new list starts empty for us: forget what the old list held.
-        from segops_sync.sync.ledger import forget_ledger
-
         forget_ledger(session, connector.id)
     if api_key is not None:
         connector.api_key_encrypted = encrypt_api_key(api_key, settings.require_secret_key())
-        connector.api_key_hint = redact_api_key(api_key)
-    if (list_id is not None or api_key is not None) and connector.status == "error":
+        connector.api_key_hint = redact_key(api_key)
+    if (list_id is not None or api_key is not None) and connector.status == ConnectorStatus.ERROR:
         # The fix is in; the next sync decides whether it worked.
-        connector.status = "active"
+        connector.status = ConnectorStatus.ACTIVE
     if status is not None:
-        connector.status = status
-        if status == "inactive":
-            connector.resync_requested = False
+        _set(connector, ConnectorStatus(status))
     session.flush()
     return connector, warning
 
 
-def set_status(session: Session, connector_id: str, status: str) -> Connector:
+def set_status(session: Session, connector_id: str, status: ConnectorStatus) -> Connector:
     connector = get_connector(session, connector_id, lock=True)
-    connector.status = status
-    if status == "inactive":
-        connector.resync_requested = False
+    _set(connector, status)
     return connector
+
+
+def _set(connector: Connector, status: ConnectorStatus) -> None:
+    connector.status = status
+    if status == ConnectorStatus.INACTIVE:
+        connector.resync_requested = False  # an inactive connector is never synced
 
 
 def delete_connector(session: Session, connector_id: str) -> None:
     connector = get_connector(session, connector_id, lock=True)
     session.delete(connector)
-
-
-def list_runs(session: Session, connector_id: str, limit: int = 100) -> list[SyncRun]:
-    get_connector(session, connector_id)
-    stmt = (
-        select(SyncRun)
-        .where(SyncRun.connector_id == connector_id)
-        .order_by(SyncRun.started_at.desc(), SyncRun.id.desc())
-        .limit(limit)
-    )
-    return list(session.scalars(stmt))

@@ -52,8 +52,12 @@ def _members(count: int, start: int = 0) -> list[str]:
     ]
 
 
-def run_demo() -> int:
-    from segops_sync.cli import main as cli
+Cli = Callable[[list[str]], int]
+
+
+def run_demo(cli: Cli) -> int:
+    """Run the scenario through ``cli`` (the command line's own entry point, handed in by it,
+    so that this module stays below the CLI instead of importing it back)."""
     from segops_sync.config import get_settings
     from segops_sync.embedded import EmbeddedWorker
     from segops_sync.klaviyo.simulator import Simulator, SimulatorServer

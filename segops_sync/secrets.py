@@ -1,4 +1,7 @@
-"""Klaviyo API keys at rest: Fernet-encrypted with ``SEGOPS_SECRET_KEY``; shown only redacted."""
+"""Klaviyo API keys at rest: Fernet-encrypted with ``SEGOPS_SECRET_KEY``.
+
+Showing or masking a key is ``segops_sync.klaviyo.redact``'s job, not this module's.
+"""
 
 from __future__ import annotations
 
@@ -36,16 +39,3 @@ def decrypt_api_key(token: bytes, secret_key: str) -> str:
         raise ConfigError(
             "SEGOPS_SECRET_KEY does not decrypt the stored API keys (was it changed?)"
         ) from None
-
-
-def redact_api_key(api_key: str) -> str:
-    """``pk_…ab12``: enough to tell keys apart, never the whole key."""
-    return f"pk_…{api_key[-4:]}" if len(api_key) > 12 else "pk_…"
-
-
-def scrub(text: str, *secrets: str) -> str:
-    """Remove any secret that slipped into a message meant for people."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, redact_api_key(secret))
-    return text

@@ -1,7 +1,8 @@
 """Thin Celery tasks: check the message, load ids, call ``sync/``, record, publish after commit.
 
 Messages carry ids, never keys or member lists. Expected failures come back as results, so
-the chord body always runs; unexpected ones reach the body's errback.
+the chord body always runs; unexpected ones reach the body's errback. Every task takes its
+retry and result options from :class:`SegopsTask` (``tests/test_tasks.py`` checks them all).
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from sqlalchemy.exc import OperationalError
 
 from segops_sync.celery import app
 from segops_sync.config import ConfigError, get_settings
-from segops_sync.connectors import UnknownConnector
 from segops_sync.db.models import Connector, SegmentMember
 from segops_sync.db.session import session_scope
+from segops_sync.errors import UnknownConnector
+from segops_sync.states import ConnectorStatus, PlanStatus, StartReason, Trigger
 from segops_sync.sync.access import KlaviyoAccess
 from segops_sync.sync.batches import Finished, run_batch
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
 from segops_sync.sync.runs import RunClosed, fail_run, finish_run
-from segops_sync.sync.sweeper import find_stuck_runs
+from segops_sync.sync.sweeper import StuckAction, find_stuck_runs
 from segops_sync.sync.verify import Comparison
 
 log = logging.getLogger("segops_sync.tasks")
@@ -34,6 +36,30 @@ log = logging.getLogger("segops_sync.tasks")
 INFRA_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError)
 MAX_COUNTDOWN = 300.0
 MAX_ID_LENGTH = 255
+
+
+class SegopsTask(Task):  # type: ignore[misc]
+    """The retry and result options of every task, in one place.
+
+    Infrastructure errors are retried with capped, jittered exponential backoff, without end:
+    a database or Redis outage delays work, it never drops it. Results are ignored except
+    where a chord counts them (the batch tasks).
+    """
+
+    autoretry_for = INFRA_ERRORS
+    retry_backoff = True
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = None
+    acks_late = True  # a crash re-delivers the task; every task is idempotent
+    ignore_result = True
+    trail = False  # no child results kept on the parent: the chord reads none of them
+
+
+class BatchTask(SegopsTask):
+    """Chord header tasks: their (tiny) results count toward the chord."""
+
+    ignore_result = False
 
 
 class Malformed(ValueError):
@@ -62,17 +88,10 @@ def klaviyo_access() -> KlaviyoAccess:
     return _access[1]
 
 
-# -- the external messages (INTERFACE.md) ----------------------------------------------
+# -- the external messages (docs/contract.md#messages) -------------------------------
 
 
-@app.task(
-    name="segops.recompute_finished",
-    ignore_result=True,
-    autoretry_for=INFRA_ERRORS,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=None,
-)
+@app.task(base=SegopsTask, name="segops.recompute_finished")
 def recompute_finished(*args: Any, **kwargs: Any) -> None:
     try:
         if args:
@@ -86,7 +105,8 @@ def recompute_finished(*args: Any, **kwargs: Any) -> None:
         connector_ids = list(
             s.scalars(
                 select(Connector.id).where(
-                    Connector.segment_id == segment_id, Connector.status != "inactive"
+                    Connector.segment_id == segment_id,
+                    Connector.status != ConnectorStatus.INACTIVE,
                 )
             )
         )
@@ -101,16 +121,10 @@ def recompute_finished(*args: Any, **kwargs: Any) -> None:
         _drop("segops.recompute_finished", f"unknown segment {segment_id!r}")
         return
     for connector_id in connector_ids:
-        trigger_sync(connector_id, trigger="recompute", recompute_id=recompute_id)
+        trigger_sync(connector_id, trigger=Trigger.RECOMPUTE, recompute_id=recompute_id)
 
 
-@app.task(
-    name="segops.context_identified",
-    ignore_result=True,
-    autoretry_for=INFRA_ERRORS,
-    retry_backoff=True,
-    max_retries=None,
-)
+@app.task(base=SegopsTask, name="segops.context_identified")
 def context_identified(*args: Any, **kwargs: Any) -> None:
     try:
         if args:
@@ -129,13 +143,7 @@ def context_identified(*args: Any, **kwargs: Any) -> None:
         _drop("segops.context_identified", str(exc))
 
 
-@app.task(
-    name="segops.sync_connector",
-    ignore_result=True,
-    autoretry_for=INFRA_ERRORS,
-    retry_backoff=True,
-    max_retries=None,
-)
+@app.task(base=SegopsTask, name="segops.sync_connector")
 def sync_connector(*args: Any, **kwargs: Any) -> None:
     """Manual re-sync: ``celery -A segops_sync call segops.sync_connector --args='["<id>"]'``."""
     connector_id = args[0] if len(args) == 1 else kwargs.get("connector_id")
@@ -144,7 +152,7 @@ def sync_connector(*args: Any, **kwargs: Any) -> None:
         return
     allow = kwargs.get("allow_mass_removal", False) is True
     try:
-        trigger_sync(connector_id, trigger="resync", allow_mass_removal=allow)
+        trigger_sync(connector_id, trigger=Trigger.RESYNC, allow_mass_removal=allow)
     except UnknownConnector as exc:
         _drop("segops.sync_connector", str(exc))
 
@@ -152,7 +160,7 @@ def sync_connector(*args: Any, **kwargs: Any) -> None:
 def trigger_sync(
     connector_id: str,
     *,
-    trigger: str,
+    trigger: Trigger,
     recompute_id: str | None = None,
     allow_mass_removal: bool = False,
 ) -> StartOutcome:
@@ -166,7 +174,7 @@ def trigger_sync(
             allow_mass_removal=allow_mass_removal,
         )
     log.info("connector %s: %s trigger -> %s", connector_id, trigger, outcome.reason)
-    if outcome.reason == "started" and outcome.run_id:
+    if outcome.reason == StartReason.STARTED and outcome.run_id:
         plan_run_task.delay(outcome.run_id)
     return outcome
 
@@ -174,21 +182,13 @@ def trigger_sync(
 # -- orchestration -----------------------------------------------------------------------
 
 
-@app.task(
-    name="segops.plan_run",
-    ignore_result=True,
-    trail=False,
-    autoretry_for=INFRA_ERRORS,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    max_retries=None,
-)
+@app.task(base=SegopsTask, name="segops.plan_run")
 def plan_run_task(run_id: str) -> None:
     with session_scope() as s:
         plan = plan_run(s, run_id, get_settings())
-    if plan.status == "empty":
+    if plan.status == PlanStatus.EMPTY:
         finish_run_task.delay(run_id)
-    elif plan.status == "dispatch":
+    elif plan.status == PlanStatus.DISPATCH:
         dispatch(run_id, plan.remove_batch_ids, plan.add_batch_ids)
 
 
@@ -199,44 +199,30 @@ def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
     chord(header)(body)
 
 
-@app.task(
-    name="segops.finish_run", autoretry_for=INFRA_ERRORS, retry_backoff=True, max_retries=None
-)
-def finish_run_task(run_id: str) -> str:
+@app.task(base=SegopsTask, name="segops.finish_run")
+def finish_run_task(run_id: str) -> None:
     with session_scope() as s:
         closed = finish_run(s, run_id)
     _follow_up(closed)
-    return closed.status
 
 
-@app.task(
-    name="segops.run_failed", autoretry_for=INFRA_ERRORS, retry_backoff=True, max_retries=None
-)
-def run_failed(run_id: str) -> str:
+@app.task(base=SegopsTask, name="segops.run_failed")
+def run_failed(run_id: str) -> None:
     """Errback of the chord body: something unexpected broke the run."""
     with session_scope() as s:
         closed = fail_run(
             s, run_id, "the sync stopped on an internal error; it is retried at the next sync"
         )
     _follow_up(closed)
-    return closed.status
 
 
 def _follow_up(closed: RunClosed) -> None:
     if (
         closed.next_run is not None
-        and closed.next_run.reason == "started"
+        and closed.next_run.reason == StartReason.STARTED
         and closed.next_run.run_id
     ):
         plan_run_task.delay(closed.next_run.run_id)
-
-
-class BatchTask(Task):  # type: ignore[misc]
-    acks_late = True
-    max_retries = None  # waiting for a token or a job is not an error; errors have their own budget
-    autoretry_for = INFRA_ERRORS
-    retry_backoff = True
-    retry_backoff_max = 60
 
 
 def _run_batch(task: Task, batch_id: Any) -> dict[str, Any]:
@@ -268,7 +254,8 @@ def remove_batch(self: Task, batch_id: int) -> dict[str, Any]:
     return _run_batch(self, batch_id)
 
 
-@app.task(name="segops.sweep_runs", ignore_result=True, autoretry_for=INFRA_ERRORS, max_retries=3)
+# Periodic: the next beat tick comes anyway, so a few retries are enough.
+@app.task(base=SegopsTask, name="segops.sweep_runs", max_retries=3)
 def sweep_runs() -> None:
     """Beat: finish or re-dispatch runs that made no progress for too long (lost chords)."""
     settings = get_settings()
@@ -276,9 +263,9 @@ def sweep_runs() -> None:
         stuck = find_stuck_runs(s, settings.stuck_after)
     for item in stuck:
         log.warning("run %s made no progress: %s", item.run_id, item.action)
-        if item.action == "plan":
+        if item.action == StuckAction.PLAN:
             plan_run_task.delay(item.run_id)
-        elif item.action == "finish":
+        elif item.action == StuckAction.FINISH:
             finish_run_task.delay(item.run_id)
         else:
             dispatch(item.run_id, item.remove_batch_ids, item.add_batch_ids)
@@ -294,14 +281,12 @@ def trigger_verified_sync(connector_id: str, result: Comparison) -> StartOutcome
     with session_scope() as s:
         outcome = start_verified_run(s, connector_id, result)
     log.info("connector %s: verify trigger -> %s", connector_id, outcome.reason)
-    if outcome.reason == "started" and outcome.run_id:
+    if outcome.reason == StartReason.STARTED and outcome.run_id:
         plan_run_task.delay(outcome.run_id)
     return outcome
 
 
-@app.task(
-    name="segops.verify_connectors", ignore_result=True, autoretry_for=INFRA_ERRORS, max_retries=3
-)
+@app.task(base=SegopsTask, name="segops.verify_connectors", max_retries=3)
 def verify_connectors() -> None:
     """Beat: read every connector's list back, one task per connector."""
     from segops_sync.sync.verify import verifiable_connectors
@@ -312,52 +297,18 @@ def verify_connectors() -> None:
         verify_connector.delay(connector_id)
 
 
-@app.task(
-    name="segops.verify_connector",
-    ignore_result=True,
-    acks_late=True,
-    autoretry_for=INFRA_ERRORS,
-    retry_backoff=True,
-    max_retries=3,
-)
+@app.task(base=SegopsTask, name="segops.verify_connector", max_retries=3)
 def verify_connector(connector_id: Any) -> None:
     """Read one list back, correct the ledger, and let a ``verify`` run add the missing.
 
     The read waits for the fleet limiter in the task (a million members is ~15 minutes of
     L-tier pages), which is why it runs on the Klaviyo queue. Extra profiles are reported in
     the run history, never removed from here."""
-    from segops_sync.connectors import describe_klaviyo_error
-    from segops_sync.klaviyo import KlaviyoError
-    from segops_sync.sync.verify import VerifyError, is_running, verify_list
+    from segops_sync.sync.verify import verify_for_beat
 
     if not isinstance(connector_id, str) or not connector_id:
         _drop("segops.verify_connector", "expected args [connector_id]")
         return
-    with session_scope() as s:
-        connector = s.get(Connector, connector_id)
-        if connector is None or connector.status == "inactive" or is_running(s, connector_id):
-            return  # gone, switched off, or a run is writing to the list: next time
-        list_id = connector.list_id
-    try:
-        result = verify_list(connector_id, klaviyo_access(), get_settings())
-    except VerifyError as exc:
-        log.warning("connector %s: list not verified: %s", connector_id, exc)
-        return
-    except KlaviyoError as exc:
-        log.warning(
-            "connector %s: list not verified: %s",
-            connector_id,
-            describe_klaviyo_error(exc, list_id),
-        )
-        return
-    if result.extra:
-        log.warning(
-            "connector %s: %d profiles on Klaviyo list %s are in no segment (%d never added by "
-            "this connector); `segops-sync connectors verify %s --repair --remove-extra` removes them",
-            connector_id,
-            result.extra,
-            list_id,
-            result.foreign,
-            connector_id,
-        )
-    trigger_verified_sync(connector_id, result)
+    result = verify_for_beat(connector_id, klaviyo_access(), get_settings())
+    if result is not None:
+        trigger_verified_sync(connector_id, result)

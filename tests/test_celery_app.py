@@ -41,6 +41,26 @@ def test_reliability_settings() -> None:
         assert app.tasks[name].rate_limit, "the per-worker local ceiling is set"
 
 
+def test_every_task_takes_its_retry_and_result_options_from_one_base() -> None:
+    from segops_sync.tasks import INFRA_ERRORS, BatchTask, SegopsTask
+
+    chord_header = {"segops.add_batch", "segops.remove_batch"}
+    for name in _our_tasks():
+        task = app.tasks[name]
+        assert isinstance(task, SegopsTask), f"{name} does not use SegopsTask"
+        assert tuple(task.autoretry_for) == INFRA_ERRORS, name
+        assert task.retry_backoff is True and task.retry_jitter is True, name
+        assert task.retry_backoff_max == 60, name
+        assert task.acks_late is True, name
+        assert task.trail is False, name
+        # A chord counts its header's results; nothing else's result is read.
+        assert task.ignore_result is (name not in chord_header), name
+        assert isinstance(task, BatchTask) is (name in chord_header), name
+        # Periodic work gives up after a few tries (the next tick comes); the rest never drops.
+        periodic = {"segops.sweep_runs", "segops.verify_connectors", "segops.verify_connector"}
+        assert task.max_retries == (3 if name in periodic else None), name
+
+
 def test_the_beat_verifies_connectors_at_the_configured_interval() -> None:
     from segops_sync.config import Settings
 

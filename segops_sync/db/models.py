@@ -1,9 +1,10 @@
-"""SQLAlchemy models: the tables segops-sync owns, plus ``segment_members`` (INTERFACE.md)."""
+"""SQLAlchemy models: the tables segops-sync owns, plus ``segment_members`` (docs/contract.md#tables)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -20,7 +21,19 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from segops_sync.states import (
+    BatchKind,
+    BatchStatus,
+    ConnectorStatus,
+    ItemOutcome,
+    RunPhase,
+    RunStatus,
+    Trigger,
+)
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -33,6 +46,30 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class StateText(TypeDecorator[E]):
+    """A state stored as plain TEXT (the check constraint lists its values), read as its enum."""
+
+    impl = Text
+    cache_ok = True
+
+    def __init__(self, enum: type[E]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: E | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
+
+
+def _values(enum: type[StrEnum]) -> str:
+    return ", ".join(f"'{member.value}'" for member in enum)
 
 
 class SegmentMember(Base):
@@ -68,14 +105,16 @@ class Connector(Base):
     # Fernet token of the Klaviyo private key; the clear key is never stored.
     api_key_encrypted: Mapped[bytes] = mapped_column(LargeBinary)
     api_key_hint: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, default="inactive")
+    status: Mapped[ConnectorStatus] = mapped_column(
+        StateText(ConnectorStatus), default=ConnectorStatus.INACTIVE
+    )
     last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
     # A trigger that arrived while a run was going: the finishing run starts one more.
     resync_requested: Mapped[bool] = mapped_column(
         Boolean, default=False, server_default=text("false")
     )
-    resync_trigger: Mapped[str | None] = mapped_column(Text)
+    resync_trigger: Mapped[Trigger | None] = mapped_column(StateText(Trigger))
     # The list's opt_in_process as Klaviyo last reported it (double_opt_in | single_opt_in).
     opt_in_process: Mapped[str | None] = mapped_column(Text)
     # The context_identified traits this connector sends to Klaviyo (besides the email).
@@ -87,7 +126,7 @@ class Connector(Base):
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
     __table_args__ = (
-        CheckConstraint("status IN ('inactive', 'active', 'error')", name="status"),
+        CheckConstraint(f"status IN ({_values(ConnectorStatus)})", name="status"),
         CheckConstraint("type = 'klaviyo'", name="type"),
     )
 
@@ -117,11 +156,12 @@ class SyncRun(Base):
     connector_id: Mapped[str] = mapped_column(
         Text, ForeignKey("connectors.id", ondelete="CASCADE"), index=True
     )
-    trigger: Mapped[str] = mapped_column(Text)
+    trigger: Mapped[Trigger] = mapped_column(StateText(Trigger))
     recompute_id: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, default="running")
-    # planning -> dispatched -> finished; lets the sweeper tell a stalled plan from a stalled chord.
-    phase: Mapped[str] = mapped_column(Text, default="planning", server_default="planning")
+    status: Mapped[RunStatus] = mapped_column(StateText(RunStatus), default=RunStatus.RUNNING)
+    phase: Mapped[RunPhase] = mapped_column(
+        StateText(RunPhase), default=RunPhase.PLANNING, server_default="planning"
+    )
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     planned_adds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -148,7 +188,7 @@ class SyncRun(Base):
     verify_missing: Mapped[int | None] = mapped_column(Integer)
     verify_extra: Mapped[int | None] = mapped_column(Integer)
     __table_args__ = (
-        CheckConstraint("status IN ('running', 'succeeded', 'failed', 'held')", name="status"),
+        CheckConstraint(f"status IN ({_values(RunStatus)})", name="status"),
         # At most one run per connector at a time; extra triggers coalesce.
         Index(
             "uq_sync_runs_one_running",
@@ -163,9 +203,9 @@ class SyncBatch(Base):
     __tablename__ = "sync_batches"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(Text, ForeignKey("sync_runs.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(Text)
+    kind: Mapped[BatchKind] = mapped_column(StateText(BatchKind))
     seq: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(Text, default="pending")
+    status: Mapped[BatchStatus] = mapped_column(StateText(BatchStatus), default=BatchStatus.PENDING)
     # Transient failures so far; throttling and job polling do not count.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     job_ids: Mapped[list[str]] = mapped_column(ARRAY(Text), default=list, server_default="{}")
@@ -180,8 +220,8 @@ class SyncBatch(Base):
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
     __table_args__ = (
-        CheckConstraint("kind IN ('add', 'remove')", name="kind"),
-        CheckConstraint("status IN ('pending', 'submitted', 'done', 'failed')", name="status"),
+        CheckConstraint(f"kind IN ({_values(BatchKind)})", name="kind"),
+        CheckConstraint(f"status IN ({_values(BatchStatus)})", name="status"),
         Index("uq_sync_batches_run_kind_seq", "run_id", "kind", "seq", unique=True),
     )
 
@@ -194,7 +234,7 @@ class SyncBatchItem(Base):
         Text, ForeignKey("sync_runs.id", ondelete="CASCADE"), primary_key=True
     )
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
-    kind: Mapped[str] = mapped_column(Text)
+    kind: Mapped[BatchKind] = mapped_column(StateText(BatchKind))
     seq: Mapped[int] = mapped_column(Integer)
     email: Mapped[str | None] = mapped_column(Text)
     external_id: Mapped[str | None] = mapped_column(Text)
@@ -207,8 +247,7 @@ class SyncBatchItem(Base):
     refresh: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # Names of the traits left out because Klaviyo would refuse their values.
     dropped_traits: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
-    # NULL while in flight; added | updated | removed | rejected | pending
-    outcome: Mapped[str | None] = mapped_column(Text)
+    outcome: Mapped[ItemOutcome | None] = mapped_column(StateText(ItemOutcome))  # NULL in flight
     reason: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (Index("ix_sync_batch_items_batch", "run_id", "kind", "seq"),)
 

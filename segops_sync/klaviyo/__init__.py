@@ -41,7 +41,7 @@ from segops_sync.klaviyo.payloads import (
     MAX_PROFILES_PER_JOB,
     split_into_jobs,
 )
-from segops_sync.klaviyo.redact import scrub
+from segops_sync.klaviyo.redact import fingerprint, redact_key, scrub
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -73,7 +73,9 @@ __all__ = [
     "RateLimited",
     "TransientError",
     "UnexpectedStatus",
+    "fingerprint",
     "parse_retry_after",
+    "redact_key",
     "scrub",
     "split_into_jobs",
 ]

@@ -26,6 +26,7 @@ from segops_sync.klaviyo.errors import (
     UnexpectedStatus,
     error_from_response,
 )
+from segops_sync.klaviyo.jsonapi import obj
 from segops_sync.klaviyo.models import (
     BulkImportJob,
     ImportedProfile,
@@ -48,7 +49,7 @@ from segops_sync.klaviyo.payloads import (
     profile_import_body,
     relationship_body,
 )
-from segops_sync.klaviyo.redact import Secret, fingerprint, install_log_redaction, scrub
+from segops_sync.klaviyo.redact import Secret, install_log_redaction, redact_key, scrub
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class KlaviyoClient:
             raise ValueError("the API key is empty or contains characters not allowed in a header")
         install_log_redaction()
         self._secret = Secret(api_key)
-        self._label = fingerprint(api_key)
+        self._label = redact_key(api_key)
         self._before_request = before_request
         self._after_response = after_response
         self.last_rate_limit: RateLimitHeaders | None = None
@@ -143,7 +144,7 @@ class KlaviyoClient:
                 status=200,
                 endpoint=endpoint,
             )
-        attrs = _obj(data, "attributes")
+        attrs = obj(data, "attributes")
         name, opt_in = attrs.get("name"), attrs.get("opt_in_process")
         return KlaviyoList(
             id=found,
@@ -187,8 +188,8 @@ class KlaviyoClient:
         endpoint = Endpoint.GET_BULK_IMPORT_ERRORS
         params = {"page[size]": str(MAX_PAGE_SIZE)}
         for item in self._paginate(endpoint, endpoint.path(job_id), params):
-            attrs = _obj(item, "attributes")
-            source = _obj(attrs, "source")
+            attrs = obj(item, "attributes")
+            source = obj(attrs, "source")
             payload = attrs.get("original_payload")
             pointer = source.get("pointer")
             yield ImportErrorItem(
@@ -243,7 +244,7 @@ class KlaviyoClient:
                 "fields[profile]": "email,external_id",
             }
             for item in self._paginate(endpoint, endpoint.path(), params):
-                attrs = _obj(item, "attributes")
+                attrs = obj(item, "attributes")
                 matched = attrs.get(field)
                 pid = item.get("id")
                 if not isinstance(matched, str) or not isinstance(pid, str):
@@ -289,7 +290,7 @@ class KlaviyoClient:
         if not isinstance(data, list):
             raise _malformed(endpoint, "data is not a list")
         members = [_list_member(item, endpoint) for item in data if isinstance(item, dict)]
-        nxt = _obj(doc, "links").get("next")
+        nxt = obj(doc, "links").get("next")
         if isinstance(nxt, str) and nxt:
             if nxt == next_url:
                 raise _malformed(endpoint, "pagination repeats a page")
@@ -377,7 +378,7 @@ class KlaviyoClient:
             for item in data:
                 if isinstance(item, dict):
                     yield item
-            links = _obj(doc, "links")
+            links = obj(doc, "links")
             nxt = links.get("next")
             if not isinstance(nxt, str) or not nxt:
                 return
@@ -439,7 +440,7 @@ def _identity_key(field: str, value: str) -> str:
 
 
 def _imported_profile(item: dict[str, Any], endpoint: Endpoint) -> ImportedProfile:
-    attrs = _obj(item, "attributes")
+    attrs = obj(item, "attributes")
     email, ext = attrs.get("email"), attrs.get("external_id")
     return ImportedProfile(
         id=_str_field(item, "id", endpoint),
@@ -449,9 +450,9 @@ def _imported_profile(item: dict[str, Any], endpoint: Endpoint) -> ImportedProfi
 
 
 def _list_member(item: dict[str, Any], endpoint: Endpoint) -> ListMember:
-    attrs = _obj(item, "attributes")
+    attrs = obj(item, "attributes")
     email, ext = attrs.get("email"), attrs.get("external_id")
-    marketing = _obj(_obj(_obj(attrs, "subscriptions"), "email"), "marketing")
+    marketing = obj(obj(obj(attrs, "subscriptions"), "email"), "marketing")
     suppression = marketing.get("suppression")
     return ListMember(
         id=_str_field(item, "id", endpoint),
@@ -490,8 +491,3 @@ def _datetime(value: Any) -> datetime | None:
         return datetime.fromisoformat(value)
     except ValueError:
         return None
-
-
-def _obj(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    value = doc.get(name)
-    return value if isinstance(value, dict) else {}

@@ -15,6 +15,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 from segops_sync.klaviyo.endpoints import Endpoint
+from segops_sync.klaviyo.jsonapi import obj
 from segops_sync.klaviyo.redact import scrub
 
 _MAX_DETAIL = 500
@@ -96,14 +97,19 @@ class InvalidRequest(KlaviyoError):
         ``/data/attributes/profiles/data/3/attributes/email`` (bulk job) and ``/data/3`` or
         ``/data/3/id`` (list relationship body) both name index 3.
         """
-        found: set[int] = set()
+        return set(self.reasons_by_index())
+
+    def reasons_by_index(self) -> dict[int, str]:
+        """Klaviyo's reason for each profile its pointers name (the first error per index)."""
+        reasons: dict[int, str] = {}
         for err in self.errors:
             if not err.pointer:
                 continue
             match = _PROFILE_POINTER.match(err.pointer) or _RELATIONSHIP_POINTER.match(err.pointer)
             if match:
-                found.add(int(match.group(1)))
-        return found
+                reason = f"{err.title}: {err.detail}" if err.title else err.detail
+                reasons.setdefault(int(match.group(1)), reason)
+        return reasons
 
 
 class Conflict(InvalidRequest):
@@ -190,8 +196,8 @@ def parse_error_items(body: bytes, content_type: str) -> list[ApiErrorItem] | No
     for entry in raw:
         if not isinstance(entry, dict):
             continue
-        source = _obj(entry, "source")
-        meta = _obj(entry, "meta")
+        source = obj(entry, "source")
+        meta = obj(entry, "meta")
         items.append(
             ApiErrorItem(
                 code=_text(entry.get("code")),
@@ -282,8 +288,3 @@ def _text(value: Any) -> str:
 
 def _opt_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _obj(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    value = doc.get(name)
-    return value if isinstance(value, dict) else {}

@@ -1,7 +1,13 @@
-"""Keeping private API keys out of text: exception messages and log records."""
+"""The one place that keeps private API keys out of text: hints, fingerprints, scrubbing, logs.
+
+Everything that shows, labels or masks a key calls this module: the connector's ``api_key``
+hint, the client's repr, exception messages, log records and the limiter's cache keys.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 
@@ -10,12 +16,30 @@ import re
 _KEY_SHAPE = re.compile(r"pk_[A-Za-z0-9_]{8,}")
 _AUTH_HEADER = re.compile(r"(Klaviyo-API-Key|Bearer)\s+\S+", re.IGNORECASE)
 MASK = "[redacted]"
+# Below this length the last four characters would give away too much of the key.
+_HINT_MIN_LENGTH = 13
+_FINGERPRINT_KEY = b"segops-sync/klaviyo-key-fingerprint/v1"
+
+
+def redact_key(api_key: str) -> str:
+    """``pk_…ab12``: enough for a person to tell keys apart, never the whole key."""
+    return f"pk_…{api_key[-4:]}" if len(api_key) >= _HINT_MIN_LENGTH else "pk_…"
+
+
+def fingerprint(api_key: str) -> str:
+    """A stable, non-reversible identifier of a key: safe to store in Redis and to log."""
+    return hmac.new(_FINGERPRINT_KEY, api_key.encode(), hashlib.sha256).hexdigest()
 
 
 def scrub(text: str, *secrets: str | None) -> str:
+    """Remove any key that slipped into text meant for people or logs.
+
+    Known secrets become their hint; anything else shaped like a key, or an Authorization
+    value, becomes a mask, because a leaked key costs far more than an over-eager mask.
+    """
     for secret in secrets:
         if secret:
-            text = text.replace(secret, MASK)
+            text = text.replace(secret, redact_key(secret))
     text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)} {MASK}", text)
     return _KEY_SHAPE.sub(MASK, text)
 
@@ -32,17 +56,12 @@ class Secret:
         return self._value
 
     def __repr__(self) -> str:
-        return f"Secret({fingerprint(self._value)!r})"
+        return f"Secret({redact_key(self._value)!r})"
 
     __str__ = __repr__
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("a Secret is not picklable")
-
-
-def fingerprint(api_key: str) -> str:
-    """A short, non-reversible label for a key, for repr and logs."""
-    return f"pk_…{api_key[-4:]}" if len(api_key) >= 12 else "pk_…"
 
 
 class RedactingFilter(logging.Filter):

@@ -8,7 +8,6 @@ when none is free the request is not sent and ``Throttled`` tells the caller how
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import redis
@@ -20,6 +19,7 @@ from segops_sync.klaviyo import (
     KlaviyoClient,
     PermissionDenied,
     RateLimitHeaders,
+    fingerprint,
 )
 from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit
 
@@ -92,7 +92,7 @@ class KlaviyoAccess:
     def account_of(self, api_key: str) -> str:
         """Which Klaviyo account a key belongs to: keys of one account share one budget."""
 
-        own_budget = f"key:{_fingerprint(api_key)}"
+        own_budget = f"key:{fingerprint(api_key)[:16]}"
 
         def fetch() -> str:
             # Before the answer we cannot know whose budget to charge, so every lookup of the
@@ -119,7 +119,3 @@ class KlaviyoAccess:
             before_request=session.before_request,
             after_response=session.after_response,
         )
-
-
-def _fingerprint(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()[:16]

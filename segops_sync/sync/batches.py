@@ -11,37 +11,41 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
 from segops_sync.config import ConfigError, Settings
-from segops_sync.connectors import describe_klaviyo_error
-from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchItem, SyncRun
+from segops_sync.db.models import Connector, SyncBatch, SyncBatchItem, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import (
     MAX_FILTER_VALUES,
-    CredentialsRejected,
     ImportErrorItem,
     InvalidRequest,
     KlaviyoClient,
     KlaviyoError,
     NotFound,
-    PermissionDenied,
     ProfileInput,
-    RateLimited,
     TransientError,
+    scrub,
     split_into_jobs,
 )
-from segops_sync.secrets import decrypt_api_key, scrub
+from segops_sync.secrets import decrypt_api_key
+from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus, ItemOutcome
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
-from segops_sync.sync.ledger import confirm_added, confirm_removed, remember_profile_ids
+from segops_sync.sync.ledger import (
+    added_times,
+    confirm_added,
+    confirm_removed,
+    forget_profile_ids,
+    remember_profile_ids,
+)
+from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.traits import klaviyo_profile
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,6 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
 QUICK_ATTEMPTS = 3
 T = TypeVar("T")
-_INDEX_RE = re.compile(r"^/data/(?:attributes/profiles/data/)?(\d+)(?:/|$)")
 
 
 @dataclass(frozen=True)
@@ -75,15 +78,32 @@ BatchStep = Finished | Later
 class BatchContext:
     batch_id: int
     run_id: str
-    kind: str
+    kind: BatchKind
     seq: int
-    status: str
+    status: BatchStatus
     attempts: int
     first_attempt_at: datetime
     connector_id: str
     list_id: str
     api_key_encrypted: bytes
     abort_reason: str | None
+
+
+class BatchStore(Protocol):
+    """Where the batch state machine keeps its state: PostgreSQL in production, a dict in
+    unit tests, so the transitions can be tested without a database."""
+
+    def load(self, batch_id: int) -> BatchContext | None:
+        """The batch with its run and connector; touches its heartbeat."""
+
+    def fail(self, ctx: BatchContext, error: str, *, permanent: bool) -> None:
+        """An open batch becomes failed; a permanent error also stops the run's other batches."""
+
+    def count_failure(self, ctx: BatchContext) -> int:
+        """One more transient failure in a row; returns how many so far."""
+
+
+Work = Callable[[BatchContext, KlaviyoClient, Settings], "BatchStep"]
 
 
 def _jitter(base: float) -> float:
@@ -97,83 +117,115 @@ def backoff(attempt: int, settings: Settings) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-def run_batch(batch_id: int, access: KlaviyoAccess, settings: Settings) -> BatchStep:
-    ctx = _load(batch_id)
+def run_batch(
+    batch_id: int,
+    access: KlaviyoAccess,
+    settings: Settings,
+    *,
+    store: BatchStore | None = None,
+    work: Work | None = None,
+) -> BatchStep:
+    """One step of the batch state machine: pending/submitted -> done | failed, or Later."""
+    store = store or PostgresBatchStore()
+    ctx = store.load(batch_id)
     if ctx is None:
         log.warning("batch %s no longer exists; dropped", batch_id)
         return Finished(batch_id, False)
-    if ctx.status in ("done", "failed"):
-        return Finished(batch_id, ctx.status == "done")
+    if ctx.status not in OPEN_BATCH:
+        return Finished(batch_id, ctx.status == BatchStatus.DONE)
     if ctx.abort_reason:
-        _fail(ctx, ctx.abort_reason, permanent=True)
+        store.fail(ctx, ctx.abort_reason, permanent=True)
         return Finished(batch_id, False)
     try:
         api_key = decrypt_api_key(ctx.api_key_encrypted, settings.require_secret_key())
     except ConfigError as exc:  # SEGOPS_SECRET_KEY changed: only a person can fix that
-        _fail(ctx, f"{exc}; re-enter the key with `segops-sync connectors update`", permanent=True)
+        store.fail(
+            ctx, f"{exc}; re-enter the key with `segops-sync connectors update`", permanent=True
+        )
         return Finished(batch_id, False)
+    do = work or (_add if ctx.kind == BatchKind.ADD else _remove)
     limited: LimitedSession | None = None
     try:
         client, limited = access.client(api_key, claimant=ctx.connector_id)
         with client:
-            if ctx.kind == "add":
-                return _add(ctx, client, settings)
-            return _remove(ctx, client, settings)
-    except Throttled as exc:
-        return Later(exc.wait + _jitter(exc.wait), f"throttled on {exc.endpoint}")
-    except RateLimited as exc:
-        wait = (
-            exc.retry_after if exc.retry_after is not None else backoff(ctx.attempts + 1, settings)
-        )
-        if limited is not None:
-            limited.rate_limited(wait)
-        return Later(wait + _jitter(wait), "429 from Klaviyo")
-    except TransientError as exc:
-        return _transient(ctx, scrub(exc.detail, api_key), settings)
-    except (CredentialsRejected, PermissionDenied, NotFound) as exc:
-        _fail(ctx, scrub(describe_klaviyo_error(exc, ctx.list_id), api_key), permanent=True)
-        return Finished(batch_id, False)
-    except InvalidRequest as exc:
-        _fail(ctx, scrub(f"Klaviyo refused the request: {exc.detail}", api_key), permanent=True)
-        return Finished(batch_id, False)
-    except KlaviyoError as exc:  # anything else: the taxonomy's flag decides
-        if exc.permanent:
-            _fail(ctx, scrub(f"Klaviyo error {exc.status}: {exc.detail}", api_key), permanent=True)
-            return Finished(batch_id, False)
-        return _transient(ctx, scrub(exc.detail, api_key), settings)
+            return do(ctx, client, settings)
+    except (Throttled, KlaviyoError) as exc:
+        decision = decide(exc, list_id=ctx.list_id)
+        from_klaviyo = not isinstance(exc, Throttled)
+    if decision.action is Action.WAIT:
+        wait = decision.wait
+        if wait is None:
+            wait = backoff(ctx.attempts + 1, settings)
+        if limited is not None and from_klaviyo:
+            limited.rate_limited(wait)  # a 429 backs off the whole fleet
+        return Later(wait + _jitter(wait), decision.message)
+    if decision.action is Action.RETRY:
+        return _transient(ctx, scrub(decision.message, api_key), settings, store)
+    # FAIL_RUN, or members refused where the path could not drop them itself.
+    store.fail(ctx, scrub(decision.message, api_key), permanent=True)
+    return Finished(batch_id, False)
 
 
 # -- loading and recording ---------------------------------------------------------------
 
 
-def _load(batch_id: int) -> BatchContext | None:
-    with session_scope() as s:
-        row = s.execute(
-            select(SyncBatch, SyncRun.abort_reason, Connector)
-            .join(SyncRun, SyncRun.id == SyncBatch.run_id)
-            .join(Connector, Connector.id == SyncRun.connector_id)
-            .where(SyncBatch.id == batch_id)
-        ).one_or_none()
-        if row is None:
-            return None
-        batch, abort_reason, connector = row
-        now = datetime.now(UTC)
-        if batch.first_attempt_at is None:
-            batch.first_attempt_at = now
-        batch.updated_at = now  # a heartbeat: the sweeper leaves batches that are alive alone
-        return BatchContext(
-            batch_id=batch.id,
-            run_id=batch.run_id,
-            kind=batch.kind,
-            seq=batch.seq,
-            status=batch.status,
-            attempts=batch.attempts,
-            first_attempt_at=batch.first_attempt_at,
-            connector_id=connector.id,
-            list_id=connector.list_id,
-            api_key_encrypted=connector.api_key_encrypted,
-            abort_reason=abort_reason,
-        )
+class PostgresBatchStore:
+    """The batch state machine's state in PostgreSQL (``sync_batches`` and friends)."""
+
+    def load(self, batch_id: int) -> BatchContext | None:
+        with session_scope() as s:
+            row = s.execute(
+                select(SyncBatch, SyncRun.abort_reason, Connector)
+                .join(SyncRun, SyncRun.id == SyncBatch.run_id)
+                .join(Connector, Connector.id == SyncRun.connector_id)
+                .where(SyncBatch.id == batch_id)
+            ).one_or_none()
+            if row is None:
+                return None
+            batch, abort_reason, connector = row
+            now = datetime.now(UTC)
+            if batch.first_attempt_at is None:
+                batch.first_attempt_at = now
+            batch.updated_at = now  # a heartbeat: the sweeper leaves batches that are alive alone
+            return BatchContext(
+                batch_id=batch.id,
+                run_id=batch.run_id,
+                kind=batch.kind,
+                seq=batch.seq,
+                status=batch.status,
+                attempts=batch.attempts,
+                first_attempt_at=batch.first_attempt_at,
+                connector_id=connector.id,
+                list_id=connector.list_id,
+                api_key_encrypted=connector.api_key_encrypted,
+                abort_reason=abort_reason,
+            )
+
+    def fail(self, ctx: BatchContext, error: str, *, permanent: bool) -> None:
+        with session_scope() as s:
+            s.execute(
+                update(SyncBatch)
+                .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(OPEN_BATCH))
+                .values(status=BatchStatus.FAILED, error=error, permanent=permanent)
+            )
+            if permanent:
+                # The other batches of the run would only meet the same wall: stop them early.
+                s.execute(
+                    update(SyncRun)
+                    .where(SyncRun.id == ctx.run_id, SyncRun.abort_reason.is_(None))
+                    .values(abort_reason=error)
+                )
+
+    def count_failure(self, ctx: BatchContext) -> int:
+        with session_scope() as s:
+            return int(
+                s.execute(
+                    update(SyncBatch)
+                    .where(SyncBatch.id == ctx.batch_id)
+                    .values(attempts=SyncBatch.attempts + 1)
+                    .returning(SyncBatch.attempts)
+                ).scalar_one()
+            )
 
 
 def _items(s: Session, ctx: BatchContext) -> Any:
@@ -184,32 +236,13 @@ def _items(s: Session, ctx: BatchContext) -> Any:
     )
 
 
-def _fail(ctx: BatchContext, error: str, *, permanent: bool) -> None:
-    with session_scope() as s:
-        s.execute(
-            update(SyncBatch)
-            .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(("pending", "submitted")))
-            .values(status="failed", error=error, permanent=permanent)
-        )
-        if permanent:
-            # The other batches of the run would only meet the same wall: stop them early.
-            s.execute(
-                update(SyncRun)
-                .where(SyncRun.id == ctx.run_id, SyncRun.abort_reason.is_(None))
-                .values(abort_reason=error)
-            )
-
-
-def _transient(ctx: BatchContext, detail: str, settings: Settings) -> BatchStep:
-    with session_scope() as s:
-        attempts = s.execute(
-            update(SyncBatch)
-            .where(SyncBatch.id == ctx.batch_id)
-            .values(attempts=SyncBatch.attempts + 1)
-            .returning(SyncBatch.attempts)
-        ).scalar_one()
+def _transient(
+    ctx: BatchContext, detail: str, settings: Settings, store: BatchStore | None = None
+) -> BatchStep:
+    store = store or PostgresBatchStore()
+    attempts = store.count_failure(ctx)
     if attempts > settings.transient_retry_budget:
-        _fail(
+        store.fail(
             ctx,
             f"Klaviyo kept failing after {attempts} attempts ({detail}); "
             "the next sync retries what is left",
@@ -255,20 +288,24 @@ def _finish(ctx: BatchContext) -> Finished:
         )
         s.execute(
             update(SyncBatch)
-            .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(("pending", "submitted")))
+            .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(OPEN_BATCH))
             .values(
-                status="done",
-                added=counts.get("added", 0),
-                removed=counts.get("removed", 0),
-                rejected=counts.get("rejected", 0),
-                pending=counts.get("pending", 0),
+                status=BatchStatus.DONE,
+                added=counts.get(ItemOutcome.ADDED, 0),
+                removed=counts.get(ItemOutcome.REMOVED, 0),
+                rejected=counts.get(ItemOutcome.REJECTED, 0),
+                pending=counts.get(ItemOutcome.PENDING, 0),
             )
         )
     return Finished(ctx.batch_id, True)
 
 
 def _set_outcome(
-    s: Session, ctx: BatchContext, user_ids: Iterable[str], outcome: str, reason: str | None = None
+    s: Session,
+    ctx: BatchContext,
+    user_ids: Iterable[str],
+    outcome: ItemOutcome,
+    reason: str | None = None,
 ) -> None:
     ids = list(user_ids)
     if ids:
@@ -367,13 +404,16 @@ def _submit(
                 client.create_bulk_import_job, [p for _, p in members], ctx.list_id
             )
         except InvalidRequest as exc:
-            reasons = _reasons_by_index(exc)
-            if not reasons or any(i >= len(members) for i in reasons):
+            decision = decide(exc, list_id=ctx.list_id)
+            refused = decision.members
+            if decision.action is not Action.REJECT_MEMBERS or any(
+                i >= len(members) for i in refused
+            ):
                 raise
             with session_scope() as s:
-                for index, reason in reasons.items():
-                    _set_outcome(s, ctx, [members[index][0]], "rejected", reason)
-            members = [m for i, m in enumerate(members) if i not in reasons]
+                for index, reason in refused.items():
+                    _set_outcome(s, ctx, [members[index][0]], ItemOutcome.REJECTED, reason)
+            members = [m for i, m in enumerate(members) if i not in refused]
             continue
         with session_scope() as s:
             s.execute(
@@ -387,21 +427,10 @@ def _submit(
             s.execute(
                 update(SyncBatch)
                 .where(SyncBatch.id == ctx.batch_id)
-                .values(status="submitted", job_ids=SyncBatch.job_ids.op("||")([job_id]))
+                .values(status=BatchStatus.SUBMITTED, job_ids=SyncBatch.job_ids.op("||")([job_id]))
             )
             _progress(s, ctx)
         return
-
-
-def _reasons_by_index(exc: InvalidRequest) -> dict[int, str]:
-    reasons: dict[int, str] = {}
-    for err in exc.errors:
-        match = _INDEX_RE.match(err.pointer or "")
-        if match:
-            reasons.setdefault(
-                int(match.group(1)), f"{err.title}: {err.detail}" if err.title else err.detail
-            )
-    return reasons
 
 
 def _resend(ctx: BatchContext, job_id: str) -> None:
@@ -473,12 +502,12 @@ def _settle_job(
                 f"import errors name {len(rejected)} of ours; its members stay unconfirmed"
             )
         for user_id, reason in rejected.items():
-            _set_outcome(s, ctx, [user_id], "rejected", reason)
+            _set_outcome(s, ctx, [user_id], ItemOutcome.REJECTED, reason)
         accepted = [u for u, _, _, _ in members if u not in rejected]
         refreshed = {u for u, _, _, refresh in members if refresh}
-        _set_outcome(s, ctx, [u for u in accepted if u not in refreshed], "added")
+        _set_outcome(s, ctx, [u for u in accepted if u not in refreshed], ItemOutcome.ADDED)
         # already on the list: only their traits were sent again
-        _set_outcome(s, ctx, [u for u in accepted if u in refreshed], "updated")
+        _set_outcome(s, ctx, [u for u in accepted if u in refreshed], ItemOutcome.UPDATED)
         confirm_added(s, ctx.connector_id, ctx.run_id, accepted)
         _progress(s, ctx)
     return None
@@ -527,8 +556,9 @@ def _remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Bat
         try:
             quick_retry(client.remove_profiles_from_list, ctx.list_id, [p for _, p in pairs])
         except InvalidRequest as exc:
-            stale = {i for i in exc.profile_indexes() if i < len(pairs)}
-            if not stale:
+            decision = decide(exc, list_id=ctx.list_id)
+            stale = {i for i in decision.members if i < len(pairs)}
+            if decision.action is not Action.REJECT_MEMBERS or not stale:
                 raise
             # Ids Klaviyo no longer knows (merged or deleted profiles): look them up again.
             with session_scope() as s:
@@ -540,17 +570,10 @@ def _remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Bat
                     )
                     .values(profile_id=None)
                 )
-                s.execute(
-                    update(LedgerEntry)
-                    .where(
-                        LedgerEntry.connector_id == ctx.connector_id,
-                        LedgerEntry.user_id.in_(stale_users),
-                    )
-                    .values(profile_id=None)
-                )
+                forget_profile_ids(s, ctx.connector_id, stale_users)
             return Later(0.1, "stale profile ids")
         with session_scope() as s:
-            _set_outcome(s, ctx, profile_ids, "removed")
+            _set_outcome(s, ctx, profile_ids, ItemOutcome.REMOVED)
             confirm_removed(s, ctx.connector_id, list(profile_ids))
             _progress(s, ctx)
 
@@ -588,13 +611,7 @@ def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> Batc
     long ago that the profile must be gone (deleted in Klaviyo), and so is off the list."""
     now = datetime.now(UTC)
     with session_scope() as s:
-        added_at = dict(
-            s.execute(
-                select(LedgerEntry.user_id, LedgerEntry.added_at).where(
-                    LedgerEntry.connector_id == ctx.connector_id, LedgerEntry.user_id.in_(user_ids)
-                )
-            ).all()
-        )
+        added_at = added_times(s, ctx.connector_id, user_ids)
     indexing = timedelta(seconds=settings.indexing_wait)
     newest = max((added_at.get(u, now) for u in user_ids), default=now)
     waited = now - ctx.first_attempt_at
@@ -607,13 +624,13 @@ def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> Batc
     gone = [u for u in user_ids if now - added_at.get(u, now) >= gone_after]
     pending = [u for u in user_ids if u not in set(gone)]
     with session_scope() as s:
-        _set_outcome(s, ctx, gone, "removed", "no such profile in Klaviyo any more")
+        _set_outcome(s, ctx, gone, ItemOutcome.REMOVED, "no such profile in Klaviyo any more")
         confirm_removed(s, ctx.connector_id, gone)
         _set_outcome(
             s,
             ctx,
             pending,
-            "pending",
+            ItemOutcome.PENDING,
             "not found in Klaviyo yet (still indexing); retried next sync",
         )
     return _finish(ctx)

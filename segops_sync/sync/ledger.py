@@ -1,10 +1,14 @@
-"""The per-connector ledger: who is on the Klaviyo list, as Klaviyo confirmed it."""
+"""The per-connector ledger: who is on the Klaviyo list, as Klaviyo confirmed it.
+
+Every write to ``connector_members`` goes through this module.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import delete, text
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from segops_sync.db.models import LedgerEntry
@@ -57,3 +61,26 @@ def remember_profile_ids(session: Session, connector_id: str, found: dict[str, s
         ),
         {"c": connector_id, "u": list(found), "p": list(found.values())},
     )
+
+
+def forget_profile_ids(session: Session, connector_id: str, user_ids: Sequence[str]) -> None:
+    """Klaviyo no longer knows these ids (merged or deleted profiles): look them up again."""
+    if not user_ids:
+        return
+    session.execute(
+        update(LedgerEntry)
+        .where(LedgerEntry.connector_id == connector_id, LedgerEntry.user_id.in_(user_ids))
+        .values(profile_id=None)
+    )
+
+
+def added_times(
+    session: Session, connector_id: str, user_ids: Sequence[str]
+) -> dict[str, datetime]:
+    """When each of these members entered the list, as far as the ledger knows."""
+    rows = session.execute(
+        select(LedgerEntry.user_id, LedgerEntry.added_at).where(
+            LedgerEntry.connector_id == connector_id, LedgerEntry.user_id.in_(list(user_ids))
+        )
+    ).all()
+    return {user_id: added_at for user_id, added_at in rows}

@@ -75,8 +75,6 @@ Storage
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +82,8 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 import redis
+
+from segops_sync.klaviyo.redact import fingerprint
 
 __all__ = ["AccountLimiter", "AccountResolver", "Limit"]
 
@@ -368,8 +368,6 @@ class AccountResolver:
     in Redis, logged, or put in an exception message.
     """
 
-    _FINGERPRINT_KEY = b"segops-sync/klaviyo-account-fingerprint/v1"
-
     def __init__(
         self, redis: redis.Redis, *, prefix: str = "segops:acct", ttl_seconds: int = 86400
     ) -> None:
@@ -379,15 +377,11 @@ class AccountResolver:
         self.prefix = prefix
         self.ttl_seconds = ttl_seconds
 
-    def fingerprint(self, api_key: str) -> str:
-        """Stable, non-reversible identifier of an API key (safe to store and log)."""
-        return hmac.new(self._FINGERPRINT_KEY, api_key.encode(), hashlib.sha256).hexdigest()
-
     def resolve(self, api_key: str, fetch: Callable[[], str]) -> str:
         """Return the account id for api_key, calling fetch() (GET /api/accounts) only on a miss."""
         if not api_key:
             raise ValueError("api_key must be non-empty")
-        cache_key = f"{self.prefix}:{self.fingerprint(api_key)}"
+        cache_key = f"{self.prefix}:{fingerprint(api_key)}"
         cached = self._redis.get(cache_key)
         if cached is not None:
             return cached.decode() if isinstance(cached, bytes) else str(cached)

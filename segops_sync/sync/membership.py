@@ -9,7 +9,7 @@ from typing import IO, Any, cast
 from sqlalchemy import CursorResult, text
 from sqlalchemy.orm import Session
 
-from segops_sync.connectors import InputError
+from segops_sync.errors import InputError
 from segops_sync.sync.identity import MAX_USER_ID
 
 

@@ -16,8 +16,18 @@ from sqlalchemy import CursorResult, Result, func, select, text
 from sqlalchemy.orm import Session
 
 from segops_sync.config import Settings
-from segops_sync.connectors import get_connector
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncRun
+from segops_sync.db.queries import get_connector
+from segops_sync.states import (
+    OPEN_BATCH,
+    BatchKind,
+    ConnectorStatus,
+    PlanStatus,
+    RunPhase,
+    RunStatus,
+    StartReason,
+    Trigger,
+)
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
 from segops_sync.sync.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 
@@ -64,14 +74,14 @@ _REMOVED_SQL = """
 @dataclass(frozen=True)
 class StartOutcome:
     run_id: str | None
-    reason: str  # started | coalesced | inactive | duplicate
+    reason: StartReason
 
 
 def start_run(
     session: Session,
     connector_id: str,
     *,
-    trigger: str,
+    trigger: Trigger,
     recompute_id: str | None = None,
     allow_mass_removal: bool = False,
 ) -> StartOutcome:
@@ -81,8 +91,8 @@ def start_run(
     running runs is the backstop.
     """
     connector = get_connector(session, connector_id, lock=True)
-    if connector.status == "inactive":
-        return StartOutcome(None, "inactive")
+    if connector.status == ConnectorStatus.INACTIVE:
+        return StartOutcome(None, StartReason.INACTIVE)
     if recompute_id is not None:
         seen = session.scalar(
             select(SyncRun.id).where(
@@ -90,21 +100,23 @@ def start_run(
             )
         )
         if seen is not None:
-            return StartOutcome(seen, "duplicate")
+            return StartOutcome(seen, StartReason.DUPLICATE)
     running = session.scalar(
-        select(SyncRun.id).where(SyncRun.connector_id == connector_id, SyncRun.status == "running")
+        select(SyncRun.id).where(
+            SyncRun.connector_id == connector_id, SyncRun.status == RunStatus.RUNNING
+        )
     )
     if running is not None:
         connector.resync_requested = True
-        connector.resync_trigger = "mass-removal" if allow_mass_removal else trigger
-        return StartOutcome(running, "coalesced")
+        connector.resync_trigger = Trigger.MASS_REMOVAL if allow_mass_removal else trigger
+        return StartOutcome(running, StartReason.COALESCED)
     run = SyncRun(
         id=str(uuid.uuid4()),
         connector_id=connector_id,
         trigger=trigger,
         recompute_id=recompute_id,
-        status="running",
-        phase="planning",
+        status=RunStatus.RUNNING,
+        phase=RunPhase.PLANNING,
         allow_mass_removal=allow_mass_removal,
         # The clock, not the transaction start: a follow-up run opens in the transaction that
         # closes the previous one, and must not seem to start before it ended.
@@ -114,13 +126,13 @@ def start_run(
     connector.resync_trigger = None
     session.add(run)
     session.flush()
-    return StartOutcome(run.id, "started")
+    return StartOutcome(run.id, StartReason.STARTED)
 
 
 @dataclass
 class Plan:
     run_id: str
-    status: str  # dispatch | held | empty | finished
+    status: PlanStatus
     add_batch_ids: list[int] = field(default_factory=list)
     remove_batch_ids: list[int] = field(default_factory=list)
 
@@ -132,9 +144,9 @@ class Plan:
 def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
     """Compute the delta into batch rows. Safe to call again: a planned run keeps its batches."""
     run = session.scalars(select(SyncRun).where(SyncRun.id == run_id).with_for_update()).one()
-    if run.status != "running":
-        return Plan(run_id, "finished")
-    if run.phase != "planning":
+    if run.status != RunStatus.RUNNING:
+        return Plan(run_id, PlanStatus.FINISHED)
+    if run.phase != RunPhase.PLANNING:
         return _open_batches(session, run)
     connector = session.get_one(Connector, run.connector_id)
     params: dict[str, Any] = {
@@ -148,20 +160,20 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
             text(
                 "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, "
                 "traits, traits_hash, refresh) "
-                "SELECT :run, d.user_id, 'add', (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
+                "SELECT :run, d.user_id, :kind, (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
                 f"d.email, d.external_id, d.traits, d.traits_hash, d.refresh FROM ({_adds_sql(connector.traits)}) d"
             ),
-            {**params, "size": ADD_BATCH_SIZE},
+            {**params, "size": ADD_BATCH_SIZE, "kind": BatchKind.ADD},
         )
     )
     removes = _rowcount(
         session.execute(
             text(
                 "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, profile_id) "
-                "SELECT :run, d.user_id, 'remove', (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
+                "SELECT :run, d.user_id, :kind, (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
                 f"d.email, d.external_id, d.profile_id FROM ({_REMOVED_SQL}) d"
             ),
-            {**params, "size": REMOVE_BATCH_SIZE},
+            {**params, "size": REMOVE_BATCH_SIZE, "kind": BatchKind.REMOVE},
         )
     )
     run.planned_adds, run.planned_removes = adds, removes
@@ -172,10 +184,10 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
         else None
     )
     if held is not None:
-        run.status, run.phase, run.error = "held", "finished", held
+        run.status, run.phase, run.error = RunStatus.HELD, RunPhase.FINISHED, held
         run.finished_at = datetime.now(UTC)
         connector.last_error = held
-        return Plan(run_id, "held")
+        return Plan(run_id, PlanStatus.HELD)
 
     session.execute(
         text(
@@ -185,10 +197,10 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
         ),
         {"run": run.id},
     )
-    run.phase = "dispatched"
+    run.phase = RunPhase.DISPATCHED
     plan = _open_batches(session, run)
     if not plan.batch_ids:
-        plan.status = "empty"
+        plan.status = PlanStatus.EMPTY
     return plan
 
 
@@ -197,14 +209,14 @@ def _rowcount(result: Result[Any]) -> int:
 
 
 def _open_batches(session: Session, run: SyncRun) -> Plan:
-    plan = Plan(run.id, "dispatch")
+    plan = Plan(run.id, PlanStatus.DISPATCH)
     rows = session.execute(
         select(SyncBatch.id, SyncBatch.kind)
-        .where(SyncBatch.run_id == run.id, SyncBatch.status.in_(("pending", "submitted")))
+        .where(SyncBatch.run_id == run.id, SyncBatch.status.in_(OPEN_BATCH))
         .order_by(SyncBatch.kind, SyncBatch.seq)
     )
     for batch_id, kind in rows:
-        (plan.add_batch_ids if kind == "add" else plan.remove_batch_ids).append(batch_id)
+        (plan.add_batch_ids if kind == BatchKind.ADD else plan.remove_batch_ids).append(batch_id)
     return plan
 
 

@@ -60,10 +60,3 @@ def rejected_members(
         {"c": connector_id, "r": run_id, "n": max(0, min(limit, MAX_REJECTED))},
     ).all()
     return [RejectedMember(*row) for row in rows]
-
-
-def rejected_members_url(connector_id: str, run: SyncRun) -> str | None:
-    """Where the API lists a run's rejected members (None when it rejected nobody)."""
-    if not run.rejected:
-        return None
-    return f"/v1/connectors/{connector_id}/runs/{run.id}/rejected"

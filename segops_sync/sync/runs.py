@@ -11,6 +11,15 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from segops_sync.db.models import Connector, SyncBatch, SyncRun
+from segops_sync.states import (
+    OPEN_BATCH,
+    BatchStatus,
+    CloseOutcome,
+    ConnectorStatus,
+    RunPhase,
+    RunStatus,
+    Trigger,
+)
 from segops_sync.sync.planner import StartOutcome, start_run
 
 log = logging.getLogger(__name__)
@@ -19,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunClosed:
     run_id: str
-    status: str  # succeeded | failed | still-open | already-closed
+    status: CloseOutcome
     next_run: StartOutcome | None = None
 
 
@@ -28,19 +37,19 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     run = session.scalars(
         select(SyncRun).where(SyncRun.id == run_id).with_for_update()
     ).one_or_none()
-    if run is None or run.status != "running":
-        return RunClosed(run_id, "already-closed")
+    if run is None or run.status != RunStatus.RUNNING:
+        return RunClosed(run_id, CloseOutcome.ALREADY_CLOSED)
     batches = list(session.scalars(select(SyncBatch).where(SyncBatch.run_id == run_id)))
-    if any(b.status in ("pending", "submitted") for b in batches):
+    if any(b.status in OPEN_BATCH for b in batches):
         # A chord that fired early (a duplicate delivery); the last batch or the sweeper closes it.
-        return RunClosed(run_id, "still-open")
+        return RunClosed(run_id, CloseOutcome.STILL_OPEN)
     connector = session.get_one(Connector, run.connector_id, with_for_update=True)
     run.added = sum(b.added for b in batches)
     run.removed = sum(b.removed for b in batches)
     run.rejected = sum(b.rejected for b in batches)
     run.pending = sum(b.pending for b in batches)
     _trait_counts(session, run)
-    failed = [b for b in batches if b.status == "failed"]
+    failed = [b for b in batches if b.status == BatchStatus.FAILED]
     error: str | None = None
     if failed:
         permanent = next((b for b in failed if b.permanent), None)
@@ -48,9 +57,9 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     elif run.rejected:
         error = _rejections(session, run)
     now = datetime.now(UTC)
-    run.finished_at, run.phase = now, "finished"
+    run.finished_at, run.phase = now, RunPhase.FINISHED
     if error is None:
-        run.status = "succeeded"
+        run.status = RunStatus.SUCCEEDED
         if run.pending:
             run.error = (
                 f"{run.pending} removals wait for Klaviyo to index the profiles; "
@@ -58,14 +67,16 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
             )
         connector.last_synced_at = now
         connector.last_error = run.error
-        if connector.status == "error":
-            connector.status = "active"
+        if connector.status == ConnectorStatus.ERROR:
+            connector.status = ConnectorStatus.ACTIVE
+        closed = CloseOutcome.SUCCEEDED
     else:
-        run.status, run.error = "failed", error
-        if connector.status != "inactive":
-            connector.status = "error"
+        run.status, run.error = RunStatus.FAILED, error
+        if connector.status != ConnectorStatus.INACTIVE:
+            connector.status = ConnectorStatus.ERROR
         connector.last_error = error
-    return RunClosed(run_id, run.status, _follow_up(session, connector))
+        closed = CloseOutcome.FAILED
+    return RunClosed(run_id, closed, _follow_up(session, connector))
 
 
 def fail_run(session: Session, run_id: str, reason: str) -> RunClosed:
@@ -73,27 +84,27 @@ def fail_run(session: Session, run_id: str, reason: str) -> RunClosed:
     run = session.scalars(
         select(SyncRun).where(SyncRun.id == run_id).with_for_update()
     ).one_or_none()
-    if run is None or run.status != "running":
-        return RunClosed(run_id, "already-closed")
+    if run is None or run.status != RunStatus.RUNNING:
+        return RunClosed(run_id, CloseOutcome.ALREADY_CLOSED)
     connector = session.get_one(Connector, run.connector_id, with_for_update=True)
-    run.status, run.phase, run.error = "failed", "finished", reason
+    run.status, run.phase, run.error = RunStatus.FAILED, RunPhase.FINISHED, reason
     run.finished_at = datetime.now(UTC)
-    if connector.status != "inactive":
-        connector.status = "error"
+    if connector.status != ConnectorStatus.INACTIVE:
+        connector.status = ConnectorStatus.ERROR
     connector.last_error = reason
-    return RunClosed(run_id, "failed", _follow_up(session, connector))
+    return RunClosed(run_id, CloseOutcome.FAILED, _follow_up(session, connector))
 
 
 def _follow_up(session: Session, connector: Connector) -> StartOutcome | None:
     """Triggers that arrived during the run are served now, by one more run."""
-    if not connector.resync_requested or connector.status == "inactive":
+    if not connector.resync_requested or connector.status == ConnectorStatus.INACTIVE:
         return None
-    trigger = connector.resync_trigger or "coalesced"
+    trigger = connector.resync_trigger or Trigger.COALESCED
     return start_run(
         session,
         connector.id,
-        trigger="coalesced" if trigger == "mass-removal" else trigger,
-        allow_mass_removal=trigger == "mass-removal",
+        trigger=Trigger.COALESCED if trigger == Trigger.MASS_REMOVAL else trigger,
+        allow_mass_removal=trigger == Trigger.MASS_REMOVAL,
     )
 
 
@@ -102,7 +113,7 @@ def finished_runs(session: Session, connector_id: str) -> int:
         session.scalar(
             select(func.count())
             .select_from(SyncRun)
-            .where(SyncRun.connector_id == connector_id, SyncRun.status != "running")
+            .where(SyncRun.connector_id == connector_id, SyncRun.status != RunStatus.RUNNING)
         )
         or 0
     )
@@ -119,7 +130,7 @@ def wait_until_idle(connector_id: str, *, finished_at_least: int, timeout: float
             connector = s.get_one(Connector, connector_id)
             running = s.scalar(
                 select(SyncRun.id).where(
-                    SyncRun.connector_id == connector_id, SyncRun.status == "running"
+                    SyncRun.connector_id == connector_id, SyncRun.status == RunStatus.RUNNING
                 )
             )
             if (

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from segops_sync.db.models import SyncBatch, SyncRun
+from segops_sync.states import OPEN_BATCH, BatchKind, RunPhase, RunStatus
+
+
+class StuckAction(StrEnum):
+    PLAN = "plan"  # the planner died: plan again
+    FINISH = "finish"  # every batch is closed but nobody closed the run
+    REDISPATCH = "redispatch"  # open batches nobody works on: send them again
 
 
 @dataclass
 class StuckRun:
     run_id: str
-    action: str  # plan | finish | redispatch
+    action: StuckAction
     add_batch_ids: list[int] = field(default_factory=list)
     remove_batch_ids: list[int] = field(default_factory=list)
 
@@ -35,24 +43,24 @@ def find_stuck_runs(session: Session, stuck_after: float) -> list[StuckRun]:
         select(SyncRun.id, SyncRun.phase)
         .outerjoin(last_progress, last_progress.c.run_id == SyncRun.id)
         .where(
-            SyncRun.status == "running",
+            SyncRun.status == RunStatus.RUNNING,
             func.coalesce(last_progress.c.at, SyncRun.started_at) < cutoff,
         )
         .with_for_update(of=SyncRun, skip_locked=True)
     ).all()
     stuck: list[StuckRun] = []
     for run_id, phase in runs:
-        if phase == "planning":
+        if phase == RunPhase.PLANNING:
             session.execute(update(SyncRun).where(SyncRun.id == run_id).values(started_at=now))
-            stuck.append(StuckRun(run_id, "plan"))
+            stuck.append(StuckRun(run_id, StuckAction.PLAN))
             continue
         open_batches = session.execute(
             select(SyncBatch.id, SyncBatch.kind).where(
-                SyncBatch.run_id == run_id, SyncBatch.status.in_(("pending", "submitted"))
+                SyncBatch.run_id == run_id, SyncBatch.status.in_(OPEN_BATCH)
             )
         ).all()
         if not open_batches:
-            stuck.append(StuckRun(run_id, "finish"))
+            stuck.append(StuckRun(run_id, StuckAction.FINISH))
             continue
         # Touch them so the next sweep waits a full period before trying again.
         session.execute(
@@ -60,8 +68,10 @@ def find_stuck_runs(session: Session, stuck_after: float) -> list[StuckRun]:
             .where(SyncBatch.id.in_([b for b, _ in open_batches]))
             .values(updated_at=now)
         )
-        item = StuckRun(run_id, "redispatch")
+        item = StuckRun(run_id, StuckAction.REDISPATCH)
         for batch_id, kind in open_batches:
-            (item.add_batch_ids if kind == "add" else item.remove_batch_ids).append(batch_id)
+            (item.add_batch_ids if kind == BatchKind.ADD else item.remove_batch_ids).append(
+                batch_id
+            )
         stuck.append(item)
     return stuck

@@ -33,10 +33,12 @@ from sqlalchemy.orm import Session
 from segops_sync.config import Settings
 from segops_sync.db.models import Connector, SyncRun
 from segops_sync.db.session import session_scope
-from segops_sync.klaviyo import ListMember, RateLimited, TransientError
+from segops_sync.klaviyo import KlaviyoError, ListMember, RateLimited, TransientError
 from segops_sync.secrets import decrypt_api_key
+from segops_sync.states import ConnectorStatus, RunStatus, StartReason, Trigger
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.outcomes import describe_for_person
 from segops_sync.sync.planner import StartOutcome, start_run
 
 log = logging.getLogger(__name__)
@@ -325,8 +327,8 @@ def verify_list(
 def start_verified_run(session: Session, connector_id: str, result: Comparison) -> StartOutcome:
     """Open a run with trigger ``verify`` that carries what the read-back found; the normal
     planning then adds the members the ledger forgot (and removes adopted foreign profiles)."""
-    outcome = start_run(session, connector_id, trigger="verify")
-    if outcome.reason == "started" and outcome.run_id:
+    outcome = start_run(session, connector_id, trigger=Trigger.VERIFY)
+    if outcome.reason == StartReason.STARTED and outcome.run_id:
         record_on_run(session, outcome.run_id, result)
     return outcome
 
@@ -337,10 +339,10 @@ def verifiable_connectors(session: Session) -> list[str]:
     return list(
         session.scalars(
             select(Connector.id)
-            .where(Connector.status != "inactive")
+            .where(Connector.status != ConnectorStatus.INACTIVE)
             .where(
                 ~select(SyncRun.id)
-                .where(SyncRun.connector_id == Connector.id, SyncRun.status == "running")
+                .where(SyncRun.connector_id == Connector.id, SyncRun.status == RunStatus.RUNNING)
                 .exists()
             )
             .order_by(Connector.id)
@@ -352,11 +354,50 @@ def is_running(session: Session, connector_id: str) -> bool:
     return (
         session.scalar(
             select(SyncRun.id).where(
-                SyncRun.connector_id == connector_id, SyncRun.status == "running"
+                SyncRun.connector_id == connector_id, SyncRun.status == RunStatus.RUNNING
             )
         )
         is not None
     )
+
+
+def verify_for_beat(
+    connector_id: str, access: KlaviyoAccess, settings: Settings, *, sleep: Sleep = time.sleep
+) -> Comparison | None:
+    """The beat's verification of one connector: None when there is nothing to do (gone,
+    inactive, a run writing to the list) or the list could not be read (logged, retried at the
+    next tick). Extra profiles are reported, never removed from here."""
+    with session_scope() as s:
+        connector = s.get(Connector, connector_id)
+        if (
+            connector is None
+            or connector.status == ConnectorStatus.INACTIVE
+            or is_running(s, connector_id)
+        ):
+            return None
+        list_id = connector.list_id
+    try:
+        result = verify_list(connector_id, access, settings, sleep=sleep)
+    except VerifyError as exc:
+        log.warning("connector %s: list not verified: %s", connector_id, exc)
+        return None
+    except KlaviyoError as exc:
+        log.warning(
+            "connector %s: list not verified: %s", connector_id, describe_for_person(exc, list_id)
+        )
+        return None
+    if result.extra:
+        log.warning(
+            "connector %s: %d profiles on Klaviyo list %s are in no segment (%d never added by "
+            "this connector); `segops-sync connectors verify %s --repair --remove-extra` "
+            "removes them",
+            connector_id,
+            result.extra,
+            list_id,
+            result.foreign,
+            connector_id,
+        )
+    return result
 
 
 def record_on_run(session: Session, run_id: str, result: Comparison) -> None:

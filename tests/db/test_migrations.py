@@ -40,3 +40,25 @@ def test_segment_members_is_exactly_the_contract(segops_env: dict[str, str]) -> 
         "user_id",
     ]
     engine.dispose()
+
+
+def test_the_databases_check_constraints_list_exactly_the_state_names(
+    segops_env: dict[str, str],
+) -> None:
+    """The migrations spell the states out; the enums in states.py must agree with them."""
+    import re
+
+    from segops_sync.states import BatchKind, BatchStatus, ConnectorStatus, RunStatus
+
+    engine = create_engine(normalise_database_url(segops_env["SEGOPS_DATABASE_URL"]))
+    insp = inspect(engine)
+    expected = {
+        ("connectors", "ck_connectors_status"): ConnectorStatus,
+        ("sync_runs", "ck_sync_runs_status"): RunStatus,
+        ("sync_batches", "ck_sync_batches_status"): BatchStatus,
+        ("sync_batches", "ck_sync_batches_kind"): BatchKind,
+    }
+    for (table, name), enum in expected.items():
+        (check,) = [c for c in insp.get_check_constraints(table) if c["name"] == name]
+        assert set(re.findall(r"'([^']+)'", check["sqltext"])) == {m.value for m in enum}, name
+    engine.dispose()

@@ -1,4 +1,4 @@
-"""The HTTP API of INTERFACE.md, served by uvicorn on 127.0.0.1, against the real database."""
+"""The HTTP API of docs/contract.md#http-api, served by uvicorn on 127.0.0.1, against the real database."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every bad CLI input of INTERFACE.md → exit 2, one line on stderr, nothing written."""
+"""Every bad CLI input of docs/contract.md#rules-for-every-command → exit 2, one line on stderr, nothing written."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The long-running commands start as INTERFACE.md says, and refuse to start without settings."""
+"""The long-running commands start as docs/contract.md#package-and-processes says, and refuse to start without settings."""
 
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ import redis
 from sqlalchemy import text
 
 from segops_sync.config import get_settings
-from segops_sync.connectors import api_key_of, list_connectors
+from segops_sync.connectors import api_key_of
+from segops_sync.db.queries import list_connectors
 from segops_sync.db.session import session_scope
 from tests.integration.conftest import WORKER_LOGS, FlowerProcess, WorkerProcess
 from tests.integration.helpers import KNOWN_KEYS

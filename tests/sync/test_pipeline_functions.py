@@ -16,6 +16,7 @@ from segops_sync.connectors import create_connector
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchItem, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.states import Trigger
 from segops_sync.sync.access import KlaviyoAccess
 from segops_sync.sync.batches import Finished, run_batch
 from segops_sync.sync.planner import ADD_BATCH_SIZE, REMOVE_BATCH_SIZE, plan_run, preview, start_run
@@ -84,7 +85,9 @@ def _set_members(segment: str, members: list[str]) -> None:
 def _sync(w: World, connector_id: str, *, allow_mass_removal: bool = False) -> SyncRun:
     """One whole run, each batch driven to the end in this process, as a worker would."""
     with session_scope() as s:
-        outcome = start_run(s, connector_id, trigger="test", allow_mass_removal=allow_mass_removal)
+        outcome = start_run(
+            s, connector_id, trigger=Trigger.RESYNC, allow_mass_removal=allow_mass_removal
+        )
     assert outcome.reason == "started" and outcome.run_id
     with session_scope() as s:
         plan = plan_run(s, outcome.run_id, get_settings())
@@ -121,7 +124,7 @@ def test_plan_cuts_the_delta_into_batches_of_one_call(world: World) -> None:
         p = preview(s, connector_id)
         assert (p.adds, p.removes) == (len(members), 2500)
     with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger="test", allow_mass_removal=True).run_id
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC, allow_mass_removal=True).run_id
     assert run_id
     with session_scope() as s:
         plan = plan_run(s, run_id, get_settings())
@@ -235,7 +238,7 @@ def test_mass_removal_is_held_then_applied_when_allowed(world: World) -> None:
     _sync(world, connector_id)
     _set_members(segment, members[:4])
     with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger="test").run_id
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
     assert run_id
     with session_scope() as s:
         assert plan_run(s, run_id, get_settings()).status == "held"

@@ -4,7 +4,8 @@ import pytest
 from cryptography.fernet import Fernet
 
 from segops_sync.config import ConfigError
-from segops_sync.secrets import decrypt_api_key, encrypt_api_key, redact_api_key, scrub
+from segops_sync.klaviyo.redact import redact_key, scrub
+from segops_sync.secrets import decrypt_api_key, encrypt_api_key
 
 KEY = "pk_live0123456789abcdef0123456789ab12"
 
@@ -33,5 +34,5 @@ def test_short_secret_is_refused() -> None:
 
 
 def test_redaction_keeps_only_the_tail() -> None:
-    assert redact_api_key(KEY) == "pk_…ab12"
+    assert redact_key(KEY) == "pk_…ab12"
     assert KEY not in scrub(f"error with {KEY} inside", KEY)

@@ -4,7 +4,7 @@ Everything runs under one lock, so the Starlette app (uvicorn thread) and tests 
 use it at once. Requests are handled by ``Simulator.handle`` as plain values, so tests can also
 drive it in-process with a fake clock (``Simulator.call``).
 
-Choices where Klaviyo's behaviour is unconfirmed (see KLAVIYO.md §8) are marked "choice:".
+Choices where Klaviyo's behaviour is unconfirmed (see docs/klaviyo.md#not-confirmed) are marked "choice:".
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from segops_sync.klaviyo.simulator.validation import BodyKind, validate_body
 DEFAULT_SCOPES: frozenset[str] = frozenset(
     {"accounts:read", "lists:read", "lists:write", "profiles:read", "profiles:write"}
 )
-# The newest revision Klaviyo has published (KLAVIYO.md §1); later dates are refused.
+# The newest revision Klaviyo has published (docs/klaviyo.md#revision-and-headers); later dates are refused.
 LATEST_REVISION = "2026-10-15"
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_PROFILE_BYTES = 100 * 1024

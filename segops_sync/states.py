@@ -1,0 +1,92 @@
+"""The names of every state a connector, run, batch or member can be in.
+
+They are ``StrEnum``s, so mypy checks them and they compare equal to the text PostgreSQL stores
+(the check constraints in ``db/models.py`` list the same values; a test keeps the two in step).
+This module imports nothing of ours: every room may use it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ConnectorStatus(StrEnum):
+    INACTIVE = "inactive"  # never synced
+    ACTIVE = "active"
+    ERROR = "error"  # the last run failed; still synced at the next trigger
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    HELD = "held"  # the mass-removal guard stopped it before Klaviyo was touched
+
+
+class RunPhase(StrEnum):
+    """Lets the sweeper tell a stalled plan from a stalled chord."""
+
+    PLANNING = "planning"
+    DISPATCHED = "dispatched"
+    FINISHED = "finished"
+
+
+class BatchKind(StrEnum):
+    ADD = "add"
+    REMOVE = "remove"
+
+
+class BatchStatus(StrEnum):
+    PENDING = "pending"
+    SUBMITTED = "submitted"  # a bulk job holds some of its members
+    DONE = "done"
+    FAILED = "failed"
+
+
+OPEN_BATCH = (BatchStatus.PENDING, BatchStatus.SUBMITTED)
+CLOSED_BATCH = (BatchStatus.DONE, BatchStatus.FAILED)
+
+
+class ItemOutcome(StrEnum):
+    """What Klaviyo said of one member of a batch (NULL while in flight)."""
+
+    ADDED = "added"
+    UPDATED = "updated"  # already on the list: only its changed traits were sent again
+    REMOVED = "removed"
+    REJECTED = "rejected"
+    PENDING = "pending"  # not indexed by Klaviyo yet: the next sync retries it
+
+
+class StartReason(StrEnum):
+    """What a trigger did."""
+
+    STARTED = "started"
+    COALESCED = "coalesced"  # a run is going; one more follows it
+    INACTIVE = "inactive"
+    DUPLICATE = "duplicate"  # this recompute was already served
+
+
+class Trigger(StrEnum):
+    """Why a run started (``sync_runs.trigger``)."""
+
+    RECOMPUTE = "recompute"
+    RESYNC = "resync"
+    COALESCED = "coalesced"  # triggers that arrived during the previous run
+    MASS_REMOVAL = "mass-removal"  # a resync that approves a held mass removal
+    VERIFY = "verify"  # a read-back of the list found what this run repairs
+
+
+class PlanStatus(StrEnum):
+    DISPATCH = "dispatch"
+    HELD = "held"
+    EMPTY = "empty"
+    FINISHED = "finished"
+
+
+class CloseOutcome(StrEnum):
+    """What closing a run did."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STILL_OPEN = "still-open"  # a batch is still open: a duplicate chord fired early
+    ALREADY_CLOSED = "already-closed"

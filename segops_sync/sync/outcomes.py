@@ -1,0 +1,137 @@
+"""What the product does with each Klaviyo failure, decided in one table.
+
+The ``klaviyo/`` errors are facts (what Klaviyo answered); this module decides. Read ``RULES``
+top to bottom: the first row whose error class matches wins.
+
+| failure                               | action          | why                                    |
+| ------------------------------------- | --------------- | -------------------------------------- |
+| our limiter has no token (Throttled)  | wait            | not an error: the budget refills       |
+| 429 RateLimited                       | wait            | Retry-After, else exponential backoff  |
+| 5xx, timeout, dropped connection      | retry           | counts against the batch's budget      |
+| 401 CredentialsRejected               | fail the run    | a person must replace the key          |
+| 403 PermissionDenied                  | fail the run    | a person must grant the scopes         |
+| 404 NotFound                          | fail the run    | a person must fix the list id          |
+| 400/409/422 naming members            | reject members  | drop those members, send the others    |
+| 400/409/422 naming nobody             | fail the run    | the request itself is wrong            |
+| anything else                         | by its flag     | ``permanent`` fails, else retry        |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from segops_sync.klaviyo import (
+    CredentialsRejected,
+    InvalidRequest,
+    KlaviyoError,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    TransientError,
+)
+from segops_sync.sync.access import Throttled
+
+
+class Action(StrEnum):
+    WAIT = "wait"  # come back later; not a failure
+    RETRY = "retry"  # transient: exponential backoff within the batch's budget
+    REJECT_MEMBERS = "reject-members"  # Klaviyo named the members it refused
+    FAIL_RUN = "fail-run"  # only a person can fix it
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    # FAIL_RUN: what a person must fix; RETRY: what went wrong (both without the key).
+    message: str = ""
+    # WAIT: seconds Klaviyo or the limiter asked for (None: back off exponentially).
+    wait: float | None = None
+    # REJECT_MEMBERS: index of each refused member in the body that was sent -> Klaviyo's reason.
+    members: dict[int, str] = field(default_factory=dict)
+
+
+def _bad_key(exc: BaseException, list_id: str) -> str:
+    return (
+        "Klaviyo rejected the API key (401): it is invalid or was revoked; "
+        "create a private key with Lists and Profiles read/write and update the connector"
+    )
+
+
+def _missing_scope(exc: BaseException, list_id: str) -> str:
+    detail = exc.detail if isinstance(exc, KlaviyoError) else str(exc)
+    return (
+        f"Klaviyo refused the API key (403: {detail}): the key was revoked or lacks a scope; "
+        "it needs Lists read/write and Profiles read/write"
+    )
+
+
+def _unknown_list(exc: BaseException, list_id: str) -> str:
+    return (
+        f"Klaviyo has no list with id {list_id!r} in this account (404); list ids are "
+        "case-sensitive and exactly 6 characters: copy it from klaviyo.com/list/<ID>/"
+    )
+
+
+def _refused(exc: BaseException, list_id: str) -> str:
+    detail = exc.detail if isinstance(exc, KlaviyoError) else str(exc)
+    return f"Klaviyo refused the request: {detail}"
+
+
+Describe = Callable[[BaseException, str], str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    error: type[BaseException]
+    action: Action
+    describe: Describe | None = None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(Throttled, Action.WAIT),
+    Rule(RateLimited, Action.WAIT),
+    Rule(TransientError, Action.RETRY),
+    Rule(CredentialsRejected, Action.FAIL_RUN, _bad_key),
+    Rule(PermissionDenied, Action.FAIL_RUN, _missing_scope),
+    Rule(NotFound, Action.FAIL_RUN, _unknown_list),
+    Rule(InvalidRequest, Action.REJECT_MEMBERS, _refused),
+)
+
+
+def decide(exc: BaseException, *, list_id: str) -> Decision:
+    """The one place that turns a failure into what happens next."""
+    for rule in RULES:
+        if isinstance(exc, rule.error):
+            return _apply(rule, exc, list_id)
+    if isinstance(exc, KlaviyoError):  # a status the taxonomy has no class for
+        if exc.permanent:
+            return Decision(Action.FAIL_RUN, f"Klaviyo error {exc.status}: {exc.detail}")
+        return Decision(Action.RETRY, exc.detail)
+    raise TypeError(f"not a Klaviyo failure: {type(exc).__name__}")
+
+
+def _apply(rule: Rule, exc: BaseException, list_id: str) -> Decision:
+    if rule.action is Action.WAIT:
+        if isinstance(exc, Throttled):
+            return Decision(Action.WAIT, f"throttled on {exc.endpoint}", wait=exc.wait)
+        assert isinstance(exc, RateLimited)
+        return Decision(Action.WAIT, "429 from Klaviyo", wait=exc.retry_after)
+    if rule.action is Action.RETRY:
+        return Decision(Action.RETRY, exc.detail if isinstance(exc, KlaviyoError) else str(exc))
+    assert rule.describe is not None
+    message = rule.describe(exc, list_id)
+    if rule.action is Action.REJECT_MEMBERS:
+        assert isinstance(exc, InvalidRequest)
+        members = exc.reasons_by_index()
+        if not members:  # it names nobody: the request itself is wrong
+            return Decision(Action.FAIL_RUN, message)
+        return Decision(Action.REJECT_MEMBERS, message, members=members)
+    return Decision(rule.action, message)
+
+
+def describe_for_person(exc: KlaviyoError, list_id: str) -> str:
+    """The one-line message a person sees for a failure that stops a run (never with the key)."""
+    decision = decide(exc, list_id=list_id)
+    return decision.message or f"Klaviyo error: {exc.detail}"

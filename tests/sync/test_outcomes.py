@@ -1,0 +1,89 @@
+"""The error table: one row per kind of Klaviyo failure, no database, no HTTP."""
+
+from __future__ import annotations
+
+import pytest
+
+from segops_sync.klaviyo import (
+    ApiErrorItem,
+    Conflict,
+    CredentialsRejected,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    TransientError,
+    UnexpectedStatus,
+)
+from segops_sync.sync.access import Throttled
+from segops_sync.sync.outcomes import Action, decide
+
+
+def _pointer(index: int, detail: str = "Invalid email") -> ApiErrorItem:
+    return ApiErrorItem(
+        code="invalid",
+        title="Invalid input.",
+        detail=detail,
+        pointer=f"/data/attributes/profiles/data/{index}/attributes/email",
+    )
+
+
+def test_our_limiter_and_a_429_wait_without_counting_as_failures() -> None:
+    assert decide(Throttled(1.5, "GET /api/profiles"), list_id="AbC123").wait == 1.5
+    waited = decide(RateLimited("slow down", retry_after=7.0), list_id="AbC123")
+    assert (waited.action, waited.wait) == (Action.WAIT, 7.0)
+    # No Retry-After: the caller backs off exponentially.
+    assert decide(RateLimited("slow down"), list_id="AbC123").wait is None
+
+
+def test_transient_failures_retry_within_the_budget() -> None:
+    decision = decide(TransientError("502 from upstream", status=502), list_id="AbC123")
+    assert (decision.action, decision.message) == (Action.RETRY, "502 from upstream")
+
+
+def test_a_status_without_a_class_follows_the_taxonomys_permanent_flag() -> None:
+    decision = decide(UnexpectedStatus("gone", status=410), list_id="AbC123")
+    assert (decision.action, decision.message) == (Action.FAIL_RUN, "Klaviyo error 410: gone")
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        (CredentialsRejected("bad key", status=401), "invalid or was revoked"),
+        (PermissionDenied("missing scope lists:write", status=403), "lists:write"),
+        (NotFound("no such list", status=404), "no list with id 'AbC123'"),
+    ],
+)
+def test_what_only_a_person_can_fix_fails_the_run_with_what_to_do(
+    error: Exception, says: str
+) -> None:
+    decision = decide(error, list_id="AbC123")
+    assert decision.action is Action.FAIL_RUN
+    assert says in decision.message
+
+
+def test_a_request_that_names_members_rejects_just_them_with_klaviyos_reasons() -> None:
+    error = InvalidRequest(
+        "bad profiles",
+        status=400,
+        errors=[_pointer(3), _pointer(3, "second error, same member"), _pointer(7, "Too long")],
+    )
+    decision = decide(error, list_id="AbC123")
+    assert decision.action is Action.REJECT_MEMBERS
+    assert decision.members == {3: "Invalid input.: Invalid email", 7: "Invalid input.: Too long"}
+    relationship = Conflict(
+        "stale ids", status=409, errors=[ApiErrorItem("x", "", "gone", pointer="/data/2/id")]
+    )
+    assert decide(relationship, list_id="AbC123").members == {2: "gone"}
+
+
+def test_a_refused_request_that_names_nobody_fails_the_run() -> None:
+    error = InvalidRequest("malformed body", status=400, errors=[ApiErrorItem("x", "", "bad")])
+    decision = decide(error, list_id="AbC123")
+    assert decision.action is Action.FAIL_RUN
+    assert decision.message == "Klaviyo refused the request: malformed body"
+
+
+def test_anything_that_is_not_a_klaviyo_failure_is_not_the_tables_business() -> None:
+    with pytest.raises(TypeError):
+        decide(ValueError("a bug"), list_id="AbC123")

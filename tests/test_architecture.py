@@ -1,0 +1,126 @@
+"""The rooms and their arrows (ARCHITECTURE in the README): checked on the source, not hoped for.
+
+Every import counts, including those inside functions: a function-level import is still an
+arrow, it only runs later.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "segops_sync"
+
+# room -> the rooms it may import (besides itself). A room is the first dotted part after
+# ``segops_sync`` ("sync", "klaviyo", "db", …); top-level modules are rooms of their own.
+ALLOWED: dict[str, set[str]] = {
+    "states": set(),
+    "errors": set(),
+    "config": set(),
+    "klaviyo": set(),  # the client knows no Celery, no database, nothing of ours
+    "secrets": {"config"},
+    "db": {"config", "states", "errors"},
+    "observability": {"config", "states", "klaviyo"},
+    "sync": {"config", "states", "errors", "db", "klaviyo", "secrets", "observability"},
+    "shapes": {"db", "states"},
+    "connectors": {"config", "states", "errors", "db", "klaviyo", "secrets", "sync"},
+    "keys": {"config", "db", "secrets", "errors", "states"},
+    "celery": {"config", "states", "observability", "sync", "db"},
+    "tasks": {"celery", "config", "states", "errors", "db", "sync", "observability"},
+    "embedded": {"config"},
+    "demo": {"config", "embedded", "klaviyo", "sync", "states"},
+    "web": set(),
+}
+FACES = {"cli", "api", "__init__"}  # the faces may import every room below them
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _imports(path: Path, module: str) -> Iterator[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        # `if TYPE_CHECKING:` blocks never run: they are annotations, not arrows.
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            yield base
+            # `from segops_sync.sync import planner` imports the module planner too.
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        graph[name] = {m for m in _imports(path, name) if m in modules and m != name}
+    return graph
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    graph = _graph()
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_room_imports_only_the_rooms_below_it() -> None:
+    graph = _graph()
+    wrong = []
+    for module, targets in graph.items():
+        room = _room(module)
+        if room in FACES:
+            continue
+        assert room in ALLOWED, f"{module}: room {room!r} is missing from the table in this test"
+        for target in targets:
+            other = _room(target)
+            if other != room and other not in ALLOWED[room]:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "arrows pointing the wrong way: " + ", ".join(sorted(wrong))
+
+
+def test_the_checker_sees_function_level_imports() -> None:
+    """The cli -> demo arrow lives inside a function; if the walk missed it, the cycle test
+    would pass for the wrong reason."""
+    assert "segops_sync.demo" in _graph()["segops_sync.cli"]
