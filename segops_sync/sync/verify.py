@@ -99,23 +99,27 @@ def read_list(
     client, limited = _with_waits(
         lambda: access.client(api_key, claimant=f"verify:{connector_id}"), None, settings, sleep
     )
-    with client:
-        # one L-tier call: the list still exists for this key, and its opt-in process for `show`
-        found = _with_waits(partial(client.get_list, list_id), limited, settings, sleep)
-        with session_scope() as s:
-            s.get_one(Connector, connector_id).opt_in_process = found.opt_in_process
-        next_url: str | None = None
-        while True:
-            page, nxt = _with_waits(
-                partial(client.list_members_page, list_id, next_url),
-                limited,
-                settings,
-                sleep,
-            )
-            _store(connector_id, verify_id, page)
-            if nxt is None:
-                return verify_id, started
-            next_url = nxt
+    try:
+        with client:
+            # one L-tier call: the list still exists for this key, and its opt-in process
+            found = _with_waits(partial(client.get_list, list_id), limited, settings, sleep)
+            with session_scope() as s:
+                s.get_one(Connector, connector_id).opt_in_process = found.opt_in_process
+            next_url: str | None = None
+            while True:
+                page, nxt = _with_waits(
+                    partial(client.list_members_page, list_id, next_url),
+                    limited,
+                    settings,
+                    sleep,
+                )
+                _store(connector_id, verify_id, page)
+                if nxt is None:
+                    return verify_id, started
+                next_url = nxt
+    except BaseException:
+        discard(connector_id, verify_id)  # a half-read list compares with nothing
+        raise
 
 
 def _with_waits(

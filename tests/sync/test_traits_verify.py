@@ -3,9 +3,11 @@ the ledger corrected, foreign profiles removed through the mass-removal guard.""
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text
 
 from segops_sync.config import get_settings
@@ -195,3 +197,34 @@ def test_context_identified_keeps_every_trait_of_the_latest_event(world: World) 
             record_identity(s, user, None, bad)
     with pytest.raises(BadIdentity), session_scope() as s:
         record_identity(s, user, "not-an-email", {"email": "not-an-email"})
+
+
+def test_the_read_back_waits_out_429s_and_a_dead_key_leaves_nothing(world: World) -> None:
+    from segops_sync.klaviyo import CredentialsRejected
+
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-{i}@x.example" for i in range(5)]
+    connector_id = _connector(world, f"tz-{tag}", members)
+    _sync(world, connector_id)
+    before, early = world.sim.count_429(), world.sim.early_retries()
+    world.sim.force_429(2, 0.3)  # the next two requests are refused with Retry-After
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    found = verify_list(connector_id, world.access, get_settings(), sleep=sleep)
+    assert found.matches and found.in_list == 5
+    assert world.sim.count_429() == before + 2
+    assert len(slept) >= 2 and all(s >= 0.3 for s in slept[:2])  # never before Retry-After
+    assert world.sim.early_retries() == early
+
+    world.sim.revoke_key(world.key)
+    with pytest.raises(CredentialsRejected):
+        verify_list(connector_id, world.access, get_settings())
+    with session_scope() as s:
+        left = s.scalar(
+            text("SELECT count(*) FROM list_snapshots WHERE connector_id = :c"), {"c": connector_id}
+        )
+    assert left == 0
