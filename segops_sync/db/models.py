@@ -147,6 +147,8 @@ class LedgerEntry(Base):
     profile_id: Mapped[str | None] = mapped_column(Text)
     # Hash of the named traits Klaviyo confirmed (NULL: none); a different hash is resent.
     traits_hash: Mapped[str | None] = mapped_column(Text)
+    # Klaviyo suppresses the profile's email (as the last read-back of the list saw it).
+    suppressed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

@@ -20,6 +20,7 @@ from segops_sync.states import (
     RunStatus,
     Trigger,
 )
+from segops_sync.sync.ledger import suppressed_count
 from segops_sync.sync.planner import StartOutcome, start_run
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,9 @@ def _trait_counts(session: Session, run: SyncRun) -> None:
         {"r": run.id},
     ).one()
     run.updated, run.traits_dropped = int(updated), int(dropped)
+    # members on the list whose email Klaviyo suppresses, as the last read-back saw them:
+    # counted in every run, never failures
+    run.suppressed = suppressed_count(session, run.connector_id)
 
 
 def _rejections(session: Session, run: SyncRun) -> str:

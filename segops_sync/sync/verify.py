@@ -38,6 +38,8 @@ from segops_sync.secrets import decrypt_api_key
 from segops_sync.states import ConnectorStatus, RunStatus, StartReason, Trigger
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.ledger import adopt_foreign, forget_missing, mark_suppressed
+from segops_sync.sync.ledger import release_foreign as ledger_release_foreign
 from segops_sync.sync.outcomes import describe_for_person
 from segops_sync.sync.planner import StartOutcome, start_run
 
@@ -215,6 +217,7 @@ _PREPARE = (
 )
 _MISSING = "SELECT e.user_id FROM v_expected e WHERE NOT EXISTS (SELECT 1 FROM v_pairs p WHERE p.user_id = e.user_id)"
 _EXTRA = "SELECT s.profile_id FROM v_snap s WHERE NOT EXISTS (SELECT 1 FROM v_pairs p WHERE p.profile_id = s.profile_id)"
+_SUPPRESSED = "SELECT p.user_id FROM v_pairs p JOIN v_snap s ON s.profile_id = p.profile_id WHERE s.suppressed"
 _FOREIGN = f"SELECT x.profile_id FROM ({_EXTRA}) x WHERE NOT EXISTS (SELECT 1 FROM v_ours o WHERE o.profile_id = x.profile_id)"
 
 
@@ -240,38 +243,28 @@ def compare(
             f"""SELECT (SELECT count(*) FROM v_snap), (SELECT count(*) FROM v_expected),
                    (SELECT count(*) FROM ({_MISSING}) m), (SELECT count(*) FROM ({_EXTRA}) x),
                    (SELECT count(*) FROM ({_FOREIGN}) f),
-                   (SELECT count(DISTINCT p.user_id) FROM v_pairs p
-                     JOIN v_snap s ON s.profile_id = p.profile_id WHERE s.suppressed)"""
+                   (SELECT count(DISTINCT x.user_id) FROM ({_SUPPRESSED}) x)"""
         )
     ).one()
     in_list, expected, missing, extra, foreign, suppressed = (int(v) for v in row)
-    forgotten = 0
-    if missing:
-        result = session.execute(
-            text(
-                "DELETE FROM connector_members cm WHERE cm.connector_id = :c "
-                f"AND cm.added_at < :started AND cm.user_id IN ({_MISSING})"
-            ),
-            {**params, "started": started},
+    forgotten = forget_missing(session, connector_id, _MISSING, params, started) if missing else 0
+    if forgotten:
+        log.warning(
+            "connector %s: %d members the ledger counted are not on Klaviyo list %s; "
+            "the next sync adds them again",
+            connector_id,
+            forgotten,
+            connector.list_id,
         )
-        forgotten = _rowcount(result)
-        if forgotten:
-            log.warning(
-                "connector %s: %d members the ledger counted are not on Klaviyo list %s; "
-                "the next sync adds them again",
-                connector_id,
-                forgotten,
-                connector.list_id,
-            )
+    mark_suppressed(session, connector_id, _SUPPRESSED, params)
     if adopt_extra and foreign:
-        session.execute(
-            text(
-                "INSERT INTO connector_members (connector_id, user_id, email, external_id, "
-                "profile_id) SELECT :c, :prefix || s.profile_id, s.email, s.external_id, "
-                f"s.profile_id FROM v_snap s WHERE s.profile_id IN ({_FOREIGN}) "
-                "ON CONFLICT (connector_id, user_id) DO NOTHING"
-            ),
-            {**params, "prefix": FOREIGN_PREFIX},
+        adopt_foreign(
+            session,
+            connector_id,
+            f"SELECT s.profile_id, s.email, s.external_id FROM v_snap s "
+            f"WHERE s.profile_id IN ({_FOREIGN})",
+            params,
+            FOREIGN_PREFIX,
         )
     return Comparison(
         connector_id=connector_id,
@@ -286,20 +279,9 @@ def compare(
     )
 
 
-def _rowcount(result: Any) -> int:
-    return int(getattr(result, "rowcount", 0) or 0)
-
-
 def release_foreign(session: Session, connector_id: str) -> int:
     """A held removal of foreign profiles must not hold every later sync: forget them again."""
-    result = session.execute(
-        text(
-            "DELETE FROM connector_members WHERE connector_id = :c "
-            "AND starts_with(user_id, :prefix)"
-        ),
-        {"c": connector_id, "prefix": FOREIGN_PREFIX},
-    )
-    return _rowcount(result)
+    return ledger_release_foreign(session, connector_id, FOREIGN_PREFIX)
 
 
 def discard(connector_id: str, verify_id: str) -> None:

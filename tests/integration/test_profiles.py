@@ -328,6 +328,13 @@ def test_the_verification_task_repairs_missing_and_reports_extra(
     assert set(members) <= set(klaviyo.members())
     assert stranger in klaviyo.sim.list_member_ids(klaviyo.list_id)  # reported, never removed
 
+    # the ledger remembers it: the next ordinary sync counts the suppressed member too
+    recompute(segment, [*members, f"late-{tag}@example.com"], tmp_path)
+    wait_idle(connector_id, runs_at_least=3)
+    newest = cli_json("connectors", "history", connector_id)[0]
+    assert (newest["trigger"], newest["status"], newest["added"]) == ("recompute", "succeeded", 1)
+    assert (newest["suppressed"], newest["rejected"], newest["error"]) == (1, 0, None)
+
 
 def test_rejected_members_are_listed_one_by_one(
     worker: WorkerProcess, klaviyo: Klaviyo, api: httpx.Client

@@ -41,6 +41,10 @@ def upgrade() -> None:
     op.add_column("connectors", sa.Column("opt_in_process", sa.Text(), nullable=True))
     op.add_column("connector_members", sa.Column("traits_hash", sa.Text(), nullable=True))
     op.add_column(
+        "connector_members",
+        sa.Column("suppressed", sa.Boolean(), server_default=sa.text("false"), nullable=False),
+    )
+    op.add_column(
         "sync_batch_items",
         sa.Column("traits", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
     )
@@ -98,6 +102,7 @@ def downgrade() -> None:
         op.drop_column("sync_runs", name)
     for name in ("dropped_traits", "refresh", "traits_hash", "traits"):
         op.drop_column("sync_batch_items", name)
+    op.drop_column("connector_members", "suppressed")
     op.drop_column("connector_members", "traits_hash")
     op.drop_column("connectors", "traits")
     op.drop_column("connectors", "opt_in_process")
