@@ -378,6 +378,8 @@ def test_the_api_takes_traits(api: httpx.Client, klaviyo: Klaviyo) -> None:
     created = api.post("/v1/connectors", json=body)
     assert created.status_code == 201, created.text
     assert created.json()["traits"] == ["first_name", "plan"]
+    assert "double opt-in" in created.headers["warning"]  # consent pre-flight, said not refused
+    assert created.json()["opt_in_process"] == "double_opt_in"
     patched = api.patch(f"/v1/connectors/{created.json()['id']}", json={"traits": ["title"]})
     assert patched.status_code == 200 and patched.json()["traits"] == ["title"]
     for bad in ("first_name", ["email"], [1], ["a,b"]):
