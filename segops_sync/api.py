@@ -1,33 +1,59 @@
-"""``segops-sync api``: the HTTP API of docs/contract.md#http-api (bearer token, JSON, 422 on bad input)."""
+"""``segops-sync api``: the HTTP API of docs/contract.md#http-api (bearer token, JSON, 422 on
+bad input), its OpenAPI document, and the Activations page.
+
+Every answer that is not a success is JSON ``{"error": ...}``: refused input (422), unknown
+connectors and routes (404), methods (405), tokens (401, with ``WWW-Authenticate: Bearer``),
+bodies over the limit (413), and anything unexpected (500).
+"""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy.exc import DataError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from segops_sync import web
+from segops_sync.api_input import (
+    CREATE_FIELDS,
+    PATCH_FIELDS,
+    BodyTooLarge,
+    parse_body,
+    path_id,
+    read_body,
+    storable,
+)
 from segops_sync.config import Settings, get_settings
 from segops_sync.connectors import create_connector, delete_connector, update_connector
 from segops_sync.db.queries import get_connector, list_connectors, list_runs
 from segops_sync.db.session import session_scope
 from segops_sync.errors import InputError, UnknownConnector
+from segops_sync.openapi import ApiSchema
 from segops_sync.shapes import connector_json, run_json
 from segops_sync.states import ConnectorStatus, Trigger
 
 log = logging.getLogger(__name__)
-MAX_BODY = 64 * 1024
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+class ErrorResponse(JSONResponse):
+    """``{"error": ...}``; ASCII-escaped, so text echoed from any input always encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return ErrorResponse({"error": message}, status_code=status, headers=headers)
 
 
 class BearerAuth(BaseHTTPMiddleware):
@@ -38,34 +64,21 @@ class BearerAuth(BaseHTTPMiddleware):
     async def dispatch(
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        # The exception to "every route requires the token": the page and its two assets. A
+        # browser cannot send a bearer header when it navigates to a page or loads its script,
+        # and they hold no data: the page's script calls the guarded routes with the token.
+        if request.url.path in web.PUBLIC_PATHS and request.method in ("GET", "HEAD"):
+            return await call_next(request)
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, self._expected):
-            return _error(401, "missing or wrong bearer token")
+            return _error(
+                401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
         return await call_next(request)
 
 
-def _body(raw: bytes, allowed: set[str]) -> dict[str, Any]:
-    if len(raw) > MAX_BODY:
-        raise InputError("body is too large")
-    try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise InputError("body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InputError("body must be a JSON object")
-    unknown = set(body) - allowed
-    if unknown:
-        raise InputError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    for key, value in body.items():
-        if key == "traits":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise InputError("traits must be a list of strings")
-        elif not isinstance(value, str):
-            raise InputError(f"{key} must be a string")
-    return body
-
-
 def _guard(handler: Callable[[Request, Settings], Response]) -> Callable[[Request], Response]:
+    @functools.wraps(handler)  # keeps the docstring: it is the operation's OpenAPI text
     def run(request: Request) -> Response:
         try:
             return handler(request, get_settings())
@@ -73,22 +86,50 @@ def _guard(handler: Callable[[Request, Settings], Response]) -> Callable[[Reques
             return _error(404, str(exc))
         except InputError as exc:
             return _error(422, str(exc))
+        except BodyTooLarge as exc:
+            return _error(413, str(exc))
+        except DataError:
+            # A backstop: api_input refuses what PostgreSQL cannot hold before it gets there.
+            log.warning("the database refused a value of %s %s", request.method, request.url.path)
+            return _error(422, "a value cannot be stored by the database")
 
     return run
 
 
 def _read(request: Request) -> bytes:
-    # Sync handlers run in a worker thread; read the body through the portal-free path.
+    # Sync handlers run in a worker thread; read the body on the event loop.
     import anyio.from_thread
 
-    return anyio.from_thread.run(request.body)
+    return anyio.from_thread.run(read_body, request)
 
 
 def create(request: Request, settings: Settings) -> Response:
-    body = _body(_read(request), {"type", "segment_id", "list_id", "api_key", "traits"})
-    for field in ("segment_id", "list_id", "api_key"):
-        if field not in body:
-            raise InputError(f"{field} is required")
+    """Create a connector.
+    ---
+    operationId: createConnector
+    summary: Create a connector (inactive), after the same checks as the CLI
+    description: >-
+      The list id and key are validated, then checked with Klaviyo (one GET /api/lists/{id});
+      when Klaviyo cannot be reached the connector is saved unchecked, with a Warning header.
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema: {$ref: '#/components/schemas/NewConnector'}
+    responses:
+      201:
+        description: the new connector
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Connector'}
+        links:
+          getConnector: {operationId: getConnector, parameters: {id: $response.body#/id}}
+          updateConnector: {operationId: updateConnector, parameters: {id: $response.body#/id}}
+          resyncConnector: {operationId: resyncConnector, parameters: {id: $response.body#/id}}
+          listRuns: {operationId: listRuns, parameters: {id: $response.body#/id}}
+          deleteConnector: {operationId: deleteConnector, parameters: {id: $response.body#/id}}
+    """
+    body = parse_body(_read(request), CREATE_FIELDS)
     with session_scope() as s:
         connector, warning = create_connector(
             s,
@@ -110,22 +151,68 @@ def create(request: Request, settings: Settings) -> Response:
 
 
 def index(request: Request, settings: Settings) -> Response:
+    """List connectors.
+    ---
+    operationId: listConnectors
+    summary: Every connector, oldest first
+    responses:
+      200:
+        description: the connectors
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                connectors:
+                  type: array
+                  items: {$ref: '#/components/schemas/Connector'}
+              required: [connectors]
+    """
     with session_scope() as s:
         return JSONResponse({"connectors": [connector_json(c) for c in list_connectors(s)]})
 
 
 def show(request: Request, settings: Settings) -> Response:
+    """Show a connector.
+    ---
+    operationId: getConnector
+    summary: One connector
+    responses:
+      200:
+        description: the connector
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Connector'}
+    """
     with session_scope() as s:
-        return JSONResponse(connector_json(get_connector(s, request.path_params["id"])))
+        return JSONResponse(connector_json(get_connector(s, path_id(request))))
 
 
 def patch(request: Request, settings: Settings) -> Response:
-    body = _body(_read(request), {"status", "list_id", "api_key", "traits"})
+    """Change a connector.
+    ---
+    operationId: updateConnector
+    summary: Activate, deactivate, or change the list id or key (checked like creation)
+    description: No body, or an empty object, changes nothing and answers the connector.
+    requestBody:
+      required: false
+      content:
+        application/json:
+          schema: {$ref: '#/components/schemas/ConnectorChange'}
+    responses:
+      200:
+        description: the connector as changed
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Connector'}
+    """
+    connector_id = path_id(request)
+    body = parse_body(_read(request), PATCH_FIELDS)
     with session_scope() as s:
         connector, _ = update_connector(
             s,
             settings,
-            request.path_params["id"],
+            connector_id,
             list_id=body.get("list_id"),
             api_key=body.get("api_key"),
             status=body.get("status"),
@@ -135,29 +222,80 @@ def patch(request: Request, settings: Settings) -> Response:
 
 
 def resync(request: Request, settings: Settings) -> Response:
+    """Start a sync now.
+    ---
+    operationId: resyncConnector
+    summary: Start a sync of an active connector (or queue one after the running sync)
+    responses:
+      202:
+        description: the sync is started, coalesced into the running one, or already requested
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Resync'}
+      422:
+        $ref: '#/components/responses/Invalid'
+    """
     from segops_sync.tasks import trigger_sync
 
+    connector_id = path_id(request)
     with session_scope() as s:
-        if get_connector(s, request.path_params["id"]).status == ConnectorStatus.INACTIVE:
+        if get_connector(s, connector_id).status == ConnectorStatus.INACTIVE:
             raise InputError("connector is inactive: activate it first")
-    outcome = trigger_sync(request.path_params["id"], trigger=Trigger.RESYNC)
+    outcome = trigger_sync(connector_id, trigger=Trigger.RESYNC)
     return JSONResponse({"run_id": outcome.run_id, "outcome": outcome.reason}, status_code=202)
 
 
 def runs(request: Request, settings: Settings) -> Response:
+    """List a connector's sync runs.
+    ---
+    operationId: listRuns
+    summary: The connector's sync runs, newest first (at most 100)
+    responses:
+      200:
+        description: the runs
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                runs:
+                  type: array
+                  items: {$ref: '#/components/schemas/Run'}
+              required: [runs]
+    """
     with session_scope() as s:
-        return JSONResponse(
-            {"runs": [run_json(r) for r in list_runs(s, request.path_params["id"])]}
-        )
+        return JSONResponse({"runs": [run_json(r) for r in list_runs(s, path_id(request))]})
 
 
 def rejected(request: Request, settings: Settings) -> Response:
+    """List a run's rejected members.
+    ---
+    operationId: listRejectedMembers
+    summary: Each member Klaviyo rejected in this run, with its reason (at most 10,000)
+    parameters:
+      - {name: run, in: path, required: true, schema: {type: string}, description: run id}
+    responses:
+      200:
+        description: the rejected members
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                rejected_members:
+                  type: array
+                  items: {$ref: '#/components/schemas/RejectedMember'}
+              required: [rejected_members]
+    """
     from segops_sync.sync.rejected import UnknownRun, rejected_members
 
-    connector_id, run_id = request.path_params["id"], request.path_params["run"]
+    connector_id = path_id(request)
+    run_id = str(request.path_params["run"])
     with session_scope() as s:
         get_connector(s, connector_id)
         try:
+            if not storable(run_id):  # no run has an id the database cannot hold
+                raise UnknownRun(connector_id, run_id)
             found = rejected_members(s, connector_id, run_id=run_id)
         except UnknownRun as exc:
             return _error(404, str(exc))
@@ -165,9 +303,59 @@ def rejected(request: Request, settings: Settings) -> Response:
 
 
 def remove(request: Request, settings: Settings) -> Response:
+    """Delete a connector.
+    ---
+    operationId: deleteConnector
+    summary: Delete a connector; the Klaviyo list is left as it is
+    responses:
+      204:
+        description: deleted
+    """
     with session_scope() as s:
-        delete_connector(s, request.path_params["id"])
+        delete_connector(s, path_id(request))
     return Response(status_code=204)
+
+
+def openapi(request: Request, settings: Settings) -> Response:
+    """This document.
+    ---
+    operationId: getOpenAPI
+    summary: The API's OpenAPI 3 document
+    responses:
+      200:
+        description: the OpenAPI document
+        content:
+          application/json:
+            schema: {type: object}
+    """
+    return JSONResponse(request.app.state.openapi)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # One route per method and path: Allow names every method the path has.
+        allowed = sorted(
+            {
+                method
+                for route in request.app.routes
+                if isinstance(route, Route) and route.path_regex.match(request.url.path)
+                for method in route.methods or ()
+            }
+        )
+        headers["Allow"] = ", ".join(allowed)
+        message = f"method {request.method} is not allowed here; use {', '.join(allowed)}"
+    elif exc.status_code == 404:
+        message = f"no such route: {request.url.path!r}"
+    else:
+        message = str(exc.detail)
+    return _error(exc.status_code, message, headers=headers)
+
+
+async def _crash(request: Request, exc: Exception) -> Response:
+    # The traceback is logged by Starlette's error middleware; the client gets no internals.
+    return _error(500, "internal error; the server log has the details")
 
 
 def create_app(token: str) -> Starlette:
@@ -181,8 +369,12 @@ def create_app(token: str) -> Starlette:
             Route("/v1/connectors/{id}/resync", _guard(resync), methods=["POST"]),
             Route("/v1/connectors/{id}/runs", _guard(runs), methods=["GET"]),
             Route("/v1/connectors/{id}/runs/{run}/rejected", _guard(rejected), methods=["GET"]),
-        ]
+            Route("/openapi.json", _guard(openapi), methods=["GET"]),
+            *web.routes(),
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _crash},
     )
+    app.state.openapi = ApiSchema().get_schema(app.routes)
     app.add_middleware(BearerAuth, token=token)
     return app
 

@@ -127,6 +127,39 @@ def worker(
         proc.stop()
 
 
+@pytest.fixture(scope="session")
+def api_url(stack_env: dict[str, str]) -> Iterator[str]:
+    """The HTTP API (``segops-sync api``'s app) served by uvicorn on 127.0.0.1, in this process."""
+    import threading
+
+    import uvicorn
+
+    from segops_sync.api import create_app
+    from segops_sync.embedded import free_port
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(stack_env["SEGOPS_API_TOKEN"]),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture
 def klaviyo(sim_server: tuple[Simulator, str]) -> Klaviyo:
     """A fresh Klaviyo account with a key and a list, per test."""

@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
-from segops_sync.api import create_app
-from segops_sync.embedded import free_port
 from tests.integration.helpers import Klaviyo, new_segment, row_counts
 
 
 @pytest.fixture(scope="module")
-def api(stack_env: dict[str, str]) -> Iterator[httpx.Client]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(stack_env["SEGOPS_API_TOKEN"]),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+def api(stack_env: dict[str, str], api_url: str) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {stack_env['SEGOPS_API_TOKEN']}"}
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as client:
+    with httpx.Client(base_url=api_url, headers=headers, timeout=30) as client:
         yield client
-    server.should_exit = True
-    thread.join(10)
 
 
 def test_requires_the_bearer_token(api: httpx.Client) -> None:

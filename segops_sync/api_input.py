@@ -1,0 +1,159 @@
+"""What the HTTP API accepts: body fields, size limit, and what PostgreSQL can hold.
+
+The field tables drive both the check of each request body and the request schemas of the
+OpenAPI document, so the two cannot drift. Meaning (a list id's shape, the live check) stays
+with the connector service; this module only checks shape and storability.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from segops_sync.errors import InputError, UnknownConnector
+from segops_sync.states import ConnectorStatus
+
+MAX_BODY = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    """A request body over MAX_BODY: answered 413, and never read past the limit."""
+
+    def __init__(self) -> None:
+        super().__init__(f"body is too large: at most {MAX_BODY} bytes")
+
+
+@dataclass(frozen=True)
+class BodyField:
+    """One field of a JSON body: its JSON Schema (``string``, or ``array`` of strings)."""
+
+    schema: dict[str, Any]
+    required: bool = False
+
+
+LIST_ID = BodyField(
+    {
+        "type": "string",
+        "pattern": "^[A-Za-z0-9]{6}$",
+        "description": "Klaviyo list id: exactly 6 letters or digits, case-sensitive",
+    }
+)
+API_KEY = BodyField(
+    {
+        "type": "string",
+        "pattern": "^pk_[A-Za-z0-9_]{8,}$",
+        "writeOnly": True,
+        "description": "Klaviyo private API key; stored encrypted, never shown again",
+    }
+)
+
+CREATE_FIELDS: dict[str, BodyField] = {
+    "type": BodyField({"type": "string", "enum": ["klaviyo"], "default": "klaviyo"}),
+    "segment_id": BodyField(
+        {"type": "string", "minLength": 1, "maxLength": 200, "description": "SegOps segment id"},
+        required=True,
+    ),
+    "list_id": BodyField(LIST_ID.schema, required=True),
+    "api_key": BodyField(API_KEY.schema, required=True),
+    "traits": BodyField(
+        {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "context_identified traits sent to Klaviyo; [] = none but the email",
+        }
+    ),
+}
+PATCH_FIELDS: dict[str, BodyField] = {
+    "status": BodyField(
+        {"type": "string", "enum": [ConnectorStatus.ACTIVE.value, ConnectorStatus.INACTIVE.value]}
+    ),
+    "list_id": LIST_ID,
+    "api_key": API_KEY,
+    "traits": CREATE_FIELDS["traits"],
+}
+
+
+def body_schema(fields: dict[str, BodyField]) -> dict[str, Any]:
+    """The JSON Schema of a body made of these fields (for the OpenAPI document)."""
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {name: f.schema for name, f in fields.items()},
+        "additionalProperties": False,
+    }
+    required = [name for name, f in fields.items() if f.required]
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def storable(text: str) -> bool:
+    """PostgreSQL TEXT holds neither NUL nor an unpaired surrogate (JSON's "\\ud800")."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be a string")
+    if not storable(value):
+        raise InputError(
+            f"{name} holds a character that cannot be stored (a NUL byte or an unpaired surrogate)"
+        )
+    return value
+
+
+def parse_body(raw: bytes, fields: dict[str, BodyField]) -> dict[str, Any]:
+    """Check a JSON body against the field table: types, required, unknown, storable."""
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InputError("body must be a JSON object")
+    unknown = set(body) - set(fields)
+    if unknown:
+        # repr() escapes what JSON could not carry back (lone surrogates, control bytes).
+        raise InputError(f"unknown field(s): {', '.join(repr(k) for k in sorted(unknown))}")
+    for name, spec in fields.items():
+        if name not in body:
+            if spec.required:
+                raise InputError(f"{name} is required")
+            continue
+        value = body[name]
+        if spec.schema.get("type") == "array":
+            if not isinstance(value, list):
+                raise InputError(f"{name} must be a list of strings")
+            for item in value:
+                _check_string(f"each of {name}", item)
+        else:
+            _check_string(name, value)
+    return body
+
+
+def path_id(request: Request) -> str:
+    """The ``{id}`` of the path; one the database cannot hold names no connector (404)."""
+    value = str(request.path_params["id"])
+    if not storable(value):
+        raise UnknownConnector(value)
+    return value
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused (413) as soon as it passes MAX_BODY."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise BodyTooLarge()
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > MAX_BODY:
+            raise BodyTooLarge()
+    return bytes(received)

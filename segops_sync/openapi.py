@@ -1,0 +1,211 @@
+"""The API's OpenAPI 3 document, generated from the routes.
+
+Each endpoint's docstring carries its own operation in YAML (after ``---``), Starlette's
+SchemaGenerator collects them, and this module adds what every operation shares: the bearer
+security, the JSON error answers (401, 404 for ``{id}`` paths, 413/422 for bodies), the
+``{id}`` parameter, and the component schemas, the request ones built from api_input's
+field tables.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from starlette.routing import BaseRoute
+from starlette.schemas import SchemaGenerator
+
+from segops_sync.api_input import CREATE_FIELDS, MAX_BODY, PATCH_FIELDS, body_schema
+from segops_sync.states import ConnectorStatus, RunStatus, StartReason
+
+ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string", "description": "what is wrong, in one line"}},
+    "required": ["error"],
+}
+RESYNC = {
+    "type": "object",
+    "properties": {
+        "run_id": {"type": "string", "nullable": True},
+        "outcome": {"type": "string", "enum": [r.value for r in StartReason]},
+    },
+    "required": ["run_id", "outcome"],
+}
+NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
+# Keep in step with shapes.connector_json / run_json: a test compares live answers' keys.
+CONNECTOR = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"type": "string", "enum": ["klaviyo"]},
+        "segment_id": {"type": "string"},
+        "list_id": {"type": "string"},
+        "status": {"type": "string", "enum": [s.value for s in ConnectorStatus]},
+        "last_synced_at": NULLABLE_TIME,
+        "last_error": {"type": "string", "nullable": True},
+        "api_key": {"type": "string", "description": "redacted hint, never the whole key"},
+        "traits": {"type": "array", "items": {"type": "string"}},
+        "opt_in_process": {
+            "type": "string",
+            "nullable": True,
+            "description": "as Klaviyo last reported it: double_opt_in or single_opt_in",
+        },
+    },
+    "required": [
+        "id",
+        "type",
+        "segment_id",
+        "list_id",
+        "status",
+        "last_synced_at",
+        "last_error",
+        "api_key",
+        "traits",
+        "opt_in_process",
+    ],
+}
+RUN = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "connector_id": {"type": "string"},
+        "trigger": {"type": "string"},
+        "started_at": {"type": "string", "format": "date-time"},
+        "finished_at": NULLABLE_TIME,
+        "status": {"type": "string", "enum": [s.value for s in RunStatus]},
+        "added": {"type": "integer"},
+        "removed": {"type": "integer"},
+        "rejected": {"type": "integer"},
+        "error": {"type": "string", "nullable": True},
+        "updated": {"type": "integer", "description": "members whose changed traits were resent"},
+        "traits_dropped": {"type": "integer", "description": "trait values Klaviyo would refuse"},
+        "suppressed": {"type": "integer", "description": "members whose email is suppressed"},
+        "rejected_members": {
+            "type": "string",
+            "nullable": True,
+            "description": "path listing this run's rejected members",
+        },
+        "verify": {
+            "type": "object",
+            "nullable": True,
+            "properties": {
+                k: {"type": "integer"} for k in ("in_list", "expected", "missing", "extra")
+            },
+        },
+    },
+    "required": [
+        "id",
+        "connector_id",
+        "trigger",
+        "started_at",
+        "finished_at",
+        "status",
+        "added",
+        "removed",
+        "rejected",
+        "error",
+        "updated",
+        "traits_dropped",
+        "suppressed",
+        "rejected_members",
+        "verify",
+    ],
+}
+REJECTED_MEMBER = {
+    "type": "object",
+    "properties": {
+        "run_id": {"type": "string"},
+        "run_started_at": {"type": "string", "format": "date-time"},
+        "user_id": {"type": "string"},
+        "email": {"type": "string", "nullable": True},
+        "external_id": {"type": "string", "nullable": True},
+        "reason": {"type": "string", "nullable": True, "description": "Klaviyo's reason"},
+    },
+    "required": ["run_id", "run_started_at", "user_id", "email", "external_id", "reason"],
+}
+
+
+def _error_response(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _base_schema() -> dict[str, Any]:
+    try:
+        release = version("segops-sync")
+    except PackageNotFoundError:  # running from a source tree
+        release = "0"
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "segops-sync",
+            "version": release,
+            "description": "Connectors that mirror SegOps segments into Klaviyo lists.",
+        },
+        "security": [{"bearer": []}],
+        "paths": {},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": ERROR,
+                "Connector": CONNECTOR,
+                "Run": RUN,
+                "Resync": RESYNC,
+                "RejectedMember": REJECTED_MEMBER,
+                "NewConnector": body_schema(CREATE_FIELDS),
+                "ConnectorChange": body_schema(PATCH_FIELDS),
+            },
+            "responses": {
+                "Unauthorized": _error_response(
+                    "missing or wrong bearer token",
+                    {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
+                ),
+                "NotFound": _error_response("unknown connector"),
+                "Invalid": _error_response("the input is refused; the message says why"),
+                "TooLarge": _error_response(f"the body is over {MAX_BODY} bytes"),
+                "Error": _error_response("any other error"),
+            },
+        },
+    }
+
+
+ID_PARAMETER = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "connector id",
+}
+
+
+class ApiSchema(SchemaGenerator):
+    def __init__(self) -> None:
+        super().__init__(_base_schema())
+
+    def get_schema(self, routes: list[BaseRoute]) -> dict[str, Any]:
+        # The base is shared between calls: work on a copy.
+        self.base_schema = _base_schema()
+        schema = super().get_schema(routes)
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                _complete(path, operation)
+        return copy.deepcopy(schema)
+
+
+def _complete(path: str, operation: dict[str, Any]) -> None:
+    responses = {str(code): answer for code, answer in operation.get("responses", {}).items()}
+    shared = {"401": "Unauthorized", "default": "Error"}
+    if "{id}" in path:
+        operation.setdefault("parameters", []).insert(0, ID_PARAMETER)
+        shared["404"] = "NotFound"
+    if "requestBody" in operation:
+        shared.update({"413": "TooLarge", "422": "Invalid"})
+    for code, name in shared.items():
+        responses.setdefault(code, {"$ref": f"#/components/responses/{name}"})
+    operation["responses"] = responses
