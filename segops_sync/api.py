@@ -379,12 +379,12 @@ def create_app(token: str) -> Starlette:
     return app
 
 
-def serve(port: int) -> None:
+def serve(port: int, host: str = "127.0.0.1") -> None:
     import uvicorn
 
     uvicorn.run(
         create_app(get_settings().require_api_token()),
-        host="127.0.0.1",
+        host=host,
         port=port,
         log_level="info",
     )

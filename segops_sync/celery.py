@@ -7,14 +7,21 @@ a recompute message. A worker started with no flags consumes both.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
-from typing import Any
+import warnings
+from typing import Any, NoReturn
 
 import redis
 from celery import Celery, signals
 from kombu import Queue
 
 from segops_sync.config import ConfigError, Settings, get_settings
+from segops_sync.observability import logging as obs_log
+from segops_sync.observability.logging import klaviyo_url_label
+from segops_sync.observability.metrics import MetricsNode, process_exited
 
 SEGOPS_QUEUE = "segops"
 KLAVIYO_QUEUE = "segops.klaviyo"
@@ -32,6 +39,7 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     # a list read back takes minutes at 1M members: it waits among the Klaviyo work, never
     # in front of a recompute message
     "segops.verify_connector": {"queue": KLAVIYO_QUEUE},
+    "segops.deliver_alert": {"queue": SEGOPS_QUEUE},
     "segops.add_batch": {"queue": KLAVIYO_QUEUE},
     "segops.remove_batch": {"queue": KLAVIYO_QUEUE},
 }
@@ -121,10 +129,135 @@ def _check_settings(**_: Any) -> None:
             raise ConfigError(_config_error)
         settings = get_settings()
         settings.require_database_url()
-        settings.require_secret_key()
+        settings.require_alert_settings()
+        # Refuse now, not at every connector's next sync, when the key ring cannot read them.
+        from segops_sync.keys import check_keys_at_start
+
+        warning = check_keys_at_start(settings)
+        if warning:
+            _say_warning(warning)
     except ConfigError as exc:
-        print(f"segops-sync: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(str(exc))
+    if settings.metrics_port is not None:
+        # Before the pool forks: the children inherit the samples directory.
+        _metrics_node.prepare()
+        try:
+            _metrics_node.serve(settings.metrics_port, settings.metrics_host)
+        except OSError as exc:
+            _metrics_node.close()
+            _refuse(
+                f"SEGOPS_METRICS_PORT={settings.metrics_port}: cannot serve metrics "
+                f"({exc.strerror or exc})"
+            )
+
+
+def _say_warning(message: str) -> None:
+    """One warning line at start, before logging is set up; JSON when the logs are JSON."""
+    if _json_logs():
+        sys.stderr.flush()
+        os.write(2, obs_log.json_line(message, level="WARNING", logger="segops_sync"))
+    else:
+        print(message, file=sys.stderr)
+
+
+def _refuse(reason: str) -> NoReturn:
+    """One line naming the variable, then exit 2; a JSON line when the logs are JSON."""
+    if _json_logs():
+        sys.stderr.flush()
+        os.write(
+            2, obs_log.json_line(f"segops-sync: {reason}", level="ERROR", logger="segops_sync")
+        )
+    else:
+        print(f"segops-sync: {reason}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -- observability: metrics of the node, JSON logs, the run of each line ----------------------
+
+_metrics_node = MetricsNode()
+
+
+def _json_logs() -> bool:
+    try:
+        return get_settings().log_format == "json"
+    except ConfigError:
+        return False  # the worker stops at start anyway, naming the variable
+
+
+@signals.celeryd_init.connect
+def _quiet_banner(instance: Any = None, **_: Any) -> None:
+    """JSON logs: every line the worker writes is JSON, so Celery's text banner stays off, and
+    its few direct writes to stdout (shutdown notices) become JSON lines."""
+    if not _json_logs():
+        return
+    if instance is not None:
+        instance.quiet = True
+    # Warnings raised before logging is set up (Celery's own, about running as root, say) would
+    # print as text; Celery routes later ones through logging (captureWarnings).
+    warnings.showwarning = _warning_as_json
+    from celery.apps import worker as celery_worker
+
+    def say(msg: str, f: Any = None) -> None:
+        stream = f or sys.__stdout__
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                os.write(stream.fileno(), obs_log.json_line(msg, logger="celery.worker"))
+
+    celery_worker.safe_say = say
+
+
+def _warning_as_json(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    text = f"{category.__name__}: {message} ({os.path.basename(filename)}:{lineno})"
+    with contextlib.suppress(OSError):
+        os.write(2, obs_log.json_line(text, level="WARNING", logger="py.warnings"))
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger | None = None, **_: Any) -> None:
+    loggers = [logging.getLogger(), logging.getLogger("celery.task")]
+    if logger is not None:
+        loggers.append(logger)
+    from celery.utils.log import get_multiprocessing_logger
+
+    mp_logger = get_multiprocessing_logger()
+    if mp_logger is not None:
+        loggers.append(mp_logger)
+    obs_log.install(loggers, json_format=_json_logs(), labeler=klaviyo_url_label)
+
+
+@signals.task_prerun.connect
+def _task_context(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    # A pool process runs one task after another: nothing of the previous one may stick.
+    obs_log.clear()
+    obs_log.bind(task_id=task_id, task_name=getattr(task, "name", None))
+
+
+@signals.worker_process_shutdown.connect
+def _process_gone(pid: int | None = None, **_: Any) -> None:
+    process_exited(pid or os.getpid())
+
+
+@signals.worker_ready.connect
+def _say_metrics(**_: Any) -> None:
+    if _metrics_node.port is not None:
+        logging.getLogger("segops_sync.observability").info(
+            "metrics at :%d/metrics, summed over the pool processes' samples in %s",
+            _metrics_node.port,
+            _metrics_node.directory,
+        )
+
+
+@signals.worker_shutdown.connect
+def _stop_metrics(**_: Any) -> None:
+    _metrics_node.close()
 
 
 @signals.worker_process_init.connect

@@ -81,6 +81,16 @@ def _show_connector(doc: dict[str, Any]) -> None:
         )
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """``--api-key KEY`` or ``--api-key-file FILE`` (kept out of ``ps`` and shell history)."""
+    if args.api_key_file is None:
+        key: str | None = args.api_key
+        return key
+    from segops_sync.keys import read_api_key_file
+
+    return read_api_key_file(args.api_key_file)
+
+
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.connectors import create_connector
     from segops_sync.db.session import session_scope
@@ -91,7 +101,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
             settings,
             segment_id=args.segment,
             list_id=args.list_id,
-            api_key=args.api_key,
+            api_key=_api_key(args) or "",  # the parser requires one of the two
             connector_type=args.type,
             verify=not args.no_verify,
             traits=args.traits,
@@ -112,15 +122,18 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.connectors import update_connector
     from segops_sync.db.session import session_scope
 
-    if args.list_id is None and args.api_key is None and args.traits is None:
-        raise InputError("nothing to update: give --list-id, --api-key and/or --traits")
+    api_key = _api_key(args)
+    if args.list_id is None and api_key is None and args.traits is None:
+        raise InputError(
+            "nothing to update: give --list-id, --api-key (or --api-key-file) and/or --traits"
+        )
     with session_scope() as s:
         connector, warning = update_connector(
             s,
             settings,
             args.connector_id,
             list_id=args.list_id,
-            api_key=args.api_key,
+            api_key=api_key,
             verify=not args.no_verify,
             traits=args.traits,
         )
@@ -150,13 +163,23 @@ def _set_status(status: ConnectorStatus) -> Callable[[argparse.Namespace, Settin
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
+    from segops_sync.sync.progress import running_progress
 
     with session_scope() as s:
         doc = connector_json(get_connector(s, args.connector_id))
+        progress = running_progress(s, args.connector_id)
+    if progress is not None:  # only while a run is running: otherwise the JSON is INTERFACE's
+        doc["progress"] = progress.as_json()
     if args.json:
         _print_json(doc)
     else:
         _show_connector(doc)
+        if progress is not None:
+            share = f" ({progress.done / progress.total:.0%})" if progress.total else ""
+            print(
+                f"{'progress':15} {progress.done}/{progress.total} members{share}, "
+                f"run {progress.run_id} running since {progress.started_at.isoformat()}"
+            )
     return EXIT_OK
 
 
@@ -180,6 +203,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
+    from segops_sync.follow import Follower
     from segops_sync.sync.runs import finished_runs, wait_until_idle
     from segops_sync.tasks import trigger_sync
 
@@ -199,7 +223,16 @@ def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     # a coalesced trigger is served by the run after the one going now
     expected = done_before + (2 if outcome.reason == StartReason.COALESCED else 1)
-    run = wait_until_idle(args.connector_id, finished_at_least=expected, timeout=WAIT_TIMEOUT)
+    follower = Follower(args.connector_id, sys.stdout, interval=settings.progress_interval)
+    try:
+        run = wait_until_idle(
+            args.connector_id,
+            finished_at_least=expected,
+            timeout=WAIT_TIMEOUT,
+            on_poll=follower.tick,
+        )
+    finally:
+        follower.close()
     if run is None:
         raise Failure(
             f"the sync did not finish within {WAIT_TIMEOUT:.0f}s; see `connectors history`"
@@ -390,6 +423,22 @@ def cmd_rejected(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+# -- keys ----------------------------------------------------------------------------------
+
+
+def cmd_keys_reencrypt(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.session import session_scope
+    from segops_sync.keys import reencrypt_all
+
+    with session_scope() as s:
+        done = reencrypt_all(s, settings.require_secret_key())
+    print(
+        f"re-encrypted {done.reencrypted} stored API key(s) with the first SEGOPS_SECRET_KEY "
+        f"({done.already_current} already used it)"
+    )
+    return EXIT_OK
+
+
 # -- the recompute side --------------------------------------------------------------------
 
 
@@ -463,17 +512,20 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_klaviyo_sim(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.klaviyo.simulator import serve
 
-    serve(args.port, time_scale=args.time_scale)
+    serve(args.port, host=args.host, time_scale=args.time_scale)
     return EXIT_OK
 
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.api import serve
+    from segops_sync.keys import check_keys_at_start
 
     settings.require_api_token()
     settings.require_database_url()
-    settings.require_secret_key()
-    serve(args.port)
+    warning = check_keys_at_start(settings)
+    if warning:
+        _warn(warning)
+    serve(args.port, host=args.host)
     return EXIT_OK
 
 
@@ -485,6 +537,16 @@ def _port(value: str) -> int:
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
     return port
+
+
+def _host(value: str) -> str:
+    import socket
+
+    try:
+        socket.getaddrinfo(value, None)
+    except (OSError, UnicodeError):
+        raise argparse.ArgumentTypeError(f"host {value!r} is not an address to bind") from None
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -505,7 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", required=True)
     p.add_argument("--segment", required=True)
     p.add_argument("--list-id", required=True)
-    p.add_argument("--api-key", required=True)
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--api-key")
+    key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE ('-': stdin)")
     p.add_argument("--no-verify", action="store_true", help="skip the live check with Klaviyo")
     p.add_argument("--traits", help=TRAITS_HELP)
     p.add_argument("--json", action="store_true")
@@ -528,7 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = conn.add_parser("update")
     p.add_argument("connector_id")
     p.add_argument("--list-id")
-    p.add_argument("--api-key")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key")
+    key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE ('-': stdin)")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--traits", help=TRAITS_HELP + " ('' for none)")
     p.add_argument("--json", action="store_true")
@@ -565,11 +631,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", required=True)
     p.set_defaults(func=cmd_identify)
     sub.add_parser("demo", help="the whole flow on embedded defaults").set_defaults(func=cmd_demo)
-    p = sub.add_parser("klaviyo-sim", help="the Klaviyo simulator on 127.0.0.1")
+    p = sub.add_parser("klaviyo-sim", help="the Klaviyo simulator (default on 127.0.0.1)")
+    p.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to bind (0.0.0.0 in a container)"
+    )
     p.add_argument("--port", type=_port, required=True)
     p.add_argument("--time-scale", type=float, default=1.0, help="compress Klaviyo's rate windows")
     p.set_defaults(func=cmd_klaviyo_sim)
+    keys = sub.add_parser("keys", help="the SEGOPS_SECRET_KEY key ring").add_subparsers(
+        dest="keys_command", required=True, parser_class=OneLineParser
+    )
+    keys.add_parser(
+        "reencrypt", help="re-encrypt every stored API key with the first SEGOPS_SECRET_KEY"
+    ).set_defaults(func=cmd_keys_reencrypt)
     p = sub.add_parser("api", help="the HTTP API")
+    p.add_argument(
+        "--host", type=_host, default="127.0.0.1", help="address to bind (default 127.0.0.1)"
+    )
     p.add_argument("--port", type=_port, required=True)
     p.set_defaults(func=cmd_api)
     return parser

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -55,6 +56,18 @@ class Settings(BaseSettings):
     # Celery's per-worker ceiling on Klaviyo batch tasks (the fleet-wide limit is the limiter).
     klaviyo_task_rate_limit: str = "20/s"
 
+    # Observability (INTERFACE.md, second round).
+    # Each worker node serves Prometheus metrics on this port at /metrics; unset: off.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Address the metrics server binds; scrape it on an internal network only.
+    metrics_host: str = "0.0.0.0"
+    log_format: Literal["text", "json"] = "text"
+    alert_webhook_url: str | None = None
+    # SecretStr: repr() and Flower's config dump show a mask, never the secret.
+    alert_webhook_secret: SecretStr | None = None
+    # Seconds between progress lines of `connectors resync --wait` off a terminal.
+    progress_interval: float = Field(default=5.0, gt=0)
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str | None) -> str | None:
@@ -68,6 +81,27 @@ class Settings(BaseSettings):
         if "://" not in value:
             raise ValueError("must be a URL")
         return value.rstrip("/") if value.startswith("http") else value
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value or None
+
+    def require_alert_settings(self) -> None:
+        """The secret is required with the URL: an unsigned alert could not be trusted."""
+        if self.alert_webhook_url and not (
+            self.alert_webhook_secret and self.alert_webhook_secret.get_secret_value()
+        ):
+            raise ConfigError(
+                "SEGOPS_ALERT_WEBHOOK_SECRET is not set (it is required with "
+                "SEGOPS_ALERT_WEBHOOK_URL: it signs each alert)"
+            )
+
+    @property
+    def alerts_enabled(self) -> bool:
+        return bool(self.alert_webhook_url and self.alert_webhook_secret)
 
     def require_database_url(self) -> str:
         if not self.database_url:

@@ -88,5 +88,14 @@ class CloseOutcome(StrEnum):
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    HELD = "held"  # closed by the planner: the mass-removal guard (for logs, metrics, alerts)
     STILL_OPEN = "still-open"  # a batch is still open: a duplicate chord fired early
     ALREADY_CLOSED = "already-closed"
+
+
+class AlertEvent(StrEnum):
+    """The alert webhooks (docs/contract.md): one per run at most, per event."""
+
+    FAILED = "sync.failed"  # a run ended in error
+    HELD = "sync.held"  # the mass-removal guard held a run
+    RECOVERED = "sync.recovered"  # the first success after either

@@ -18,15 +18,18 @@ from sqlalchemy.exc import OperationalError
 
 from segops_sync.celery import app
 from segops_sync.config import ConfigError, get_settings
-from segops_sync.db.models import Connector, SegmentMember
+from segops_sync.db.models import Connector, SegmentMember, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.errors import UnknownConnector
-from segops_sync.states import ConnectorStatus, PlanStatus, StartReason, Trigger
+from segops_sync.observability import logging as obs_log
+from segops_sync.observability.runs import run_ended, run_started
+from segops_sync.states import CloseOutcome, ConnectorStatus, PlanStatus, StartReason, Trigger
 from segops_sync.sync.access import KlaviyoAccess
+from segops_sync.sync.alerts import deliver, lost_alerts, record_alert
 from segops_sync.sync.batches import Finished, run_batch
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
-from segops_sync.sync.runs import RunClosed, fail_run, finish_run
+from segops_sync.sync.runs import RunClosed, closed_summary, fail_run, finish_run
 from segops_sync.sync.sweeper import StuckAction, find_stuck_runs
 from segops_sync.sync.verify import Comparison
 
@@ -36,6 +39,8 @@ log = logging.getLogger("segops_sync.tasks")
 INFRA_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError)
 MAX_COUNTDOWN = 300.0
 MAX_ID_LENGTH = 255
+# What closing a run reports on: the call that closed it (or held it), never a repeat.
+CLOSED_BY_THIS_CALL = (CloseOutcome.SUCCEEDED, CloseOutcome.FAILED, CloseOutcome.HELD)
 
 
 class SegopsTask(Task):  # type: ignore[misc]
@@ -121,7 +126,8 @@ def recompute_finished(*args: Any, **kwargs: Any) -> None:
         _drop("segops.recompute_finished", f"unknown segment {segment_id!r}")
         return
     for connector_id in connector_ids:
-        trigger_sync(connector_id, trigger=Trigger.RECOMPUTE, recompute_id=recompute_id)
+        with obs_log.bound(connector_id=connector_id):
+            trigger_sync(connector_id, trigger=Trigger.RECOMPUTE, recompute_id=recompute_id)
 
 
 @app.task(base=SegopsTask, name="segops.context_identified")
@@ -165,6 +171,7 @@ def trigger_sync(
     allow_mass_removal: bool = False,
 ) -> StartOutcome:
     """Open a run (or coalesce into the running one), then plan it after commit."""
+    obs_log.bind(connector_id=connector_id)
     with session_scope() as s:
         outcome = start_run(
             s,
@@ -173,7 +180,13 @@ def trigger_sync(
             recompute_id=recompute_id,
             allow_mass_removal=allow_mass_removal,
         )
-    log.info("connector %s: %s trigger -> %s", connector_id, trigger, outcome.reason)
+    log.info(
+        "connector %s: %s trigger -> %s",
+        connector_id,
+        trigger,
+        outcome.reason,
+        extra={"run_id": outcome.run_id} if outcome.run_id else None,
+    )
     if outcome.reason == StartReason.STARTED and outcome.run_id:
         plan_run_task.delay(outcome.run_id)
     return outcome
@@ -184,8 +197,25 @@ def trigger_sync(
 
 @app.task(base=SegopsTask, name="segops.plan_run")
 def plan_run_task(run_id: str) -> None:
+    _bind_run(run_id)
+    settings = get_settings()
+    closed: RunClosed | None = None
+    alert: int | None = None
     with session_scope() as s:
-        plan = plan_run(s, run_id, get_settings())
+        plan = plan_run(s, run_id, settings)
+        if plan.status == PlanStatus.HELD:
+            closed = closed_summary(s, run_id)
+            alert = record_alert(s, run_id, settings)
+    if plan.planned_now and plan.connector_id:
+        run_started(
+            connector_id=plan.connector_id,
+            run_id=run_id,
+            trigger=plan.trigger or "?",
+            to_add=plan.adds,
+            to_remove=plan.removes,
+        )
+    if closed is not None:
+        _report_closed(closed, alert)
     if plan.status == PlanStatus.EMPTY:
         finish_run_task.delay(run_id)
     elif plan.status == PlanStatus.DISPATCH:
@@ -201,19 +231,50 @@ def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
 
 @app.task(base=SegopsTask, name="segops.finish_run")
 def finish_run_task(run_id: str) -> None:
+    _bind_run(run_id)
     with session_scope() as s:
         closed = finish_run(s, run_id)
+        alert = record_alert(s, run_id, get_settings()) if closed.closed_now else None
+    _report_closed(closed, alert)
     _follow_up(closed)
 
 
 @app.task(base=SegopsTask, name="segops.run_failed")
 def run_failed(run_id: str) -> None:
     """Errback of the chord body: something unexpected broke the run."""
+    _bind_run(run_id)
     with session_scope() as s:
         closed = fail_run(
             s, run_id, "the sync stopped on an internal error; it is retried at the next sync"
         )
+        alert = record_alert(s, run_id, get_settings()) if closed.closed_now else None
+    _report_closed(closed, alert)
     _follow_up(closed)
+
+
+def _bind_run(run_id: str) -> None:
+    """Tag this task's log lines with the run and its connector."""
+    with session_scope() as s:
+        connector_id = s.scalar(select(SyncRun.connector_id).where(SyncRun.id == run_id))
+    obs_log.bind(run_id=run_id, connector_id=connector_id)
+
+
+def _report_closed(closed: RunClosed, alert: int | None) -> None:
+    """After commit: the run's end line and metrics (once: only the call that closed it), then
+    its alert (only when this call recorded it)."""
+    if closed.connector_id is not None and closed.status in CLOSED_BY_THIS_CALL:
+        run_ended(
+            connector_id=closed.connector_id,
+            run_id=closed.run_id,
+            status=closed.status,
+            seconds=closed.seconds,
+            added=closed.added,
+            removed=closed.removed,
+            rejected=closed.rejected,
+            error=closed.error,
+        )
+    if alert is not None:
+        deliver_alert.delay(alert)
 
 
 def _follow_up(closed: RunClosed) -> None:
@@ -261,7 +322,11 @@ def sweep_runs() -> None:
     settings = get_settings()
     with session_scope() as s:
         stuck = find_stuck_runs(s, settings.stuck_after)
+        lost = lost_alerts(s, settings.stuck_after)
+    for delivery_id in lost:
+        deliver_alert.delay(delivery_id)
     for item in stuck:
+        obs_log.bind(run_id=item.run_id)
         log.warning("run %s made no progress: %s", item.run_id, item.action)
         if item.action == StuckAction.PLAN:
             plan_run_task.delay(item.run_id)
@@ -269,6 +334,17 @@ def sweep_runs() -> None:
             finish_run_task.delay(item.run_id)
         else:
             dispatch(item.run_id, item.remove_batch_ids, item.add_batch_ids)
+
+
+@app.task(base=SegopsTask, bind=True, name="segops.deliver_alert")
+def deliver_alert(self: Task, delivery_id: Any) -> None:
+    """POST one signed alert; retried with backoff while the receiver is down (sync.alerts)."""
+    if not isinstance(delivery_id, int):
+        _drop("segops.deliver_alert", "delivery id must be an integer")
+        return
+    outcome = deliver(delivery_id, get_settings())
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in)
 
 
 # -- read-back verification (issue 14) -----------------------------------------------------

@@ -26,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from segops_sync.states import (
+    AlertEvent,
     BatchKind,
     BatchStatus,
     ConnectorStatus,
@@ -252,6 +253,33 @@ class SyncBatchItem(Base):
     outcome: Mapped[ItemOutcome | None] = mapped_column(StateText(ItemOutcome))  # NULL in flight
     reason: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (Index("ix_sync_batch_items_batch", "run_id", "kind", "seq"),)
+
+
+class AlertDelivery(Base):
+    """One alert webhook of one run (``sync.failed``, ``sync.held``, ``sync.recovered``).
+
+    Written in the transaction that closes the run; the unique (run, event) key makes a
+    redelivered task unable to alert twice. ``body`` holds the exact bytes that are signed and
+    sent, so every retry is identical. The newest row of a connector is its alert state: a success
+    after a ``sync.failed`` or ``sync.held`` is a ``sync.recovered``.
+    """
+
+    __tablename__ = "alert_deliveries"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(Text, ForeignKey("sync_runs.id", ondelete="CASCADE"))
+    connector_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("connectors.id", ondelete="CASCADE"), index=True
+    )
+    event: Mapped[AlertEvent] = mapped_column(StateText(AlertEvent))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (
+        CheckConstraint(f"event IN ({_values(AlertEvent)})", name="event"),
+        Index("uq_alert_deliveries_run_event", "run_id", "event", unique=True),
+    )
 
 
 class ListSnapshotEntry(Base):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
@@ -76,6 +76,7 @@ class KlaviyoClient:
         before_request: BeforeRequest | None = None,
         after_response: AfterResponse | None = None,
         transport: httpx.BaseTransport | None = None,
+        event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
     ) -> None:
         if not isinstance(api_key, str) or not _HEADER_SAFE.match(api_key):
             raise ValueError("the API key is empty or contains characters not allowed in a header")
@@ -96,6 +97,9 @@ class KlaviyoClient:
             timeout=timeout or DEFAULT_TIMEOUT,
             transport=transport,
             follow_redirects=False,  # a redirect could carry the key to another host
+            # httpx's own hooks (request/response): the caller's metrics see every answer, 429s
+            # included, without this client knowing who counts.
+            event_hooks={k: list(v) for k, v in (event_hooks or {}).items()},
         )
 
     @property

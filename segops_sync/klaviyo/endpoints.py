@@ -7,6 +7,7 @@ the simulator happy keeps Klaviyo happy.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import quote
@@ -90,3 +91,23 @@ ENDPOINT_SCOPES: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_BULK_IMPORT_ERRORS: frozenset({"profiles:read"}),
     Endpoint.GET_BULK_IMPORT_PROFILES: frozenset({"profiles:read"}),
 }
+
+
+def _template_pattern(endpoint: Endpoint) -> re.Pattern[str]:
+    parts = [re.escape(p) for p in endpoint.path_template.split("{id}")]
+    return re.compile("^" + "[^/]+".join(parts) + "/?$")
+
+
+_PATTERNS = [(e, _template_pattern(e)) for e in Endpoint]
+
+
+def endpoint_for(method: str, path: str) -> Endpoint | None:
+    """The endpoint a concrete request went to, for labels and logs that must name the template
+    (``GET /api/profiles``), never the URL with its ids or filter values."""
+    method = method.upper()
+    start = path.find("/api/")  # a base URL may carry a path prefix (a proxy, say)
+    path = path[start:] if start > 0 else path
+    for endpoint, pattern in _PATTERNS:
+        if endpoint.method == method and pattern.match(path):
+            return endpoint
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import httpx
 import redis
 
 from segops_sync.config import Settings
@@ -21,6 +22,8 @@ from segops_sync.klaviyo import (
     RateLimitHeaders,
     fingerprint,
 )
+from segops_sync.klaviyo.endpoints import endpoint_for
+from segops_sync.observability import metrics
 from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit
 
 # The budget that GET /api/accounts calls draw on, whichever account they turn out to be.
@@ -51,6 +54,7 @@ class LimitedSession:
             self.account, endpoint.value, _limit(endpoint), claimant=self.claimant
         )
         if wait > 0:
+            metrics.add_limiter_wait(endpoint.value, wait)
             raise Throttled(wait, endpoint.value)
 
     def after_response(self, endpoint: Endpoint, headers: RateLimitHeaders) -> None:
@@ -118,4 +122,12 @@ class KlaviyoAccess:
             self.settings.klaviyo_base_url,
             before_request=session.before_request,
             after_response=session.after_response,
+            event_hooks={"response": [_count_answer]},
         )
+
+
+def _count_answer(response: httpx.Response) -> None:
+    """Every Klaviyo answer, 429s included, labelled with its endpoint template (never a URL
+    with ids or filter values)."""
+    endpoint = endpoint_for(response.request.method, response.request.url.path)
+    metrics.count_klaviyo_answer(endpoint.value if endpoint else "other", response.status_code)

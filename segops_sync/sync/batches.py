@@ -35,6 +35,7 @@ from segops_sync.klaviyo import (
     scrub,
     split_into_jobs,
 )
+from segops_sync.observability import logging as obs_log
 from segops_sync.secrets import decrypt_api_key
 from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus, ItemOutcome
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
@@ -131,6 +132,7 @@ def run_batch(
     if ctx is None:
         log.warning("batch %s no longer exists; dropped", batch_id)
         return Finished(batch_id, False)
+    obs_log.bind(run_id=ctx.run_id, connector_id=ctx.connector_id)
     if ctx.status not in OPEN_BATCH:
         return Finished(batch_id, ctx.status == BatchStatus.DONE)
     if ctx.abort_reason:

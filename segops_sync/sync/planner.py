@@ -135,6 +135,12 @@ class Plan:
     status: PlanStatus
     add_batch_ids: list[int] = field(default_factory=list)
     remove_batch_ids: list[int] = field(default_factory=list)
+    # Set by the call that planned the run (not by a repeated call): for the "run started" line.
+    planned_now: bool = False
+    connector_id: str | None = None
+    trigger: str | None = None
+    adds: int = 0
+    removes: int = 0
 
     @property
     def batch_ids(self) -> list[int]:
@@ -187,7 +193,7 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
         run.status, run.phase, run.error = RunStatus.HELD, RunPhase.FINISHED, held
         run.finished_at = datetime.now(UTC)
         connector.last_error = held
-        return Plan(run_id, PlanStatus.HELD)
+        return Plan(run_id, PlanStatus.HELD, **_planned(run))
 
     session.execute(
         text(
@@ -201,7 +207,19 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
     plan = _open_batches(session, run)
     if not plan.batch_ids:
         plan.status = PlanStatus.EMPTY
+    for name, value in _planned(run).items():
+        setattr(plan, name, value)
     return plan
+
+
+def _planned(run: SyncRun) -> dict[str, Any]:
+    return {
+        "planned_now": True,
+        "connector_id": run.connector_id,
+        "trigger": run.trigger,
+        "adds": run.planned_adds,
+        "removes": run.planned_removes,
+    }
 
 
 def _rowcount(result: Result[Any]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -31,6 +32,36 @@ class RunClosed:
     run_id: str
     status: CloseOutcome
     next_run: StartOutcome | None = None
+    # Set when this call closed the run (succeeded | failed): what the logs and metrics report.
+    connector_id: str | None = None
+    seconds: float | None = None
+    added: int = 0
+    removed: int = 0
+    rejected: int = 0
+    error: str | None = None
+
+    @property
+    def closed_now(self) -> bool:
+        return self.status in (CloseOutcome.SUCCEEDED, CloseOutcome.FAILED)
+
+
+def _closed(run: SyncRun, outcome: CloseOutcome, next_run: StartOutcome | None) -> RunClosed:
+    seconds = (
+        (run.finished_at - run.started_at).total_seconds()
+        if run.finished_at and run.started_at
+        else None
+    )
+    return RunClosed(
+        run.id,
+        outcome,
+        next_run,
+        connector_id=run.connector_id,
+        seconds=seconds,
+        added=run.added,
+        removed=run.removed,
+        rejected=run.rejected,
+        error=run.error,
+    )
 
 
 def finish_run(session: Session, run_id: str) -> RunClosed:
@@ -77,7 +108,7 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
             connector.status = ConnectorStatus.ERROR
         connector.last_error = error
         closed = CloseOutcome.FAILED
-    return RunClosed(run_id, closed, _follow_up(session, connector))
+    return _closed(run, closed, _follow_up(session, connector))
 
 
 def fail_run(session: Session, run_id: str, reason: str) -> RunClosed:
@@ -88,12 +119,17 @@ def fail_run(session: Session, run_id: str, reason: str) -> RunClosed:
     if run is None or run.status != RunStatus.RUNNING:
         return RunClosed(run_id, CloseOutcome.ALREADY_CLOSED)
     connector = session.get_one(Connector, run.connector_id, with_for_update=True)
+    # What Klaviyo confirmed before the failure still happened: the run's counts say so.
+    batches = list(session.scalars(select(SyncBatch).where(SyncBatch.run_id == run_id)))
+    run.added = sum(b.added for b in batches)
+    run.removed = sum(b.removed for b in batches)
+    run.rejected = sum(b.rejected for b in batches)
     run.status, run.phase, run.error = RunStatus.FAILED, RunPhase.FINISHED, reason
     run.finished_at = datetime.now(UTC)
     if connector.status != ConnectorStatus.INACTIVE:
         connector.status = ConnectorStatus.ERROR
     connector.last_error = reason
-    return RunClosed(run_id, CloseOutcome.FAILED, _follow_up(session, connector))
+    return _closed(run, CloseOutcome.FAILED, _follow_up(session, connector))
 
 
 def _follow_up(session: Session, connector: Connector) -> StartOutcome | None:
@@ -120,9 +156,16 @@ def finished_runs(session: Session, connector_id: str) -> int:
     )
 
 
-def wait_until_idle(connector_id: str, *, finished_at_least: int, timeout: float) -> SyncRun | None:
+def wait_until_idle(
+    connector_id: str,
+    *,
+    finished_at_least: int,
+    timeout: float,
+    on_poll: Callable[[], None] | None = None,
+) -> SyncRun | None:
     """Poll until the connector has finished N runs and has nothing running or coalesced;
-    returns its newest run, or None on timeout. For the CLI's --wait and the demo."""
+    returns its newest run, or None on timeout. For the CLI's --wait and the demo.
+    ``on_poll`` runs between polls (the CLI's progress display)."""
     from segops_sync.db.session import session_scope
 
     deadline = time.monotonic() + timeout
@@ -148,6 +191,8 @@ def wait_until_idle(connector_id: str, *, finished_at_least: int, timeout: float
                 if newest is not None:
                     s.expunge(newest)
                 return newest
+        if on_poll is not None:
+            on_poll()
         time.sleep(0.25)
     return None
 
@@ -181,3 +226,8 @@ def _rejections(session: Session, run: SyncRun) -> str:
         f"{run.rejected} members rejected by Klaviyo ({summary}); fix them in the segment's data "
         "(the others were synced)"
     )
+
+
+def closed_summary(session: Session, run_id: str) -> RunClosed:
+    """A run the planner held, described as :func:`finish_run` describes the runs it closes."""
+    return _closed(session.get_one(SyncRun, run_id), CloseOutcome.HELD, None)

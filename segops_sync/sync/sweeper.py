@@ -70,8 +70,6 @@ def find_stuck_runs(session: Session, stuck_after: float) -> list[StuckRun]:
         )
         item = StuckRun(run_id, StuckAction.REDISPATCH)
         for batch_id, kind in open_batches:
-            (item.add_batch_ids if kind == BatchKind.ADD else item.remove_batch_ids).append(
-                batch_id
-            )
+            (item.add_batch_ids if kind == BatchKind.ADD else item.remove_batch_ids).append(batch_id)
         stuck.append(item)
     return stuck

@@ -48,7 +48,7 @@ def test_the_databases_check_constraints_list_exactly_the_state_names(
     """The migrations spell the states out; the enums in states.py must agree with them."""
     import re
 
-    from segops_sync.states import BatchKind, BatchStatus, ConnectorStatus, RunStatus
+    from segops_sync.states import AlertEvent, BatchKind, BatchStatus, ConnectorStatus, RunStatus
 
     engine = create_engine(normalise_database_url(segops_env["SEGOPS_DATABASE_URL"]))
     insp = inspect(engine)
@@ -57,6 +57,7 @@ def test_the_databases_check_constraints_list_exactly_the_state_names(
         ("sync_runs", "ck_sync_runs_status"): RunStatus,
         ("sync_batches", "ck_sync_batches_status"): BatchStatus,
         ("sync_batches", "ck_sync_batches_kind"): BatchKind,
+        ("alert_deliveries", "ck_alert_deliveries_event"): AlertEvent,
     }
     for (table, name), enum in expected.items():
         (check,) = [c for c in insp.get_check_constraints(table) if c["name"] == name]

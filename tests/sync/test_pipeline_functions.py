@@ -85,9 +85,7 @@ def _set_members(segment: str, members: list[str]) -> None:
 def _sync(w: World, connector_id: str, *, allow_mass_removal: bool = False) -> SyncRun:
     """One whole run, each batch driven to the end in this process, as a worker would."""
     with session_scope() as s:
-        outcome = start_run(
-            s, connector_id, trigger=Trigger.RESYNC, allow_mass_removal=allow_mass_removal
-        )
+        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC, allow_mass_removal=allow_mass_removal)
     assert outcome.reason == "started" and outcome.run_id
     with session_scope() as s:
         plan = plan_run(s, outcome.run_id, get_settings())

@@ -22,9 +22,9 @@ def test_a_ready_fernet_key_is_accepted() -> None:
 
 
 def test_wrong_secret_is_a_config_error_without_the_key() -> None:
-    token = encrypt_api_key(KEY, "first secret, long enough")
+    token = encrypt_api_key(KEY, "first secret: long enough")
     with pytest.raises(ConfigError) as info:
-        decrypt_api_key(token, "another secret, long enough")
+        decrypt_api_key(token, "another secret: long enough")
     assert KEY not in str(info.value)
 
 

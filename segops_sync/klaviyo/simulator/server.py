@@ -17,13 +17,13 @@ from segops_sync.klaviyo.simulator.core import Simulator
 HOST = "127.0.0.1"
 
 
-def _bind(port: int) -> socket.socket:
+def _bind(port: int, host: str = HOST) -> socket.socket:
     # Binding ourselves (rather than letting uvicorn do it) tells us the port when port=0.
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the proto
     # says TCP, and without it every keep-alive answer waits ~40 ms for a delayed ACK.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, port))
+    sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
 
@@ -111,15 +111,17 @@ def seed_demo(sim: Simulator) -> tuple[str, str, str]:
     return account_id, key, list_id
 
 
-def serve(port: int, *, time_scale: float = 1.0, out: TextIO | None = None) -> None:
+def serve(
+    port: int, *, host: str = HOST, time_scale: float = 1.0, out: TextIO | None = None
+) -> None:
     """Blocking: seeds a demo account, prints one line (URL, key, list id), serves until ^C.
 
     The printed key is the simulator's own, not a customer's.
     """
     sim = Simulator(time_scale=time_scale)
     account_id, key, list_id = seed_demo(sim)
-    sock = _bind(port)
-    url = f"http://{HOST}:{sock.getsockname()[1]}"
+    sock = _bind(port, host)  # 0.0.0.0 in a container, so other services reach it
+    url = f"http://{host}:{sock.getsockname()[1]}"
     stream = out or sys.stdout
     print(
         f"Klaviyo simulator: base_url={url} api_key={key} list_id={list_id} "

@@ -1,7 +1,7 @@
 """traits, trait hashes, run counters for traits and verification, list snapshots
 
-Revision ID: 0002_traits
-Revises: 0001
+Revision ID: 0002_traits (the id agreed in parallel; it runs after the alerts migration "0002")
+Revises: 0002
 Create Date: 2026-11-30 11:40:00
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0002_traits"
-down_revision = "0001"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
