@@ -224,7 +224,8 @@ def plan_run_task(run_id: str) -> None:
 
 def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
     """Publish the chord; safe to repeat (batches are idempotent, finishing is too)."""
-    header = [remove_batch.si(b) for b in remove_ids] + [add_batch.si(b) for b in add_ids]
+    # Adds first: a bulk job then runs at Klaviyo while the removals look up their ids.
+    header = [add_batch.si(b) for b in add_ids] + [remove_batch.si(b) for b in remove_ids]
     body = finish_run_task.si(run_id).on_error(run_failed.si(run_id))
     chord(header)(body)
 

@@ -176,16 +176,21 @@ class KlaviyoClient:
     def get_bulk_import_job(self, job_id: str) -> BulkImportJob:
         endpoint = Endpoint.GET_BULK_IMPORT_JOB
         doc = self._json(self._request(endpoint, endpoint.path(job_id)))
-        data = _dict_field(doc, "data", endpoint)
-        attrs = _dict_field(data, "attributes", endpoint)
-        return BulkImportJob(
-            id=_str_field(data, "id", endpoint),
-            status=_str_field(attrs, "status", endpoint),
-            total_count=_int(attrs.get("total_count")),
-            completed_count=_int(attrs.get("completed_count")),
-            failed_count=_int(attrs.get("failed_count")),
-            expires_at=_datetime(attrs.get("expires_at")),
-        )
+        return _bulk_import_job(_dict_field(doc, "data", endpoint), endpoint)
+
+    def iter_bulk_import_jobs(self, statuses: Sequence[str]) -> Iterator[BulkImportJob]:
+        """The account's jobs in these states, 100 a page (one request answers for 100 jobs).
+
+        Klaviyo filters this list by ``status`` only (``any``/``equals``), not by id, so a
+        caller watching its own jobs asks for the unfinished ones and reads the absence of a
+        job it submitted as "finished". Stop iterating to stop paging.
+        """
+        if isinstance(statuses, str) or not statuses:
+            raise ValueError("statuses must be a non-empty sequence of job states")
+        endpoint = Endpoint.LIST_BULK_IMPORT_JOBS
+        params = {"filter": any_filter("status", statuses), "page[size]": str(MAX_PAGE_SIZE)}
+        for item in self._paginate(endpoint, endpoint.path(), params):
+            yield _bulk_import_job(item, endpoint)
 
     def iter_bulk_import_errors(self, job_id: str) -> Iterator[ImportErrorItem]:
         """Every per-profile error of a finished job, all pages."""
@@ -463,6 +468,18 @@ def _list_member(item: dict[str, Any], endpoint: Endpoint) -> ListMember:
         email=email if isinstance(email, str) else None,
         external_id=ext if isinstance(ext, str) else None,
         suppressed=isinstance(suppression, list) and bool(suppression),
+    )
+
+
+def _bulk_import_job(data: dict[str, Any], endpoint: Endpoint) -> BulkImportJob:
+    attrs = _dict_field(data, "attributes", endpoint)
+    return BulkImportJob(
+        id=_str_field(data, "id", endpoint),
+        status=_str_field(attrs, "status", endpoint),
+        total_count=_int(attrs.get("total_count")),
+        completed_count=_int(attrs.get("completed_count")),
+        failed_count=_int(attrs.get("failed_count")),
+        expires_at=_datetime(attrs.get("expires_at")),
     )
 
 

@@ -30,6 +30,8 @@ class Endpoint(StrEnum):
     GET_PROFILES = "GET /api/profiles"
     PROFILE_IMPORT = "POST /api/profile-import"
     CREATE_BULK_IMPORT_JOB = "POST /api/profile-bulk-import-jobs"
+    # One call answers for up to 100 jobs: how a whole account's jobs are watched at once.
+    LIST_BULK_IMPORT_JOBS = "GET /api/profile-bulk-import-jobs"
     GET_BULK_IMPORT_JOB = "GET /api/profile-bulk-import-jobs/{id}"
     GET_BULK_IMPORT_ERRORS = "GET /api/profile-bulk-import-jobs/{id}/import-errors"
     GET_BULK_IMPORT_PROFILES = "GET /api/profile-bulk-import-jobs/{id}/profiles"
@@ -72,6 +74,7 @@ ENDPOINT_LIMITS: dict[Endpoint, RateLimit] = {
     Endpoint.GET_PROFILES: L,
     Endpoint.PROFILE_IMPORT: L,
     Endpoint.CREATE_BULK_IMPORT_JOB: M,
+    Endpoint.LIST_BULK_IMPORT_JOBS: M,
     Endpoint.GET_BULK_IMPORT_JOB: M,
     Endpoint.GET_BULK_IMPORT_ERRORS: M,
     Endpoint.GET_BULK_IMPORT_PROFILES: M,
@@ -87,6 +90,7 @@ ENDPOINT_SCOPES: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_PROFILES: frozenset({"profiles:read"}),
     Endpoint.PROFILE_IMPORT: frozenset({"profiles:write"}),
     Endpoint.CREATE_BULK_IMPORT_JOB: frozenset({"lists:write", "profiles:write"}),
+    Endpoint.LIST_BULK_IMPORT_JOBS: frozenset({"lists:read", "profiles:read"}),
     Endpoint.GET_BULK_IMPORT_JOB: frozenset({"lists:read", "profiles:read"}),
     Endpoint.GET_BULK_IMPORT_ERRORS: frozenset({"profiles:read"}),
     Endpoint.GET_BULK_IMPORT_PROFILES: frozenset({"profiles:read"}),

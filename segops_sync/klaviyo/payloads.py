@@ -91,6 +91,9 @@ def split_into_jobs(
     if max_profiles < 1:
         raise ValueError("max_profiles must be at least 1")
     envelope = len(encode_body(bulk_import_body([], list_id or "x" * LIST_ID_RESERVE)))
+    if len(profiles) <= max_profiles and envelope + _upper_bound(profiles) <= max_bytes:
+        # Fits however it serializes: skip encoding each profile just to measure it.
+        return [list(profiles)] if profiles else []
     chunks: list[list[ProfileInput]] = []
     current: list[ProfileInput] = []
     size = envelope
@@ -109,3 +112,15 @@ def split_into_jobs(
     if current:
         chunks.append(current)
     return chunks
+
+
+# {"type":"profile","attributes":{"email":"","external_id":""}} plus the comma between items
+_PROFILE_OVERHEAD = 64
+
+
+def _upper_bound(profiles: Sequence[ProfileInput]) -> int:
+    """Bytes the profiles can take at most in a job body: JSON escapes a character into at most
+    six bytes (``\\u0000``), and UTF-8 takes at most four for one unescaped."""
+    return sum(
+        _PROFILE_OVERHEAD + 6 * (len(p.email or "") + len(p.external_id or "")) for p in profiles
+    )

@@ -25,6 +25,7 @@ from segops_sync.klaviyo import (
 from segops_sync.klaviyo.endpoints import endpoint_for
 from segops_sync.observability import metrics
 from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit
+from segops_sync.sync.watcher import AccountJobs, JobWatcher
 
 # The budget that GET /api/accounts calls draw on, whichever account they turn out to be.
 ACCOUNT_LOOKUPS = "(account lookups)"
@@ -92,6 +93,12 @@ class KlaviyoAccess:
             prefix=f"{prefix}segops:rl",
         )
         self.resolver = AccountResolver(self.redis, prefix=f"{prefix}segops:acct")
+        self.watcher = JobWatcher(
+            self.redis,
+            interval=settings.job_poll_interval,
+            time_scale=settings.klaviyo_time_scale,
+            prefix=f"{prefix}segops:jobs",
+        )
 
     def account_of(self, api_key: str) -> str:
         """Which Klaviyo account a key belongs to: keys of one account share one budget."""
@@ -115,6 +122,10 @@ class KlaviyoAccess:
     def client(self, api_key: str, claimant: str) -> tuple[KlaviyoClient, LimitedSession]:
         session = LimitedSession(self.limiter, account=self.account_of(api_key), claimant=claimant)
         return self._client(api_key, session), session
+
+    def jobs(self, client: KlaviyoClient, session: LimitedSession) -> AccountJobs:
+        """The account's bulk-job watcher, polling (when due) with this client."""
+        return AccountJobs(self.watcher, session.account, client)
 
     def _client(self, api_key: str, session: LimitedSession) -> KlaviyoClient:
         return KlaviyoClient(

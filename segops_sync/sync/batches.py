@@ -8,7 +8,6 @@ yet, a transient failure). The ledger changes only for what Klaviyo confirmed.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,6 +38,8 @@ from segops_sync.observability import logging as obs_log
 from segops_sync.secrets import decrypt_api_key
 from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus, ItemOutcome
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
+from segops_sync.sync.costs import goes_direct
+from segops_sync.sync.direct import add_directly
 from segops_sync.sync.ledger import (
     added_times,
     confirm_added,
@@ -47,7 +48,8 @@ from segops_sync.sync.ledger import (
     remember_profile_ids,
 )
 from segops_sync.sync.outcomes import Action, decide
-from segops_sync.sync.traits import klaviyo_profile
+from segops_sync.sync.traits import trait_profiles
+from segops_sync.sync.watcher import AccountJobs
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class BatchContext:
     list_id: str
     api_key_encrypted: bytes
     abort_reason: str | None
+    planned_adds: int = 0
+    job_ids: tuple[str, ...] = ()  # every bulk job this batch submitted
 
 
 class BatchStore(Protocol):
@@ -145,12 +149,17 @@ def run_batch(
             ctx, f"{exc}; re-enter the key with `segops-sync connectors update`", permanent=True
         )
         return Finished(batch_id, False)
-    do = work or (_add if ctx.kind == BatchKind.ADD else _remove)
     limited: LimitedSession | None = None
     try:
         client, limited = access.client(api_key, claimant=ctx.connector_id)
         with client:
-            return do(ctx, client, settings)
+            if work is not None:
+                return work(ctx, client, settings)
+            if ctx.kind == BatchKind.ADD and goes_direct(ctx.planned_adds, settings):
+                return _add_direct(ctx, client, settings)
+            if ctx.kind == BatchKind.ADD:
+                return _add(ctx, client, settings, access.jobs(client, limited))
+            return _remove(ctx, client, settings)
     except (Throttled, KlaviyoError) as exc:
         decision = decide(exc, list_id=ctx.list_id)
         from_klaviyo = not isinstance(exc, Throttled)
@@ -177,14 +186,14 @@ class PostgresBatchStore:
     def load(self, batch_id: int) -> BatchContext | None:
         with session_scope() as s:
             row = s.execute(
-                select(SyncBatch, SyncRun.abort_reason, Connector)
+                select(SyncBatch, SyncRun.abort_reason, Connector, SyncRun.planned_adds)
                 .join(SyncRun, SyncRun.id == SyncBatch.run_id)
                 .join(Connector, Connector.id == SyncRun.connector_id)
                 .where(SyncBatch.id == batch_id)
             ).one_or_none()
             if row is None:
                 return None
-            batch, abort_reason, connector = row
+            batch, abort_reason, connector, planned_adds = row
             now = datetime.now(UTC)
             if batch.first_attempt_at is None:
                 batch.first_attempt_at = now
@@ -201,6 +210,8 @@ class PostgresBatchStore:
                 list_id=connector.list_id,
                 api_key_encrypted=connector.api_key_encrypted,
                 abort_reason=abort_reason,
+                planned_adds=planned_adds or 0,
+                job_ids=tuple(batch.job_ids or ()),
             )
 
     def fail(self, ctx: BatchContext, error: str, *, permanent: bool) -> None:
@@ -311,17 +322,28 @@ def _set_outcome(
 ) -> None:
     ids = list(user_ids)
     if ids:
+        # One array parameter, not an IN list of 10,000 binds (compiled and parsed each time).
         s.execute(
-            update(SyncBatchItem)
-            .where(SyncBatchItem.run_id == ctx.run_id, SyncBatchItem.user_id.in_(ids))
-            .values(outcome=outcome, reason=reason)
+            text(
+                "UPDATE sync_batch_items SET outcome = :o, reason = :why "
+                "WHERE run_id = :r AND user_id = ANY(CAST(:u AS text[]))"
+            ),
+            {"o": outcome, "why": reason, "r": ctx.run_id, "u": ids},
         )
 
 
 # -- adds: bulk import jobs with the list attached -----------------------------------------
 
 
-def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
+def _add(
+    ctx: BatchContext, client: KlaviyoClient, settings: Settings, jobs: AccountJobs
+) -> BatchStep:
+    if ctx.status == BatchStatus.SUBMITTED and ctx.job_ids:
+        # Waking while its jobs run is the common case (a million members: a hundred batches,
+        # each back every poll): ask the watcher before reading any of the batch's rows.
+        early = jobs.view(list(ctx.job_ids))
+        if not early.finished:
+            return Later(early.wait or settings.job_poll_interval, "bulk import job still running")
     with session_scope() as s:
         unsent = s.execute(
             _items(s, ctx)
@@ -335,10 +357,10 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
             )
         ).all()
     if unsent:
-        members = _profiles(ctx, unsent)
+        members = trait_profiles(ctx.run_id, unsent)
         start = 0
         for chunk in split_into_jobs([p for _, p in members]):
-            _submit(ctx, client, members[start : start + len(chunk)])
+            _submit(ctx, client, members[start : start + len(chunk)], jobs)
             start += len(chunk)
 
     with session_scope() as s:
@@ -348,12 +370,15 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
             .with_only_columns(SyncBatchItem.job_id)
             .distinct()
         ).all()
-    running = False
-    for job_id in job_ids:
-        assert job_id is not None
+    # One poll of the account's unfinished jobs answers for every batch (sync/watcher.py);
+    # only a job that left them is read on its own, once.
+    view = jobs.view([j for j in job_ids if j is not None])
+    running = bool(view.running)
+    for job_id in view.finished:
         try:
             job = quick_retry(client.get_bulk_import_job, job_id)
             if job.status in ("queued", "processing"):
+                jobs.still_running(job_id)  # the poll's pages shifted under it
                 running = True
                 continue
             if job.status == "complete":
@@ -361,43 +386,47 @@ def _add(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchS
                 problem = _settle_job(ctx, job.id, job.failed_count, errors)
                 if problem is not None:
                     return _transient(ctx, problem, settings)
+                jobs.forget([job_id])
                 continue
         except NotFound:
             pass  # Klaviyo lost the job, or its results expired before we read them
         log.warning("bulk import job %s is gone or cancelled; its members are sent again", job_id)
         _resend(ctx, job_id)
+        jobs.forget([job_id])
         return Later(0.1, "resend a lost job")
     if running:
-        return Later(settings.job_poll_interval, "bulk import job still running")
+        return Later(view.wait or settings.job_poll_interval, "bulk import job still running")
+    jobs.forget(ctx.job_ids)  # nothing of this batch is watched any more
     return _finish(ctx)
 
 
-def _profiles(ctx: BatchContext, rows: Sequence[Any]) -> list[tuple[str, ProfileInput]]:
-    """What Klaviyo gets for each member; trait values it would refuse are left out, and named
-    on the item (set, not added: a resumed batch counts them once)."""
-    members: list[tuple[str, ProfileInput]] = []
-    dropped: dict[str, list[str]] = {}
-    for user_id, email, external_id, traits in rows:
-        built = klaviyo_profile(email, external_id, traits)
-        members.append((user_id, built.profile))
-        if built.dropped:
-            dropped[user_id] = built.dropped
-    if dropped:
+def _add_direct(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
+    """A small delta's adds: profile-import per member, then one list write (sync/direct.py)."""
+
+    def progress() -> None:
         with session_scope() as s:
-            s.execute(
-                text(
-                    "UPDATE sync_batch_items it SET dropped_traits = "
-                    "ARRAY(SELECT jsonb_array_elements_text(d.names)) "
-                    "FROM jsonb_each(CAST(:d AS jsonb)) AS d(uid, names) "
-                    "WHERE it.run_id = :r AND it.user_id = d.uid"
-                ),
-                {"r": ctx.run_id, "d": json.dumps(dropped)},
-            )
-    return members
+            _progress(s, ctx)
+
+    again = add_directly(
+        ctx.run_id,
+        ctx.kind,
+        ctx.seq,
+        ctx.connector_id,
+        ctx.list_id,
+        client,
+        retry=quick_retry,
+        on_progress=progress,
+    )
+    if again is not None:
+        return Later(0.1, again)
+    return _finish(ctx)
 
 
 def _submit(
-    ctx: BatchContext, client: KlaviyoClient, members: list[tuple[str, ProfileInput]]
+    ctx: BatchContext,
+    client: KlaviyoClient,
+    members: list[tuple[str, ProfileInput]],
+    jobs: AccountJobs,
 ) -> None:
     """Create one job; when Klaviyo rejects the whole job for some members, drop them and resend."""
     while members:
@@ -419,12 +448,11 @@ def _submit(
             continue
         with session_scope() as s:
             s.execute(
-                update(SyncBatchItem)
-                .where(
-                    SyncBatchItem.run_id == ctx.run_id,
-                    SyncBatchItem.user_id.in_([u for u, _ in members]),
-                )
-                .values(job_id=job_id)
+                text(
+                    "UPDATE sync_batch_items SET job_id = :j "
+                    "WHERE run_id = :r AND user_id = ANY(CAST(:u AS text[]))"
+                ),
+                {"j": job_id, "r": ctx.run_id, "u": [u for u, _ in members]},
             )
             s.execute(
                 update(SyncBatch)
@@ -432,6 +460,7 @@ def _submit(
                 .values(status=BatchStatus.SUBMITTED, job_ids=SyncBatch.job_ids.op("||")([job_id]))
             )
             _progress(s, ctx)
+        jobs.register([job_id])
         return
 
 
@@ -441,6 +470,8 @@ def _resend(ctx: BatchContext, job_id: str) -> None:
             update(SyncBatchItem)
             .where(
                 SyncBatchItem.run_id == ctx.run_id,
+                SyncBatchItem.kind == ctx.kind,
+                SyncBatchItem.seq == ctx.seq,
                 SyncBatchItem.job_id == job_id,
                 SyncBatchItem.outcome.is_(None),
             )
@@ -480,7 +511,10 @@ def _settle_job(
                 SyncBatchItem.external_id,
                 SyncBatchItem.refresh,
             ).where(
+                # the batch's own rows (an index), not a scan of the whole run for the job id
                 SyncBatchItem.run_id == ctx.run_id,
+                SyncBatchItem.kind == ctx.kind,
+                SyncBatchItem.seq == ctx.seq,
                 SyncBatchItem.job_id == job_id,
                 SyncBatchItem.outcome.is_(None),
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any, cast
 
 from sqlalchemy import CursorResult, text
@@ -12,9 +12,37 @@ from sqlalchemy.orm import Session
 from segops_sync.errors import InputError
 from segops_sync.sync.identity import MAX_USER_ID
 
+# A block of lines that are all plain printable ASCII, none empty, none with spaces at either
+# end: COPY can take it as it is (backslashes doubled), no line needs a look of its own.
+_PLAIN = bytes(range(0x20, 0x7F)) + b"\n"
+_BLOCK = 1 << 20  # bytes of lines read at a time
 
-def _lines(stream: IO[bytes], name: str) -> Iterator[str]:
-    for number, raw in enumerate(stream, start=1):
+
+def _copy_lines(stream: IO[bytes], name: str, copy: Any) -> None:
+    """Feed the file to COPY: plain blocks in one write (a million ids in a second, not five),
+    anything else line by line, with the same checks and the same messages."""
+    number = 0
+    while lines := stream.readlines(_BLOCK):
+        block = b"".join(lines)
+        if (
+            not block.translate(None, _PLAIN)  # C-speed checks: nothing but plain characters,
+            and b"\n\n" not in block  # no empty line,
+            and b"\n " not in block  # no space at either end of a line,
+            and b" \n" not in block
+            and not block.startswith((b" ", b"\n"))
+            and lines[-1].endswith(b"\n")
+            and max(map(len, lines)) <= MAX_USER_ID + 1
+        ):
+            copy.write(block.replace(b"\\", b"\\\\"))
+            number += len(lines)
+            continue
+        for user_id in _lines(lines, name, start=number + 1):
+            copy.write_row((user_id,))
+        number += len(lines)
+
+
+def _lines(stream: Iterable[bytes], name: str, start: int = 1) -> Iterator[str]:
+    for number, raw in enumerate(stream, start=start):
         try:
             line = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
@@ -38,28 +66,51 @@ def open_members(path: str) -> tuple[IO[bytes], str]:
 
 
 def replace_membership(session: Session, segment_id: str, path: str) -> int:
-    """Stream the file into the segment. A bad line aborts the transaction: nothing is written."""
+    """Stream the file into the segment. A bad line aborts the transaction: nothing is written.
+
+    The file is COPYed into a temporary table, then only the difference is written: members
+    who left are deleted and newcomers inserted (two hash anti-joins). A recompute that changes
+    ten members of a million touches twenty rows, so the table keeps no dead rows and its
+    visibility map stays set, which keeps the next sync's delta an index-only read.
+    """
     stream, name = open_members(path)
     try:
         raw: Any = session.connection().connection.driver_connection
         session.execute(text("CREATE TEMP TABLE incoming_members (user_id text) ON COMMIT DROP"))
         with raw.cursor() as cur, cur.copy("COPY incoming_members (user_id) FROM STDIN") as copy:
-            for user_id in _lines(stream, name):
-                copy.write_row((user_id,))
-        session.execute(
-            text("DELETE FROM segment_members WHERE segment_id = :s"), {"s": segment_id}
+            _copy_lines(stream, name, copy)
+        # A temporary table has no statistics until asked: without them the planner guesses
+        # a few rows and picks nested loops over a million.
+        session.execute(text("ANALYZE incoming_members"))
+        params = {"s": segment_id}
+        before = session.scalar(
+            text("SELECT count(*) FROM segment_members WHERE segment_id = :s"), params
         )
-        result = cast(
-            CursorResult[Any],
+        left = _rowcount(
+            session.execute(
+                text(
+                    "DELETE FROM segment_members sm WHERE sm.segment_id = :s AND NOT EXISTS "
+                    "(SELECT 1 FROM incoming_members i WHERE i.user_id = sm.user_id)"
+                ),
+                params,
+            )
+        )
+        joined = _rowcount(
             session.execute(
                 text(
                     "INSERT INTO segment_members (segment_id, user_id) "
-                    "SELECT DISTINCT :s, user_id FROM incoming_members"
+                    "SELECT DISTINCT :s, i.user_id FROM incoming_members i WHERE NOT EXISTS "
+                    "(SELECT 1 FROM segment_members sm "
+                    "WHERE sm.segment_id = :s AND sm.user_id = i.user_id)"
                 ),
-                {"s": segment_id},
-            ),
+                params,
+            )
         )
-        return int(result.rowcount)
+        return int(before or 0) - left + joined
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
+
+
+def _rowcount(result: Any) -> int:
+    return int(cast(CursorResult[Any], result).rowcount)

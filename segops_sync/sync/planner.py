@@ -28,40 +28,23 @@ from segops_sync.states import (
     StartReason,
     Trigger,
 )
+from segops_sync.sync.costs import DIRECT_BATCH_SIZE, goes_direct
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
 from segops_sync.sync.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 
 # One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
+# (A run with few adds sends them synchronously instead, DIRECT_BATCH_SIZE to a batch.)
 ADD_BATCH_SIZE = 10_000
 # One relationship DELETE takes up to 1,000 profile ids.
 REMOVE_BATCH_SIZE = 1_000
 
 _ADDED_SQL = f"""
-    SELECT sm.user_id, {SQL_EMAIL} AS email, {SQL_EXTERNAL_ID} AS external_id,
-           {SELECTED_TRAITS_SQL} AS traits, {TRAITS_HASH_SQL} AS traits_hash, false AS refresh
+    SELECT sm.user_id, {SQL_EMAIL} AS email, {SQL_EXTERNAL_ID} AS external_id
     FROM segment_members sm LEFT JOIN identities i ON i.user_id = sm.user_id
     WHERE sm.segment_id = :seg
       AND NOT EXISTS (SELECT 1 FROM connector_members cm
                       WHERE cm.connector_id = :c AND cm.user_id = sm.user_id)
 """
-# Members on the list whose named traits changed since Klaviyo confirmed them: sent again
-# through the bulk path (an upsert with the list attached), costing only those members.
-_CHANGED_SQL = f"""
-    SELECT sm.user_id, {SQL_EMAIL} AS email, {SQL_EXTERNAL_ID} AS external_id,
-           {SELECTED_TRAITS_SQL} AS traits, {TRAITS_HASH_SQL} AS traits_hash, true AS refresh
-    FROM segment_members sm
-    JOIN connector_members cm ON cm.connector_id = :c AND cm.user_id = sm.user_id
-    LEFT JOIN identities i ON i.user_id = sm.user_id
-    WHERE sm.segment_id = :seg
-      AND cm.traits_hash IS DISTINCT FROM {TRAITS_HASH_SQL}
-"""
-
-
-def _adds_sql(traits: list[str]) -> str:
-    # Without named traits every hash is NULL: skip the per-member comparison altogether.
-    return f"{_ADDED_SQL} UNION ALL {_CHANGED_SQL}" if traits else _ADDED_SQL
-
-
 _REMOVED_SQL = """
     SELECT cm.user_id, cm.email, cm.external_id, cm.profile_id
     FROM connector_members cm
@@ -69,6 +52,38 @@ _REMOVED_SQL = """
       AND NOT EXISTS (SELECT 1 FROM segment_members sm
                       WHERE sm.segment_id = :seg AND sm.user_id = cm.user_id)
 """
+
+# Members on the list whose named traits changed since Klaviyo confirmed them (the ledger's
+# traits_hash): sent again through the add path, costing only those members.
+_CHANGED_SQL = f"""
+    SELECT cm.user_id FROM connector_members cm
+    JOIN segment_members s ON s.segment_id = :seg AND s.user_id = cm.user_id
+    LEFT JOIN identities i ON i.user_id = cm.user_id
+    WHERE cm.connector_id = :c AND cm.traits_hash IS DISTINCT FROM {TRAITS_HASH_SQL}
+"""
+
+
+def _joiners_sql(traits: list[str]) -> str:
+    """The adds of a run: the delta's joiners, plus (when the connector names traits) the
+    members whose traits changed. Without named traits every hash is NULL: no comparison."""
+    joiners = "SELECT user_id, false AS refresh FROM run_delta WHERE joins"
+    if not traits:
+        return joiners
+    return f"{joiners} UNION ALL SELECT c.user_id, true FROM ({_CHANGED_SQL}) c"
+
+
+# Both directions of the delta in one pass: a hash full join of the segment against the ledger
+# reads each table once (index-only when vacuumed); two anti-joins read each twice.
+_DELTA_SQL = """
+    SELECT COALESCE(s.user_id, cm.user_id) AS user_id, s.user_id IS NOT NULL AS joins,
+           cm.email, cm.external_id, cm.profile_id
+    FROM (SELECT user_id FROM segment_members WHERE segment_id = :seg) s
+    FULL JOIN (SELECT user_id, email, external_id, profile_id FROM connector_members
+               WHERE connector_id = :c) cm ON cm.user_id = s.user_id
+    WHERE s.user_id IS NULL OR cm.user_id IS NULL
+"""
+# Enough for the hash of a few million ids in one batch instead of spilling to disk in eight.
+_DELTA_WORK_MEM = "SET LOCAL work_mem = '128MB'"
 
 
 @dataclass(frozen=True)
@@ -161,13 +176,18 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
         "c": connector.id,
         "names": list(connector.traits or []),
     }
+    session.execute(text(_DELTA_WORK_MEM))
+    session.execute(text(f"CREATE TEMP TABLE run_delta ON COMMIT DROP AS {_DELTA_SQL}"), params)
     adds = _rowcount(
         session.execute(
             text(
                 "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, "
                 "traits, traits_hash, refresh) "
-                "SELECT :run, d.user_id, :kind, (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
-                f"d.email, d.external_id, d.traits, d.traits_hash, d.refresh FROM ({_adds_sql(connector.traits)}) d"
+                "SELECT :run, sm.user_id, :kind, "
+                "(row_number() OVER (ORDER BY sm.user_id) - 1) / :size, "
+                f"{SQL_EMAIL}, {SQL_EXTERNAL_ID}, {SELECTED_TRAITS_SQL}, {TRAITS_HASH_SQL}, "
+                f"sm.refresh FROM ({_joiners_sql(connector.traits)}) sm "
+                "LEFT JOIN identities i ON i.user_id = sm.user_id"
             ),
             {**params, "size": ADD_BATCH_SIZE, "kind": BatchKind.ADD},
         )
@@ -177,11 +197,23 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
             text(
                 "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, profile_id) "
                 "SELECT :run, d.user_id, :kind, (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
-                f"d.email, d.external_id, d.profile_id FROM ({_REMOVED_SQL}) d"
+                "d.email, d.external_id, d.profile_id FROM run_delta d WHERE NOT d.joins"
             ),
             {**params, "size": REMOVE_BATCH_SIZE, "kind": BatchKind.REMOVE},
         )
     )
+    if goes_direct(adds, settings):
+        # A small delta's adds take the synchronous path (sync/direct.py, arithmetic in
+        # sync/costs.py): batches of DIRECT_BATCH_SIZE, so a few run side by side.
+        session.execute(
+            text(
+                "UPDATE sync_batch_items it SET seq = n.rn / :size FROM ("
+                "SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS rn "
+                "FROM sync_batch_items WHERE run_id = :run AND kind = :kind) n "
+                "WHERE it.run_id = :run AND it.kind = :kind AND it.user_id = n.user_id"
+            ),
+            {"run": run.id, "size": DIRECT_BATCH_SIZE, "kind": BatchKind.ADD},
+        )
     run.planned_adds, run.planned_removes = adds, removes
 
     held = (
@@ -275,16 +307,19 @@ class Preview:
 def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
     """The pending delta, computed exactly as a run would, without touching Klaviyo."""
     connector = get_connector(session, connector_id)
-    params = {"seg": connector.segment_id, "c": connector.id, "names": list(connector.traits or [])}
-    adds = session.scalar(text(f"SELECT count(*) FROM ({_ADDED_SQL}) d"), params) or 0
-    removes = session.scalar(text(f"SELECT count(*) FROM ({_REMOVED_SQL}) d"), params) or 0
+    params = {"seg": connector.segment_id, "c": connector.id}
+    adds, removes = delta_sizes(session, connector)
     updates = (
-        session.scalar(text(f"SELECT count(*) FROM ({_CHANGED_SQL}) d"), params) or 0
+        session.scalar(
+            text(f"SELECT count(*) FROM ({_CHANGED_SQL}) d"),
+            {**params, "names": list(connector.traits)},
+        )
+        or 0
         if connector.traits
         else 0
     )
     sample_adds = [
-        {k: v for k, v in r._mapping.items() if k in ("user_id", "email", "external_id")}
+        dict(r._mapping)
         for r in session.execute(
             text(f"{_ADDED_SQL} ORDER BY sm.user_id LIMIT :n"), {**params, "n": sample}
         )
@@ -296,3 +331,16 @@ def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
         )
     ]
     return Preview(adds, removes, sample_adds, sample_removes, updates)
+
+
+def delta_sizes(session: Session, connector: Connector) -> tuple[int, int]:
+    """(adds, removes) by the planner's own one-pass delta, without writing anything."""
+    session.execute(text(_DELTA_WORK_MEM))
+    row = session.execute(
+        text(
+            "SELECT count(*) FILTER (WHERE joins), count(*) FILTER (WHERE NOT joins) "
+            f"FROM ({_DELTA_SQL}) d"
+        ),
+        {"seg": connector.segment_id, "c": connector.id},
+    ).one()
+    return int(row[0]), int(row[1])

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import phonenumbers
+from sqlalchemy import text
 
+from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import PROFILE_FIELDS, ProfileInput
 from segops_sync.klaviyo.payloads import encode_body, profile_resource
 
@@ -170,3 +172,29 @@ def describe(names: Sequence[str]) -> str:
     if custom:
         parts.append("custom properties " + ", ".join(custom))
     return "; ".join(parts) if parts else "none but the email"
+
+
+def trait_profiles(
+    run_id: str, rows: Sequence[tuple[str, str | None, str | None, Mapping[str, Any] | None]]
+) -> list[tuple[str, ProfileInput]]:
+    """(user_id, profile) for batch rows (user_id, email, external_id, traits); the names of
+    refused values are set on the rows (set, not added: a resumed batch counts them once)."""
+    members: list[tuple[str, ProfileInput]] = []
+    dropped: dict[str, list[str]] = {}
+    for user_id, email, external_id, traits in rows:
+        built = klaviyo_profile(email, external_id, traits)
+        members.append((user_id, built.profile))
+        if built.dropped:
+            dropped[user_id] = built.dropped
+    if dropped:
+        with session_scope() as s:
+            s.execute(
+                text(
+                    "UPDATE sync_batch_items it SET dropped_traits = "
+                    "ARRAY(SELECT jsonb_array_elements_text(d.names)) "
+                    "FROM jsonb_each(CAST(:d AS jsonb)) AS d(uid, names) "
+                    "WHERE it.run_id = :r AND it.user_id = d.uid"
+                ),
+                {"r": run_id, "d": json.dumps(dropped)},
+            )
+    return members

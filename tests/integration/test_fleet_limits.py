@@ -11,6 +11,7 @@ no other worker of the session (the suite's shared one) can take its tasks or sw
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from segops_sync.db.models import SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.sync.watcher import POLL_SHARE
 from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
@@ -89,6 +91,8 @@ def fleet(
         # Batches may wait a whole compressed steady window (15 s) for a slot: not stuck.
         "SEGOPS_STUCK_AFTER": "90",
         "SEGOPS_VISIBILITY_TIMEOUT": "120",
+        # Poll as often as the watcher's share of the budget allows (0.25 s at this scale).
+        "SEGOPS_JOB_POLL_INTERVAL": "0.05",
     }
     with isolated_env(segops_env, pg_server_url, "fleet", **overrides) as env:
         fleet = Fleet(sim, server.base_url, env)
@@ -201,14 +205,16 @@ def measure(sim: Simulator, account: str) -> Figures:
 
 
 def retry_gaps(sim: Simulator, account: str) -> list[tuple[float, float]]:
-    """(gap, Retry-After) from each 429 on a job's own path to that path's next request.
+    """(gap, Retry-After) from each 429 on a job path to that path's next request.
 
-    Only the batch that owns a bulk import job polls its path, so the next request there is that
-    batch's retry: an exact check that each retry waited out its Retry-After."""
+    A job's own path is read only by the batch that owns it, and the account's job list only by
+    the watcher's poll; a 429 on either blocks that endpoint fleet-wide, so the next request on
+    the path is a retry: an exact check that each retry waited out its Retry-After."""
     gaps = []
     last: dict[str, tuple[float, float]] = {}
+    watched = (Endpoint.GET_BULK_IMPORT_JOB, Endpoint.LIST_BULK_IMPORT_JOBS)
     for r in sorted(sim.requests(), key=lambda r: r.time):
-        if r.account != account or r.endpoint != Endpoint.GET_BULK_IMPORT_JOB:
+        if r.account != account or r.endpoint not in watched:
             continue
         if r.path in last:
             at, retry_after = last.pop(r.path)
@@ -305,9 +311,13 @@ def test_two_connectors_one_account_stay_within_limits(
     )
     assert figures.early == 0, "a request went out before its Retry-After"
     assert figures.share_429 <= 0.01
-    # The limiter, not luck, kept it there: job polls filled the steady window to our cap.
-    polls = next(e for e in figures.endpoints if e.endpoint == Endpoint.GET_BULK_IMPORT_JOB)
-    assert polls.max_steady >= 0.85 * polls.steady_limit
+    # Ten jobs of two connectors on three workers were watched by one poll at a time: the polls
+    # never took more than the watcher's stated share of the list endpoint's budget, and each
+    # job was read alone once, when it had finished.
+    polls = next(e for e in figures.endpoints if e.endpoint == Endpoint.LIST_BULK_IMPORT_JOBS)
+    assert 0 < polls.max_steady <= math.ceil(POLL_SHARE * polls.steady_limit) + 1
+    reads = next(e for e in figures.endpoints if e.endpoint == Endpoint.GET_BULK_IMPORT_JOB)
+    assert reads.requests == job_count(fleet.sim, first.account)
     assert_within_limits(fleet.sim, first.account, figures, keys=2)
     lookups = next(e for e in figures.endpoints if e.endpoint == Endpoint.GET_PROFILES)
     assert lookups.requests >= 240
@@ -375,7 +385,14 @@ def test_429_storm_every_retry_honours_retry_after_nothing_lost(
     assert figures.count_429 >= 2 * storm
     assert len(gaps) >= 10
     assert all(gap >= ra for gap, ra in gaps), "a retry went out before its Retry-After"
-    assert figures.early_ignoring == 0, "a request ignored a Retry-After the fleet knew of"
+    early = [
+        (r.endpoint.value if r.endpoint else r.path, round(r.time, 3), r.status)
+        for r in sim.requests()
+        if r.account == k.account and r.early_retry
+    ]
+    assert figures.early_ignoring == 0, (
+        f"a request ignored a Retry-After the fleet knew of: {early}"
+    )
     assert figures.early_in_flight <= 2
 
 
@@ -397,8 +414,8 @@ def test_small_connector_finishes_while_a_huge_sync_runs(
     big_members = members(tag + "b", 0, 30_000)
     small_members = members(tag + "s", 0, 50)
 
-    # Klaviyo works longer on three 10,000-profile jobs than on one of 50 profiles; meanwhile
-    # the big sync polls its jobs (every 0.2 s each) as fast as the limiter lets it.
+    # Klaviyo works long on three 10,000-profile jobs; the 50 members of the small sync go
+    # straight to profile-import and the list, and must not wait for them.
     saved_delay = sim.job_delay
     sim.job_delay = 20.0
     try:
@@ -433,7 +450,8 @@ def test_small_connector_finishes_while_a_huge_sync_runs(
     )
     assert figures.early == 0
     assert_within_limits(sim, big_k.account, figures, keys=2)
-    # The big sync's job polls held the endpoint the small sync needed at the limiter's cap: the
-    # small one got through on its fair share, not on spare capacity.
-    polls = next(e for e in figures.endpoints if e.endpoint == Endpoint.GET_BULK_IMPORT_JOB)
-    assert polls.max_steady >= 0.85 * polls.steady_limit
+    # The small change took the synchronous path: no bulk job of its own to wait behind.
+    imports = [
+        r for r in sim.requests(endpoint=Endpoint.PROFILE_IMPORT) if r.account == big_k.account
+    ]
+    assert len(imports) == len(small_members)

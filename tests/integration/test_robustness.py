@@ -18,6 +18,7 @@ from sqlalchemy import select, text
 from segops_sync.db.models import SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint
+from segops_sync.sync.costs import Delta, add_cutover, expected_requests
 from segops_sync.sync.membership import replace_membership
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
@@ -85,8 +86,9 @@ def test_duplicate_deliveries_cost_nothing(
     wait_idle(connector_id)
     assert set(klaviyo.members()) == set(members)
     assert len(_runs(connector_id)) == 1, "a duplicate message started a second run"
-    # one bulk job is all 40 members need
-    assert _writes(klaviyo) == 1
+    # exactly what one run of 40 adds writes (the synchronous path: 40 upserts, one list write)
+    one_run = expected_requests(Delta(adds=len(members))).by_endpoint
+    assert _writes(klaviyo) == sum(n for e, n in one_run.items() if e.method in ("POST", "DELETE"))
 
 
 def test_a_burst_of_recomputes_coalesces(
@@ -228,7 +230,8 @@ def test_a_bulk_job_klaviyo_loses_is_redone(
     sim = klaviyo.sim
     segment = new_segment()
     connector_id = create_connector(klaviyo, segment)
-    members = [f"{fate}{i}@example.com" for i in range(25)]
+    # more adds than the synchronous path takes: these go in a bulk job
+    members = [f"{fate}{i}@example.com" for i in range(add_cutover() + 25)]
     saved_delay = sim.job_delay
     sim.job_delay = 3.0  # time to intervene while the job runs
     try:
@@ -255,7 +258,7 @@ def test_a_bulk_job_klaviyo_loses_is_redone(
         sim.job_delay = saved_delay
     assert set(klaviyo.members()) == set(members)
     run = latest_run(connector_id)
-    assert run.status == "succeeded" and run.added == 25
+    assert run.status == "succeeded" and run.added == len(members)
     jobs = sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB)
     assert len([r for r in jobs if r.account == klaviyo.account and r.status == 202]) >= 2, (
         "the job was not redone"
@@ -265,4 +268,4 @@ def test_a_bulk_job_klaviyo_loses_is_redone(
             text("SELECT count(*) FROM connector_members WHERE connector_id = :c"),
             {"c": connector_id},
         )
-    assert ledger == 25
+    assert ledger == len(members)

@@ -254,6 +254,41 @@ def test_expired_and_lost_jobs(clock: FakeClock) -> None:
     assert [p.email for p in setup.sim.list_members(setup.list_id)] == ["e@example.com"]
 
 
+def test_jobs_list_filters_by_status_and_pages(clock: FakeClock) -> None:
+    """One GET answers for many jobs: the unfinished ones, 100 a page, by status only."""
+    setup = Setup(Simulator(clock=clock, job_delay=5.0))
+    other = Setup(setup.sim)  # another account's jobs never show
+
+    def submit(who: Setup, email: str) -> str:
+        body = job_body({"email": email}, list_id=who.list_id)
+        return str(who.sim.call("POST", JOB_PATH, key=who.key, json_body=body).json()["data"]["id"])
+
+    early = [submit(setup, f"e{i}@example.com") for i in range(3)]
+    submit(other, "o@example.com")
+    clock.advance(3)
+    late = [submit(setup, f"l{i}@example.com") for i in range(2)]
+
+    def listed(flt: str | None, size: str = "100") -> tuple[list[str], int, bool]:
+        params = {"page[size]": size, **({"filter": flt} if flt else {})}
+        answer = setup.sim.call("GET", JOB_PATH, key=setup.key, params=params)
+        assert answer.status == 200, answer.body
+        doc = answer.json()
+        return [d["id"] for d in doc["data"]], answer.status, "next" in doc["links"]
+
+    unfinished = 'any(status,["queued","processing"])'
+    assert listed(unfinished)[0] == early + late
+    clock.advance(2.5)  # the early jobs are due, the late ones are not
+    assert listed(unfinished)[0] == late
+    assert listed("equals(status,'complete')")[0] == early
+    ids, _, more = listed(None, size="2")
+    assert ids == early[:2] and more
+    for bad in ('any(id,["x"])', 'equals(status,"done")', "any(status,[queued])"):
+        answer = setup.sim.call("GET", JOB_PATH, key=setup.key, params={"filter": bad})
+        assert answer.status == 400, bad
+    answer = setup.sim.call("GET", JOB_PATH, key=setup.key, params={"page[size]": "101"})
+    assert answer.status == 400
+
+
 # -- relationships, identity, consent ------------------------------------------------------------
 
 

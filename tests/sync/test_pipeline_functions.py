@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,10 +16,12 @@ from segops_sync.config import get_settings
 from segops_sync.connectors import create_connector
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchItem, SyncRun
 from segops_sync.db.session import session_scope
+from segops_sync.klaviyo import Endpoint, ProfileInput
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
 from segops_sync.states import Trigger
 from segops_sync.sync.access import KlaviyoAccess
 from segops_sync.sync.batches import Finished, run_batch
+from segops_sync.sync.costs import Delta, expected_requests
 from segops_sync.sync.planner import ADD_BATCH_SIZE, REMOVE_BATCH_SIZE, plan_run, preview, start_run
 from segops_sync.sync.runs import finish_run
 
@@ -39,13 +42,21 @@ def server(segops_env: dict[str, str]) -> Iterator[tuple[Simulator, str]]:
         yield sim, srv.base_url
 
 
-@pytest.fixture
-def world(server: tuple[Simulator, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+@pytest.fixture(params=["bulk"])
+def world(
+    server: tuple[Simulator, str], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[World]:
+    """``bulk``: every add goes in a bulk job (SEGOPS_DIRECT_ADD_LIMIT=0); ``direct``: the
+    product's cut-over, so these small deltas take the synchronous path."""
     from tests.conftest import _reset_settings
 
     sim, base_url = server
     monkeypatch.setenv("SEGOPS_KLAVIYO_BASE_URL", base_url)
     monkeypatch.setenv("SEGOPS_JOB_POLL_INTERVAL", "0.05")
+    if request.param == "bulk":
+        monkeypatch.setenv("SEGOPS_DIRECT_ADD_LIMIT", "0")
+    else:
+        monkeypatch.delenv("SEGOPS_DIRECT_ADD_LIMIT", raising=False)
     _reset_settings()
     account = sim.create_account()
     yield World(
@@ -161,6 +172,7 @@ def test_start_run_coalesces_and_ignores_duplicates(world: World) -> None:
     assert first.reason == "started"
 
 
+@pytest.mark.parametrize("world", ["bulk", "direct"], indirect=True)
 def test_a_whole_job_rejection_drops_the_named_member_and_sends_the_rest(world: World) -> None:
     segment = f"rej-{uuid.uuid4().hex[:6]}"
     members = [f"ok{i}@example.com" for i in range(20)] + ["bad,address@example.com"]
@@ -186,6 +198,7 @@ def test_a_whole_job_rejection_drops_the_named_member_and_sends_the_rest(world: 
     assert ledger == 20
 
 
+@pytest.mark.parametrize("world", ["bulk", "direct"], indirect=True)
 def test_per_profile_import_errors_are_reported_and_the_rest_synced(world: World) -> None:
     segment = f"imp-{uuid.uuid4().hex[:6]}"
     too_long = "x" * 300  # a user_id Klaviyo refuses as external_id, written straight to SQL
@@ -293,3 +306,99 @@ def test_a_job_whose_failures_are_not_named_confirms_nobody(
     run = _sync(world, connector_id)
     assert (run.added, run.rejected) == (5, 1)
     assert _on_list(world) == set(members[:5])
+
+
+# -- the synchronous path for small deltas -----------------------------------------------------
+
+
+@pytest.mark.parametrize("world", ["direct"], indirect=True)
+def test_a_small_delta_takes_the_synchronous_path(world: World) -> None:
+    segment = f"dir-{uuid.uuid4().hex[:6]}"
+    members = [f"d{i}@example.com" for i in range(130)] + [f"d-ext-{i}" for i in range(20)]
+    connector_id = _connector(world, segment, members)
+    before = len(world.sim.requests())
+    run = _sync(world, connector_id)
+    assert (run.status, run.added) == ("succeeded", 150)
+    assert _on_list(world) == set(members)
+    sent = Counter(r.endpoint for r in world.sim.requests()[before:] if r.account == world.account)
+    expected = expected_requests(Delta(adds=150))
+    assert {e: sent[e] for e in expected.by_endpoint} == expected.by_endpoint
+    assert sent[Endpoint.PROFILE_IMPORT] == 150 and sent[Endpoint.ADD_LIST_PROFILES] == 2
+    assert sent[Endpoint.CREATE_BULK_IMPORT_JOB] == 0
+    # the ids came back with the upserts: the ledger knows them, so leaving needs no lookup
+    before = len(world.sim.requests())
+    _set_members(segment, members[5:])
+    run = _sync(world, connector_id)
+    assert (run.status, run.removed) == ("succeeded", 5)
+    sent = Counter(r.endpoint for r in world.sim.requests()[before:] if r.account == world.account)
+    assert sent[Endpoint.GET_PROFILES] == 0 and sent[Endpoint.REMOVE_LIST_PROFILES] == 1
+
+
+@pytest.mark.parametrize("world", ["direct"], indirect=True)
+def test_the_synchronous_path_resumes_without_repeating_an_upsert(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from segops_sync.klaviyo import KlaviyoClient
+
+    segment = f"res-{uuid.uuid4().hex[:6]}"
+    members = [f"c{i}@example.com" for i in range(40)]
+    connector_id = _connector(world, segment, members)
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
+    assert run_id
+    with session_scope() as s:
+        [batch_id] = plan_run(s, run_id, get_settings()).batch_ids
+    real = KlaviyoClient.upsert_profile
+    calls = {"n": 0}
+
+    def crash_after_30(self: KlaviyoClient, profile: ProfileInput) -> str:
+        if calls["n"] == 30:
+            raise RuntimeError("worker killed")
+        calls["n"] += 1
+        return real(self, profile)
+
+    monkeypatch.setattr(KlaviyoClient, "upsert_profile", crash_after_30)
+    with pytest.raises(RuntimeError):
+        run_batch(batch_id, world.access, get_settings())
+    with session_scope() as s:
+        saved = s.scalar(
+            select(func.count())
+            .select_from(SyncBatchItem)
+            .where(SyncBatchItem.run_id == run_id, SyncBatchItem.profile_id.is_not(None))
+        )
+        ledger = s.scalar(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.connector_id == connector_id)
+        )
+    assert saved == 30 and ledger == 0, "ids are kept; nobody is confirmed before the list write"
+    monkeypatch.setattr(KlaviyoClient, "upsert_profile", real)
+    imports_before = len(world.sim.requests(endpoint=Endpoint.PROFILE_IMPORT))
+    assert isinstance(run_batch(batch_id, world.access, get_settings()), Finished)
+    assert len(world.sim.requests(endpoint=Endpoint.PROFILE_IMPORT)) - imports_before == 10
+    with session_scope() as s:
+        finish_run(s, run_id)
+    assert _on_list(world) == set(members)
+
+
+@pytest.mark.parametrize("world", ["direct"], indirect=True)
+def test_the_synchronous_path_obeys_the_limiter(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With profile-import published at 3/s, the limiter admits 2 a second (headroom 0.9): the
+    batch defers itself (Later, no 429) until every upsert is through."""
+    from segops_sync.klaviyo import ENDPOINT_LIMITS, RateLimit
+
+    monkeypatch.setitem(ENDPOINT_LIMITS, Endpoint.PROFILE_IMPORT, RateLimit(burst=3, steady=750))
+    segment = f"lim-{uuid.uuid4().hex[:6]}"
+    members = [f"l{i}@example.com" for i in range(9)]
+    connector_id = _connector(world, segment, members)
+    run = _sync(world, connector_id)
+    assert (run.status, run.added) == ("succeeded", 9)
+    imports = [
+        r
+        for r in world.sim.requests(endpoint=Endpoint.PROFILE_IMPORT)
+        if r.account == world.account
+    ]
+    assert len(imports) == 9 and all(r.status != 429 for r in imports)
+    assert world.sim.max_rate(world.account, Endpoint.PROFILE_IMPORT, 1.0) <= 2

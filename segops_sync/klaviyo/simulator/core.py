@@ -45,6 +45,7 @@ MAX_FILTER_VALUES = 100  # choice: third-party clients use 100; Klaviyo document
 MAX_EXTERNAL_ID = 255  # choice: Segment's limit; Klaviyo's own is unconfirmed
 JOB_RETENTION = timedelta(days=7)  # choice: expires_at exists, its duration is undocumented
 JSONAPI = "application/vnd.api+json"
+_JOB_STATES = frozenset({"queued", "processing", "complete", "cancelled"})
 
 _REVISION_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(\.pre)?$")
 _EMAIL_RE = re.compile(r"^[^@\s\"(),:;<>\[\]\\]+@[^@\s\"(),:;<>\[\]\\]+\.[^@\s\"(),:;<>\[\]\\]+$")
@@ -396,6 +397,18 @@ class Simulator:
         with self._lock:
             self._advance(self._clock())
             return set(self._list(list_id).members)
+
+    def on_list(self, list_id: str, identities: Iterable[str]) -> dict[str, bool]:
+        """For each email or external_id: is its profile on the list? (Cheap on a big list.)"""
+        with self._lock:
+            self._advance(self._clock())
+            lst = self._list(list_id)
+            account = self._account(lst.account_id)
+            answer: dict[str, bool] = {}
+            for ident in identities:
+                pid = account.by_email.get(_norm_email(ident)) or account.by_external_id.get(ident)
+                answer[ident] = pid is not None and pid in lst.members
+            return answer
 
     def list_members(self, list_id: str) -> list[SimProfile]:
         with self._lock:
@@ -1232,6 +1245,42 @@ class Simulator:
             {"data": self._job_resource(ctx, job), "links": {"self": _self_link(ctx)}}, status=202
         )
 
+    def _h_list_jobs(self, ctx: _Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
+        """The account's jobs, oldest first (choice: the spec names no default order), filtered
+        by status only (``any``/``equals``, the spec's only filter field)."""
+        account = ctx.account
+        assert account is not None
+        wanted: set[str] | None = None
+        if "filter" in ctx.query:
+            filt = _parse_filter(ctx, {"status"})
+            unknown = sorted(set(filt.values) - _JOB_STATES)
+            if unknown:
+                raise _Reject(
+                    _error(
+                        400,
+                        detail=f"Invalid filter provided: unknown status {unknown[0]!r}.",
+                        parameter="filter",
+                    )
+                )
+            wanted = set(filt.values)
+        order = ctx.query.get("sort", "created_at")
+        if order not in ("created_at", "-created_at"):
+            raise _Reject(_error(400, detail="Invalid sort.", parameter="sort"))
+        now = datetime.now(UTC)
+        jobs = [
+            job
+            for job in self._jobs.values()
+            if job.account_id == account.id
+            and job.fate not in ("expired", "lost")
+            and now < job.created + JOB_RETENTION
+            and (wanted is None or job.status in wanted)
+        ]
+        jobs.sort(key=lambda j: (j.created_clock, j.id), reverse=order.startswith("-"))
+        size, start = self._page_size(ctx), _cursor_int(ctx)
+        page = [self._job_resource(ctx, job) for job in jobs[start : start + size]]
+        nxt = str(start + size) if start + size < len(jobs) else None
+        return _ok({"data": page, "links": _links(ctx, nxt)})
+
     def _h_get_job(self, ctx: _Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
         job = self._visible_job(ctx, params["id"])
         return _ok({"data": self._job_resource(ctx, job), "links": {"self": _self_link(ctx)}})
@@ -1370,6 +1419,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], Endpoint, Handler]] = [
     ),
     (
         "GET",
+        re.compile(r"^/api/profile-bulk-import-jobs$"),
+        Endpoint.LIST_BULK_IMPORT_JOBS,
+        Simulator._h_list_jobs,
+    ),
+    (
+        "GET",
         re.compile(r"^/api/profile-bulk-import-jobs/(?P<id>[^/]+)$"),
         Endpoint.GET_BULK_IMPORT_JOB,
         Simulator._h_get_job,
@@ -1429,6 +1484,9 @@ _ALLOWED_PARAMS: dict[Endpoint, frozenset[str]] = {
     ),
     Endpoint.PROFILE_IMPORT: frozenset({"additional-fields[profile]", "fields[profile]"}),
     Endpoint.CREATE_BULK_IMPORT_JOB: frozenset({"fields[profile-bulk-import-job]"}),
+    Endpoint.LIST_BULK_IMPORT_JOBS: frozenset(
+        {"fields[profile-bulk-import-job]", "filter", "page[cursor]", "page[size]", "sort"}
+    ),
     Endpoint.GET_BULK_IMPORT_JOB: frozenset(
         {"fields[list]", "fields[profile-bulk-import-job]", "include"}
     ),

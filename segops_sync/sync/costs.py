@@ -1,0 +1,193 @@
+"""What a sync costs at Klaviyo, from the tier table and the batch limits alone.
+
+Used three ways: the planner's cut-over between the synchronous and the bulk path, the
+benchmark's *floor* (the shortest time Klaviyo's published limits allow for the same work), and
+the integration test that counts requests per endpoint against :func:`expected_requests`.
+
+Klaviyo's limits are fixed windows per account and endpoint: at most ``burst`` requests in a
+1 s window and ``steady`` in a 60 s window. At 100 % of the published limit, starting at t = 0,
+request ``k`` (0-based) can go at ``(k // steady) * 60 + (k % steady) // burst`` seconds: the
+burst window lets ``burst`` requests through each second until the minute's ``steady`` are
+spent, then the next minute starts. Requests are taken as instantaneous, and so is our own work
+(planning, the database): the floor is a bound nobody can beat, not an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from segops_sync.config import Settings
+from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint, RateLimit
+from segops_sync.klaviyo.payloads import (
+    MAX_FILTER_VALUES,
+    MAX_IDS_PER_RELATIONSHIP_CALL,
+    MAX_PROFILES_PER_JOB,
+)
+
+# -- the synchronous path's cut-over ---------------------------------------------------------
+#
+# A small delta's adds skip the bulk job: one POST /api/profile-import per member (L tier:
+# 75/s, 750/min), then POST /api/lists/{id}/relationships/profiles with the ids (M tier).
+#  * Cost in the steady window: n of profile-import's 750/min. We allow at most half of what our
+#    limiter admits (headroom 0.9: 675/min), so two connectors of one account can each send a
+#    small change in the same minute: n <= 675 // 2 = 337.
+#  * Time: n upserts at the admitted burst (67/s) take n / 67 s; 337 take 5.0 s. A bulk job takes
+#    at least one submission, Klaviyo's job time (5 s at the very best in our benchmark; minutes
+#    under load) and a poll (1 s): the synchronous path is never slower below the cut-over.
+#  * Requests: n + ceil(n / DIRECT_BATCH_SIZE) instead of 3 (+ polls), all on budgets the bulk
+#    path does not use (profile-import) or uses lightly (relationships).
+DEFAULT_HEADROOM = 0.9
+DIRECT_BATCH_SIZE = 100  # members per synchronous batch: a few batches run side by side
+
+
+def direct_add_limit(headroom: float = DEFAULT_HEADROOM) -> int:
+    """The largest number of adds that takes the synchronous path (337 at headroom 0.9)."""
+    steady = ENDPOINT_LIMITS[Endpoint.PROFILE_IMPORT].steady
+    return max(1, math.floor(headroom * steady + 1e-9) // 2)
+
+
+def add_cutover(settings: Settings | None = None) -> int:
+    """The cut-over in force: SEGOPS_DIRECT_ADD_LIMIT when set (0 = always bulk), else the
+    arithmetic above for the configured headroom."""
+    if settings is None:
+        return direct_add_limit()
+    if settings.direct_add_limit is not None:
+        return settings.direct_add_limit
+    return direct_add_limit(settings.limiter_headroom)
+
+
+def goes_direct(adds: int, settings: Settings | None = None) -> bool:
+    return 0 < adds <= add_cutover(settings)
+
+
+# -- request counts --------------------------------------------------------------------------
+
+RemovalKey = Literal["id", "external_id", "email"]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The work of one run, counted the way the planner cuts it."""
+
+    adds: int
+    removes: int = 0
+    lookup_calls: int = 0  # GET /api/profiles for removals whose profile id the ledger lacks
+
+    @classmethod
+    def of(cls, adds: int, removals: Sequence[tuple[str, RemovalKey]]) -> Delta:
+        """From the removed members as (user_id, what identifies them): the planner sorts them by
+        user_id and cuts batches of 1,000; each batch looks up its external_ids, then its emails,
+        100 values a call (one page each)."""
+        ordered = sorted(removals)
+        calls = 0
+        for start in range(0, len(ordered), MAX_IDS_PER_RELATIONSHIP_CALL):
+            batch = ordered[start : start + MAX_IDS_PER_RELATIONSHIP_CALL]
+            for key in ("external_id", "email"):
+                calls += math.ceil(sum(1 for _, k in batch if k == key) / MAX_FILTER_VALUES)
+        return cls(adds, len(ordered), calls)
+
+
+@dataclass
+class Requests:
+    by_endpoint: dict[Endpoint, int] = field(default_factory=dict)
+
+    def add(self, endpoint: Endpoint, n: int) -> None:
+        if n:
+            self.by_endpoint[endpoint] = self.by_endpoint.get(endpoint, 0) + n
+
+
+def expected_requests(
+    delta: Delta,
+    *,
+    direct: bool | None = None,
+    import_error_pages: int = 1,
+) -> Requests:
+    """Requests a run needs per endpoint, job polls excluded (they depend on time).
+
+    ``import_error_pages`` is per job (1 when no member fails).
+    """
+    out = Requests()
+    if direct is None:
+        direct = goes_direct(delta.adds)
+    if delta.adds and direct:
+        out.add(Endpoint.PROFILE_IMPORT, delta.adds)
+        out.add(Endpoint.ADD_LIST_PROFILES, math.ceil(delta.adds / DIRECT_BATCH_SIZE))
+    elif delta.adds:
+        jobs = math.ceil(delta.adds / MAX_PROFILES_PER_JOB)
+        out.add(Endpoint.CREATE_BULK_IMPORT_JOB, jobs)
+        out.add(Endpoint.GET_BULK_IMPORT_JOB, jobs)  # once, after the watcher saw it finish
+        out.add(Endpoint.GET_BULK_IMPORT_ERRORS, jobs * import_error_pages)
+    if delta.removes:
+        out.add(
+            Endpoint.REMOVE_LIST_PROFILES, math.ceil(delta.removes / MAX_IDS_PER_RELATIONSHIP_CALL)
+        )
+        out.add(Endpoint.GET_PROFILES, delta.lookup_calls)
+    return out
+
+
+# -- the floor -------------------------------------------------------------------------------
+
+
+def request_time(k: int, limit: RateLimit) -> float:
+    """When request k (0-based) can go at 100 % of the published limit, starting at 0."""
+    if k < 0:
+        return 0.0
+    return float((k // limit.steady) * 60 + (k % limit.steady) // limit.burst)
+
+
+def last_request_time(n: int, endpoint: Endpoint) -> float:
+    return request_time(n - 1, ENDPOINT_LIMITS[endpoint]) if n > 0 else 0.0
+
+
+def floor_seconds(
+    delta: Delta, *, job_seconds: float, direct: bool | None = None, time_scale: float = 1.0
+) -> float:
+    """The shortest time Klaviyo's published limits allow for this delta.
+
+    Adds (bulk): the last job is submitted at the burst rate, then runs ``job_seconds``; its
+    single read and its import errors fit the same instant. Adds (synchronous): the last upsert,
+    then the relationship write. Removals: the last lookup (L tier), then its DELETE; DELETEs
+    themselves are spaced by the M tier. Adds and removals run side by side. ``time_scale``
+    compresses Klaviyo's windows (the simulator's); the job time is real seconds already.
+    """
+    if direct is None:
+        direct = goes_direct(delta.adds)
+    adds = 0.0
+    if delta.adds and direct:
+        adds = max(
+            last_request_time(delta.adds, Endpoint.PROFILE_IMPORT),
+            last_request_time(
+                math.ceil(delta.adds / DIRECT_BATCH_SIZE), Endpoint.ADD_LIST_PROFILES
+            ),
+        )
+    elif delta.adds:
+        jobs = math.ceil(delta.adds / MAX_PROFILES_PER_JOB)
+        adds = last_request_time(jobs, Endpoint.CREATE_BULK_IMPORT_JOB) / time_scale + job_seconds
+    removes = 0.0
+    if delta.removes:
+        deletes = math.ceil(delta.removes / MAX_IDS_PER_RELATIONSHIP_CALL)
+        removes = max(
+            last_request_time(delta.lookup_calls, Endpoint.GET_PROFILES),
+            last_request_time(deletes, Endpoint.REMOVE_LIST_PROFILES),
+        )
+    if direct and delta.adds:
+        adds /= time_scale
+    return max(adds, removes / time_scale)
+
+
+__all__ = [
+    "DIRECT_BATCH_SIZE",
+    "Delta",
+    "RemovalKey",
+    "Requests",
+    "add_cutover",
+    "direct_add_limit",
+    "expected_requests",
+    "floor_seconds",
+    "goes_direct",
+    "last_request_time",
+    "request_time",
+]

@@ -1,0 +1,172 @@
+"""The synchronous path for a small delta's adds: no bulk job to wait for.
+
+Each member is upserted with ``POST /api/profile-import`` (which answers with the profile id),
+then the ids join the list with one ``POST /api/lists/{id}/relationships/profiles``. The planner
+sends a run's adds this way when they are few (``costs.goes_direct``; the arithmetic is there).
+
+Same guarantees as the bulk path: every request takes a slot from the fleet-wide limiter (a
+``Throttled`` aborts the step, and what was learnt so far is saved first); the profile ids are
+saved on the batch-item rows as they come, so a retry, a crash or a redelivery resumes where it
+stopped (an upsert repeated after a crash is harmless: Klaviyo matches the same profile); and a
+member enters the ledger only once Klaviyo answered 204 to the list write that names it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import select, text, update
+
+from segops_sync.db.models import SyncBatchItem
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo import (
+    MAX_IDS_PER_RELATIONSHIP_CALL,
+    InvalidRequest,
+    KlaviyoClient,
+)
+from segops_sync.states import ItemOutcome
+from segops_sync.sync.ledger import confirm_added
+from segops_sync.sync.traits import trait_profiles
+
+log = logging.getLogger(__name__)
+
+# Profile ids are written back every this many upserts (and whenever the step stops).
+SAVE_EVERY = 25
+
+
+def member_problem(exc: InvalidRequest) -> str | None:
+    """Klaviyo's reason when a refused upsert names the member's own data, else None (then the
+    request itself is wrong, and the batch fails as the bulk path would)."""
+    named = [e for e in exc.errors if (e.pointer or "").startswith("/data")]
+    if not named:
+        return None
+    first = named[0]
+    return f"{first.title}: {first.detail}" if first.title else first.detail
+
+
+def add_directly(
+    run_id: str,
+    kind: str,
+    seq: int,
+    connector_id: str,
+    list_id: str,
+    client: KlaviyoClient,
+    *,
+    retry: Callable[..., Any],
+    on_progress: Callable[[], None],
+) -> str | None:
+    """Drive one synchronous add batch as far as it goes.
+
+    Returns None when every member has an outcome, or a short reason when the step must come
+    back (stale profile ids to upsert again). Raises what the client raises (Throttled, 429s,
+    transient and permanent errors); the caller maps those exactly as for bulk batches.
+    ``retry`` wraps each call (quick in-process retries of transient failures).
+    """
+    items = (
+        SyncBatchItem.run_id == run_id,
+        SyncBatchItem.kind == kind,
+        SyncBatchItem.seq == seq,
+        SyncBatchItem.outcome.is_(None),
+    )
+    with session_scope() as s:
+        rows = s.execute(
+            select(
+                SyncBatchItem.user_id,
+                SyncBatchItem.email,
+                SyncBatchItem.external_id,
+                SyncBatchItem.profile_id,
+                SyncBatchItem.traits,
+            )
+            .where(*items)
+            .order_by(SyncBatchItem.user_id)
+        ).all()
+    # the named traits, refused values left out and named on the item (see sync/traits.py)
+    profiles = trait_profiles(run_id, [(u, e, x, t) for u, e, x, p, t in rows if not p])
+
+    learnt: dict[str, str] = {}
+    rejected: dict[str, str] = {}
+    try:
+        for user_id, profile in profiles:
+            try:
+                learnt[user_id] = retry(client.upsert_profile, profile)
+            except InvalidRequest as exc:
+                reason = member_problem(exc)
+                if reason is None:
+                    raise
+                rejected[user_id] = reason
+            if len(learnt) + len(rejected) >= SAVE_EVERY:
+                _save(run_id, learnt, rejected, on_progress)
+                learnt, rejected = {}, {}
+    finally:
+        _save(run_id, learnt, rejected, on_progress)
+
+    with session_scope() as s:
+        pairs = s.execute(
+            select(SyncBatchItem.user_id, SyncBatchItem.profile_id)
+            .where(*items, SyncBatchItem.profile_id.is_not(None))
+            .order_by(SyncBatchItem.user_id)
+        ).all()
+    for start in range(0, len(pairs), MAX_IDS_PER_RELATIONSHIP_CALL):
+        chunk = pairs[start : start + MAX_IDS_PER_RELATIONSHIP_CALL]
+        users = [u for u, _ in chunk]
+        try:
+            retry(client.add_profiles_to_list, list_id, [p for _, p in chunk])
+        except InvalidRequest as exc:
+            stale = {i for i in exc.profile_indexes() if i < len(chunk)}
+            if not stale:
+                raise
+            # Ids Klaviyo no longer knows (a profile merged or deleted since): upsert again.
+            _forget_ids(run_id, [users[i] for i in stale])
+            return "stale profile ids"
+        with session_scope() as s:
+            for refresh, outcome in ((False, ItemOutcome.ADDED), (True, ItemOutcome.UPDATED)):
+                s.execute(
+                    update(SyncBatchItem)
+                    .where(
+                        SyncBatchItem.run_id == run_id,
+                        SyncBatchItem.user_id.in_(users),
+                        SyncBatchItem.refresh.is_(refresh),
+                    )
+                    .values(outcome=outcome, reason=None)
+                )
+            confirm_added(s, connector_id, run_id, users)
+        on_progress()
+    return None
+
+
+def _save(
+    run_id: str,
+    learnt: dict[str, str],
+    rejected: dict[str, str],
+    on_progress: Callable[[], None],
+) -> None:
+    if not learnt and not rejected:
+        return
+    with session_scope() as s:
+        if learnt:
+            s.execute(
+                text(
+                    "UPDATE sync_batch_items it SET profile_id = f.pid "
+                    "FROM unnest(CAST(:u AS text[]), CAST(:p AS text[])) AS f(uid, pid) "
+                    "WHERE it.run_id = :r AND it.user_id = f.uid"
+                ),
+                {"r": run_id, "u": list(learnt), "p": list(learnt.values())},
+            )
+        for user_id, reason in rejected.items():
+            s.execute(
+                update(SyncBatchItem)
+                .where(SyncBatchItem.run_id == run_id, SyncBatchItem.user_id == user_id)
+                .values(outcome=ItemOutcome.REJECTED, reason=reason)
+            )
+    on_progress()
+
+
+def _forget_ids(run_id: str, user_ids: Sequence[str]) -> None:
+    with session_scope() as s:
+        s.execute(
+            update(SyncBatchItem)
+            .where(SyncBatchItem.run_id == run_id, SyncBatchItem.user_id.in_(list(user_ids)))
+            .values(profile_id=None)
+        )

@@ -1,0 +1,134 @@
+"""Issue 12, "Must show" 5: the request count per endpoint, at a small scale, against the formula.
+
+10,000 members on the real stack (a worker process, PostgreSQL, Redis) with Klaviyo's windows
+compressed 10x in the simulator and in the limiter. A first sync, a 10 % churn and a change of
+5 out + 5 in must each send exactly what ``sync/costs.py`` says (bulk jobs, lookups, DELETEs,
+profile-imports, list writes), with no 429, and the job watcher's polls must stay within their
+stated share of the list endpoint's budget. Counts only: no wall-clock time is asserted.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
+from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.sync.costs import Delta, RemovalKey, expected_requests, goes_direct
+from segops_sync.sync.identity import is_email
+from segops_sync.sync.watcher import POLL_SHARE
+from tests.conftest import isolated_env
+from tests.integration.conftest import WorkerProcess
+from tests.integration.helpers import Klaviyo, create_connector, latest_run, recompute, wait_idle
+
+TIME_SCALE = 10.0  # burst window 0.1 s, steady window 6 s
+JOB_DELAY = 1.0
+POLL_INTERVAL = 0.1  # = the watcher's spacing at this time scale: polls at their full share
+SIZE = 10_000
+# Setup traffic, not the sync's: which account a key is (once per key), the connector's check.
+SETUP = {Endpoint.GET_ACCOUNTS, Endpoint.GET_LIST}
+
+
+@dataclass
+class Stack:
+    sim: Simulator
+    base_url: str
+
+
+@pytest.fixture(scope="module")
+def stack(
+    segops_env: dict[str, str], pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    sim = Simulator(time_scale=TIME_SCALE, job_delay=JOB_DELAY, indexing_delay=0.0)
+    server = SimulatorServer(sim)
+    server.start()
+    overrides = {
+        "SEGOPS_KLAVIYO_BASE_URL": server.base_url,
+        "SEGOPS_KLAVIYO_TIME_SCALE": str(TIME_SCALE),
+        "SEGOPS_JOB_POLL_INTERVAL": str(POLL_INTERVAL),
+    }
+    with isolated_env(segops_env, pg_server_url, "counts", **overrides) as env:
+        worker = WorkerProcess(env, tmp_path_factory.mktemp("counts"), concurrency=2)
+        try:
+            worker.start()
+            yield Stack(sim, server.base_url)
+        finally:
+            worker.stop()
+            server.stop()
+
+
+def members(start: int, stop: int) -> list[str]:
+    """Two thirds email user_ids, one third opaque ones (external_id profiles), as the bench."""
+    return [f"c{i:06d}@example.com" if i % 3 else f"cust-{i:06d}" for i in range(start, stop)]
+
+
+def key(user_id: str) -> RemovalKey:
+    return "email" if is_email(user_id) else "external_id"
+
+
+def sync(
+    stack: Stack, k: Klaviyo, connector_id: str, segment: str, now: list[str], tmp: Path, runs: int
+) -> Counter[Endpoint]:
+    """Recompute, wait for the run, and count what it sent to Klaviyo."""
+    before = len(stack.sim.requests())
+    recompute(segment, now, tmp)
+    wait_idle(connector_id, runs_at_least=runs, timeout=300)
+    sent = [r for r in stack.sim.requests()[before:] if r.account == k.account]
+    assert [r for r in sent if r.status == 429] == []
+    assert set(k.members()) == set(now)
+    return Counter(r.endpoint for r in sent if r.endpoint is not None)
+
+
+def check(sent: Counter[Endpoint], delta: Delta, *, direct: bool) -> None:
+    expected = expected_requests(delta, direct=direct).by_endpoint
+    counted = {
+        e: n for e, n in sent.items() if e not in SETUP and e != Endpoint.LIST_BULK_IMPORT_JOBS
+    }
+    assert counted == expected
+    # the job watcher polls only while a bulk job runs
+    assert (sent[Endpoint.LIST_BULK_IMPORT_JOBS] > 0) == (not direct and delta.adds > 0)
+
+
+def test_requests_per_endpoint_match_the_formula(stack: Stack, tmp_path: Path) -> None:
+    k = Klaviyo.new(stack.sim, stack.base_url)
+    segment = f"counts-{uuid.uuid4().hex[:6]}"
+    connector_id = create_connector(k, segment)
+
+    first = members(0, SIZE)
+    sent = sync(stack, k, connector_id, segment, first, tmp_path, runs=1)
+    assert not goes_direct(SIZE)
+    check(sent, Delta(adds=SIZE), direct=False)
+    assert sent[Endpoint.CREATE_BULK_IMPORT_JOB] == 1 and sent[Endpoint.GET_BULK_IMPORT_JOB] == 1
+
+    churn = SIZE // 10
+    churned = members(churn, SIZE + churn)
+    sent = sync(stack, k, connector_id, segment, churned, tmp_path, runs=2)
+    delta = Delta.of(churn, [(m, key(m)) for m in first[:churn]])
+    assert not goes_direct(churn)
+    check(sent, delta, direct=False)
+    # 1,000 leavers, one DELETE: 334 external_ids (4 lookups of <= 100) and 666 emails (7)
+    assert sent[Endpoint.REMOVE_LIST_PROFILES] == 1 and sent[Endpoint.GET_PROFILES] == 4 + 7
+
+    small = churned[5:] + members(SIZE + churn, SIZE + churn + 5)
+    sent = sync(stack, k, connector_id, segment, small, tmp_path, runs=3)
+    delta = Delta.of(5, [(m, key(m)) for m in churned[:5]])
+    assert goes_direct(5)
+    check(sent, delta, direct=True)
+    assert sent[Endpoint.PROFILE_IMPORT] == 5 and sent[Endpoint.ADD_LIST_PROFILES] == 1
+    assert sent[Endpoint.CREATE_BULK_IMPORT_JOB] == 0
+
+    # Whatever the number of jobs, the watcher's polls stay within their share of the list
+    # endpoint's budget in every (compressed) minute, and within its burst.
+    limit = ENDPOINT_LIMITS[Endpoint.LIST_BULK_IMPORT_JOBS]
+    steady = stack.sim.max_rate(k.account, Endpoint.LIST_BULK_IMPORT_JOBS, stack.sim.steady_window)
+    burst = stack.sim.max_rate(k.account, Endpoint.LIST_BULK_IMPORT_JOBS, stack.sim.burst_window)
+    assert steady <= math.ceil(POLL_SHARE * limit.steady) + 1
+    assert burst <= 2
+    latest = latest_run(connector_id)
+    assert (latest.status, latest.added, latest.removed) == ("succeeded", 5, 5)

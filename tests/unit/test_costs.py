@@ -1,0 +1,63 @@
+"""The cost model: the floor, the request counts and the synchronous cut-over, from the limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from segops_sync.klaviyo import Endpoint
+from segops_sync.klaviyo.endpoints import L, M
+from segops_sync.sync.costs import (
+    Delta,
+    RemovalKey,
+    direct_add_limit,
+    expected_requests,
+    floor_seconds,
+    goes_direct,
+    request_time,
+)
+
+
+def bench_members(start: int, stop: int) -> list[tuple[str, RemovalKey]]:
+    return [
+        (f"b{i:07d}@example.com", "email") if i % 3 else (f"cust-{i:07d}", "external_id")
+        for i in range(start, stop)
+    ]
+
+
+def test_request_times_follow_both_fixed_windows() -> None:
+    assert [request_time(k, M) for k in (0, 9, 10, 99, 149, 150)] == [0, 0, 1, 9, 14, 60]
+    assert request_time(999, L) == 60 + 3  # 750 in the first minute, then 75 a second
+
+
+def test_the_floor_of_the_issue_table() -> None:
+    # first sync of 1M: 100 jobs in 9 s at 10/s, then one job of 5 s
+    assert floor_seconds(Delta(1_000_000), job_seconds=5) == 14
+    assert floor_seconds(Delta(200_000), job_seconds=5) == 6
+    # 10 % churn of 1M: 1,001 lookups at 75/s and 750/min (the last at 63 s)
+    churn = Delta.of(100_000, bench_members(0, 100_000))
+    assert churn.lookup_calls == 1001
+    assert floor_seconds(churn, job_seconds=5) == 63
+    # compressed windows shrink the rate-bound part only
+    assert floor_seconds(churn, job_seconds=5, time_scale=10) == pytest.approx(6.3)
+
+
+def test_the_cut_over_comes_from_the_limits() -> None:
+    assert direct_add_limit(0.9) == 337  # half of 675/min, what the limiter admits of 750
+    assert direct_add_limit(1.0) == 375
+    assert goes_direct(337) and not goes_direct(338) and not goes_direct(0)
+
+
+def test_expected_requests_per_path() -> None:
+    bulk = expected_requests(Delta(25_000)).by_endpoint
+    assert bulk == {
+        Endpoint.CREATE_BULK_IMPORT_JOB: 3,
+        Endpoint.GET_BULK_IMPORT_JOB: 3,
+        Endpoint.GET_BULK_IMPORT_ERRORS: 3,
+    }
+    small = expected_requests(Delta.of(5, bench_members(0, 5))).by_endpoint
+    assert small == {
+        Endpoint.PROFILE_IMPORT: 5,
+        Endpoint.ADD_LIST_PROFILES: 1,
+        Endpoint.REMOVE_LIST_PROFILES: 1,
+        Endpoint.GET_PROFILES: 2,  # one external_id lookup, one email lookup
+    }
