@@ -228,3 +228,28 @@ def test_the_read_back_waits_out_429s_and_a_dead_key_leaves_nothing(world: World
             text("SELECT count(*) FROM list_snapshots WHERE connector_id = :c"), {"c": connector_id}
         )
     assert left == 0
+
+
+def test_a_changed_trait_goes_through_the_bulk_path_too(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import _reset_settings
+
+    monkeypatch.setenv("SEGOPS_DIRECT_ADD_LIMIT", "0")  # every add as a bulk import job
+    _reset_settings()
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-b{i}" for i in range(6)]
+    connector_id = _connector(world, f"tb-{tag}", members)
+    _traits(connector_id, ["plan", "phone_number"])
+    for m in members:
+        _identify(m, {"plan": "free", "phone_number": "+14155552671"})
+    _identify(members[5], {"plan": "free", "phone_number": "not a phone"})
+    first = _sync(world, connector_id)
+    assert (first.added, first.traits_dropped) == (6, 1)
+    jobs = len(world.sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB))
+    _identify(members[2], {"plan": "team", "phone_number": "+14155552671"})
+    run = _sync(world, connector_id)
+    assert (run.status, run.added, run.updated) == ("succeeded", 0, 1)
+    assert len(world.sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB)) == jobs + 1
+    assert _profile(world, members[2]).attributes["properties"]["plan"] == "team"
+    assert _sync(world, connector_id).updated == 0
