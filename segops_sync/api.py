@@ -31,6 +31,7 @@ from segops_sync.api_input import (
     parse_body,
     path_id,
     read_body,
+    storable,
 )
 from segops_sync.config import Settings, get_settings
 from segops_sync.connectors import create_connector, delete_connector, update_connector
@@ -137,9 +138,15 @@ def create(request: Request, settings: Settings) -> Response:
             list_id=body["list_id"],
             api_key=body["api_key"],
             connector_type=body.get("type", "klaviyo"),
+            traits=body.get("traits"),
         )
         doc = connector_json(connector)
-    headers = {"Warning": '199 - "Klaviyo unreachable; saved unchecked"'} if warning else None
+    # unreachable Klaviyo, or a double opt-in list (consent pre-flight): said, not refused
+    headers = (
+        {"Warning": "199 - " + json.dumps(warning.splitlines()[0], ensure_ascii=True)}
+        if warning
+        else None
+    )
     return JSONResponse(doc, status_code=201, headers=headers)
 
 
@@ -209,6 +216,7 @@ def patch(request: Request, settings: Settings) -> Response:
             list_id=body.get("list_id"),
             api_key=body.get("api_key"),
             status=body.get("status"),
+            traits=body.get("traits"),
         )
         doc = connector_json(connector)
         resync_due = connector.resync_requested and connector.status == ConnectorStatus.ACTIVE
@@ -263,6 +271,41 @@ def runs(request: Request, settings: Settings) -> Response:
     """
     with session_scope() as s:
         return JSONResponse({"runs": [run_json(r) for r in list_runs(s, path_id(request))]})
+
+
+def rejected(request: Request, settings: Settings) -> Response:
+    """List a run's rejected members.
+    ---
+    operationId: listRejectedMembers
+    summary: Each member Klaviyo rejected in this run, with its reason (at most 10,000)
+    parameters:
+      - {name: run, in: path, required: true, schema: {type: string}, description: run id}
+    responses:
+      200:
+        description: the rejected members
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                rejected_members:
+                  type: array
+                  items: {$ref: '#/components/schemas/RejectedMember'}
+              required: [rejected_members]
+    """
+    from segops_sync.sync.rejected import UnknownRun, rejected_members
+
+    connector_id = path_id(request)
+    run_id = str(request.path_params["run"])
+    with session_scope() as s:
+        get_connector(s, connector_id)
+        try:
+            if not storable(run_id):  # no run has an id the database cannot hold
+                raise UnknownRun(connector_id, run_id)
+            found = rejected_members(s, connector_id, run_id=run_id)
+        except UnknownRun as exc:
+            return _error(404, str(exc))
+        return JSONResponse({"rejected_members": [m.as_json() for m in found]})
 
 
 def remove(request: Request, settings: Settings) -> Response:
@@ -331,6 +374,7 @@ def create_app(token: str) -> Starlette:
             Route("/v1/connectors/{id}", _guard(remove), methods=["DELETE"]),
             Route("/v1/connectors/{id}/resync", _guard(resync), methods=["POST"]),
             Route("/v1/connectors/{id}/runs", _guard(runs), methods=["GET"]),
+            Route("/v1/connectors/{id}/runs/{run}/rejected", _guard(rejected), methods=["GET"]),
             Route("/openapi.json", _guard(openapi), methods=["GET"]),
             *web.routes(),
         ],

@@ -58,6 +58,13 @@ CREATE_FIELDS: dict[str, BodyField] = {
     ),
     "list_id": BodyField(LIST_ID.schema, required=True),
     "api_key": BodyField(API_KEY.schema, required=True),
+    "traits": BodyField(
+        {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "context_identified traits sent to Klaviyo; [] = none but the email",
+        }
+    ),
 }
 PATCH_FIELDS: dict[str, BodyField] = {
     "status": BodyField(
@@ -65,9 +72,8 @@ PATCH_FIELDS: dict[str, BodyField] = {
     ),
     "list_id": LIST_ID,
     "api_key": API_KEY,
+    "traits": CREATE_FIELDS["traits"],
 }
-# A list-of-strings field (issue 14's "traits") is one more entry in both tables:
-#   "traits": BodyField({"type": "array", "items": {"type": "string"}})
 
 
 def body_schema(fields: dict[str, BodyField]) -> dict[str, Any]:

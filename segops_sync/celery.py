@@ -38,6 +38,10 @@ TASK_ROUTES: dict[str, dict[str, str]] = {
     "segops.finish_run": {"queue": SEGOPS_QUEUE},
     "segops.run_failed": {"queue": SEGOPS_QUEUE},
     "segops.sweep_runs": {"queue": SEGOPS_QUEUE},
+    "segops.verify_connectors": {"queue": SEGOPS_QUEUE},
+    # a list read back takes minutes at 1M members: it waits among the Klaviyo work, never
+    # in front of a recompute message
+    "segops.verify_connector": {"queue": KLAVIYO_QUEUE},
     "segops.deliver_alert": {"queue": SEGOPS_QUEUE},
     "segops.add_batch": {"queue": KLAVIYO_QUEUE},
     "segops.remove_batch": {"queue": KLAVIYO_QUEUE},
@@ -78,6 +82,10 @@ def configure(app: Celery, settings: Settings) -> None:
         task_send_sent_event=True,
         beat_schedule={
             "sweep-stuck-runs": {"task": "segops.sweep_runs", "schedule": settings.sweep_interval},
+            "verify-connectors": {
+                "task": "segops.verify_connectors",
+                "schedule": settings.verify_interval,
+            },
         },
     )
 

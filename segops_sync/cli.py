@@ -22,6 +22,10 @@ from segops_sync.states import ConnectorStatus, RunStatus, StartReason, Trigger
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 WAIT_TIMEOUT = 6 * 3600.0
+TRAITS_HELP = (
+    "context_identified traits to send, comma-separated: first_name, last_name, phone_number, "
+    "organization, title, locale become those profile fields, others custom properties"
+)
 
 
 class Failure(Exception):
@@ -67,6 +71,14 @@ def _show_connector(doc: dict[str, Any]) -> None:
         "api_key",
     ):
         print(f"{key:15} {doc[key] if doc[key] is not None else '-'}")
+    print(f"{'traits':15} {', '.join(doc['traits']) or 'none but the email'}")
+    opt_in = doc.get("opt_in_process")
+    print(f"{'opt_in_process':15} {opt_in or 'unknown (not checked with Klaviyo yet)'}")
+    if opt_in == "double_opt_in":
+        print(
+            "consent         the list uses double opt-in: members this connector adds are not "
+            "subscribed (no confirmation is sent) and get no marketing email until they subscribe"
+        )
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
@@ -92,6 +104,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
             api_key=_api_key(args) or "",  # the parser requires one of the two
             connector_type=args.type,
             verify=not args.no_verify,
+            traits=args.traits,
         )
         doc = connector_json(connector)
     if warning:
@@ -110,8 +123,10 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.session import session_scope
 
     api_key = _api_key(args)
-    if args.list_id is None and api_key is None:
-        raise InputError("nothing to update: give --list-id and/or --api-key (or --api-key-file)")
+    if args.list_id is None and api_key is None and args.traits is None:
+        raise InputError(
+            "nothing to update: give --list-id, --api-key (or --api-key-file) and/or --traits"
+        )
     with session_scope() as s:
         connector, warning = update_connector(
             s,
@@ -120,6 +135,7 @@ def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
             list_id=args.list_id,
             api_key=api_key,
             verify=not args.no_verify,
+            traits=args.traits,
         )
         doc = connector_json(connector)
         resync_due = connector.resync_requested and connector.status == ConnectorStatus.ACTIVE
@@ -249,13 +265,14 @@ def cmd_preview(args: argparse.Namespace, settings: Settings) -> int:
         "connector_id": args.connector_id,
         "adds": p.adds,
         "removes": p.removes,
+        "updates": p.updates,
         "sample_adds": p.sample_adds,
         "sample_removes": p.sample_removes,
     }
     if args.json:
         _print_json(doc)
     else:
-        print(f"{p.adds} to add, {p.removes} to remove")
+        print(f"{p.adds} to add, {p.removes} to remove, {p.updates} to update (traits)")
         for row in p.sample_adds:
             print(
                 f"  + {row['user_id']}  email={row['email'] or '-'}  external_id={row['external_id'] or '-'}"
@@ -277,8 +294,143 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
         for d in docs:
             print(
                 f"{d['started_at']}  {d['status']:9}  {d['trigger']:10} +{d['added']} -{d['removed']} "
-                f"rejected={d['rejected']}" + (f"  {d['error']}" if d["error"] else "")
+                f"~{d['updated']} rejected={d['rejected']} traits_dropped={d['traits_dropped']}"
+                + (
+                    f" verify: {d['verify']['missing']} missing, {d['verify']['extra']} extra"
+                    if d["verify"]
+                    else ""
+                )
+                + (f"  {d['error']}" if d["error"] else "")
             )
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.queries import get_connector
+    from segops_sync.db.session import session_scope
+    from segops_sync.klaviyo import KlaviyoError
+    from segops_sync.states import ConnectorStatus, RunStatus, StartReason
+    from segops_sync.sync.access import KlaviyoAccess
+    from segops_sync.sync.outcomes import describe_for_person
+    from segops_sync.sync.runs import finished_runs, wait_until_idle
+    from segops_sync.sync.verify import (
+        VerifyError,
+        is_running,
+        release_foreign,
+        verify_list,
+    )
+    from segops_sync.tasks import trigger_verified_sync
+
+    if args.remove_extra and not args.repair:
+        raise InputError("--remove-extra removes while repairing: give --repair with it")
+    with session_scope() as s:
+        connector = get_connector(s, args.connector_id)
+        status, list_id = connector.status, connector.list_id
+    if args.repair and status == ConnectorStatus.INACTIVE:
+        raise InputError(f"connector {args.connector_id} is inactive: activate it before --repair")
+    settings.require_secret_key()
+    _wait_for_no_run(args.connector_id, is_running)
+    access = KlaviyoAccess(settings)
+    try:
+        first = verify_list(
+            args.connector_id, access, settings, adopt_extra=args.remove_extra and args.repair
+        )
+        final, added, removed = first, 0, 0
+        if args.repair and not first.matches:
+            with session_scope() as s:
+                done_before = finished_runs(s, args.connector_id)
+            outcome = trigger_verified_sync(args.connector_id, first)
+            expected = done_before + (2 if outcome.reason == StartReason.COALESCED else 1)
+            run = wait_until_idle(
+                args.connector_id, finished_at_least=expected, timeout=WAIT_TIMEOUT
+            )
+            if run is None:
+                raise Failure(f"the repair did not finish within {WAIT_TIMEOUT:.0f}s")
+            added, removed = run.added, run.removed
+            if run.status == RunStatus.HELD:
+                with session_scope() as s:
+                    release_foreign(s, args.connector_id)
+            if run.status != RunStatus.SUCCEEDED and run.error and not args.json:
+                _warn(f"repair sync {run.id}: {run.status}: {run.error}")
+            final = verify_list(args.connector_id, access, settings)
+    except VerifyError as exc:
+        raise Failure(str(exc)) from None
+    except KlaviyoError as exc:
+        raise Failure(describe_for_person(exc, list_id)) from None
+    doc = {
+        "connector_id": args.connector_id,
+        "in_list": first.in_list,
+        "expected": first.expected,
+        "missing": first.missing,
+        "extra": first.extra,
+        "added": added,
+        "removed": removed,
+    }
+    if args.json:
+        _print_json(doc)
+    else:
+        print(
+            f"Klaviyo list {list_id}: {first.in_list} profiles on the list, {first.expected} "
+            f"members in the segment; {first.missing} missing, {first.extra} extra "
+            f"({first.foreign} never added by this connector), {first.suppressed} suppressed"
+        )
+        if first.forgotten:
+            print(f"{first.forgotten} members the ledger counted leave it: the next sync adds them")
+        if args.repair:
+            print(f"repaired: added {added}, removed {removed}")
+        print(
+            "the list matches the segment"
+            if final.matches
+            else f"the list still differs: {final.missing} missing, {final.extra} extra"
+            + ("" if args.repair else " (run with --repair to fix it)")
+        )
+    return EXIT_OK if final.matches else EXIT_FAILED
+
+
+def _wait_for_no_run(connector_id: str, is_running: Callable[..., bool]) -> None:
+    """A list read while a run writes to it would count that run's members as missing."""
+    import time
+
+    from segops_sync.db.session import session_scope
+
+    deadline = time.monotonic() + WAIT_TIMEOUT
+    while True:
+        with session_scope() as s:
+            if not is_running(s, connector_id):
+                return
+        if time.monotonic() > deadline:
+            raise Failure("a sync has been running too long; verify after it")
+        time.sleep(0.5)
+
+
+def cmd_rejected(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.queries import get_connector
+    from segops_sync.db.session import session_scope
+    from segops_sync.sync.rejected import MAX_REJECTED, UnknownRun, rejected_members
+
+    with session_scope() as s:
+        get_connector(s, args.connector_id)
+        try:
+            found = rejected_members(s, args.connector_id, run_id=args.run)
+        except UnknownRun as exc:
+            raise InputError(str(exc)) from None
+    if args.json:
+        _print_json(
+            {
+                "connector_id": args.connector_id,
+                "run_id": args.run,
+                "limit": MAX_REJECTED,
+                "rejected_members": [m.as_json() for m in found],
+            }
+        )
+        return EXIT_OK
+    if not found:
+        print("no rejected members")
+    for m in found:
+        print(
+            f"{m.run_id}  {m.user_id}  email={m.email or '-'}  "
+            f"external_id={m.external_id or '-'}  {m.reason or '-'}"
+        )
     return EXIT_OK
 
 
@@ -430,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--api-key")
     key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE ('-': stdin)")
     p.add_argument("--no-verify", action="store_true", help="skip the live check with Klaviyo")
+    p.add_argument("--traits", help=TRAITS_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_create)
     for name, status in (
@@ -454,8 +607,24 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--api-key")
     key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE ('-': stdin)")
     p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--traits", help=TRAITS_HELP + " ('' for none)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_update)
+    p = conn.add_parser("verify", help="read the Klaviyo list back and compare it with the segment")
+    p.add_argument("connector_id")
+    p.add_argument("--repair", action="store_true", help="sync the missing members back")
+    p.add_argument(
+        "--remove-extra",
+        action="store_true",
+        help="with --repair: also remove profiles in no segment (mass-removal guard applies)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    p = conn.add_parser("rejected", help="members Klaviyo rejected, with its reasons")
+    p.add_argument("connector_id")
+    p.add_argument("--run", help="one sync run (default: the newest runs, up to 10,000 members)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rejected)
     p = conn.add_parser("resync")
     p.add_argument("connector_id")
     p.add_argument("--wait", action="store_true", help="wait for the sync and report it")

@@ -29,11 +29,11 @@ from segops_sync.secrets import decrypt_api_key, encrypt_api_key
 from segops_sync.states import ConnectorStatus, Trigger
 from segops_sync.sync.ledger import forget_ledger
 from segops_sync.sync.outcomes import describe_for_person
+from segops_sync.sync.traits import BadTraits, parse_trait_names
 
 LIST_ID_RE = re.compile(r"^[A-Za-z0-9]{6}$")
 API_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_]{8,}$")
 SEGMENT_ID_MAX = 200
-
 
 
 def validate_list_id(list_id: str) -> str:
@@ -67,14 +67,32 @@ def validate_segment_id(segment_id: str) -> str:
 class CheckResult:
     ok: bool
     warning: str | None = None
+    opt_in_process: str | None = None
 
+
+def validate_traits(traits: str | list[str]) -> list[str]:
+    try:
+        return parse_trait_names(traits)
+    except BadTraits as exc:
+        raise InputError(str(exc)) from None
+
+
+def opt_in_warning(list_id: str, opt_in_process: str | None) -> str | None:
+    """Consent pre-flight: on a double opt-in list, API membership reaches nobody's inbox."""
+    if opt_in_process != "double_opt_in":
+        return None
+    return (
+        f"warning: Klaviyo list {list_id} uses double opt-in: profiles this connector adds are "
+        "list members, not subscribers (adding by API subscribes nobody and sends no "
+        "confirmation); they get marketing email only once they subscribe themselves"
+    )
 
 
 def live_check(api_key: str, list_id: str, base_url: str) -> CheckResult:
     """One ``GET /api/lists/{id}``: checks the key and the list id together (L tier)."""
     try:
         with KlaviyoClient(api_key, base_url) as client:
-            client.get_list(list_id)
+            found = client.get_list(list_id)
     except (CredentialsRejected, PermissionDenied, NotFound) as exc:
         raise InputError(scrub(describe_for_person(exc, list_id), api_key)) from None
     except KlaviyoError as exc:
@@ -83,7 +101,11 @@ def live_check(api_key: str, list_id: str, base_url: str) -> CheckResult:
             ok=False,
             warning=f"warning: could not reach Klaviyo to check the key and list ({detail}); saved unchecked",
         )
-    return CheckResult(ok=True)
+    return CheckResult(
+        ok=True,
+        warning=opt_in_warning(list_id, found.opt_in_process),
+        opt_in_process=found.opt_in_process,
+    )
 
 
 def api_key_of(connector: Connector, settings: Settings) -> str:
@@ -99,6 +121,7 @@ def create_connector(
     api_key: str,
     connector_type: str = "klaviyo",
     verify: bool = True,
+    traits: str | list[str] | None = None,
 ) -> tuple[Connector, str | None]:
     """Validate, check with Klaviyo, then write. Returns the connector and any warning."""
     if connector_type != "klaviyo":
@@ -106,9 +129,13 @@ def create_connector(
     validate_segment_id(segment_id)
     validate_list_id(list_id)
     validate_api_key(api_key)
+    names = validate_traits(traits) if traits is not None else []
     secret = settings.require_secret_key()
-    warning = live_check(api_key, list_id, settings.klaviyo_base_url).warning if verify else None
+    check = live_check(api_key, list_id, settings.klaviyo_base_url) if verify else None
+    warning = check.warning if check else None
     connector = Connector(
+        traits=names,
+        opt_in_process=check.opt_in_process if check else None,
         id=str(uuid.uuid4()),
         type="klaviyo",
         segment_id=segment_id,
@@ -131,8 +158,10 @@ def update_connector(
     api_key: str | None = None,
     status: str | None = None,
     verify: bool = True,
+    traits: str | list[str] | None = None,
 ) -> tuple[Connector, str | None]:
     """Validate every field given, check the key and list with Klaviyo, then write."""
+    names = validate_traits(traits) if traits is not None else None
     if list_id is not None:
         validate_list_id(list_id)
     if api_key is not None:
@@ -144,7 +173,19 @@ def update_connector(
     if verify and (list_id is not None or api_key is not None):
         key = api_key if api_key is not None else api_key_of(connector, settings)
         target_list = list_id if list_id is not None else connector.list_id
-        warning = live_check(key, target_list, settings.klaviyo_base_url).warning
+        check = live_check(key, target_list, settings.klaviyo_base_url)
+        warning = check.warning
+        if check.ok:
+            connector.opt_in_process = check.opt_in_process
+    elif list_id is not None:
+        connector.opt_in_process = None  # a list we did not ask about
+    if names is not None:
+        # members whose named traits now hash differently are sent again at the next sync
+        connector.traits = names
+        if verify and warning is None and connector.opt_in_process == "double_opt_in":
+            warning = opt_in_warning(
+                connector.list_id if list_id is None else list_id, "double_opt_in"
+            )
     new_list = list_id is not None and list_id != connector.list_id
     if list_id is not None and new_list:
         connector.list_id = list_id
@@ -182,4 +223,3 @@ def _set(connector: Connector, status: ConnectorStatus) -> None:
 def delete_connector(session: Session, connector_id: str) -> None:
     connector = get_connector(session, connector_id, lock=True)
     session.delete(connector)
-

@@ -45,6 +45,12 @@ CONNECTOR = {
         "last_synced_at": NULLABLE_TIME,
         "last_error": {"type": "string", "nullable": True},
         "api_key": {"type": "string", "description": "redacted hint, never the whole key"},
+        "traits": {"type": "array", "items": {"type": "string"}},
+        "opt_in_process": {
+            "type": "string",
+            "nullable": True,
+            "description": "as Klaviyo last reported it: double_opt_in or single_opt_in",
+        },
     },
     "required": [
         "id",
@@ -55,6 +61,8 @@ CONNECTOR = {
         "last_synced_at",
         "last_error",
         "api_key",
+        "traits",
+        "opt_in_process",
     ],
 }
 RUN = {
@@ -70,6 +78,21 @@ RUN = {
         "removed": {"type": "integer"},
         "rejected": {"type": "integer"},
         "error": {"type": "string", "nullable": True},
+        "updated": {"type": "integer", "description": "members whose changed traits were resent"},
+        "traits_dropped": {"type": "integer", "description": "trait values Klaviyo would refuse"},
+        "suppressed": {"type": "integer", "description": "members whose email is suppressed"},
+        "rejected_members": {
+            "type": "string",
+            "nullable": True,
+            "description": "path listing this run's rejected members",
+        },
+        "verify": {
+            "type": "object",
+            "nullable": True,
+            "properties": {
+                k: {"type": "integer"} for k in ("in_list", "expected", "missing", "extra")
+            },
+        },
     },
     "required": [
         "id",
@@ -82,7 +105,24 @@ RUN = {
         "removed",
         "rejected",
         "error",
+        "updated",
+        "traits_dropped",
+        "suppressed",
+        "rejected_members",
+        "verify",
     ],
+}
+REJECTED_MEMBER = {
+    "type": "object",
+    "properties": {
+        "run_id": {"type": "string"},
+        "run_started_at": {"type": "string", "format": "date-time"},
+        "user_id": {"type": "string"},
+        "email": {"type": "string", "nullable": True},
+        "external_id": {"type": "string", "nullable": True},
+        "reason": {"type": "string", "nullable": True, "description": "Klaviyo's reason"},
+    },
+    "required": ["run_id", "run_started_at", "user_id", "email", "external_id", "reason"],
 }
 
 
@@ -117,6 +157,7 @@ def _base_schema() -> dict[str, Any]:
                 "Connector": CONNECTOR,
                 "Run": RUN,
                 "Resync": RESYNC,
+                "RejectedMember": REJECTED_MEMBER,
                 "NewConnector": body_schema(CREATE_FIELDS),
                 "ConnectorChange": body_schema(PATCH_FIELDS),
             },

@@ -18,6 +18,10 @@ def connector_json(connector: Connector) -> dict[str, Any]:
         "last_synced_at": iso(connector.last_synced_at),
         "last_error": connector.last_error,
         "api_key": connector.api_key_hint,  # the redacted hint; the key itself is never stored
+        "traits": list(connector.traits or []),
+        # as Klaviyo last reported it (null: not checked yet); double_opt_in means API
+        # membership subscribes nobody
+        "opt_in_process": connector.opt_in_process,
     }
 
 
@@ -33,7 +37,29 @@ def run_json(run: SyncRun) -> dict[str, Any]:
         "removed": run.removed,
         "rejected": run.rejected,
         "error": run.error,
+        # beyond the contract's fields (issue 14)
+        "updated": run.updated,  # members whose changed traits were sent again
+        "traits_dropped": run.traits_dropped,  # trait values Klaviyo would refuse, left out
+        "suppressed": run.suppressed,  # on the list, email suppressed (counted by a read-back)
+        "rejected_members": rejected_members_url(run),
+        "verify": (
+            {
+                "in_list": run.verify_in_list,
+                "expected": run.verify_expected,
+                "missing": run.verify_missing,
+                "extra": run.verify_extra,
+            }
+            if run.verify_in_list is not None
+            else None
+        ),
     }
+
+
+def rejected_members_url(run: SyncRun) -> str | None:
+    """Where the API lists a run's rejected members, one by one (None: it rejected nobody)."""
+    if not run.rejected:
+        return None
+    return f"/v1/connectors/{run.connector_id}/runs/{run.id}/rejected"
 
 
 def iso(value: datetime | None) -> str | None:

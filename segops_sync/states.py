@@ -51,6 +51,7 @@ class ItemOutcome(StrEnum):
     """What Klaviyo said of one member of a batch (NULL while in flight)."""
 
     ADDED = "added"
+    UPDATED = "updated"  # already on the list: only its changed traits were sent again
     REMOVED = "removed"
     REJECTED = "rejected"
     PENDING = "pending"  # not indexed by Klaviyo yet: the next sync retries it
@@ -72,6 +73,7 @@ class Trigger(StrEnum):
     RESYNC = "resync"
     COALESCED = "coalesced"  # triggers that arrived during the previous run
     MASS_REMOVAL = "mass-removal"  # a resync that approves a held mass removal
+    VERIFY = "verify"  # a read-back of the list found what this run repairs
 
 
 class PlanStatus(StrEnum):

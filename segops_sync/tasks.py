@@ -34,6 +34,7 @@ from segops_sync.sync.planner import StartOutcome, plan_run, start_run
 from segops_sync.sync.recovery import fail_crashing_batch, run_ready_to_close
 from segops_sync.sync.runs import RunClosed, closed_summary, fail_run, finish_run
 from segops_sync.sync.sweeper import StuckAction, find_stuck_runs
+from segops_sync.sync.verify import Comparison
 
 log = logging.getLogger("segops_sync.tasks")
 
@@ -142,12 +143,11 @@ def context_identified(*args: Any, **kwargs: Any) -> None:
         if not isinstance(traits, dict):
             raise Malformed("traits must be an object")
         email = traits.get("email")
-        if email is None:
-            return  # an identify without an email changes nothing for Klaviyo
-        if not isinstance(email, str):
+        if email is not None and not isinstance(email, str):
             raise Malformed("traits.email must be a string")
         with session_scope() as s:
-            record_identity(s, user_id, email)
+            # every trait is kept; connectors choose the ones they send (sync/traits.py)
+            record_identity(s, user_id, email, traits)
     except (Malformed, BadIdentity) as exc:
         _drop("segops.context_identified", str(exc))
 
@@ -375,3 +375,46 @@ def deliver_alert(self: Task, delivery_id: Any) -> None:
     outcome = deliver(delivery_id, get_settings())
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
+
+
+# -- read-back verification (issue 14) -----------------------------------------------------
+
+
+def trigger_verified_sync(connector_id: str, result: Comparison) -> StartOutcome:
+    """A run with trigger ``verify`` carrying what the read-back found; planned after commit."""
+    from segops_sync.sync.verify import start_verified_run
+
+    with session_scope() as s:
+        outcome = start_verified_run(s, connector_id, result)
+    log.info("connector %s: verify trigger -> %s", connector_id, outcome.reason)
+    if outcome.reason == StartReason.STARTED and outcome.run_id:
+        plan_run_task.delay(outcome.run_id)
+    return outcome
+
+
+@app.task(base=SegopsTask, name="segops.verify_connectors", max_retries=3)
+def verify_connectors() -> None:
+    """Beat: read every connector's list back, one task per connector."""
+    from segops_sync.sync.verify import verifiable_connectors
+
+    with session_scope() as s:
+        connector_ids = verifiable_connectors(s)
+    for connector_id in connector_ids:
+        verify_connector.delay(connector_id)
+
+
+@app.task(base=SegopsTask, name="segops.verify_connector", max_retries=3)
+def verify_connector(connector_id: Any) -> None:
+    """Read one list back, correct the ledger, and let a ``verify`` run add the missing.
+
+    The read waits for the fleet limiter in the task (a million members is ~15 minutes of
+    L-tier pages), which is why it runs on the Klaviyo queue. Extra profiles are reported in
+    the run history, never removed from here."""
+    from segops_sync.sync.verify import verify_for_beat
+
+    if not isinstance(connector_id, str) or not connector_id:
+        _drop("segops.verify_connector", "expected args [connector_id]")
+        return
+    result = verify_for_beat(connector_id, klaviyo_access(), get_settings())
+    if result is not None:
+        trigger_verified_sync(connector_id, result)

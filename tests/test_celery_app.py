@@ -57,4 +57,16 @@ def test_every_task_takes_its_retry_and_result_options_from_one_base() -> None:
         assert task.ignore_result is (name not in chord_header), name
         assert isinstance(task, BatchTask) is (name in chord_header), name
         # Periodic work gives up after a few tries (the next tick comes); the rest never drops.
-        assert task.max_retries == (3 if name == "segops.sweep_runs" else None), name
+        periodic = {"segops.sweep_runs", "segops.verify_connectors", "segops.verify_connector"}
+        assert task.max_retries == (3 if name in periodic else None), name
+
+
+def test_the_beat_verifies_connectors_at_the_configured_interval() -> None:
+    from segops_sync.config import Settings
+
+    entry = app.conf.beat_schedule["verify-connectors"]
+    assert entry["task"] == "segops.verify_connectors"
+    assert entry["schedule"] == Settings().verify_interval
+    assert Settings.model_fields["verify_interval"].default == 6 * 3600  # README explains why
+    # the long list read waits among the Klaviyo work, never before a recompute message
+    assert TASK_ROUTES["segops.verify_connector"]["queue"] == KLAVIYO_QUEUE

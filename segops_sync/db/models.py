@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -20,7 +20,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -82,11 +82,16 @@ class SegmentMember(Base):
 
 
 class Identity(Base):
-    """The latest ``context_identified`` email trait per user."""
+    """The latest ``context_identified`` event per user: its email and all its traits."""
 
     __tablename__ = "identities"
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
-    email: Mapped[str] = mapped_column(Text)
+    # The latest email seen; an event without one keeps it.
+    email: Mapped[str | None] = mapped_column(Text)
+    # Every trait of the latest event, as received; connectors pick the ones they send.
+    traits: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, default=dict, server_default=text("'{}'::jsonb")
+    )
     identified_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
@@ -111,6 +116,12 @@ class Connector(Base):
         Boolean, default=False, server_default=text("false")
     )
     resync_trigger: Mapped[Trigger | None] = mapped_column(StateText(Trigger))
+    # The list's opt_in_process as Klaviyo last reported it (double_opt_in | single_opt_in).
+    opt_in_process: Mapped[str | None] = mapped_column(Text)
+    # The context_identified traits this connector sends to Klaviyo (besides the email).
+    traits: Mapped[list[str]] = mapped_column(
+        ARRAY(Text), default=list, server_default=text("'{}'::text[]")
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -135,6 +146,10 @@ class LedgerEntry(Base):
     email: Mapped[str | None] = mapped_column(Text)
     external_id: Mapped[str | None] = mapped_column(Text)
     profile_id: Mapped[str | None] = mapped_column(Text)
+    # Hash of the named traits Klaviyo confirmed (NULL: none); a different hash is resent.
+    traits_hash: Mapped[str | None] = mapped_column(Text)
+    # Klaviyo suppresses the profile's email (as the last read-back of the list saw it).
+    suppressed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -164,6 +179,17 @@ class SyncRun(Base):
     # Set by the first batch that meets a permanent error, so the other batches stop early.
     abort_reason: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    # Members already on the list whose named traits were sent again.
+    updated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Trait values Klaviyo would refuse, left out of the profiles sent (members still joined).
+    traits_dropped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Members on the list whose profiles are suppressed in Klaviyo (they get no email).
+    suppressed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A run started by `connectors verify` or the beat verification: what the read-back found.
+    verify_in_list: Mapped[int | None] = mapped_column(Integer)
+    verify_expected: Mapped[int | None] = mapped_column(Integer)
+    verify_missing: Mapped[int | None] = mapped_column(Integer)
+    verify_extra: Mapped[int | None] = mapped_column(Integer)
     __table_args__ = (
         CheckConstraint(f"status IN ({_values(RunStatus)})", name="status"),
         # At most one run per connector at a time; extra triggers coalesce.
@@ -217,6 +243,13 @@ class SyncBatchItem(Base):
     external_id: Mapped[str | None] = mapped_column(Text)
     profile_id: Mapped[str | None] = mapped_column(Text)
     job_id: Mapped[str | None] = mapped_column(Text)
+    # The connector's named traits of this member at planning time, and their hash.
+    traits: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    traits_hash: Mapped[str | None] = mapped_column(Text)
+    # An add of a member already on the list, whose traits changed: outcome 'updated'.
+    refresh: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Names of the traits left out because Klaviyo would refuse their values.
+    dropped_traits: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     outcome: Mapped[ItemOutcome | None] = mapped_column(StateText(ItemOutcome))  # NULL in flight
     reason: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (Index("ix_sync_batch_items_batch", "run_id", "kind", "seq"),)
@@ -247,3 +280,21 @@ class AlertDelivery(Base):
         CheckConstraint(f"event IN ({_values(AlertEvent)})", name="event"),
         Index("uq_alert_deliveries_run_event", "run_id", "event", unique=True),
     )
+
+
+class ListSnapshotEntry(Base):
+    """One profile of a Klaviyo list as a verification read it back (deleted after use).
+
+    The read-back goes to PostgreSQL page by page so that comparing a million-member list with
+    its segment is a join, not a Python set of a million profiles."""
+
+    __tablename__ = "list_snapshots"
+    verify_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    profile_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    connector_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("connectors.id", ondelete="CASCADE"), index=True
+    )
+    email: Mapped[str | None] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(Text)
+    suppressed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

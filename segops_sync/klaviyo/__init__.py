@@ -25,10 +25,12 @@ from segops_sync.klaviyo.errors import (
     parse_retry_after,
 )
 from segops_sync.klaviyo.models import (
+    PROFILE_FIELDS,
     BulkImportJob,
     ImportedProfile,
     ImportErrorItem,
     KlaviyoList,
+    ListMember,
     ProfileInput,
     RateLimitHeaders,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "MAX_IDS_PER_RELATIONSHIP_CALL",
     "MAX_JOB_BYTES",
     "MAX_PROFILES_PER_JOB",
+    "PROFILE_FIELDS",
     "REVISION",
     "ApiErrorItem",
     "BulkImportJob",
@@ -61,6 +64,7 @@ __all__ = [
     "KlaviyoClient",
     "KlaviyoError",
     "KlaviyoList",
+    "ListMember",
     "NotFound",
     "PermissionDenied",
     "ProfileInput",

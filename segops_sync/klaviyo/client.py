@@ -32,6 +32,7 @@ from segops_sync.klaviyo.models import (
     ImportedProfile,
     ImportErrorItem,
     KlaviyoList,
+    ListMember,
     ProfileInput,
     RateLimitHeaders,
 )
@@ -148,8 +149,12 @@ class KlaviyoClient:
                 endpoint=endpoint,
             )
         attrs = obj(data, "attributes")
-        name = attrs.get("name")
-        return KlaviyoList(id=found, name=name if isinstance(name, str) else "")
+        name, opt_in = attrs.get("name"), attrs.get("opt_in_process")
+        return KlaviyoList(
+            id=found,
+            name=name if isinstance(name, str) else "",
+            opt_in_process=opt_in if isinstance(opt_in, str) else None,
+        )
 
     def create_bulk_import_job(self, profiles: Sequence[ProfileInput], list_id: str) -> str:
         """Submits one bulk import job with the list attached; returns the job id.
@@ -270,6 +275,44 @@ class KlaviyoClient:
         params = {"page[size]": str(MAX_PAGE_SIZE)}
         for item in self._paginate(endpoint, endpoint.path(list_id), params):
             yield _str_field(item, "id", endpoint)
+
+    def list_members_page(
+        self, list_id: str, next_url: str | None = None
+    ) -> tuple[list[ListMember], str | None]:
+        """One page of the list read back (100 a page, L tier) with the identifiers the sync
+        matches on and whether each profile's email is suppressed; and the next page's URL.
+
+        One request per call, so a caller that is throttled can ask for the same page again."""
+        endpoint = Endpoint.GET_LIST_MEMBERS
+        if next_url is None:
+            url: str = endpoint.path(list_id)
+            params: dict[str, str] | None = {
+                "page[size]": str(MAX_PAGE_SIZE),
+                "fields[profile]": "email,external_id,subscriptions.email.marketing.suppression",
+                # stays in the L tier (only predictive_analytics costs more)
+                "additional-fields[profile]": "subscriptions",
+            }
+        else:
+            url, params = self._same_origin(next_url, endpoint), None
+        doc = self._json(self._request(endpoint, url, params=params))
+        data = doc.get("data")
+        if not isinstance(data, list):
+            raise _malformed(endpoint, "data is not a list")
+        members = [_list_member(item, endpoint) for item in data if isinstance(item, dict)]
+        nxt = obj(doc, "links").get("next")
+        if isinstance(nxt, str) and nxt:
+            if nxt == next_url:
+                raise _malformed(endpoint, "pagination repeats a page")
+            return members, nxt
+        return members, None
+
+    def iter_list_members(self, list_id: str) -> Iterator[list[ListMember]]:
+        """Every page of the list read back (see list_members_page)."""
+        page, nxt = self.list_members_page(list_id)
+        yield page
+        while nxt is not None:
+            page, nxt = self.list_members_page(list_id, nxt)
+            yield page
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -412,6 +455,19 @@ def _imported_profile(item: dict[str, Any], endpoint: Endpoint) -> ImportedProfi
         id=_str_field(item, "id", endpoint),
         email=email if isinstance(email, str) else None,
         external_id=ext if isinstance(ext, str) else None,
+    )
+
+
+def _list_member(item: dict[str, Any], endpoint: Endpoint) -> ListMember:
+    attrs = obj(item, "attributes")
+    email, ext = attrs.get("email"), attrs.get("external_id")
+    marketing = obj(obj(obj(attrs, "subscriptions"), "email"), "marketing")
+    suppression = marketing.get("suppression")
+    return ListMember(
+        id=_str_field(item, "id", endpoint),
+        email=email if isinstance(email, str) else None,
+        external_id=ext if isinstance(ext, str) else None,
+        suppressed=isinstance(suppression, list) and bool(suppression),
     )
 
 

@@ -23,6 +23,8 @@ class Endpoint(StrEnum):
     GET_LIST = "GET /api/lists/{id}"
     # ids only: cheaper than /profiles and all reconciliation needs
     GET_LIST_PROFILES = "GET /api/lists/{id}/relationships/profiles"
+    # with email and external_id: what verification matches segment members on
+    GET_LIST_MEMBERS = "GET /api/lists/{id}/profiles"
     ADD_LIST_PROFILES = "POST /api/lists/{id}/relationships/profiles"
     REMOVE_LIST_PROFILES = "DELETE /api/lists/{id}/relationships/profiles"
     GET_PROFILES = "GET /api/profiles"
@@ -66,6 +68,7 @@ ENDPOINT_LIMITS: dict[Endpoint, RateLimit] = {
     Endpoint.GET_ACCOUNTS: XS,
     Endpoint.GET_LIST: L,
     Endpoint.GET_LIST_PROFILES: L,
+    Endpoint.GET_LIST_MEMBERS: L,
     Endpoint.ADD_LIST_PROFILES: M,
     Endpoint.REMOVE_LIST_PROFILES: M,
     Endpoint.GET_PROFILES: L,
@@ -81,6 +84,7 @@ ENDPOINT_SCOPES: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_ACCOUNTS: frozenset({"accounts:read"}),
     Endpoint.GET_LIST: frozenset({"lists:read"}),
     Endpoint.GET_LIST_PROFILES: frozenset({"lists:read", "profiles:read"}),
+    Endpoint.GET_LIST_MEMBERS: frozenset({"lists:read", "profiles:read"}),
     Endpoint.ADD_LIST_PROFILES: frozenset({"lists:write", "profiles:write"}),
     Endpoint.REMOVE_LIST_PROFILES: frozenset({"lists:write", "profiles:write"}),
     Endpoint.GET_PROFILES: frozenset({"profiles:read"}),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+# The profile attributes besides the identifiers that a caller may set (Klaviyo's names).
+PROFILE_FIELDS = ("first_name", "last_name", "phone_number", "organization", "title", "locale")
 
 
 @dataclass(frozen=True)
@@ -18,20 +22,42 @@ class RateLimitHeaders:
 
 @dataclass(frozen=True)
 class ProfileInput:
-    """One profile to import; Klaviyo matches on email first, then external_id."""
+    """One profile to import; Klaviyo matches on email first, then external_id.
+
+    ``fields`` are standard profile attributes (PROFILE_FIELDS), ``properties`` custom ones;
+    the caller has checked their values (this layer only shapes them)."""
 
     email: str | None = None
     external_id: str | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+    properties: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.email and not self.external_id:
             raise ValueError("a profile needs an email or an external_id")
+        unknown = set(self.fields) - set(PROFILE_FIELDS)
+        if unknown:
+            raise ValueError(f"not a profile field: {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class ListMember:
+    """A profile on a list, as read back: its id and the identifiers the sync matches on."""
+
+    id: str
+    email: str | None
+    external_id: str | None
+    # Klaviyo suppresses its email (unsubscribed, bounced, ...): on the list, never emailed
+    suppressed: bool = False
 
 
 @dataclass(frozen=True)
 class KlaviyoList:
     id: str
     name: str
+    # double_opt_in | single_opt_in (None when Klaviyo did not say): API list membership never
+    # subscribes anyone, whatever this says; double opt-in makes that visible to marketers.
+    opt_in_process: str | None = None
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,18 @@ def encode_body(body: dict[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def profile_attributes(profile: ProfileInput) -> dict[str, str]:
-    # Absent identifiers are omitted, never sent as null: null would clear the field on upsert.
-    attrs: dict[str, str] = {}
+def profile_attributes(profile: ProfileInput) -> dict[str, Any]:
+    # Absent values are omitted, never sent as null: null would clear the field on upsert.
+    attrs: dict[str, Any] = {}
     if profile.email:
         attrs["email"] = profile.email
     if profile.external_id:
         attrs["external_id"] = profile.external_id
+    for name, value in profile.fields.items():
+        if value is not None:
+            attrs[name] = value
+    if profile.properties:
+        attrs["properties"] = dict(profile.properties)
     return attrs
 
 

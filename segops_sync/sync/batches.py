@@ -48,6 +48,7 @@ from segops_sync.sync.ledger import (
     remember_profile_ids,
 )
 from segops_sync.sync.outcomes import Action, decide
+from segops_sync.sync.traits import trait_profiles
 from segops_sync.sync.watcher import AccountJobs
 
 log = logging.getLogger(__name__)
@@ -349,11 +350,14 @@ def _add(
             .where(SyncBatchItem.job_id.is_(None), SyncBatchItem.outcome.is_(None))
             .order_by(SyncBatchItem.user_id)
             .with_only_columns(
-                SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id
+                SyncBatchItem.user_id,
+                SyncBatchItem.email,
+                SyncBatchItem.external_id,
+                SyncBatchItem.traits,
             )
         ).all()
     if unsent:
-        members = [(uid, ProfileInput(email=email, external_id=ext)) for uid, email, ext in unsent]
+        members = trait_profiles(ctx.run_id, unsent)
         start = 0
         for chunk in split_into_jobs([p for _, p in members]):
             _submit(ctx, client, members[start : start + len(chunk)], jobs)
@@ -501,7 +505,12 @@ def _settle_job(
     confirmed (the others would be "added" on faith, the silent success others ship)."""
     with session_scope() as s:
         members = s.execute(
-            select(SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id).where(
+            select(
+                SyncBatchItem.user_id,
+                SyncBatchItem.email,
+                SyncBatchItem.external_id,
+                SyncBatchItem.refresh,
+            ).where(
                 # the batch's own rows (an index), not a scan of the whole run for the job id
                 SyncBatchItem.run_id == ctx.run_id,
                 SyncBatchItem.kind == ctx.kind,
@@ -510,8 +519,8 @@ def _settle_job(
                 SyncBatchItem.outcome.is_(None),
             )
         ).all()
-        by_email = {e.lower(): u for u, e, _ in members if e}
-        by_ext = {x: u for u, _, x in members if x}
+        by_email = {e.lower(): u for u, e, _, _ in members if e}
+        by_ext = {x: u for u, _, x, _ in members if x}
         rejected: dict[str, str] = {}
         unattributed = 0
         for err in errors:
@@ -530,8 +539,11 @@ def _settle_job(
             )
         for user_id, reason in rejected.items():
             _set_outcome(s, ctx, [user_id], ItemOutcome.REJECTED, reason)
-        accepted = [u for u, _, _ in members if u not in rejected]
-        _set_outcome(s, ctx, accepted, ItemOutcome.ADDED)
+        accepted = [u for u, _, _, _ in members if u not in rejected]
+        refreshed = {u for u, _, _, refresh in members if refresh}
+        _set_outcome(s, ctx, [u for u in accepted if u not in refreshed], ItemOutcome.ADDED)
+        # already on the list: only their traits were sent again
+        _set_outcome(s, ctx, [u for u in accepted if u in refreshed], ItemOutcome.UPDATED)
         confirm_added(s, ctx.connector_id, ctx.run_id, accepted)
         _progress(s, ctx)
     return None

@@ -25,10 +25,10 @@ from segops_sync.klaviyo import (
     MAX_IDS_PER_RELATIONSHIP_CALL,
     InvalidRequest,
     KlaviyoClient,
-    ProfileInput,
 )
 from segops_sync.states import ItemOutcome
 from segops_sync.sync.ledger import confirm_added
+from segops_sync.sync.traits import trait_profiles
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +77,20 @@ def add_directly(
                 SyncBatchItem.email,
                 SyncBatchItem.external_id,
                 SyncBatchItem.profile_id,
+                SyncBatchItem.traits,
             )
             .where(*items)
             .order_by(SyncBatchItem.user_id)
         ).all()
+    # the named traits, refused values left out and named on the item (see sync/traits.py)
+    profiles = trait_profiles(run_id, [(u, e, x, t) for u, e, x, p, t in rows if not p])
 
     learnt: dict[str, str] = {}
     rejected: dict[str, str] = {}
     try:
-        for user_id, email, external_id, profile_id in rows:
-            if profile_id:
-                continue
+        for user_id, profile in profiles:
             try:
-                learnt[user_id] = retry(
-                    client.upsert_profile, ProfileInput(email=email, external_id=external_id)
-                )
+                learnt[user_id] = retry(client.upsert_profile, profile)
             except InvalidRequest as exc:
                 reason = member_problem(exc)
                 if reason is None:
@@ -122,11 +121,16 @@ def add_directly(
             _forget_ids(run_id, [users[i] for i in stale])
             return "stale profile ids"
         with session_scope() as s:
-            s.execute(
-                update(SyncBatchItem)
-                .where(SyncBatchItem.run_id == run_id, SyncBatchItem.user_id.in_(users))
-                .values(outcome=ItemOutcome.ADDED, reason=None)
-            )
+            for refresh, outcome in ((False, ItemOutcome.ADDED), (True, ItemOutcome.UPDATED)):
+                s.execute(
+                    update(SyncBatchItem)
+                    .where(
+                        SyncBatchItem.run_id == run_id,
+                        SyncBatchItem.user_id.in_(users),
+                        SyncBatchItem.refresh.is_(refresh),
+                    )
+                    .values(outcome=outcome, reason=None)
+                )
             confirm_added(s, connector_id, run_id, users)
         on_progress()
     return None

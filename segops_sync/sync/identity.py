@@ -6,7 +6,10 @@ A user_id that is an email address becomes the profile's ``email``; any other be
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -37,16 +40,34 @@ class BadIdentity(ValueError):
     pass
 
 
-def record_identity(session: Session, user_id: str, email: str) -> None:
-    """Store the latest email trait of a user (``segops.context_identified``)."""
+# A context_identified event larger than this is refused: traits are profile data, not payloads.
+MAX_TRAITS_BYTES = 64 * 1024
+
+
+def record_identity(
+    session: Session, user_id: str, email: str | None, traits: Mapping[str, Any] | None = None
+) -> None:
+    """Store the latest ``context_identified`` event of a user: all its traits, as received,
+    and its email (an event without an email keeps the one seen before)."""
     if not user_id or len(user_id) > MAX_USER_ID:
         raise BadIdentity(f"user_id must be 1 to {MAX_USER_ID} characters")
-    if not is_email(email):
+    if email is not None and not is_email(email):
         raise BadIdentity(f"email {email!r} is not an email address")
+    doc = dict(traits) if traits is not None else ({"email": email} if email else {})
+    try:
+        encoded = json.dumps(doc, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        raise BadIdentity("traits must be JSON") from None
+    if len(encoded.encode()) > MAX_TRAITS_BYTES:
+        raise BadIdentity(f"traits exceed {MAX_TRAITS_BYTES} bytes")
+    if "\\u0000" in encoded or "\x00" in encoded:
+        raise BadIdentity("traits contain a NUL character, which PostgreSQL cannot store")
     session.execute(
         text(
-            "INSERT INTO identities (user_id, email, identified_at) VALUES (:u, :e, now()) "
-            "ON CONFLICT (user_id) DO UPDATE SET email = EXCLUDED.email, identified_at = now()"
+            "INSERT INTO identities (user_id, email, traits, identified_at) "
+            "VALUES (:u, :e, CAST(:t AS jsonb), now()) "
+            "ON CONFLICT (user_id) DO UPDATE SET email = COALESCE(EXCLUDED.email, identities.email), "
+            "traits = EXCLUDED.traits, identified_at = now()"
         ),
-        {"u": user_id, "e": email},
+        {"u": user_id, "e": email, "t": encoded},
     )

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from segops_sync.db.models import LedgerEntry
@@ -21,16 +22,19 @@ def forget_ledger(session: Session, connector_id: str) -> None:
 def confirm_added(
     session: Session, connector_id: str, run_id: str, user_ids: Sequence[str]
 ) -> None:
-    """Members Klaviyo accepted into the list enter the ledger (with what was sent)."""
+    """Members Klaviyo accepted into the list enter the ledger (with what was sent, and the
+    hash of the traits sent, so that a change of them is sent again)."""
     if not user_ids:
         return
     session.execute(
         text(
-            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id) "
-            "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id FROM sync_batch_items it "
+            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id, "
+            "traits_hash) "
+            "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash "
+            "FROM sync_batch_items it "
             "WHERE it.run_id = :r AND it.user_id = ANY(:u) "
             "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
-            "external_id = EXCLUDED.external_id, "
+            "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
             "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
         ),
         {"c": connector_id, "r": run_id, "u": list(user_ids)},
@@ -71,7 +75,9 @@ def forget_profile_ids(session: Session, connector_id: str, user_ids: Sequence[s
     )
 
 
-def added_times(session: Session, connector_id: str, user_ids: Sequence[str]) -> dict[str, datetime]:
+def added_times(
+    session: Session, connector_id: str, user_ids: Sequence[str]
+) -> dict[str, datetime]:
     """When each of these members entered the list, as far as the ledger knows."""
     rows = session.execute(
         select(LedgerEntry.user_id, LedgerEntry.added_at).where(
@@ -79,3 +85,81 @@ def added_times(session: Session, connector_id: str, user_ids: Sequence[str]) ->
         )
     ).all()
     return {user_id: added_at for user_id, added_at in rows}
+
+
+# -- what a read-back of the list taught us (sync/verify.py) -------------------------------
+
+
+def forget_missing(
+    session: Session,
+    connector_id: str,
+    missing_sql: str,
+    params: dict[str, Any],
+    confirmed_before: datetime,
+) -> int:
+    """Members Klaviyo no longer has on the list leave the ledger, so the next sync adds them
+    again. ``missing_sql`` selects their user_ids; only rows confirmed before the read began go
+    (a run may have added others since)."""
+    result = session.execute(
+        text(
+            "DELETE FROM connector_members cm WHERE cm.connector_id = :c "
+            f"AND cm.added_at < :confirmed_before AND cm.user_id IN ({missing_sql})"
+        ),
+        {**params, "c": connector_id, "confirmed_before": confirmed_before},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def adopt_foreign(
+    session: Session, connector_id: str, profiles_sql: str, params: dict[str, Any], prefix: str
+) -> int:
+    """Profiles the connector never added enter the ledger (user_id ``prefix + profile id``),
+    so that the normal removal path, mass-removal guard included, removes them.
+    ``profiles_sql`` selects (profile_id, email, external_id)."""
+    result = session.execute(
+        text(
+            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id) "
+            "SELECT :c, :prefix || f.profile_id, f.email, f.external_id, f.profile_id "
+            f"FROM ({profiles_sql}) f ON CONFLICT (connector_id, user_id) DO NOTHING"
+        ),
+        {**params, "c": connector_id, "prefix": prefix},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def release_foreign(session: Session, connector_id: str, prefix: str) -> int:
+    """Adopted foreign profiles leave the ledger again (their removal was held)."""
+    result = session.execute(
+        text(
+            "DELETE FROM connector_members WHERE connector_id = :c "
+            "AND starts_with(user_id, :prefix)"
+        ),
+        {"c": connector_id, "prefix": prefix},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def mark_suppressed(
+    session: Session, connector_id: str, suppressed_sql: str, params: dict[str, Any]
+) -> None:
+    """Remember which members Klaviyo suppresses (``suppressed_sql`` selects their user_ids):
+    every run then counts them, not only the runs a read-back starts."""
+    session.execute(
+        text(
+            "UPDATE connector_members cm SET suppressed = "
+            f"(cm.user_id IN ({suppressed_sql})) WHERE cm.connector_id = :c "
+            f"AND cm.suppressed IS DISTINCT FROM (cm.user_id IN ({suppressed_sql}))"
+        ),
+        {**params, "c": connector_id},
+    )
+
+
+def suppressed_count(session: Session, connector_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.connector_id == connector_id, LedgerEntry.suppressed)
+        )
+        or 0
+    )

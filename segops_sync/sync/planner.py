@@ -30,6 +30,7 @@ from segops_sync.states import (
 )
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, goes_direct
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 
 # One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
 # (A run with few adds sends them synchronously instead, DIRECT_BATCH_SIZE to a batch.)
@@ -51,6 +52,25 @@ _REMOVED_SQL = """
       AND NOT EXISTS (SELECT 1 FROM segment_members sm
                       WHERE sm.segment_id = :seg AND sm.user_id = cm.user_id)
 """
+
+# Members on the list whose named traits changed since Klaviyo confirmed them (the ledger's
+# traits_hash): sent again through the add path, costing only those members.
+_CHANGED_SQL = f"""
+    SELECT cm.user_id FROM connector_members cm
+    JOIN segment_members s ON s.segment_id = :seg AND s.user_id = cm.user_id
+    LEFT JOIN identities i ON i.user_id = cm.user_id
+    WHERE cm.connector_id = :c AND cm.traits_hash IS DISTINCT FROM {TRAITS_HASH_SQL}
+"""
+
+
+def _joiners_sql(traits: list[str]) -> str:
+    """The adds of a run: the delta's joiners, plus (when the connector names traits) the
+    members whose traits changed. Without named traits every hash is NULL: no comparison."""
+    joiners = "SELECT user_id, false AS refresh FROM run_delta WHERE joins"
+    if not traits:
+        return joiners
+    return f"{joiners} UNION ALL SELECT c.user_id, true FROM ({_CHANGED_SQL}) c"
+
 
 # Both directions of the delta in one pass: a hash full join of the segment against the ledger
 # reads each table once (index-only when vacuumed); two anti-joins read each twice.
@@ -150,17 +170,24 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
     if run.phase != RunPhase.PLANNING:
         return _open_batches(session, run)
     connector = session.get_one(Connector, run.connector_id)
-    params: dict[str, Any] = {"run": run.id, "seg": connector.segment_id, "c": connector.id}
+    params: dict[str, Any] = {
+        "run": run.id,
+        "seg": connector.segment_id,
+        "c": connector.id,
+        "names": list(connector.traits or []),
+    }
     session.execute(text(_DELTA_WORK_MEM))
     session.execute(text(f"CREATE TEMP TABLE run_delta ON COMMIT DROP AS {_DELTA_SQL}"), params)
     adds = _rowcount(
         session.execute(
             text(
-                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id) "
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, "
+                "traits, traits_hash, refresh) "
                 "SELECT :run, sm.user_id, :kind, "
                 "(row_number() OVER (ORDER BY sm.user_id) - 1) / :size, "
-                f"{SQL_EMAIL}, {SQL_EXTERNAL_ID} "
-                "FROM run_delta sm LEFT JOIN identities i ON i.user_id = sm.user_id WHERE sm.joins"
+                f"{SQL_EMAIL}, {SQL_EXTERNAL_ID}, {SELECTED_TRAITS_SQL}, {TRAITS_HASH_SQL}, "
+                f"sm.refresh FROM ({_joiners_sql(connector.traits)}) sm "
+                "LEFT JOIN identities i ON i.user_id = sm.user_id"
             ),
             {**params, "size": ADD_BATCH_SIZE, "kind": BatchKind.ADD},
         )
@@ -273,6 +300,8 @@ class Preview:
     removes: int
     sample_adds: list[dict[str, str | None]]
     sample_removes: list[dict[str, str | None]]
+    # members on the list whose named traits changed: sent again, not added
+    updates: int = 0
 
 
 def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
@@ -280,6 +309,15 @@ def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
     connector = get_connector(session, connector_id)
     params = {"seg": connector.segment_id, "c": connector.id}
     adds, removes = delta_sizes(session, connector)
+    updates = (
+        session.scalar(
+            text(f"SELECT count(*) FROM ({_CHANGED_SQL}) d"),
+            {**params, "names": list(connector.traits)},
+        )
+        or 0
+        if connector.traits
+        else 0
+    )
     sample_adds = [
         dict(r._mapping)
         for r in session.execute(
@@ -292,7 +330,7 @@ def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
             text(f"{_REMOVED_SQL} ORDER BY cm.user_id LIMIT :n"), {**params, "n": sample}
         )
     ]
-    return Preview(adds, removes, sample_adds, sample_removes)
+    return Preview(adds, removes, sample_adds, sample_removes, updates)
 
 
 def delta_sizes(session: Session, connector: Connector) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from segops_sync.states import (
     RunStatus,
     Trigger,
 )
+from segops_sync.sync.ledger import suppressed_count
 from segops_sync.sync.planner import StartOutcome, start_run
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     run.removed = sum(b.removed for b in batches)
     run.rejected = sum(b.rejected for b in batches)
     run.pending = sum(b.pending for b in batches)
+    _trait_counts(session, run)
     failed = [b for b in batches if b.status == BatchStatus.FAILED]
     error: str | None = None
     if failed:
@@ -193,6 +195,22 @@ def wait_until_idle(
             on_poll()
         time.sleep(0.25)
     return None
+
+
+def _trait_counts(session: Session, run: SyncRun) -> None:
+    """Trait updates and refused trait values, counted from the members' rows."""
+    updated, dropped = session.execute(
+        text(
+            "SELECT count(*) FILTER (WHERE outcome = 'updated'), "
+            "COALESCE(sum(cardinality(dropped_traits)), 0) "
+            "FROM sync_batch_items WHERE run_id = :r"
+        ),
+        {"r": run.id},
+    ).one()
+    run.updated, run.traits_dropped = int(updated), int(dropped)
+    # members on the list whose email Klaviyo suppresses, as the last read-back saw them:
+    # counted in every run, never failures
+    run.suppressed = suppressed_count(session, run.connector_id)
 
 
 def _rejections(session: Session, run: SyncRun) -> str:

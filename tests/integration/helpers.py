@@ -50,7 +50,8 @@ def cli(
     *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, check: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """``segops-sync …`` in a fresh process, exactly as a person runs it."""
-    KNOWN_KEYS.update(a for a in args if a.startswith("pk_"))
+    # Key-shaped arguments only: a bare "pk_" (a malformed-key test) is no secret to hunt for.
+    KNOWN_KEYS.update(a for a in args if a.startswith("pk_") and len(a) > 8)
     raw = subprocess.run(
         [sys.executable, "-m", "segops_sync.cli", *args],
         env={**os.environ, **(env or {})},

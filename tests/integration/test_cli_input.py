@@ -35,6 +35,10 @@ def _bad(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = No
         ("connectors", "resync", UNKNOWN),
         ("connectors", "preview", UNKNOWN),
         ("connectors", "history", UNKNOWN),
+        ("connectors", "verify", UNKNOWN),
+        ("connectors", "verify", UNKNOWN, "--repair", "--json"),
+        ("connectors", "rejected", UNKNOWN),
+        ("connectors", "update", UNKNOWN, "--traits", "first_name"),
     ],
 )
 def test_unknown_connector(segops_env: dict[str, str], args: tuple[str, ...]) -> None:

@@ -103,10 +103,13 @@ def exercise_every_operation(env: Env) -> list[Sent]:
     client.get_list(env.list_id)
     profile_id = client.upsert_profile(ProfileInput(email="solo@example.com", external_id="u-0"))
     client.upsert_profile(ProfileInput(external_id="only-external"))
+    client.upsert_profile(ProfileInput(external_id="u-t", fields=TRAIT_FIELDS, properties=PROPS))
     profiles = [ProfileInput(email=f"p{i}@example.com") for i in range(3)]
     profiles += [
         ProfileInput(external_id="ext-1"),
         ProfileInput(email="b@example.com", external_id="ext-2"),
+        # traits: every standard field and custom properties of several JSON types
+        ProfileInput(email="t@example.com", fields=TRAIT_FIELDS, properties=PROPS),
     ]
     profiles.append(ProfileInput(external_id="x" * 300))  # an import error to page through
     job_id = client.create_bulk_import_job(profiles, env.list_id)
@@ -119,7 +122,19 @@ def exercise_every_operation(env: Env) -> list[Sent]:
     client.find_profile_ids("email", ["p0@example.com", 'we"ird\\@example.com'])
     client.find_profile_ids("external_id", ["ext-1", "u-0"])
     list(client.iter_list_profile_ids(env.list_id))
+    list(client.iter_list_members(env.list_id))
     return recorder.sent
+
+
+TRAIT_FIELDS = {
+    "first_name": "Ann",
+    "last_name": "Lee",
+    "phone_number": "+14155552671",
+    "organization": "Shop",
+    "title": "Buyer",
+    "locale": "en-US",
+}
+PROPS: dict[str, Any] = {"plan": "pro", "seats": 3, "beta": True, "tags": ["a", "b"]}
 
 
 @pytest.fixture
@@ -225,6 +240,47 @@ def test_lookups_use_quoted_escaped_any_filters(traffic: list[Sent]) -> None:
             assert params["fields[profile]"] == "email,external_id"
 
 
+def test_traits_go_as_profile_fields_and_custom_properties(traffic: list[Sent]) -> None:
+    [job] = [s for s in traffic if s.method == "POST" and s.path == "/api/profile-bulk-import-jobs"]
+    profiles = job.json()["data"]["attributes"]["profiles"]["data"]
+    [with_traits] = [p for p in profiles if p["attributes"].get("email") == "t@example.com"]
+    assert with_traits["attributes"] == {
+        "email": "t@example.com",
+        **TRAIT_FIELDS,
+        "properties": PROPS,
+    }
+    model = model_class("ProfileImportJobCreateQuery").model_validate(job.json())
+    attrs = model.data.attributes.profiles.data[profiles.index(with_traits)].attributes
+    assert (attrs.first_name, attrs.phone_number, attrs.properties) == (
+        "Ann",
+        "+14155552671",
+        PROPS,
+    )
+
+
+def test_list_read_back_asks_for_identifiers_100_a_page(traffic: list[Sent]) -> None:
+    [read] = [
+        s
+        for s in traffic
+        if s.method == "GET"
+        and s.path.endswith("/profiles")
+        and "/lists/" in s.path
+        and "/relationships/" not in s.path
+    ]
+    assert operation_for(read.method, read.path).name == "get_profiles_for_list"
+    params = dict(read.params)
+    assert params == {
+        "page[size]": "100",
+        "fields[profile]": "email,external_id,subscriptions.email.marketing.suppression",
+        "additional-fields[profile]": "subscriptions",
+    }
+
+
+def test_nothing_goes_to_subscription_endpoints(traffic: list[Sent]) -> None:
+    names = {operation_for(s.method, s.path).name for s in traffic}
+    assert not {n for n in names if "subscri" in n}, names
+
+
 # -- the simulator refuses what the official models refuse ---------------------------------------
 
 GOOD_JOB: dict[str, Any] = {
@@ -288,6 +344,37 @@ BAD_BODIES: list[tuple[str, str, dict[str, Any], str]] = [
     ),
     ("list_members_delete", "id missing", {"data": [{"type": "profile"}]}, "/data/0/id"),
     ("profile_import", "attributes missing", {"data": {"type": "profile"}}, "/data/attributes"),
+    (
+        "bulk_import",
+        "properties is a list",
+        _job(
+            lambda b: b["data"]["attributes"]["profiles"]["data"][0]["attributes"].update(
+                properties=["plan"]
+            )
+        ),
+        "/data/attributes/profiles/data/0/attributes/properties",
+    ),
+    (
+        "bulk_import",
+        "first_name is a number",
+        _job(
+            lambda b: b["data"]["attributes"]["profiles"]["data"][0]["attributes"].update(
+                first_name=7
+            )
+        ),
+        "/data/attributes/profiles/data/0/attributes/first_name",
+    ),
+    (
+        "profile_import",
+        "phone_number is a number",
+        {
+            "data": {
+                "type": "profile",
+                "attributes": {"email": "a@b.co", "phone_number": 14155552671},
+            }
+        },
+        "/data/attributes/phone_number",
+    ),
     (
         "profile_import",
         "external_id is a number",

@@ -164,7 +164,10 @@ class _Admin:
     async def create_list(self, request: Request) -> Response:
         body = await self._json(request)
         list_id = self.sim.create_list(
-            request.path_params["account_id"], body.get("name", "List"), list_id=body.get("list_id")
+            request.path_params["account_id"],
+            body.get("name", "List"),
+            list_id=body.get("list_id"),
+            opt_in_process=body.get("opt_in_process", "double_opt_in"),
         )
         return JSONResponse({"list_id": list_id}, status_code=201)
 

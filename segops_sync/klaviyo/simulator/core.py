@@ -98,6 +98,7 @@ class SimProfile:
     attributes: dict[str, Any] = field(default_factory=dict, compare=False)
     # consent is never changed by anything the simulator serves; tests assert it stays so
     email_consent: str = "NEVER_SUBSCRIBED"
+    suppressed: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ class _List:
     name: str
     created: datetime
     members: dict[str, int] = field(default_factory=dict)  # profile id -> join sequence
+    # Klaviyo's default for new lists; settable only in Klaviyo's UI (and the simulator's setup).
+    opt_in_process: str = "double_opt_in"
 
 
 @dataclass
@@ -171,6 +174,7 @@ class _Profile:
     updated_at: datetime
     visible_at: float
     attrs: dict[str, Any] = field(default_factory=dict)
+    suppressed: bool = False
 
     def snapshot(self) -> SimProfile:
         return SimProfile(
@@ -183,6 +187,7 @@ class _Profile:
             updated_at=self.updated_at,
             visible_at=self.visible_at,
             attributes=json.loads(json.dumps(self.attrs)),
+            suppressed=self.suppressed,
         )
 
 
@@ -328,15 +333,48 @@ class Simulator:
             record.revoked = True
 
     def create_list(
-        self, account_id: str, name: str = "List", *, list_id: str | None = None
+        self,
+        account_id: str,
+        name: str = "List",
+        *,
+        list_id: str | None = None,
+        opt_in_process: str = "double_opt_in",
     ) -> str:
+        if opt_in_process not in ("double_opt_in", "single_opt_in"):
+            raise ValueError("opt_in_process must be double_opt_in or single_opt_in")
         with self._lock:
             self._account(account_id)
             list_id = list_id or self._fresh(lambda: short_id(self._rng), self._lists)
             if list_id in self._lists:
                 raise ValueError(f"list {list_id} exists")
-            self._lists[list_id] = _List(list_id, account_id, name, datetime.now(UTC))
+            self._lists[list_id] = _List(
+                list_id, account_id, name, datetime.now(UTC), opt_in_process=opt_in_process
+            )
             return list_id
+
+    def remove_from_list(self, list_id: str, profile_ids: Iterable[str]) -> None:
+        """Someone takes profiles off the list in Klaviyo's UI (no request, no rate limit)."""
+        with self._lock:
+            lst = self._list(list_id)
+            for pid in profile_ids:
+                lst.members.pop(pid, None)
+
+    def add_to_list(self, list_id: str, profile_ids: Iterable[str]) -> None:
+        """Someone puts profiles on the list in Klaviyo's UI (no request, no rate limit)."""
+        with self._lock:
+            lst = self._list(list_id)
+            for pid in profile_ids:
+                if pid not in self._profile_index:
+                    raise KeyError(f"unknown profile {pid}")
+            self._add_members(lst, profile_ids)
+
+    def suppress(self, profile_id: str) -> None:
+        """The profile's email is suppressed (an unsubscribe, a bounce): lists keep it."""
+        with self._lock:
+            found = self._profile_index.get(profile_id)
+            if found is None:
+                raise KeyError(f"unknown profile {profile_id}")
+            found.suppressed = True
 
     def add_profile(
         self,
@@ -809,6 +847,12 @@ class Simulator:
                 if clear_nulls:
                     profile.attrs.pop(name, None)
                 continue  # bulk import never clears a field with null
+            if name == "properties" and isinstance(value, dict):
+                # custom properties merge: the keys sent are set, the others stay
+                merged = dict(profile.attrs.get("properties") or {})
+                merged.update(value)
+                profile.attrs[name] = merged
+                continue
             profile.attrs[name] = _norm_email(value) if name == "email" else value
         profile.updated_at = stamp
         self._index(account, profile)
@@ -943,7 +987,7 @@ class Simulator:
                 "name": lst.name,
                 "created": _iso(lst.created),
                 "updated": _iso(lst.created),
-                "opt_in_process": "double_opt_in",  # Klaviyo's default for new lists
+                "opt_in_process": lst.opt_in_process,
             },
             "relationships": {
                 rel: {"links": {"self": f"{base}/relationships/{rel}", "related": f"{base}/{rel}"}}
@@ -976,6 +1020,34 @@ class Simulator:
         )
         page = rows[:size]
         data = [{"type": "profile", "id": pid} for _, pid in page]
+        nxt = str(page[-1][0]) if len(rows) > size else None
+        return _ok({"data": data, "links": _links(ctx, nxt)})
+
+    def _h_list_members(self, ctx: _Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
+        """GET /api/lists/{id}/profiles: full profiles in join order (cursor = join sequence)."""
+        lst = self._owned_list(ctx, params["id"])
+        account = ctx.account
+        assert account is not None
+        size = self._page_size(ctx)
+        after = _cursor_int(ctx)
+        wanted: set[str] | None = None
+        if "filter" in ctx.query:
+            filt = _parse_filter(ctx, {"email"})
+            wanted = {
+                account.by_email[e] for e in map(_norm_email, filt.values) if e in account.by_email
+            }
+        if ctx.query.get("sort") not in (None, "joined_group_at", "-joined_group_at"):
+            raise _Reject(_error(400, detail="Invalid sort.", parameter="sort"))
+        extra = ctx.query.get("additional-fields[profile]")
+        if extra is not None and extra not in ("subscriptions", "predictive_analytics"):
+            raise _Reject(_error(400, detail="Invalid additional-fields.", parameter=extra))
+        rows = sorted(
+            (seq, pid)
+            for pid, seq in lst.members.items()
+            if seq > after and (wanted is None or pid in wanted)
+        )
+        page = rows[:size]
+        data = [self._profile_resource(ctx, self._profile_index[pid]) for _, pid in page]
         nxt = str(page[-1][0]) if len(rows) > size else None
         return _ok({"data": data, "links": _links(ctx, nxt)})
 
@@ -1266,9 +1338,13 @@ class Simulator:
                 "properties": profile.attrs.get("properties") or {},
             }
         )
+        if ctx.query.get("additional-fields[profile]") == "subscriptions":
+            attrs["subscriptions"] = _subscriptions(profile)
         wanted = ctx.query.get("fields[profile]")
         if wanted:
             names = {n.strip() for n in wanted.split(",")}
+            if "subscriptions" in attrs:
+                names.add("subscriptions")  # additional fields come whatever fields[] says
             attrs = {k: v for k, v in attrs.items() if k in names}
         return {
             "type": "profile",
@@ -1324,6 +1400,12 @@ _ROUTES: list[tuple[str, re.Pattern[str], Endpoint, Handler]] = [
         re.compile(r"^/api/lists/(?P<id>[^/]+)/relationships/profiles$"),
         Endpoint.GET_LIST_PROFILES,
         Simulator._h_list_member_ids,
+    ),
+    (
+        "GET",
+        re.compile(r"^/api/lists/(?P<id>[^/]+)/profiles$"),
+        Endpoint.GET_LIST_MEMBERS,
+        Simulator._h_list_members,
     ),
     (
         "POST",
@@ -1390,6 +1472,16 @@ _ALLOWED_PARAMS: dict[Endpoint, frozenset[str]] = {
         {"additional-fields[list]", "fields[flow]", "fields[list]", "fields[tag]", "include"}
     ),
     Endpoint.GET_LIST_PROFILES: frozenset({"filter", "page[cursor]", "page[size]", "sort"}),
+    Endpoint.GET_LIST_MEMBERS: frozenset(
+        {
+            "additional-fields[profile]",
+            "fields[profile]",
+            "filter",
+            "page[cursor]",
+            "page[size]",
+            "sort",
+        }
+    ),
     Endpoint.ADD_LIST_PROFILES: frozenset(),
     Endpoint.REMOVE_LIST_PROFILES: frozenset(),
     Endpoint.GET_PROFILES: frozenset(
@@ -1501,6 +1593,25 @@ def _profile_rejection(
     if not whole and len(json.dumps(item, separators=(",", ":")).encode()) > MAX_PROFILE_BYTES:
         return _import_error("invalid", "Invalid input.", "The profile exceeds 100 KB.", where)
     return None
+
+
+def _subscriptions(profile: _Profile) -> dict[str, Any]:
+    """The shape of Klaviyo's profile ``subscriptions`` additional field (email part)."""
+    suppression = (
+        [{"reason": "USER_SUPPRESSED", "timestamp": _iso(profile.updated_at)}]
+        if profile.suppressed
+        else []
+    )
+    return {
+        "email": {
+            "marketing": {
+                "can_receive_email_marketing": not profile.suppressed,
+                "consent": "NEVER_SUBSCRIBED",
+                "suppression": suppression,
+                "list_suppressions": [],
+            }
+        }
+    }
 
 
 def _import_error(code: str, title: str, detail: str, pointer: str) -> dict[str, Any]:

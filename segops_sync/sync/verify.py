@@ -1,0 +1,396 @@
+"""Reading a Klaviyo list back and comparing it with the segment (read-back reconciliation).
+
+Everyone else trusts their own state; a list edited in Klaviyo's UI, or a profile merged there,
+then never heals. Here the list is read back (``GET /api/lists/{id}/profiles``, L tier, 100 a
+page, under the fleet limiter) into ``list_snapshots`` page by page, and compared with the
+segment in SQL: a million-member list is a join, not a Python set.
+
+- missing: segment members not on the list. Those the ledger counts as present leave the
+  ledger (it is wrong about them), so the next sync adds them again.
+- extra: list profiles that are no segment member. The ledger's own leavers go at the next
+  sync anyway; foreign profiles (never ours) are only removed on request, by entering them in
+  the ledger so that the normal removal path and its mass-removal guard handle them.
+
+Members are matched on the identifiers the sync sends (external_id, email) and on the profile
+id the ledger learnt.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from segops_sync.config import Settings
+from segops_sync.db.models import Connector, SyncRun
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo import KlaviyoError, ListMember, RateLimited, TransientError
+from segops_sync.secrets import decrypt_api_key
+from segops_sync.states import ConnectorStatus, RunStatus, StartReason, Trigger
+from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
+from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.ledger import adopt_foreign, forget_missing, mark_suppressed
+from segops_sync.sync.ledger import release_foreign as ledger_release_foreign
+from segops_sync.sync.outcomes import describe_for_person
+from segops_sync.sync.planner import StartOutcome, start_run
+
+log = logging.getLogger(__name__)
+
+# Foreign profiles entered in the ledger for removal carry this user_id prefix.
+FOREIGN_PREFIX = "klaviyo-profile:"
+# A verification killed halfway leaves its snapshot; the next one of the connector clears it.
+STALE_SNAPSHOT = timedelta(hours=6)
+
+Sleep = Callable[[float], None]
+
+
+class VerifyError(Exception):
+    """The list could not be read back (Klaviyo kept failing); nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    connector_id: str
+    verify_id: str
+    in_list: int  # profiles on the Klaviyo list
+    expected: int  # members of the segment
+    missing: int  # segment members not on the list
+    extra: int  # list profiles that are no segment member
+    foreign: int  # extra profiles the connector never added
+    suppressed: int  # segment members on the list whose email Klaviyo suppresses
+    forgotten: int  # ledger rows dropped: the ledger said "on the list", Klaviyo did not
+
+    @property
+    def matches(self) -> bool:
+        return self.missing == 0 and self.extra == 0
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def read_list(
+    connector_id: str,
+    access: KlaviyoAccess,
+    settings: Settings,
+    *,
+    sleep: Sleep = time.sleep,
+) -> tuple[str, datetime]:
+    """Read the connector's list into ``list_snapshots``; returns (verify_id, read start).
+
+    Waits (sleeps) when the fleet limiter or a 429 says so, retries transient failures with
+    backoff; permanent Klaviyo errors (a revoked key, an unknown list) propagate."""
+    with session_scope() as s:
+        connector = s.get_one(Connector, connector_id)
+        list_id = connector.list_id
+        api_key = decrypt_api_key(connector.api_key_encrypted, settings.require_secret_key())
+        started = datetime.now(UTC)
+        s.execute(
+            text("DELETE FROM list_snapshots WHERE connector_id = :c AND taken_at < :t"),
+            {"c": connector_id, "t": started - STALE_SNAPSHOT},
+        )
+    verify_id = str(uuid.uuid4())
+    client, limited = _with_waits(
+        lambda: access.client(api_key, claimant=f"verify:{connector_id}"), None, settings, sleep
+    )
+    try:
+        with client:
+            # one L-tier call: the list still exists for this key, and its opt-in process
+            found = _with_waits(partial(client.get_list, list_id), limited, settings, sleep)
+            with session_scope() as s:
+                s.get_one(Connector, connector_id).opt_in_process = found.opt_in_process
+            next_url: str | None = None
+            while True:
+                page, nxt = _with_waits(
+                    partial(client.list_members_page, list_id, next_url),
+                    limited,
+                    settings,
+                    sleep,
+                )
+                _store(connector_id, verify_id, page)
+                if nxt is None:
+                    return verify_id, started
+                next_url = nxt
+    except BaseException:
+        discard(connector_id, verify_id)  # a half-read list compares with nothing
+        raise
+
+
+def _with_waits(
+    call: Callable[[], Any], limited: LimitedSession | None, settings: Settings, sleep: Sleep
+) -> Any:
+    failures = 0
+    while True:
+        try:
+            return call()
+        except Throttled as exc:
+            sleep(exc.wait + random.uniform(0.0, 0.1))
+        except RateLimited as exc:
+            wait = exc.retry_after if exc.retry_after is not None else _backoff(1, settings)
+            if limited is not None:
+                limited.rate_limited(wait)
+            sleep(wait + random.uniform(0.0, 0.25) * max(wait, 0.2))
+        except TransientError as exc:
+            failures += 1
+            if failures > settings.transient_retry_budget:
+                raise VerifyError(
+                    f"Klaviyo kept failing while the list was read back ({exc.detail})"
+                ) from None
+            sleep(_backoff(failures, settings))
+
+
+def _backoff(attempt: int, settings: Settings) -> float:
+    ceiling = min(300.0, settings.retry_base_delay * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def _store(connector_id: str, verify_id: str, page: list[ListMember]) -> None:
+    if not page:
+        return
+    with session_scope() as s:
+        s.execute(
+            text(
+                "INSERT INTO list_snapshots (verify_id, profile_id, connector_id, email, "
+                "external_id, suppressed) "
+                "SELECT :v, p.id, :c, p.email, p.ext, p.sup FROM unnest(CAST(:ids AS text[]), "
+                "CAST(:emails AS text[]), CAST(:exts AS text[]), CAST(:sups AS boolean[])) "
+                "AS p(id, email, ext, sup) ON CONFLICT DO NOTHING"
+            ),
+            {
+                "v": verify_id,
+                "c": connector_id,
+                "ids": [m.id for m in page],
+                "emails": [m.email for m in page],
+                "exts": [m.external_id for m in page],
+                "sups": [m.suppressed for m in page],
+            },
+        )
+
+
+# -- comparing -------------------------------------------------------------------------------
+
+# The comparison runs on indexed temporary tables of this transaction: expected (the segment
+# with its identifiers), snap (the read-back), pairs (user_id, profile_id: a member and the list
+# profile that is it) and ours (list profiles the ledger knows). Equi-joins only, ANALYZEd, so
+# PostgreSQL hash-joins a million rows instead of nesting loops.
+_PREPARE = (
+    "DROP TABLE IF EXISTS v_expected, v_snap, v_pairs, v_ours",
+    f"""CREATE TEMP TABLE v_expected ON COMMIT DROP AS
+        SELECT sm.user_id, lower({SQL_EMAIL}) AS email, {SQL_EXTERNAL_ID} AS external_id
+        FROM segment_members sm LEFT JOIN identities i ON i.user_id = sm.user_id
+        WHERE sm.segment_id = :seg""",
+    """CREATE TEMP TABLE v_snap ON COMMIT DROP AS
+        SELECT profile_id, lower(email) AS email, external_id, suppressed
+        FROM list_snapshots WHERE verify_id = :v""",
+    "ANALYZE v_expected",
+    "ANALYZE v_snap",
+    """CREATE TEMP TABLE v_pairs ON COMMIT DROP AS
+        SELECT e.user_id, s.profile_id FROM v_expected e JOIN v_snap s
+          ON s.external_id = e.external_id
+        UNION
+        SELECT e.user_id, s.profile_id FROM v_expected e JOIN v_snap s ON s.email = e.email
+        UNION
+        SELECT e.user_id, s.profile_id FROM v_expected e
+        JOIN connector_members cm ON cm.connector_id = :c AND cm.user_id = e.user_id
+        JOIN v_snap s ON s.profile_id = cm.profile_id""",
+    """CREATE TEMP TABLE v_ours ON COMMIT DROP AS
+        SELECT s.profile_id FROM v_snap s JOIN connector_members cm
+          ON cm.connector_id = :c AND cm.profile_id = s.profile_id
+        UNION
+        SELECT s.profile_id FROM v_snap s JOIN connector_members cm
+          ON cm.connector_id = :c AND cm.external_id = s.external_id
+        UNION
+        SELECT s.profile_id FROM v_snap s JOIN connector_members cm
+          ON cm.connector_id = :c AND lower(cm.email) = s.email""",
+    "CREATE INDEX ON v_pairs (user_id)",
+    "CREATE INDEX ON v_pairs (profile_id)",
+    "ANALYZE v_pairs",
+    "ANALYZE v_ours",
+)
+_MISSING = "SELECT e.user_id FROM v_expected e WHERE NOT EXISTS (SELECT 1 FROM v_pairs p WHERE p.user_id = e.user_id)"
+_EXTRA = "SELECT s.profile_id FROM v_snap s WHERE NOT EXISTS (SELECT 1 FROM v_pairs p WHERE p.profile_id = s.profile_id)"
+_SUPPRESSED = "SELECT p.user_id FROM v_pairs p JOIN v_snap s ON s.profile_id = p.profile_id WHERE s.suppressed"
+_FOREIGN = f"SELECT x.profile_id FROM ({_EXTRA}) x WHERE NOT EXISTS (SELECT 1 FROM v_ours o WHERE o.profile_id = x.profile_id)"
+
+
+def compare(
+    session: Session,
+    connector_id: str,
+    verify_id: str,
+    started: datetime,
+    *,
+    adopt_extra: bool = False,
+) -> Comparison:
+    """Count what differs, and drop from the ledger the members Klaviyo no longer has on the
+    list (only rows confirmed before the read began: a run may have added others since).
+
+    With ``adopt_extra`` the foreign profiles enter the ledger, so that the next sync removes
+    them through the normal removal path, mass-removal guard included (``--remove-extra``)."""
+    connector = session.get_one(Connector, connector_id)
+    params: dict[str, Any] = {"seg": connector.segment_id, "c": connector_id, "v": verify_id}
+    for statement in _PREPARE:
+        session.execute(text(statement), params)
+    row = session.execute(
+        text(
+            f"""SELECT (SELECT count(*) FROM v_snap), (SELECT count(*) FROM v_expected),
+                   (SELECT count(*) FROM ({_MISSING}) m), (SELECT count(*) FROM ({_EXTRA}) x),
+                   (SELECT count(*) FROM ({_FOREIGN}) f),
+                   (SELECT count(DISTINCT x.user_id) FROM ({_SUPPRESSED}) x)"""
+        )
+    ).one()
+    in_list, expected, missing, extra, foreign, suppressed = (int(v) for v in row)
+    forgotten = forget_missing(session, connector_id, _MISSING, params, started) if missing else 0
+    if forgotten:
+        log.warning(
+            "connector %s: %d members the ledger counted are not on Klaviyo list %s; "
+            "the next sync adds them again",
+            connector_id,
+            forgotten,
+            connector.list_id,
+        )
+    mark_suppressed(session, connector_id, _SUPPRESSED, params)
+    if adopt_extra and foreign:
+        adopt_foreign(
+            session,
+            connector_id,
+            f"SELECT s.profile_id, s.email, s.external_id FROM v_snap s "
+            f"WHERE s.profile_id IN ({_FOREIGN})",
+            params,
+            FOREIGN_PREFIX,
+        )
+    return Comparison(
+        connector_id=connector_id,
+        verify_id=verify_id,
+        in_list=in_list,
+        expected=expected,
+        missing=missing,
+        extra=extra,
+        foreign=foreign,
+        suppressed=suppressed,
+        forgotten=forgotten,
+    )
+
+
+def release_foreign(session: Session, connector_id: str) -> int:
+    """A held removal of foreign profiles must not hold every later sync: forget them again."""
+    return ledger_release_foreign(session, connector_id, FOREIGN_PREFIX)
+
+
+def discard(connector_id: str, verify_id: str) -> None:
+    with session_scope() as s:
+        s.execute(
+            text("DELETE FROM list_snapshots WHERE connector_id = :c AND verify_id = :v"),
+            {"c": connector_id, "v": verify_id},
+        )
+
+
+def verify_list(
+    connector_id: str,
+    access: KlaviyoAccess,
+    settings: Settings,
+    *,
+    adopt_extra: bool = False,
+    sleep: Sleep = time.sleep,
+) -> Comparison:
+    """Read the list back and compare it with the segment (the ledger is corrected; with
+    ``adopt_extra`` foreign profiles are entered for removal). The snapshot is discarded."""
+    verify_id, started = read_list(connector_id, access, settings, sleep=sleep)
+    try:
+        with session_scope() as s:
+            return compare(s, connector_id, verify_id, started, adopt_extra=adopt_extra)
+    finally:
+        discard(connector_id, verify_id)
+
+
+def start_verified_run(session: Session, connector_id: str, result: Comparison) -> StartOutcome:
+    """Open a run with trigger ``verify`` that carries what the read-back found; the normal
+    planning then adds the members the ledger forgot (and removes adopted foreign profiles)."""
+    outcome = start_run(session, connector_id, trigger=Trigger.VERIFY)
+    if outcome.reason == StartReason.STARTED and outcome.run_id:
+        record_on_run(session, outcome.run_id, result)
+    return outcome
+
+
+def verifiable_connectors(session: Session) -> list[str]:
+    """Active connectors (and those in error: a repair may be what they need) with no run going:
+    a list read while a run writes to it would count its members as missing."""
+    return list(
+        session.scalars(
+            select(Connector.id)
+            .where(Connector.status != ConnectorStatus.INACTIVE)
+            .where(
+                ~select(SyncRun.id)
+                .where(SyncRun.connector_id == Connector.id, SyncRun.status == RunStatus.RUNNING)
+                .exists()
+            )
+            .order_by(Connector.id)
+        )
+    )
+
+
+def is_running(session: Session, connector_id: str) -> bool:
+    return (
+        session.scalar(
+            select(SyncRun.id).where(
+                SyncRun.connector_id == connector_id, SyncRun.status == RunStatus.RUNNING
+            )
+        )
+        is not None
+    )
+
+
+def verify_for_beat(
+    connector_id: str, access: KlaviyoAccess, settings: Settings, *, sleep: Sleep = time.sleep
+) -> Comparison | None:
+    """The beat's verification of one connector: None when there is nothing to do (gone,
+    inactive, a run writing to the list) or the list could not be read (logged, retried at the
+    next tick). Extra profiles are reported, never removed from here."""
+    with session_scope() as s:
+        connector = s.get(Connector, connector_id)
+        if (
+            connector is None
+            or connector.status == ConnectorStatus.INACTIVE
+            or is_running(s, connector_id)
+        ):
+            return None
+        list_id = connector.list_id
+    try:
+        result = verify_list(connector_id, access, settings, sleep=sleep)
+    except VerifyError as exc:
+        log.warning("connector %s: list not verified: %s", connector_id, exc)
+        return None
+    except KlaviyoError as exc:
+        log.warning(
+            "connector %s: list not verified: %s", connector_id, describe_for_person(exc, list_id)
+        )
+        return None
+    if result.extra:
+        log.warning(
+            "connector %s: %d profiles on Klaviyo list %s are in no segment (%d never added by "
+            "this connector); `segops-sync connectors verify %s --repair --remove-extra` "
+            "removes them",
+            connector_id,
+            result.extra,
+            list_id,
+            result.foreign,
+            connector_id,
+        )
+    return result
+
+
+def record_on_run(session: Session, run_id: str, result: Comparison) -> None:
+    """What a verification found, on the run it started (shown in the run history)."""
+    run = session.get_one(SyncRun, run_id)
+    run.verify_in_list = result.in_list
+    run.verify_expected = result.expected
+    run.verify_missing = result.missing
+    run.verify_extra = result.extra
+    run.suppressed = result.suppressed
