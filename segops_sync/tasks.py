@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from segops_sync.celery import app, liveness_redis, node_id
 from segops_sync.config import ConfigError, get_settings
-from segops_sync.db.models import Connector, SegmentMember, SyncRun
+from segops_sync.db.models import Connector, SegmentMember, SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.errors import UnknownConnector
 from segops_sync.observability import logging as obs_log
@@ -256,6 +256,13 @@ def run_failed(run_id: str) -> None:
     _follow_up(closed)
 
 
+def _bind_batch(batch_id: int) -> None:
+    with session_scope() as s:
+        run_id = s.scalar(select(SyncBatch.run_id).where(SyncBatch.id == batch_id))
+    if run_id is not None:
+        _bind_run(run_id)
+
+
 def _bind_run(run_id: str) -> None:
     """Tag this task's log lines with the run and its connector."""
     with session_scope() as s:
@@ -301,6 +308,7 @@ def _run_batch(task: Task, batch_id: Any) -> dict[str, Any]:
         r, keys, batch_id, holder, worker_lost_budget=settings.worker_lost_budget
     )
     if entry.outcome == "busy":  # another copy of it is running (a re-sent duplicate)
+        _bind_batch(batch_id)  # Celery's retry line names the run too
         raise task.retry(countdown=1.0 + random.uniform(0, 1))
     try:
         if entry.outcome == "poisoned":

@@ -62,6 +62,8 @@ CONNECTOR_KEYS = {
     "last_synced_at",
     "last_error",
     "api_key",
+    "traits",
+    "opt_in_process",
 }
 
 
@@ -143,6 +145,9 @@ def obs(
         "SEGOPS_ALERT_WEBHOOK_URL": receiver.url,
         "SEGOPS_ALERT_WEBHOOK_SECRET": secret,
         "SEGOPS_PROGRESS_INTERVAL": "0.5",
+        # Bulk jobs only: they return no profile ids, so removals look profiles up by email
+        # and external_id, and those URLs (member data in filters) are what the logs must hide.
+        "SEGOPS_DIRECT_ADD_LIMIT": "0",
     }
     try:
         with isolated_env(segops_env, pg_server_url, "obs", **overrides) as env:

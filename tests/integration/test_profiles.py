@@ -31,10 +31,12 @@ from tests.integration.test_api import api
 
 
 @pytest.fixture(scope="module")
-def producer(stack_env: dict[str, str]) -> Iterator[Celery]:
+def producer(redis_stack_env: dict[str, str]) -> Iterator[Celery]:
     """The event pipeline: a Celery app of its own that knows nothing of our tasks."""
-    app = Celery("event-pipeline", broker=stack_env["SEGOPS_BROKER_URL"])
-    app.conf.broker_transport_options = {"global_keyprefix": stack_env["SEGOPS_REDIS_KEY_PREFIX"]}
+    app = Celery("event-pipeline", broker=redis_stack_env["SEGOPS_BROKER_URL"])
+    app.conf.broker_transport_options = {
+        "global_keyprefix": redis_stack_env["SEGOPS_REDIS_KEY_PREFIX"]
+    }
     yield app
     app.close()
 
