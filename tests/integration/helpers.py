@@ -153,6 +153,29 @@ def latest_run(connector_id: str) -> SyncRun:
         return run
 
 
+def quiet_all_connectors(timeout: float = 120) -> None:
+    """Deactivates every connector in the session's database and waits for their runs to end,
+    so a test that counts rows sees only what it did itself, not an earlier module's resyncs."""
+    import time
+
+    from sqlalchemy import update
+
+    from segops_sync.states import ConnectorStatus, RunStatus
+
+    with session_scope() as s:
+        s.execute(update(Connector).values(status=ConnectorStatus.INACTIVE, resync_requested=False))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            running = s.scalar(
+                select(SyncRun.id).where(SyncRun.status == RunStatus.RUNNING).limit(1)
+            )
+        if running is None:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"runs still running {timeout:.0f} s after every connector was stopped")
+
+
 def row_counts() -> dict[str, int]:
     tables = (
         "connectors",
