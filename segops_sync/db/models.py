@@ -219,6 +219,11 @@ class SyncBatch(Base):
     pending: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     permanent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # The user ids the batch covers: above lo (NULL: from the start) up to hi (NULL: to the
+    # end). Its members are written to sync_batch_items when it first runs (materialized).
+    lo_user_id: Mapped[str | None] = mapped_column(Text)
+    hi_user_id: Mapped[str | None] = mapped_column(Text)
+    materialized: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
@@ -230,12 +235,13 @@ class SyncBatch(Base):
 
 
 class SyncBatchItem(Base):
-    """One member of one batch: what to send, and what Klaviyo said."""
+    """One member of one batch: what to send, and what Klaviyo said.
+
+    No foreign key on run_id: a per-row check doubled the cost of writing a batch's members.
+    The trigger sync_runs_delete_items (migration 0004) deletes a deleted run's items."""
 
     __tablename__ = "sync_batch_items"
-    run_id: Mapped[str] = mapped_column(
-        Text, ForeignKey("sync_runs.id", ondelete="CASCADE"), primary_key=True
-    )
+    run_id: Mapped[str] = mapped_column(Text, primary_key=True)
     user_id: Mapped[str] = mapped_column(Text, primary_key=True)
     kind: Mapped[BatchKind] = mapped_column(StateText(BatchKind))
     seq: Mapped[int] = mapped_column(Integer)

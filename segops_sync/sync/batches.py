@@ -19,7 +19,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
-from segops_sync.config import ConfigError, Settings
+from segops_sync.config import ConfigError, Settings, get_settings
 from segops_sync.db.models import Connector, SyncBatch, SyncBatchItem, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import (
@@ -42,12 +42,13 @@ from segops_sync.sync.costs import goes_direct
 from segops_sync.sync.direct import add_directly
 from segops_sync.sync.ledger import (
     added_times,
-    confirm_added,
+    confirm_added_job,
     confirm_removed,
     forget_profile_ids,
     remember_profile_ids,
 )
 from segops_sync.sync.outcomes import Action, decide
+from segops_sync.sync.planner import materialize_batch
 from segops_sync.sync.traits import trait_profiles
 from segops_sync.sync.watcher import AccountJobs
 
@@ -194,6 +195,8 @@ class PostgresBatchStore:
             if row is None:
                 return None
             batch, abort_reason, connector, planned_adds = row
+            if not batch.materialized and batch.status in OPEN_BATCH and abort_reason is None:
+                _materialize(s, batch, connector, planned_adds or 0)
             now = datetime.now(UTC)
             if batch.first_attempt_at is None:
                 batch.first_attempt_at = now
@@ -239,6 +242,14 @@ class PostgresBatchStore:
                     .returning(SyncBatch.attempts)
                 ).scalar_one()
             )
+
+
+def _materialize(s: Session, batch: SyncBatch, connector: Connector, planned_adds: int) -> None:
+    """A batch's first run writes its members (the planner wrote only its key range); the row
+    lock makes a redelivered twin wait, then find them written."""
+    s.refresh(batch, with_for_update=True)
+    if not batch.materialized:
+        materialize_batch(s, batch, connector, planned_adds, get_settings())
 
 
 def _items(s: Session, ctx: BatchContext) -> Any:
@@ -345,7 +356,8 @@ def _add(
         if not early.finished:
             return Later(early.wait or settings.job_poll_interval, "bulk import job still running")
     with session_scope() as s:
-        unsent = s.execute(
+        # Core, not the ORM's row processing: ten thousand plain tuples.
+        unsent = s.connection().execute(
             _items(s, ctx)
             .where(SyncBatchItem.job_id.is_(None), SyncBatchItem.outcome.is_(None))
             .order_by(SyncBatchItem.user_id)
@@ -359,8 +371,9 @@ def _add(
     if unsent:
         members = trait_profiles(ctx.run_id, unsent)
         start = 0
-        for chunk in split_into_jobs([p for _, p in members]):
-            _submit(ctx, client, members[start : start + len(chunk)], jobs)
+        chunks = split_into_jobs([p for _, p in members])
+        for chunk in chunks:
+            _submit(ctx, client, members[start : start + len(chunk)], jobs, whole=len(chunks) == 1)
             start += len(chunk)
 
     with session_scope() as s:
@@ -427,8 +440,13 @@ def _submit(
     client: KlaviyoClient,
     members: list[tuple[str, ProfileInput]],
     jobs: AccountJobs,
+    *,
+    whole: bool = False,
 ) -> None:
-    """Create one job; when Klaviyo rejects the whole job for some members, drop them and resend."""
+    """Create one job; when Klaviyo rejects the whole job for some members, drop them and resend.
+
+    ``whole``: the job carries every unsent member of the batch (the common case), so they are
+    marked by the batch's index, not by a list of 10,000 ids."""
     while members:
         try:
             job_id = quick_retry(
@@ -447,13 +465,22 @@ def _submit(
             members = [m for i, m in enumerate(members) if i not in refused]
             continue
         with session_scope() as s:
-            s.execute(
-                text(
-                    "UPDATE sync_batch_items SET job_id = :j "
-                    "WHERE run_id = :r AND user_id = ANY(CAST(:u AS text[]))"
-                ),
-                {"j": job_id, "r": ctx.run_id, "u": [u for u, _ in members]},
-            )
+            if whole:  # the members refused above already carry an outcome
+                s.execute(
+                    text(
+                        "UPDATE sync_batch_items SET job_id = :j WHERE run_id = :r AND kind = :k "
+                        "AND seq = :q AND job_id IS NULL AND outcome IS NULL"
+                    ),
+                    {"j": job_id, "r": ctx.run_id, "k": ctx.kind, "q": ctx.seq},
+                )
+            else:
+                s.execute(
+                    text(
+                        "UPDATE sync_batch_items SET job_id = :j "
+                        "WHERE run_id = :r AND user_id = ANY(CAST(:u AS text[]))"
+                    ),
+                    {"j": job_id, "r": ctx.run_id, "u": [u for u, _ in members]},
+                )
             s.execute(
                 update(SyncBatch)
                 .where(SyncBatch.id == ctx.batch_id)
@@ -503,35 +530,35 @@ def _settle_job(
     Returns why the job cannot be settled yet, or None. When Klaviyo counts more failed
     profiles than its import errors name, we cannot tell who failed: nobody of the job is
     confirmed (the others would be "added" on faith, the silent success others ship)."""
+    job = {"r": ctx.run_id, "k": ctx.kind, "q": ctx.seq, "j": job_id}
     with session_scope() as s:
-        members = s.execute(
-            select(
-                SyncBatchItem.user_id,
-                SyncBatchItem.email,
-                SyncBatchItem.external_id,
-                SyncBatchItem.refresh,
-            ).where(
-                # the batch's own rows (an index), not a scan of the whole run for the job id
-                SyncBatchItem.run_id == ctx.run_id,
-                SyncBatchItem.kind == ctx.kind,
-                SyncBatchItem.seq == ctx.seq,
-                SyncBatchItem.job_id == job_id,
-                SyncBatchItem.outcome.is_(None),
-            )
-        ).all()
-        by_email = {e.lower(): u for u, e, _, _ in members if e}
-        by_ext = {x: u for u, _, x, _ in members if x}
         rejected: dict[str, str] = {}
-        unattributed = 0
-        for err in errors:
-            email, ext = _identity_keys(err.original_payload)
-            user_id = (by_ext.get(ext) if ext else None) or (by_email.get(email) if email else None)
-            if user_id is None:
-                unattributed += 1
-                continue
-            rejected[user_id] = f"{err.title}: {err.detail}" if err.title else err.detail
-        if unattributed:
-            log.warning("job %s: %d import errors name no member we sent", job_id, unattributed)
+        if errors or failed_count:
+            # Only a job with failures needs its members by name, to tell who failed.
+            members = s.execute(
+                select(SyncBatchItem.user_id, SyncBatchItem.email, SyncBatchItem.external_id).where(
+                    # the batch's own rows (an index), not a scan of the whole run for the job
+                    SyncBatchItem.run_id == ctx.run_id,
+                    SyncBatchItem.kind == ctx.kind,
+                    SyncBatchItem.seq == ctx.seq,
+                    SyncBatchItem.job_id == job_id,
+                    SyncBatchItem.outcome.is_(None),
+                )
+            ).all()
+            by_email = {e.lower(): u for u, e, _ in members if e}
+            by_ext = {x: u for u, _, x in members if x}
+            unattributed = 0
+            for err in errors:
+                email, ext = _identity_keys(err.original_payload)
+                user_id = (by_ext.get(ext) if ext else None) or (
+                    by_email.get(email) if email else None
+                )
+                if user_id is None:
+                    unattributed += 1
+                    continue
+                rejected[user_id] = f"{err.title}: {err.detail}" if err.title else err.detail
+            if unattributed:
+                log.warning("job %s: %d import errors name no member we sent", job_id, unattributed)
         if failed_count > len(rejected):
             return (
                 f"Klaviyo's bulk import job {job_id} counts {failed_count} failed profiles but its "
@@ -539,12 +566,16 @@ def _settle_job(
             )
         for user_id, reason in rejected.items():
             _set_outcome(s, ctx, [user_id], ItemOutcome.REJECTED, reason)
-        accepted = [u for u, _, _, _ in members if u not in rejected]
-        refreshed = {u for u, _, _, refresh in members if refresh}
-        _set_outcome(s, ctx, [u for u in accepted if u not in refreshed], ItemOutcome.ADDED)
-        # already on the list: only their traits were sent again
-        _set_outcome(s, ctx, [u for u in accepted if u in refreshed], ItemOutcome.UPDATED)
-        confirm_added(s, ctx.connector_id, ctx.run_id, accepted)
+        # The rest of the job was accepted: added, or (already on the list) its traits updated.
+        s.execute(
+            text(
+                "UPDATE sync_batch_items SET outcome = CASE WHEN refresh THEN :updated "
+                "ELSE :added END WHERE run_id = :r AND kind = :k AND seq = :q AND job_id = :j "
+                "AND outcome IS NULL"
+            ),
+            {**job, "added": ItemOutcome.ADDED, "updated": ItemOutcome.UPDATED},
+        )
+        confirm_added_job(s, ctx.connector_id, ctx.run_id, ctx.kind, ctx.seq, job_id)
         _progress(s, ctx)
     return None
 

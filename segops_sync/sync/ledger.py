@@ -13,6 +13,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from segops_sync.db.models import LedgerEntry
+from segops_sync.states import ItemOutcome
 
 
 def forget_ledger(session: Session, connector_id: str) -> None:
@@ -38,6 +39,27 @@ def confirm_added(
             "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
         ),
         {"c": connector_id, "r": run_id, "u": list(user_ids)},
+    )
+
+
+def confirm_added_job(
+    session: Session, connector_id: str, run_id: str, kind: str, seq: int, job_id: str
+) -> None:
+    """:func:`confirm_added` for every member of one batch's bulk job that Klaviyo accepted
+    (outcome added or updated), found by the batch's index instead of a list of ids."""
+    session.execute(
+        text(
+            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id, "
+            "traits_hash) "
+            "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash "
+            "FROM sync_batch_items it "
+            "WHERE it.run_id = :r AND it.kind = :k AND it.seq = :q AND it.job_id = :j "
+            f"AND it.outcome IN ('{ItemOutcome.ADDED}', '{ItemOutcome.UPDATED}') "
+            "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
+            "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
+            "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
+        ),
+        {"c": connector_id, "r": run_id, "k": kind, "q": seq, "j": job_id},
     )
 
 

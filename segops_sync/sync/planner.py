@@ -63,15 +63,6 @@ _CHANGED_SQL = f"""
 """
 
 
-def _joiners_sql(traits: list[str]) -> str:
-    """The adds of a run: the delta's joiners, plus (when the connector names traits) the
-    members whose traits changed. Without named traits every hash is NULL: no comparison."""
-    joiners = "SELECT user_id, false AS refresh FROM run_delta WHERE joins"
-    if not traits:
-        return joiners
-    return f"{joiners} UNION ALL SELECT c.user_id, true FROM ({_CHANGED_SQL}) c"
-
-
 # Both directions of the delta in one pass: a hash full join of the segment against the ledger
 # reads each table once (index-only when vacuumed); two anti-joins read each twice.
 _DELTA_SQL = """
@@ -177,43 +168,9 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
         "names": list(connector.traits or []),
     }
     session.execute(text(_DELTA_WORK_MEM))
-    session.execute(text(f"CREATE TEMP TABLE run_delta ON COMMIT DROP AS {_DELTA_SQL}"), params)
-    adds = _rowcount(
-        session.execute(
-            text(
-                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, "
-                "traits, traits_hash, refresh) "
-                "SELECT :run, sm.user_id, :kind, "
-                "(row_number() OVER (ORDER BY sm.user_id) - 1) / :size, "
-                f"{SQL_EMAIL}, {SQL_EXTERNAL_ID}, {SELECTED_TRAITS_SQL}, {TRAITS_HASH_SQL}, "
-                f"sm.refresh FROM ({_joiners_sql(connector.traits)}) sm "
-                "LEFT JOIN identities i ON i.user_id = sm.user_id"
-            ),
-            {**params, "size": ADD_BATCH_SIZE, "kind": BatchKind.ADD},
-        )
-    )
-    removes = _rowcount(
-        session.execute(
-            text(
-                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, profile_id) "
-                "SELECT :run, d.user_id, :kind, (row_number() OVER (ORDER BY d.user_id) - 1) / :size, "
-                "d.email, d.external_id, d.profile_id FROM run_delta d WHERE NOT d.joins"
-            ),
-            {**params, "size": REMOVE_BATCH_SIZE, "kind": BatchKind.REMOVE},
-        )
-    )
-    if goes_direct(adds, settings):
-        # A small delta's adds take the synchronous path (sync/direct.py, arithmetic in
-        # sync/costs.py): batches of DIRECT_BATCH_SIZE, so a few run side by side.
-        session.execute(
-            text(
-                "UPDATE sync_batch_items it SET seq = n.rn / :size FROM ("
-                "SELECT user_id, row_number() OVER (ORDER BY user_id) - 1 AS rn "
-                "FROM sync_batch_items WHERE run_id = :run AND kind = :kind) n "
-                "WHERE it.run_id = :run AND it.kind = :kind AND it.user_id = n.user_id"
-            ),
-            {"run": run.id, "size": DIRECT_BATCH_SIZE, "kind": BatchKind.ADD},
-        )
+    bounds = _delta_bounds(session, params, traits=bool(connector.traits))
+    adds, removes = bounds.total(True), bounds.total(False)
+    add_size = DIRECT_BATCH_SIZE if goes_direct(adds, settings) else ADD_BATCH_SIZE
     run.planned_adds, run.planned_removes = adds, removes
 
     held = (
@@ -227,14 +184,27 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
         connector.last_error = held
         return Plan(run_id, PlanStatus.HELD, **_planned(run))
 
-    session.execute(
-        text(
-            "INSERT INTO sync_batches (run_id, kind, seq, status, attempts, job_ids, added, removed, "
-            "rejected, pending, permanent) SELECT DISTINCT run_id, kind, seq, 'pending', 0, CAST('{}' AS text[]), "
-            "0, 0, 0, 0, false FROM sync_batch_items WHERE run_id = :run"
-        ),
-        {"run": run.id},
-    )
+    ranges = [(BatchKind.ADD, *r) for r in bounds.ranges(True, add_size)] + [
+        (BatchKind.REMOVE, *r) for r in bounds.ranges(False, REMOVE_BATCH_SIZE)
+    ]
+    if ranges:
+        session.execute(
+            text(
+                "INSERT INTO sync_batches (run_id, kind, seq, status, attempts, job_ids, added, "
+                "removed, rejected, pending, permanent, lo_user_id, hi_user_id, materialized) "
+                "SELECT :run, b.kind, b.seq, 'pending', 0, CAST('{}' AS text[]), 0, 0, 0, 0, "
+                "false, b.lo, b.hi, false FROM unnest(CAST(:kinds AS text[]), "
+                "CAST(:seqs AS int[]), CAST(:los AS text[]), CAST(:his AS text[])) "
+                "AS b(kind, seq, lo, hi)"
+            ),
+            {
+                "run": run.id,
+                "kinds": [str(k) for k, *_ in ranges],
+                "seqs": [q for _, q, _, _ in ranges],
+                "los": [lo for _, _, lo, _ in ranges],
+                "his": [hi for _, _, _, hi in ranges],
+            },
+        )
     run.phase = RunPhase.DISPATCHED
     plan = _open_batches(session, run)
     if not plan.batch_ids:
@@ -256,6 +226,120 @@ def _planned(run: SyncRun) -> dict[str, Any]:
 
 def _rowcount(result: Result[Any]) -> int:
     return int(cast(CursorResult[Any], result).rowcount)
+
+
+@dataclass
+class DeltaBounds:
+    """Every ``step``-th member of each direction of the delta in key order, and the last:
+    enough to cut either direction into batches of any multiple of ``step``."""
+
+    marks: dict[bool, list[tuple[int, str]]]  # joins -> [(row number, user_id)], ascending
+    totals: dict[bool, int]
+
+    def total(self, joins: bool) -> int:
+        return self.totals.get(joins, 0)
+
+    def ranges(self, joins: bool, size: int) -> list[tuple[int, str | None, str | None]]:
+        """(seq, lo, hi]: consecutive key ranges of ``size`` members each; the first starts at
+        the beginning and the last runs to the end, so together they cover every key."""
+        total = self.total(joins)
+        if total == 0:
+            return []
+        ends = [u for n, u in self.marks.get(joins, []) if n % size == 0 and n < total]
+        lows: list[str | None] = [None, *ends]
+        highs: list[str | None] = [*ends, None]
+        return [(seq, lo, hi) for seq, (lo, hi) in enumerate(zip(lows, highs, strict=True))]
+
+
+# One ordered pass over the delta numbers the joiners and the leavers; only every
+# DIRECT_BATCH_SIZE-th joiner, every REMOVE_BATCH_SIZE-th leaver and the last of each come
+# back (10,000 rows for a million adds), instead of a million item rows written up front.
+_BOUNDS_SQL = """
+    SELECT joins, rn, user_id, total FROM (
+      SELECT user_id, joins, row_number() OVER w AS rn,
+             count(*) OVER (PARTITION BY joins) AS total
+      FROM ({delta}) d WINDOW w AS (PARTITION BY joins ORDER BY user_id)) n
+    WHERE rn % CASE WHEN joins THEN :add_step ELSE :remove_step END = 0 OR rn = total
+"""
+assert ADD_BATCH_SIZE % DIRECT_BATCH_SIZE == 0  # the add marks serve both batch sizes
+
+
+def _delta_bounds(session: Session, params: dict[str, Any], *, traits: bool) -> DeltaBounds:
+    delta = f"SELECT user_id, joins FROM ({_DELTA_SQL}) x"
+    if traits:  # members whose named traits changed go with the adds
+        delta += f" UNION ALL SELECT c.user_id, true FROM ({_CHANGED_SQL}) c"
+    marks: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
+    totals: dict[bool, int] = {}
+    for joins, rn, user_id, total in session.execute(
+        text(_BOUNDS_SQL.format(delta=delta)),
+        {**params, "add_step": DIRECT_BATCH_SIZE, "remove_step": REMOVE_BATCH_SIZE},
+    ):
+        marks[bool(joins)].append((int(rn), user_id))
+        totals[bool(joins)] = int(total)
+    for rows in marks.values():
+        rows.sort()
+    return DeltaBounds(marks, totals)
+
+
+def materialize_batch(
+    session: Session, batch: SyncBatch, connector: Connector, planned_adds: int, settings: Settings
+) -> int:
+    """Write the members of a batch planned as a key range, as the segment and the ledger are
+    now (the caller holds the batch row locked). A member who joined or left since planning is
+    taken as found: the recompute that changed the segment also queued a follow-up run, which
+    settles whatever this run's ranges saw too early or too late. Returns the members written."""
+    params: dict[str, Any] = {
+        "run": batch.run_id,
+        "seq": batch.seq,
+        "kind": batch.kind,
+        "seg": connector.segment_id,
+        "c": connector.id,
+        "lo": batch.lo_user_id,
+        "hi": batch.hi_user_id,
+        "names": list(connector.traits or []),
+    }
+
+    def in_range(column: str) -> str:
+        # Spelled out per bound (not ":lo IS NULL OR …"), so every plan is an index range scan.
+        lo = f" AND {column} > :lo" if batch.lo_user_id is not None else ""
+        return lo + (f" AND {column} <= :hi" if batch.hi_user_id is not None else "")
+
+    if batch.kind == BatchKind.ADD:
+        size = DIRECT_BATCH_SIZE if goes_direct(planned_adds, settings) else ADD_BATCH_SIZE
+        joiners = (
+            "SELECT s.user_id, false AS refresh FROM segment_members s "
+            f"WHERE s.segment_id = :seg{in_range('s.user_id')} AND NOT EXISTS "
+            "(SELECT 1 FROM connector_members cm "
+            "WHERE cm.connector_id = :c AND cm.user_id = s.user_id)"
+        )
+        traits = "NULL, NULL"
+        if connector.traits:
+            joiners += (
+                f" UNION ALL SELECT c.user_id, true FROM ({_CHANGED_SQL}{in_range('cm.user_id')}) c"
+            )
+            traits = f"{SELECTED_TRAITS_SQL}, {TRAITS_HASH_SQL}"
+        sql = (
+            "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, "
+            f"traits, traits_hash, refresh) SELECT :run, sm.user_id, :kind, :seq, {SQL_EMAIL}, "
+            f"{SQL_EXTERNAL_ID}, {traits}, sm.refresh FROM (SELECT user_id, refresh FROM "
+            f"({joiners}) j ORDER BY user_id LIMIT :size) sm "
+            "LEFT JOIN identities i ON i.user_id = sm.user_id ON CONFLICT DO NOTHING"
+        )
+    else:
+        size = REMOVE_BATCH_SIZE
+        sql = (
+            "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, "
+            "profile_id) SELECT :run, cm.user_id, :kind, :seq, cm.email, cm.external_id, "
+            f"cm.profile_id FROM connector_members cm WHERE cm.connector_id = :c"
+            f"{in_range('cm.user_id')} AND NOT EXISTS (SELECT 1 FROM segment_members s "
+            "WHERE s.segment_id = :seg AND s.user_id = cm.user_id) "
+            "ORDER BY cm.user_id LIMIT :size ON CONFLICT DO NOTHING"
+        )
+    # ON CONFLICT: a member added by one range and gone again before a removal range ran is
+    # already an item of this run; the follow-up run removes it.
+    written = _rowcount(session.execute(text(sql), {**params, "size": size}))
+    batch.materialized = True
+    return written
 
 
 def _open_batches(session: Session, run: SyncRun) -> Plan:

@@ -29,17 +29,16 @@ class Progress:
 def running_progress(session: Session, connector_id: str) -> Progress | None:
     """None when no run of the connector is running."""
     run = session.execute(
-        select(SyncRun.id, SyncRun.started_at).where(
+        select(SyncRun.id, SyncRun.started_at, SyncRun.planned_adds, SyncRun.planned_removes).where(
             SyncRun.connector_id == connector_id, SyncRun.status == "running"
         )
     ).first()
     if run is None:
         return None
-    done, total = session.execute(
-        text(
-            "SELECT count(*) FILTER (WHERE outcome IS NOT NULL), count(*) "
-            "FROM sync_batch_items WHERE run_id = :r"
-        ),
+    # The total is the plan's (a batch writes its member rows only when it first runs).
+    done = session.scalar(
+        text("SELECT count(*) FROM sync_batch_items WHERE run_id = :r AND outcome IS NOT NULL"),
         {"r": run.id},
-    ).one()
-    return Progress(run.id, run.started_at, int(done), int(total))
+    )
+    total = (run.planned_adds or 0) + (run.planned_removes or 0)
+    return Progress(run.id, run.started_at, int(done or 0), max(total, int(done or 0)))

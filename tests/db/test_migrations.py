@@ -63,3 +63,56 @@ def test_the_databases_check_constraints_list_exactly_the_state_names(
         (check,) = [c for c in insp.get_check_constraints(table) if c["name"] == name]
         assert set(re.findall(r"'([^']+)'", check["sqltext"])) == {m.value for m in enum}, name
     engine.dispose()
+
+
+def test_deleting_a_run_deletes_its_items(segops_env: dict[str, str]) -> None:
+    """Items carry no per-row foreign key (it doubled the cost of writing them); a statement
+    trigger deletes them with their run, also when the run goes with its connector."""
+    import uuid
+
+    from sqlalchemy import text
+
+    from segops_sync.db.session import session_scope
+
+    connector, runs = str(uuid.uuid4()), [str(uuid.uuid4()), str(uuid.uuid4())]
+    with session_scope() as s:
+        s.execute(
+            text(
+                "INSERT INTO connectors (id, type, segment_id, list_id, api_key_encrypted, "
+                "api_key_hint, status) VALUES (:c, 'klaviyo', 'seg-del', 'AbC123', '\\x00', 'pk_…', 'inactive')"
+            ),
+            {"c": connector},
+        )
+        for run in runs:
+            s.execute(
+                text(
+                    "INSERT INTO sync_runs (id, connector_id, trigger, status, phase, started_at) "
+                    "VALUES (:r, :c, 'resync', 'failed', 'finished', now())"
+                ),
+                {"r": run, "c": connector},
+            )
+            s.execute(
+                text(
+                    "INSERT INTO sync_batch_items (run_id, user_id, kind, seq) "
+                    "SELECT :r, 'u' || g, 'add', 0 FROM generate_series(1, 3) g"
+                ),
+                {"r": run},
+            )
+
+    def items() -> int:
+        with session_scope() as s:
+            return int(
+                s.scalar(
+                    text("SELECT count(*) FROM sync_batch_items WHERE run_id = ANY(:r)"),
+                    {"r": runs},
+                )
+                or 0
+            )
+
+    assert items() == 6
+    with session_scope() as s:
+        s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": runs[0]})
+    assert items() == 3
+    with session_scope() as s:
+        s.execute(text("DELETE FROM connectors WHERE id = :c"), {"c": connector})
+    assert items() == 0

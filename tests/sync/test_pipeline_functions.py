@@ -20,7 +20,7 @@ from segops_sync.klaviyo import Endpoint, ProfileInput
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
 from segops_sync.states import Trigger
 from segops_sync.sync.access import KlaviyoAccess
-from segops_sync.sync.batches import Finished, run_batch
+from segops_sync.sync.batches import Finished, PostgresBatchStore, run_batch
 from segops_sync.sync.costs import Delta, expected_requests
 from segops_sync.sync.planner import ADD_BATCH_SIZE, REMOVE_BATCH_SIZE, plan_run, preview, start_run
 from segops_sync.sync.runs import finish_run
@@ -96,7 +96,9 @@ def _set_members(segment: str, members: list[str]) -> None:
 def _sync(w: World, connector_id: str, *, allow_mass_removal: bool = False) -> SyncRun:
     """One whole run, each batch driven to the end in this process, as a worker would."""
     with session_scope() as s:
-        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC, allow_mass_removal=allow_mass_removal)
+        outcome = start_run(
+            s, connector_id, trigger=Trigger.RESYNC, allow_mass_removal=allow_mass_removal
+        )
     assert outcome.reason == "started" and outcome.run_id
     with session_scope() as s:
         plan = plan_run(s, outcome.run_id, get_settings())
@@ -144,17 +146,77 @@ def test_plan_cuts_the_delta_into_batches_of_one_call(world: World) -> None:
                 .group_by(SyncBatch.kind)
             ).all()
         )
-        biggest = s.execute(
-            select(SyncBatchItem.kind, SyncBatchItem.seq, func.count())
-            .where(SyncBatchItem.run_id == run_id)
-            .group_by(SyncBatchItem.kind, SyncBatchItem.seq)
-        ).all()
+        written = s.scalar(
+            select(func.count()).select_from(SyncBatchItem).where(SyncBatchItem.run_id == run_id)
+        )
     assert len(plan.add_batch_ids) == 3 and len(plan.remove_batch_ids) == 3
     assert sizes == {"add": 3, "remove": 3}
-    assert max(n for k, _, n in biggest if k == "add") == ADD_BATCH_SIZE
-    assert max(n for k, _, n in biggest if k == "remove") == REMOVE_BATCH_SIZE
+    assert written == 0  # the plan is key ranges: each batch writes its members when it runs
+    for batch_id in plan.batch_ids:
+        PostgresBatchStore().load(batch_id)
+    assert _batch_sizes(run_id) == {
+        "add": [ADD_BATCH_SIZE, ADD_BATCH_SIZE, 1],
+        "remove": [REMOVE_BATCH_SIZE, REMOVE_BATCH_SIZE, 500],
+    }
     with session_scope() as s:  # planning again is harmless: the same batches come back
         assert sorted(plan_run(s, run_id, get_settings()).batch_ids) == sorted(plan.batch_ids)
+
+
+def _batch_sizes(run_id: str) -> dict[str, list[int]]:
+    """Members written per batch, in batch order, checked against each batch's key range."""
+    with session_scope() as s:
+        rows = s.execute(
+            text(
+                "SELECT b.kind, b.seq, count(it.user_id), "
+                "count(*) FILTER (WHERE (b.lo_user_id IS NOT NULL AND it.user_id <= b.lo_user_id) "
+                "OR (b.hi_user_id IS NOT NULL AND it.user_id > b.hi_user_id)) "
+                "FROM sync_batches b LEFT JOIN sync_batch_items it "
+                "ON it.run_id = b.run_id AND it.kind = b.kind AND it.seq = b.seq "
+                "WHERE b.run_id = :r GROUP BY b.kind, b.seq ORDER BY b.kind, b.seq"
+            ),
+            {"r": run_id},
+        ).all()
+    assert all(outside == 0 for *_, outside in rows), rows
+    sizes: dict[str, list[int]] = {}
+    for kind, _, n, _ in rows:
+        sizes.setdefault(kind, []).append(n)
+    return sizes
+
+
+def test_ranges_take_the_segment_as_it_is_when_a_batch_first_runs(world: World) -> None:
+    """Between planning and a batch's first step the segment may change (a recompute, whose
+    message then queues a follow-up run): the batch writes the members its range holds then,
+    never one of another batch, never more than one call takes; the follow-up settles the rest."""
+    segment = f"range-{uuid.uuid4().hex[:6]}"
+    members = [f"r{i:06d}" for i in range(0, 2 * ADD_BATCH_SIZE, 2)]  # even numbers
+    connector_id = _connector(world, segment, members)
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
+    assert run_id
+    with session_scope() as s:
+        plan = plan_run(s, run_id, get_settings())
+    assert len(plan.add_batch_ids) == 1 and plan.adds == ADD_BATCH_SIZE
+    gone, late = members[:10], [f"r{i:06d}" for i in range(1, 41, 2)]  # odd: new, in range
+    _set_members(segment, members[10:] + late)
+    PostgresBatchStore().load(plan.add_batch_ids[0])
+    PostgresBatchStore().load(plan.add_batch_ids[0])  # a redelivery writes nothing twice
+    with session_scope() as s:
+        written = set(
+            s.scalars(select(SyncBatchItem.user_id).where(SyncBatchItem.run_id == run_id))
+        )
+    # capped at one job's size, in key order: the late joiners (low keys) are in, the
+    # members that left are not, and the highest keys wait for the follow-up run
+    assert len(written) == ADD_BATCH_SIZE
+    assert set(late) <= written and not set(gone) & written
+    while not isinstance(
+        step := run_batch(plan.add_batch_ids[0], world.access, get_settings()), Finished
+    ):
+        time.sleep(min(step.countdown, 0.2))
+    with session_scope() as s:
+        finish_run(s, run_id)
+    follow_up = _sync(world, connector_id)
+    assert follow_up.status == "succeeded"
+    assert _on_list(world) == set(members[10:] + late)
 
 
 def test_start_run_coalesces_and_ignores_duplicates(world: World) -> None:
