@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 # The profile attributes besides the identifiers that a caller may set (Klaviyo's names).
 PROFILE_FIELDS = ("first_name", "last_name", "phone_number", "organization", "title", "locale")
+
+
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -29,13 +33,14 @@ class ProfileInput:
 
     email: str | None = None
     external_id: str | None = None
-    fields: Mapping[str, str] = field(default_factory=dict)
-    properties: Mapping[str, Any] = field(default_factory=dict)
+    # Shared empty defaults, not a dict per profile: a first sync builds a million of these.
+    fields: Mapping[str, str] = field(default_factory=lambda: _NOTHING)
+    properties: Mapping[str, Any] = field(default_factory=lambda: _NOTHING)
 
     def __post_init__(self) -> None:
         if not self.email and not self.external_id:
             raise ValueError("a profile needs an email or an external_id")
-        unknown = set(self.fields) - set(PROFILE_FIELDS)
+        unknown = set(self.fields).difference(PROFILE_FIELDS) if self.fields else None
         if unknown:
             raise ValueError(f"not a profile field: {sorted(unknown)}")
 

@@ -92,6 +92,8 @@ def klaviyo_profile(
     email: str | None, external_id: str | None, traits: Mapping[str, Any] | None
 ) -> KlaviyoProfile:
     """The profile to send for one member, from its named traits; refused values left out."""
+    if not traits:  # the common case, a million times in a first sync: nothing to check
+        return KlaviyoProfile(ProfileInput(email=email, external_id=external_id))
     fields: dict[str, str] = {}
     properties: dict[str, Any] = {}
     dropped: list[str] = []

@@ -265,3 +265,17 @@ def test_default_timeouts_and_repr() -> None:
         assert (timeout.connect, timeout.read) == (5.0, 30.0)
         assert key not in repr(client) and repr(client).endswith("api_key='pk_…rrrr')")
         assert client.base_url == "https://a.klaviyo.com"
+
+
+@pytest.mark.parametrize("value", [0, 1, 31, 32, 2**80 - 1, 2**80, 2**127 + 12345, 2**128 - 1])
+def test_simulator_ulids_are_crockford_base32_digit_by_digit(value: int) -> None:
+    """The fast encoding (base64's base32, translated) gives each 5-bit digit, top first."""
+    from segops_sync.klaviyo.simulator.ids import _CROCKFORD, UlidFactory, encode_ulid
+
+    digits = "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+    assert encode_ulid(value) == digits
+    import random
+
+    ids = UlidFactory(random.Random(7))
+    made = [ids.new() for _ in range(1000)]
+    assert made == sorted(made) and len(set(made)) == 1000 and {len(i) for i in made} == {26}
