@@ -116,3 +116,14 @@ def test_deleting_a_run_deletes_its_items(segops_env: dict[str, str]) -> None:
     with session_scope() as s:
         s.execute(text("DELETE FROM connectors WHERE id = :c"), {"c": connector})
     assert items() == 0
+
+
+def test_connections_never_prepare_statements(segops_env: dict[str, str]) -> None:
+    """A generic plan cached while the ledger was empty turned a churn's anti-join into a
+    million-row seq scan per member (minutes per batch): every statement is planned afresh."""
+    from segops_sync.db.session import make_engine
+
+    engine = make_engine(segops_env["SEGOPS_DATABASE_URL"])
+    with engine.connect() as conn:
+        assert conn.connection.driver_connection.prepare_threshold is None
+    engine.dispose()
