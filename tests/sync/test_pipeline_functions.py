@@ -219,6 +219,37 @@ def test_ranges_take_the_segment_as_it_is_when_a_batch_first_runs(world: World) 
     assert _on_list(world) == set(members[10:] + late)
 
 
+def test_a_small_delta_lists_its_members_instead_of_a_range(world: World) -> None:
+    """Five changes in a big segment must not scan the whole key range: the batch carries its
+    members; one who left since planning is still left out when the batch writes them."""
+    from segops_sync.sync.planner import LISTED_DELTA
+
+    segment = f"small-{uuid.uuid4().hex[:6]}"
+    members = [f"s{i:05d}" for i in range(40)]
+    connector_id = _connector(world, segment, members)
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
+    with session_scope() as s:
+        assert run_id
+        plan = plan_run(s, run_id, get_settings())
+        listed = s.execute(
+            select(SyncBatch.lo_user_id, SyncBatch.hi_user_id, SyncBatch.user_ids).where(
+                SyncBatch.run_id == run_id
+            )
+        ).all()
+    assert len(members) <= LISTED_DELTA and len(plan.add_batch_ids) == 1
+    assert listed == [(None, None, members)]
+    _set_members(segment, members[1:])
+    PostgresBatchStore().load(plan.add_batch_ids[0])
+    with session_scope() as s:
+        written = s.scalars(
+            select(SyncBatchItem.user_id)
+            .where(SyncBatchItem.run_id == run_id)
+            .order_by(SyncBatchItem.user_id)
+        ).all()
+    assert written == members[1:]
+
+
 def test_start_run_coalesces_and_ignores_duplicates(world: World) -> None:
     connector_id = _connector(world, f"co-{uuid.uuid4().hex[:6]}", ["a@example.com"])
     with session_scope() as s:

@@ -833,11 +833,21 @@ class Simulator:
         return (account.profiles[chosen] if chosen else None), None
 
     def _upsert(
-        self, account: _Account, attrs: Mapping[str, Any], now: float, *, clear_nulls: bool
+        self,
+        account: _Account,
+        attrs: Mapping[str, Any],
+        now: float,
+        *,
+        clear_nulls: bool,
+        found: tuple[_Profile | None, datetime] | None = None,
     ) -> tuple[_Profile, bool]:
-        profile, _ = self._resolve(account, attrs)
+        """``found``: the profile the caller already resolved for these attrs, and the time
+        to stamp (a job resolves each profile first, to check conflicts, and stamps once)."""
+        if found is None:
+            profile, stamp = self._resolve(account, attrs)[0], datetime.now(UTC)
+        else:
+            profile, stamp = found
         created = profile is None
-        stamp = datetime.now(UTC)
         if profile is None:
             profile = _Profile(
                 self._ulid.new(), account.id, stamp, stamp, visible_at=now + self.indexing_delay
@@ -906,11 +916,13 @@ class Simulator:
     def _process_job(self, job: _Job, now: float) -> None:
         account = self._accounts[job.account_id]
         job.started = job.started or datetime.now(UTC)
+        stamp = datetime.now(UTC)
         for index, item in enumerate(job.profiles):
             attrs = dict(item.get("attributes") or {})
             error = _profile_rejection(item, attrs, f"/data/attributes/profiles/data/{index}")
+            existing: _Profile | None = None
             if error is None:
-                _, conflict = self._resolve(account, attrs)
+                existing, conflict = self._resolve(account, attrs)
                 if conflict is not None:
                     error = _import_error(
                         "duplicate_profile",
@@ -923,7 +935,9 @@ class Simulator:
                 job.errors.append(error)
                 job.failed_count += 1
                 continue
-            profile, _ = self._upsert(account, attrs, now, clear_nulls=False)
+            profile, _ = self._upsert(
+                account, attrs, now, clear_nulls=False, found=(existing, stamp)
+            )
             job.profile_ids.append(profile.id)
             job.completed_count += 1
         for list_id in job.list_ids:

@@ -6,7 +6,8 @@ Create Date: 2026-11-30 15:20:00
 
 A run of a million adds used to write a million ``sync_batch_items`` rows before its first
 Klaviyo call (22 s here). Now the planner writes one row per batch with the range of user ids
-it covers, and each batch writes its own members when it first runs, in parallel with the
+it covers (a small delta's batch: its exact members), and each batch writes its own members
+when it first runs, in parallel with the
 others' HTTP. Its rows leave room for their two updates (fillfactor). The per-row foreign key of the items on ``sync_runs`` (half of the cost of
 writing them) becomes a statement-level trigger that deletes a deleted run's items.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision = "0004_batch_ranges"
 down_revision = "0002_traits"
@@ -25,6 +27,7 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("sync_batches", sa.Column("lo_user_id", sa.Text(), nullable=True))
     op.add_column("sync_batches", sa.Column("hi_user_id", sa.Text(), nullable=True))
+    op.add_column("sync_batches", sa.Column("user_ids", postgresql.ARRAY(sa.Text()), nullable=True))
     op.add_column(
         "sync_batches",
         sa.Column("materialized", sa.Boolean(), server_default=sa.text("true"), nullable=False),
@@ -68,5 +71,6 @@ def downgrade() -> None:
         ondelete="CASCADE",
     )
     op.drop_column("sync_batches", "materialized")
+    op.drop_column("sync_batches", "user_ids")
     op.drop_column("sync_batches", "hi_user_id")
     op.drop_column("sync_batches", "lo_user_id")
