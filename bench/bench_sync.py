@@ -62,6 +62,11 @@ class Phase:
     peak_rss_mb: float = 0.0  # the largest worker process during this phase
     # endpoint -> [first, last] request, seconds after the recompute message: where time goes
     timeline: dict[str, list[float]] = field(default_factory=dict)
+    # CPU seconds spent during the phase by PostgreSQL, the workers and this process (the
+    # simulator): on a small machine the sum over the wall time says who is the bound
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    # endpoint -> requests in each 5 s after the message: the pace, not just the span
+    per_5s: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -70,6 +75,29 @@ class Phase:
     @property
     def members_per_second(self) -> float:
         return (self.adds + self.removes) / self.wall_seconds if self.wall_seconds else 0.0
+
+
+def cpu_snapshot(worker_pids: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by PostgreSQL's processes, the workers (and their children),
+    and this process, the simulator's host."""
+    totals = {"postgres": 0.0, "workers": 0.0, "simulator": 0.0}
+
+    def used(proc: psutil.Process) -> float:
+        times = proc.cpu_times()
+        return float(times.user + times.system)
+
+    for proc in psutil.process_iter(["name"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.info["name"] == "postgres":
+                totals["postgres"] += used(proc)
+    for pid in worker_pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    totals["workers"] += used(proc)
+    totals["simulator"] = used(psutil.Process())
+    return totals
 
 
 class RssSampler:
@@ -218,6 +246,7 @@ def run_phase(
         replace_membership(s, segment, str(path))
     phase.load_seconds = time.monotonic() - loaded
     rss.reset()
+    cpu_before = cpu_snapshot(rss.pids)
     before = len(sim.requests())
     started = time.monotonic()
     publish("segops.recompute_finished", {"segment_id": segment, "recompute_id": str(uuid.uuid4())})
@@ -233,6 +262,7 @@ def run_phase(
     run = wait_for_run(connector_id, runs, timeout)
     phase.wall_seconds = time.monotonic() - started
     phase.peak_rss_mb = round(rss.peak_process / 2**20, 1)
+    phase.cpu_seconds = {k: round(v - cpu_before[k], 1) for k, v in cpu_snapshot(rss.pids).items()}
     phase.run_seconds = (run.finished_at - run.started_at).total_seconds()
     phase.status = run.status
     phase.added, phase.removed = run.added, run.removed
@@ -252,6 +282,10 @@ def run_phase(
         at = round(r.time - started, 2)  # the simulator stamps with the same monotonic clock
         span = phase.timeline.setdefault(label, [at, at])
         span[0], span[1] = min(span[0], at), max(span[1], at)
+        buckets = phase.per_5s.setdefault(label, [])
+        slot = max(0, int(at // 5))
+        buckets.extend([0] * (slot + 1 - len(buckets)))
+        buckets[slot] += 1
     phase.count_429 = sum(1 for r in mine if r.status == 429)
     phase.early_retries = sum(1 for r in mine if r.early_retry)
     diffed = time.monotonic()
@@ -560,6 +594,15 @@ def print_report(report: dict[str, Any]) -> None:
             f"{p['floor_seconds']:8.2f} {p['ratio']:6.2f} {fresh:>7} {p['load_seconds']:6.2f} "
             f"{p['diff_seconds']:6.2f} {p['count_429']:4d} {p['peak_rss_mb']:6.0f} "
             f"{p['list_exact']!s:>5}"
+        )
+    for p in report["phases"]:
+        cpu = p.get("cpu_seconds") or {}
+        busy = sum(cpu.values())
+        print(
+            f"{p['members_in_segment']:>9,} {p['name']:11} CPU s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+            + f" = {busy:.1f} in {p['wall_seconds']:.1f} s ({busy / max(p['wall_seconds'], 1e-9):.2f} "
+            f"of {report['machine']['cpus']} CPUs)"
         )
     print(
         f"largest worker process: {report['peak_rss_one_process_mb']} MB; Klaviyo requests: "

@@ -7,6 +7,7 @@ retry and result options from :class:`SegopsTask` (``tests/test_tasks.py`` check
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -32,7 +33,13 @@ from segops_sync.sync.batches import Finished, Later, run_batch
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
 from segops_sync.sync.recovery import fail_crashing_batch, run_ready_to_close
-from segops_sync.sync.runs import RunClosed, closed_summary, fail_run, finish_run
+from segops_sync.sync.runs import (
+    RunClosed,
+    closed_summary,
+    fail_run,
+    finish_run,
+    refresh_statistics,
+)
 from segops_sync.sync.sweeper import StuckAction, find_stuck_runs
 from segops_sync.sync.verify import Comparison
 
@@ -227,8 +234,16 @@ def plan_run_task(run_id: str) -> None:
 
 def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
     """Publish the chord; safe to repeat (batches are idempotent, finishing is too)."""
-    # Adds first: a bulk job then runs at Klaviyo while the removals look up their ids.
-    header = [add_batch.si(b) for b in add_ids] + [remove_batch.si(b) for b in remove_ids]
+    # Adds and removals alternate at the head of the queue: the first bulk jobs run at Klaviyo
+    # while the first lookups go out (a churn's floor is its lookups, a first sync's its jobs).
+    adds = [add_batch.si(b) for b in add_ids]
+    removes = [remove_batch.si(b) for b in remove_ids]
+    header = [
+        task
+        for pair in itertools.zip_longest(adds, removes)
+        for task in pair
+        if task is not None
+    ]
     body = finish_run_task.si(run_id).on_error(run_failed.si(run_id))
     chord(header)(body)
 
@@ -241,6 +256,11 @@ def finish_run_task(run_id: str) -> None:
         alert = record_alert(s, run_id, get_settings()) if closed.closed_now else None
     _report_closed(closed, alert)
     _follow_up(closed)
+    if closed.closed_now:  # after the run is recorded: its end is not delayed by this
+        with session_scope() as s:
+            analyzed = refresh_statistics(s, run_id)
+        if analyzed:
+            log.info("statistics refreshed after the run: %s", ", ".join(analyzed))
 
 
 @app.task(base=SegopsTask, name="segops.run_failed")

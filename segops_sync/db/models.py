@@ -219,8 +219,8 @@ class SyncBatch(Base):
     pending: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     permanent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
-    # The user ids the batch covers: above lo (NULL: from the start) up to hi (NULL: to the
-    # end). Its members are written to sync_batch_items when it first runs (materialized).
+    # The user ids the batch covers, [lo, hi], from its first member to its last as planned.
+    # Its members are written to sync_batch_items when it first runs (materialized).
     lo_user_id: Mapped[str | None] = mapped_column(Text)
     hi_user_id: Mapped[str | None] = mapped_column(Text)
     # A small delta's batch lists its members instead: no range scan of a million rows for 5.

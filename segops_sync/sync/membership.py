@@ -9,6 +9,7 @@ from typing import IO, Any, cast
 from sqlalchemy import CursorResult, text
 from sqlalchemy.orm import Session
 
+from segops_sync.db.statistics import analyze_if_stale
 from segops_sync.errors import InputError
 from segops_sync.sync.identity import MAX_USER_ID
 
@@ -106,6 +107,9 @@ def replace_membership(session: Session, segment_id: str, path: str) -> int:
                 params,
             )
         )
+        # The next sync plans its delta over this table: a big recompute must not leave the
+        # planner with the segment as it was (db/statistics.py).
+        analyze_if_stale(session, "segment_members", left + joined)
         return int(before or 0) - left + joined
     finally:
         if stream is not sys.stdin.buffer:

@@ -2,8 +2,8 @@
 
 The delta never passes through Python. One ordered pass over ``segment - ledger`` (joiners)
 and ``ledger - segment`` (leavers) numbers both directions and returns only every
-DIRECT_BATCH_SIZE-th joiner and every REMOVE_BATCH_SIZE-th leaver; the planner writes one
-``sync_batches`` row per batch with the user-id range it covers. Each batch writes its own
+DIRECT_BATCH_SIZE-th joiner and every REMOVE_BATCH_SIZE-th leaver (first and last); the
+planner writes one ``sync_batches`` row per batch with the user-id range [first, last] it covers. Each batch writes its own
 members (``sync_batch_items``, :func:`materialize_batch`) when it first runs, so a million adds
 cost the planner 1.5 s instead of a million rows, and the first job leaves in seconds.
 """
@@ -248,9 +248,11 @@ class DeltaBounds:
     def ranges(
         self, joins: bool, size: int
     ) -> list[tuple[int, str | None, str | None, list[str] | None]]:
-        """(seq, lo, hi, members): consecutive key ranges (lo, hi] of ``size`` members each;
-        the first starts at the beginning and the last runs to the end, so together they cover
-        every key. A small direction (every member came back) lists each batch's members."""
+        """(seq, lo, hi, members): the key range [lo, hi] of each batch of ``size`` members,
+        from its first member to its last as planned (a range never spans keys that held no
+        change of this direction: a churn's first range does not cover the whole segment
+        below its first joiner). A small direction (every member came back) lists each
+        batch's members instead."""
         total = self.total(joins)
         if total == 0:
             return []
@@ -261,21 +263,22 @@ class DeltaBounds:
                 (seq, None, None, users[start : start + size])
                 for seq, start in enumerate(range(0, total, size))
             ]
-        ends = [u for n, u in marks if n % size == 0 and n < total]
-        lows: list[str | None] = [None, *ends]
-        highs: list[str | None] = [*ends, None]
-        return [(seq, lo, hi, None) for seq, (lo, hi) in enumerate(zip(lows, highs, strict=True))]
+        at = dict(marks)
+        return [
+            (seq, at[start + 1], at[min(start + size, total)], None)
+            for seq, start in enumerate(range(0, total, size))
+        ]
 
 
-# One ordered pass over the delta numbers the joiners and the leavers; only every
-# DIRECT_BATCH_SIZE-th joiner, every REMOVE_BATCH_SIZE-th leaver and the last of each come
-# back (10,000 rows for a million adds), instead of a million item rows written up front.
+# One ordered pass over the delta numbers the joiners and the leavers; only the first and last
+# of every DIRECT_BATCH_SIZE joiners and REMOVE_BATCH_SIZE leavers, and the last of each, come
+# back (20,000 rows for a million adds), instead of a million item rows written up front.
 _BOUNDS_SQL = """
     SELECT joins, rn, user_id, total FROM (
       SELECT user_id, joins, row_number() OVER w AS rn,
              count(*) OVER (PARTITION BY joins) AS total
       FROM ({delta}) d WINDOW w AS (PARTITION BY joins ORDER BY user_id)) n
-    WHERE rn % CASE WHEN joins THEN :add_step ELSE :remove_step END = 0 OR rn = total
+    WHERE rn % CASE WHEN joins THEN :add_step ELSE :remove_step END IN (0, 1) OR rn = total
        OR total <= :listed
 """
 # Up to this many members a direction's batches list their members (every row comes back):
@@ -311,8 +314,9 @@ def materialize_batch(
 ) -> int:
     """Write the members of a batch planned as a key range, as the segment and the ledger are
     now (the caller holds the batch row locked). A member who joined or left since planning is
-    taken as found: the recompute that changed the segment also queued a follow-up run, which
-    settles whatever this run's ranges saw too early or too late. Returns the members written."""
+    taken as found (one outside every planned range waits): the recompute that changed the
+    segment also queued a follow-up run, which settles whatever this run's ranges saw too early,
+    too late or not at all. Returns the members written."""
     params: dict[str, Any] = {
         "run": batch.run_id,
         "seq": batch.seq,
@@ -329,7 +333,7 @@ def materialize_batch(
         if batch.user_ids is not None:  # a small delta's batch: its members, by index probes
             return f" AND {column} = ANY(CAST(:ids AS text[]))"
         # Spelled out per bound (not ":lo IS NULL OR …"), so every plan is an index range scan.
-        lo = f" AND {column} > :lo" if batch.lo_user_id is not None else ""
+        lo = f" AND {column} >= :lo" if batch.lo_user_id is not None else ""
         return lo + (f" AND {column} <= :hi" if batch.hi_user_id is not None else "")
 
     if batch.kind == BatchKind.ADD:

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from segops_sync.db.models import Connector, SyncBatch, SyncRun
+from segops_sync.db.statistics import analyze_if_stale
 from segops_sync.states import (
     OPEN_BATCH,
     BatchStatus,
@@ -226,6 +227,19 @@ def _rejections(session: Session, run: SyncRun) -> str:
         f"{run.rejected} members rejected by Klaviyo ({summary}); fix them in the segment's data "
         "(the others were synced)"
     )
+
+
+def refresh_statistics(session: Session, run_id: str) -> list[str]:
+    """After a run that changed the ledger (or wrote items) in bulk: analyze what the next
+    run's statements will be planned over (db/statistics.py). Returns the tables analyzed."""
+    run = session.get(SyncRun, run_id)
+    if run is None:
+        return []
+    changes = {
+        "connector_members": (run.added or 0) + (run.removed or 0) + (run.updated or 0),
+        "sync_batch_items": (run.planned_adds or 0) + (run.planned_removes or 0),
+    }
+    return [table for table, n in changes.items() if analyze_if_stale(session, table, n)]
 
 
 def closed_summary(session: Session, run_id: str) -> RunClosed:

@@ -168,7 +168,7 @@ def _batch_sizes(run_id: str) -> dict[str, list[int]]:
         rows = s.execute(
             text(
                 "SELECT b.kind, b.seq, count(it.user_id), "
-                "count(*) FILTER (WHERE (b.lo_user_id IS NOT NULL AND it.user_id <= b.lo_user_id) "
+                "count(*) FILTER (WHERE (b.lo_user_id IS NOT NULL AND it.user_id < b.lo_user_id) "
                 "OR (b.hi_user_id IS NOT NULL AND it.user_id > b.hi_user_id)) "
                 "FROM sync_batches b LEFT JOIN sync_batch_items it "
                 "ON it.run_id = b.run_id AND it.kind = b.kind AND it.seq = b.seq "
