@@ -24,6 +24,9 @@ def _bind(port: int, host: str = HOST) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listening now, not when uvicorn gets to it: `klaviyo-sim` prints its ready line before
+    # serving, and a client that connects at once must queue, not be refused (a CI failure).
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
