@@ -368,17 +368,21 @@ def _add(
             return Later(early.wait or settings.job_poll_interval, "bulk import job still running")
     with session_scope() as s:
         # Core, not the ORM's row processing: ten thousand plain tuples.
-        unsent = s.connection().execute(
-            _items(s, ctx)
-            .where(SyncBatchItem.job_id.is_(None), SyncBatchItem.outcome.is_(None))
-            .order_by(SyncBatchItem.user_id)
-            .with_only_columns(
-                SyncBatchItem.user_id,
-                SyncBatchItem.email,
-                SyncBatchItem.external_id,
-                SyncBatchItem.traits,
+        unsent = (
+            s.connection()
+            .execute(
+                _items(s, ctx)
+                .where(SyncBatchItem.job_id.is_(None), SyncBatchItem.outcome.is_(None))
+                .order_by(SyncBatchItem.user_id)
+                .with_only_columns(
+                    SyncBatchItem.user_id,
+                    SyncBatchItem.email,
+                    SyncBatchItem.external_id,
+                    SyncBatchItem.traits,
+                )
             )
-        ).all()
+            .all()
+        )
     if unsent:
         members = trait_profiles(ctx.run_id, unsent)
         start = 0
@@ -479,10 +483,10 @@ def _submit(
             if whole:  # the members refused above already carry an outcome
                 s.execute(
                     text(
-                        "UPDATE sync_batch_items SET job_id = :j WHERE run_id = :r AND kind = :k "
-                        "AND seq = :q AND job_id IS NULL AND outcome IS NULL"
+                        f"UPDATE sync_batch_items SET job_id = :j WHERE {_THIS_BATCH} "
+                        "AND job_id IS NULL AND outcome IS NULL"
                     ),
-                    {"j": job_id, "r": ctx.run_id, "k": ctx.kind, "q": ctx.seq},
+                    {"j": job_id, **_batch_key(ctx)},
                 )
             else:
                 s.execute(
@@ -541,7 +545,6 @@ def _settle_job(
     Returns why the job cannot be settled yet, or None. When Klaviyo counts more failed
     profiles than its import errors name, we cannot tell who failed: nobody of the job is
     confirmed (the others would be "added" on faith, the silent success others ship)."""
-    job = {"r": ctx.run_id, "k": ctx.kind, "q": ctx.seq, "j": job_id}
     with session_scope() as s:
         rejected: dict[str, str] = {}
         if errors or failed_count:
@@ -581,10 +584,14 @@ def _settle_job(
         s.execute(
             text(
                 "UPDATE sync_batch_items SET outcome = CASE WHEN refresh THEN :updated "
-                "ELSE :added END WHERE run_id = :r AND kind = :k AND seq = :q AND job_id = :j "
-                "AND outcome IS NULL"
+                f"ELSE :added END WHERE {_THIS_BATCH} AND job_id = :j AND outcome IS NULL"
             ),
-            {**job, "added": ItemOutcome.ADDED, "updated": ItemOutcome.UPDATED},
+            {
+                **_batch_key(ctx),
+                "j": job_id,
+                "added": ItemOutcome.ADDED,
+                "updated": ItemOutcome.UPDATED,
+            },
         )
         confirm_added_job(s, ctx.connector_id, ctx.run_id, ctx.kind, ctx.seq, job_id)
         _progress(s, ctx)

@@ -20,24 +20,27 @@ def forget_ledger(session: Session, connector_id: str) -> None:
     session.execute(delete(LedgerEntry).where(LedgerEntry.connector_id == connector_id))
 
 
+# Members confirmed on the list enter the ledger from their batch-item rows (with what was
+# sent, and the hash of the traits sent, so that a change of them is sent again).
+_CONFIRM_ADDED = (
+    "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id, "
+    "traits_hash) "
+    "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash "
+    "FROM sync_batch_items it WHERE {items} "
+    "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
+    "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
+    "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
+)
+
+
 def confirm_added(
     session: Session, connector_id: str, run_id: str, user_ids: Sequence[str]
 ) -> None:
-    """Members Klaviyo accepted into the list enter the ledger (with what was sent, and the
-    hash of the traits sent, so that a change of them is sent again)."""
+    """Members Klaviyo accepted into the list enter the ledger."""
     if not user_ids:
         return
     session.execute(
-        text(
-            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id, "
-            "traits_hash) "
-            "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash "
-            "FROM sync_batch_items it "
-            "WHERE it.run_id = :r AND it.user_id = ANY(:u) "
-            "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
-            "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
-            "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
-        ),
+        text(_CONFIRM_ADDED.format(items="it.run_id = :r AND it.user_id = ANY(:u)")),
         {"c": connector_id, "r": run_id, "u": list(user_ids)},
     )
 
@@ -49,15 +52,10 @@ def confirm_added_job(
     (outcome added or updated), found by the batch's index instead of a list of ids."""
     session.execute(
         text(
-            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id, "
-            "traits_hash) "
-            "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash "
-            "FROM sync_batch_items it "
-            "WHERE it.run_id = :r AND it.kind = :k AND it.seq = :q AND it.job_id = :j "
-            f"AND it.outcome IN ('{ItemOutcome.ADDED}', '{ItemOutcome.UPDATED}') "
-            "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
-            "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
-            "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
+            _CONFIRM_ADDED.format(
+                items="it.run_id = :r AND it.kind = :k AND it.seq = :q AND it.job_id = :j "
+                f"AND it.outcome IN ('{ItemOutcome.ADDED}', '{ItemOutcome.UPDATED}')"
+            )
         ),
         {"c": connector_id, "r": run_id, "k": kind, "q": seq, "j": job_id},
     )
