@@ -41,8 +41,8 @@ from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.costs import goes_direct
 from segops_sync.sync.direct import add_directly
 from segops_sync.sync.ledger import (
+    accept_job,
     added_times,
-    confirm_added_job,
     confirm_removed,
     forget_profile_ids,
     remember_profile_ids,
@@ -581,19 +581,7 @@ def _settle_job(
         for user_id, reason in rejected.items():
             _set_outcome(s, ctx, [user_id], ItemOutcome.REJECTED, reason)
         # The rest of the job was accepted: added, or (already on the list) its traits updated.
-        s.execute(
-            text(
-                "UPDATE sync_batch_items SET outcome = CASE WHEN refresh THEN :updated "
-                f"ELSE :added END WHERE {_THIS_BATCH} AND job_id = :j AND outcome IS NULL"
-            ),
-            {
-                **_batch_key(ctx),
-                "j": job_id,
-                "added": ItemOutcome.ADDED,
-                "updated": ItemOutcome.UPDATED,
-            },
-        )
-        confirm_added_job(s, ctx.connector_id, ctx.run_id, ctx.kind, ctx.seq, job_id)
+        accept_job(s, ctx.connector_id, ctx.run_id, ctx.kind, ctx.seq, job_id)
         _progress(s, ctx)
     return None
 

@@ -26,36 +26,58 @@ _CONFIRM_ADDED = (
     "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id, "
     "traits_hash) "
     "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash "
-    "FROM sync_batch_items it WHERE {items} "
+    "FROM {source} "
     "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
     "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
     "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
 )
 
 
+def _hold_connector(session: Session, connector_id: str) -> bool:
+    """The ledger's foreign key, checked once per statement instead of once per row: a key
+    share lock on the connector row until commit. A connector deleted before it has no ledger
+    to write to (False); one deleted after waits for this commit, then its trigger deletes what
+    was written (migration 0005)."""
+    return (
+        session.scalar(
+            text("SELECT true FROM connectors WHERE id = :c FOR KEY SHARE"), {"c": connector_id}
+        )
+        is not None
+    )
+
+
 def confirm_added(
     session: Session, connector_id: str, run_id: str, user_ids: Sequence[str]
 ) -> None:
     """Members Klaviyo accepted into the list enter the ledger."""
-    if not user_ids:
+    if not user_ids or not _hold_connector(session, connector_id):
         return
     session.execute(
-        text(_CONFIRM_ADDED.format(items="it.run_id = :r AND it.user_id = ANY(:u)")),
+        text(
+            _CONFIRM_ADDED.format(
+                source="sync_batch_items it WHERE it.run_id = :r AND it.user_id = ANY(:u)"
+            )
+        ),
         {"c": connector_id, "r": run_id, "u": list(user_ids)},
     )
 
 
-def confirm_added_job(
+def accept_job(
     session: Session, connector_id: str, run_id: str, kind: str, seq: int, job_id: str
 ) -> None:
-    """:func:`confirm_added` for every member of one batch's bulk job that Klaviyo accepted
-    (outcome added or updated), found by the batch's index instead of a list of ids."""
+    """Every member of one batch's finished bulk job not rejected by name was accepted: its
+    item becomes added (or updated, a refresh of traits) and it enters the ledger, in one
+    statement over the batch's index (the items' update feeds the insert)."""
+    if not _hold_connector(session, connector_id):
+        return
     session.execute(
         text(
-            _CONFIRM_ADDED.format(
-                items="it.run_id = :r AND it.kind = :k AND it.seq = :q AND it.job_id = :j "
-                f"AND it.outcome IN ('{ItemOutcome.ADDED}', '{ItemOutcome.UPDATED}')"
-            )
+            "WITH accepted AS (UPDATE sync_batch_items it SET outcome = CASE WHEN refresh "
+            f"THEN '{ItemOutcome.UPDATED}' ELSE '{ItemOutcome.ADDED}' END "
+            "WHERE it.run_id = :r AND it.kind = :k AND it.seq = :q AND it.job_id = :j "
+            "AND it.outcome IS NULL "
+            "RETURNING it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash) "
+            + _CONFIRM_ADDED.format(source="accepted it")
         ),
         {"c": connector_id, "r": run_id, "k": kind, "q": seq, "j": job_id},
     )
@@ -136,6 +158,8 @@ def adopt_foreign(
     """Profiles the connector never added enter the ledger (user_id ``prefix + profile id``),
     so that the normal removal path, mass-removal guard included, removes them.
     ``profiles_sql`` selects (profile_id, email, external_id)."""
+    if not _hold_connector(session, connector_id):
+        return 0
     result = session.execute(
         text(
             "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id) "
