@@ -854,7 +854,8 @@ class Simulator:
             )
             account.profiles[profile.id] = profile
             self._profile_index[profile.id] = profile
-        self._unindex(account, profile)
+        else:  # a new profile is in no index yet (a first sync creates a million)
+            self._unindex(account, profile)
         for name, value in attrs.items():
             if value is None:
                 if clear_nulls:

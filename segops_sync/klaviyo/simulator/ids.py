@@ -25,12 +25,17 @@ class UlidFactory:
     def new(self) -> str:
         ms = int(time.time() * 1000)
         if ms <= self._last_ms:
-            ms, rand = self._last_ms, self._last_rand + 1
+            rand = self._last_rand + 1
+            if rand & 1023:  # only the last two digits moved: ids made within one millisecond
+                self._last_rand = rand
+                return self._prefix + _PAIRS[rand & 1023]
         else:
+            self._last_ms = ms
             rand = self._rng.getrandbits(79)  # headroom so increments never overflow 80 bits
-            self._prefix = _digits(ms, 5)  # the time part, shared by the ids of this millisecond
-        self._last_ms, self._last_rand = ms, rand
-        return self._prefix + _digits(rand, 8)
+        # the time part and all but the last two digits, shared until the low 10 bits wrap
+        self._prefix = _digits(self._last_ms, 5) + _digits(rand >> 10, 7)
+        self._last_rand = rand
+        return self._prefix + _PAIRS[rand & 1023]
 
 
 def encode_ulid(value: int) -> str:
