@@ -404,14 +404,19 @@ def _add(
     running = bool(view.running)
     for job_id in view.finished:
         try:
-            job = quick_retry(client.get_bulk_import_job, job_id)
-            if job.status in ("queued", "processing"):
-                jobs.still_running(job_id)  # the poll's pages shifted under it
-                running = True
-                continue
-            if job.status == "complete":
+            failed_count = jobs.final(job_id)
+            if failed_count is None:
+                job = quick_retry(client.get_bulk_import_job, job_id)
+                if job.status in ("queued", "processing"):
+                    jobs.still_running(job_id)  # the poll's pages shifted under it
+                    running = True
+                    continue
+                if job.status == "complete":
+                    failed_count = job.failed_count
+                    jobs.remember_final(job_id, failed_count)  # read once, even if deferred
+            if failed_count is not None:
                 errors = quick_retry(_all_import_errors, client, job_id)
-                problem = _settle_job(ctx, job.id, job.failed_count, errors)
+                problem = _settle_job(ctx, job_id, failed_count, errors)
                 if problem is not None:
                     return _transient(ctx, problem, settings)
                 jobs.forget([job_id])

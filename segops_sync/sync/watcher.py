@@ -121,6 +121,20 @@ class JobWatcher:
         pipe.zadd(self._key(account, "watch"), {job_id: self._now_us()})
         pipe.execute()
 
+    def remember_final(self, account: str, job_id: str, failed_count: int) -> None:
+        """The owning batch read this finished job: complete, with ``failed_count`` failures.
+        Kept until the batch settles it, so a batch deferred between the job's read and its
+        import errors (a limiter wait when ten jobs finish in one poll) does not read it again."""
+        self._redis.hset(self._key(account, "finished"), job_id, f"complete:{failed_count}")
+
+    def final(self, account: str, job_id: str) -> int | None:
+        """``failed_count`` of a finished job its batch already read as complete, else None."""
+        value = self._redis.hget(self._key(account, "finished"), job_id)
+        text = value.decode() if isinstance(value, bytes) else value
+        if text is None or not text.startswith("complete:"):
+            return None
+        return int(text.split(":", 1)[1])
+
     def forget(self, account: str, job_ids: Iterable[str]) -> None:
         """The batch settled these jobs (or will resend their members)."""
         ids = list(job_ids)
@@ -234,6 +248,12 @@ class AccountJobs:
 
     def still_running(self, job_id: str) -> None:
         self.watcher.still_running(self.account, job_id)
+
+    def remember_final(self, job_id: str, failed_count: int) -> None:
+        self.watcher.remember_final(self.account, job_id, failed_count)
+
+    def final(self, job_id: str) -> int | None:
+        return self.watcher.final(self.account, job_id)
 
     def forget(self, job_ids: Iterable[str]) -> None:
         self.watcher.forget(self.account, job_ids)

@@ -130,3 +130,22 @@ def test_a_failed_poll_lets_the_next_batch_poll_at_once(
     assert fake.get(watcher._key(account, "gate")) is None
     sim.set_faults()
     assert watcher.view(account, jobs, client).polled
+
+
+def test_a_finished_job_read_once_is_remembered_until_forgotten(
+    env: tuple[Simulator, KlaviyoClient, str, str],
+) -> None:
+    """When ten jobs finish in one poll, their batches' import-error reads can be deferred by
+    the limiter: the job's final read is kept, so a deferred batch does not read it again."""
+    sim, client, account, list_id = env
+    watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
+    jobs = submit(client, list_id, 2)
+    watcher.register(account, jobs)
+    time.sleep(JOB_DELAY + 0.1)
+    assert sorted(watcher.view(account, jobs, client).finished) == sorted(jobs)
+    assert watcher.final(account, jobs[0]) is None  # finished, not yet read by its batch
+    watcher.remember_final(account, jobs[0], 3)
+    assert (watcher.final(account, jobs[0]), watcher.final(account, jobs[1])) == (3, None)
+    assert watcher.view(account, jobs, client).finished == jobs  # still finished
+    watcher.forget(account, jobs[:1])
+    assert watcher.final(account, jobs[0]) is None
