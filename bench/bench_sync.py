@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                         "platform": platform.platform(),
                         "loadavg_before": [round(x, 2) for x in load_before],
                         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                        "postgres": postgres_settings(session_scope),
                     },
                     "phases": [
                         {
@@ -585,6 +586,20 @@ def result_line(p: dict[str, Any]) -> str:
     )
 
 
+# What PostgreSQL was given: bulk writes of millions of rows depend on them.
+POSTGRES_SETTINGS = ("server_version", "shared_buffers", "max_wal_size", "autovacuum")
+
+
+def postgres_settings(session_scope: Any) -> dict[str, str]:
+    from sqlalchemy import text
+
+    with session_scope() as s:
+        return {
+            name: str(s.scalar(text(f"SELECT current_setting('{name}')")))
+            for name in POSTGRES_SETTINGS
+        }
+
+
 def print_report(report: dict[str, Any]) -> None:
     load = report["machine"]
     print(
@@ -594,6 +609,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['headroom']:g}; load average {load['loadavg_before'][0]:.1f} before, "
         f"{load['loadavg_after'][0]:.1f} after ({load['cpus']} CPUs, shared)"
     )
+    if "postgres" in load:
+        print("PostgreSQL " + ", ".join(f"{k} {v}" for k, v in load["postgres"].items()))
     print(
         f"{'members':>9} {'phase':11} {'end-to-end s':>12} {'floor s':>8} {'ratio':>6} "
         f"{'fresh s':>7} {'load s':>6} {'diff s':>6} {'429s':>4} {'RSS MB':>6} {'exact':>5}"

@@ -93,6 +93,8 @@ class BatchContext:
     abort_reason: str | None
     planned_adds: int = 0
     job_ids: tuple[str, ...] = ()  # every bulk job this batch submitted
+    # The members this very step wrote (materialize_batch), in key order: read without a query.
+    fresh_members: tuple[tuple[Any, ...], ...] | None = None
 
 
 class BatchStore(Protocol):
@@ -195,8 +197,9 @@ class PostgresBatchStore:
             if row is None:
                 return None
             batch, abort_reason, connector, planned_adds = row
+            fresh = None
             if not batch.materialized and batch.status in OPEN_BATCH and abort_reason is None:
-                _materialize(s, batch, connector, planned_adds or 0)
+                fresh = _materialize(s, batch, connector, planned_adds or 0)
             now = datetime.now(UTC)
             if batch.first_attempt_at is None:
                 batch.first_attempt_at = now
@@ -215,6 +218,7 @@ class PostgresBatchStore:
                 abort_reason=abort_reason,
                 planned_adds=planned_adds or 0,
                 job_ids=tuple(batch.job_ids or ()),
+                fresh_members=None if fresh is None else tuple(fresh),
             )
 
     def fail(self, ctx: BatchContext, error: str, *, permanent: bool) -> None:
@@ -244,12 +248,16 @@ class PostgresBatchStore:
             )
 
 
-def _materialize(s: Session, batch: SyncBatch, connector: Connector, planned_adds: int) -> None:
-    """A batch's first run writes its members (the planner wrote only its key range); the row
-    lock makes a redelivered twin wait, then find them written."""
+def _materialize(
+    s: Session, batch: SyncBatch, connector: Connector, planned_adds: int
+) -> list[tuple[Any, ...]] | None:
+    """A batch's first run writes its members (the planner wrote only its key range) and
+    returns them; the row lock makes a redelivered twin wait, then find them written (None:
+    it reads them as any later step does)."""
     s.refresh(batch, with_for_update=True)
-    if not batch.materialized:
-        materialize_batch(s, batch, connector, planned_adds, get_settings())
+    if batch.materialized:
+        return None
+    return materialize_batch(s, batch, connector, planned_adds, get_settings())
 
 
 # A batch's own rows: every update of members names the batch, so its plan starts from the
@@ -357,18 +365,11 @@ def _set_outcome(
 # -- adds: bulk import jobs with the list attached -----------------------------------------
 
 
-def _add(
-    ctx: BatchContext, client: KlaviyoClient, settings: Settings, jobs: AccountJobs
-) -> BatchStep:
-    if ctx.status == BatchStatus.SUBMITTED and ctx.job_ids:
-        # Waking while its jobs run is the common case (a million members: a hundred batches,
-        # each back every poll): ask the watcher before reading any of the batch's rows.
-        early = jobs.view(list(ctx.job_ids))
-        if not early.finished:
-            return Later(early.wait or settings.job_poll_interval, "bulk import job still running")
+def _unsent(ctx: BatchContext) -> Sequence[Any]:
+    """The batch's members not yet in a job, in key order (user_id, email, external_id,
+    traits). Core, not the ORM's row processing: ten thousand plain tuples."""
     with session_scope() as s:
-        # Core, not the ORM's row processing: ten thousand plain tuples.
-        unsent = (
+        return (
             s.connection()
             .execute(
                 _items(s, ctx)
@@ -383,6 +384,21 @@ def _add(
             )
             .all()
         )
+
+
+def _add(
+    ctx: BatchContext, client: KlaviyoClient, settings: Settings, jobs: AccountJobs
+) -> BatchStep:
+    if ctx.status == BatchStatus.SUBMITTED and ctx.job_ids:
+        # Waking while its jobs run is the common case (a million members: a hundred batches,
+        # each back every poll): ask the watcher before reading any of the batch's rows.
+        early = jobs.view(list(ctx.job_ids))
+        if not early.finished:
+            return Later(early.wait or settings.job_poll_interval, "bulk import job still running")
+    if ctx.fresh_members is not None:  # written by this step: no need to read them back
+        unsent: Sequence[Any] = ctx.fresh_members
+    else:
+        unsent = _unsent(ctx)
     if unsent:
         members = trait_profiles(ctx.run_id, unsent)
         start = 0
@@ -595,17 +611,21 @@ def _settle_job(
 
 
 def _remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> BatchStep:
-    with session_scope() as s:
-        rows = s.execute(
-            _items(s, ctx)
-            .where(SyncBatchItem.outcome.is_(None))
-            .with_only_columns(
-                SyncBatchItem.user_id,
-                SyncBatchItem.email,
-                SyncBatchItem.external_id,
-                SyncBatchItem.profile_id,
-            )
-        ).all()
+    rows: Sequence[Any]
+    if ctx.fresh_members is not None:  # written by this step: no need to read them back
+        rows = ctx.fresh_members
+    else:
+        with session_scope() as s:
+            rows = s.execute(
+                _items(s, ctx)
+                .where(SyncBatchItem.outcome.is_(None))
+                .with_only_columns(
+                    SyncBatchItem.user_id,
+                    SyncBatchItem.email,
+                    SyncBatchItem.external_id,
+                    SyncBatchItem.profile_id,
+                )
+            ).all()
     if not rows:
         return _finish(ctx)
     profile_ids = {u: p for u, _, _, p in rows if p}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, Result, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from segops_sync.config import Settings
@@ -230,10 +230,6 @@ def _planned(run: SyncRun) -> dict[str, Any]:
     }
 
 
-def _rowcount(result: Result[Any]) -> int:
-    return int(cast(CursorResult[Any], result).rowcount)
-
-
 @dataclass
 class DeltaBounds:
     """Every ``step``-th member of each direction of the delta in key order, and the last:
@@ -311,12 +307,14 @@ def _delta_bounds(session: Session, params: dict[str, Any], *, traits: bool) -> 
 
 def materialize_batch(
     session: Session, batch: SyncBatch, connector: Connector, planned_adds: int, settings: Settings
-) -> int:
+) -> list[tuple[Any, ...]]:
     """Write the members of a batch planned as a key range, as the segment and the ledger are
     now (the caller holds the batch row locked). A member who joined or left since planning is
     taken as found (one outside every planned range waits): the recompute that changed the
     segment also queued a follow-up run, which settles whatever this run's ranges saw too early,
-    too late or not at all. Returns the members written."""
+    too late or not at all. Returns the members written, in key order, as the batch reads
+    its unsent members: (user_id, email, external_id, traits) for adds, (user_id, email,
+    external_id, profile_id) for removals; the batch's first step needs no second read."""
     params: dict[str, Any] = {
         "run": batch.run_id,
         "seq": batch.seq,
@@ -360,7 +358,8 @@ def materialize_batch(
             f"traits, traits_hash, refresh) SELECT :run, sm.user_id, :kind, :seq, {SQL_EMAIL}, "
             f"{SQL_EXTERNAL_ID}, {traits}, sm.refresh FROM (SELECT user_id, refresh FROM "
             f"({joiners}) j ORDER BY user_id LIMIT :size) sm "
-            "LEFT JOIN identities i ON i.user_id = sm.user_id ON CONFLICT DO NOTHING"
+            "LEFT JOIN identities i ON i.user_id = sm.user_id ON CONFLICT DO NOTHING "
+            "RETURNING user_id, email, external_id, traits"
         )
     else:
         size = REMOVE_BATCH_SIZE
@@ -370,13 +369,14 @@ def materialize_batch(
             f"cm.profile_id FROM connector_members cm WHERE cm.connector_id = :c"
             f"{in_range('cm.user_id')} AND NOT EXISTS (SELECT 1 FROM segment_members s "
             f"WHERE s.segment_id = :seg AND s.user_id = cm.user_id{in_range('s.user_id')}) "
-            "ORDER BY cm.user_id LIMIT :size ON CONFLICT DO NOTHING"
+            "ORDER BY cm.user_id LIMIT :size ON CONFLICT DO NOTHING "
+            "RETURNING user_id, email, external_id, profile_id"
         )
     # ON CONFLICT: a member added by one range and gone again before a removal range ran is
     # already an item of this run; the follow-up run removes it.
-    written = _rowcount(session.execute(text(sql), {**params, "size": size}))
+    written = session.execute(text(sql), {**params, "size": size}).all()
     batch.materialized = True
-    return written
+    return sorted((tuple(row) for row in written), key=lambda row: str(row[0]))
 
 
 def _text_array(values: list[str] | None) -> str | None:
