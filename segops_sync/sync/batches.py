@@ -431,7 +431,9 @@ def _add(
                     failed_count = job.failed_count
                     jobs.remember_final(job_id, failed_count)  # read once, even if deferred
             if failed_count is not None:
-                errors = quick_retry(_all_import_errors, client, job_id)
+                # A job Klaviyo counts no failures of has no import errors to read: half of a
+                # first sync's job reads, and a burst of them when ten jobs finish in one poll.
+                errors = quick_retry(_all_import_errors, client, job_id) if failed_count else []
                 problem = _settle_job(ctx, job_id, failed_count, errors)
                 if problem is not None:
                     return _transient(ctx, problem, settings)

@@ -103,11 +103,12 @@ def expected_requests(
     delta: Delta,
     *,
     direct: bool | None = None,
-    import_error_pages: int = 1,
+    import_error_pages: int = 0,
 ) -> Requests:
     """Requests a run needs per endpoint, job polls excluded (they depend on time).
 
-    ``import_error_pages`` is per job (1 when no member fails).
+    ``import_error_pages`` is per job (0 when no member fails: a job Klaviyo reports without
+    failures is not asked for its import errors).
     """
     out = Requests()
     if direct is None:

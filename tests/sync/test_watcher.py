@@ -137,7 +137,7 @@ def test_a_finished_job_read_once_is_remembered_until_forgotten(
 ) -> None:
     """When ten jobs finish in one poll, their batches' import-error reads can be deferred by
     the limiter: the job's final read is kept, so a deferred batch does not read it again."""
-    sim, client, account, list_id = env
+    _, client, account, list_id = env
     watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
     jobs = submit(client, list_id, 2)
     watcher.register(account, jobs)
