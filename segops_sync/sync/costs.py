@@ -149,7 +149,7 @@ def floor_seconds(
     """The shortest time Klaviyo's published limits allow for this delta.
 
     Adds (bulk): the last job is submitted at the burst rate, then runs ``job_seconds``; its
-    single read and its import errors fit the same instant. Adds (synchronous): the last upsert,
+    single read (and its import errors, after failures) fit the same instant. Adds (synchronous): the last upsert,
     then the relationship write. Removals: the last lookup (L tier), then its DELETE; DELETEs
     themselves are spaced by the M tier. Adds and removals run side by side. ``time_scale``
     compresses Klaviyo's windows (the simulator's); the job time is real seconds already.
