@@ -92,20 +92,6 @@ def confirm_removed(session: Session, connector_id: str, user_ids: Sequence[str]
     )
 
 
-def remember_profile_ids(session: Session, connector_id: str, found: dict[str, str]) -> None:
-    """Profile ids learnt by lookup are kept, so the next removal needs no lookup."""
-    if not found:
-        return
-    session.execute(
-        text(
-            "UPDATE connector_members cm SET profile_id = f.pid "
-            "FROM unnest(CAST(:u AS text[]), CAST(:p AS text[])) AS f(uid, pid) "
-            "WHERE cm.connector_id = :c AND cm.user_id = f.uid"
-        ),
-        {"c": connector_id, "u": list(found), "p": list(found.values())},
-    )
-
-
 def forget_profile_ids(session: Session, connector_id: str, user_ids: Sequence[str]) -> None:
     """Klaviyo no longer knows these ids (merged or deleted profiles): look them up again."""
     if not user_ids:
