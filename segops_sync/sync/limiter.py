@@ -78,7 +78,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 from urllib.parse import quote
 
 import redis
@@ -349,6 +349,13 @@ class AccountLimiter:
             args=[repr(self._w1_us), repr(self._w60_us)],
         )
         return int(n1), int(n60)
+
+    def grants(self, account: str, endpoint: str) -> list[float]:
+        """Server times (seconds) of the grants still in the steady window, oldest first: what
+        the limiter admitted, as opposed to when the requests reached Klaviyo."""
+        log = self._keys(account, endpoint).log
+        entries = cast(list[tuple[bytes, float]], self._redis.zrange(log, 0, -1, withscores=True))
+        return [score / 1e6 for _, score in entries]
 
     def _keys(self, account: str, endpoint: str) -> _Keys:
         if not account or not endpoint:
