@@ -76,6 +76,7 @@ Storage
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, cast
@@ -375,6 +376,10 @@ class AccountResolver:
     in Redis, logged, or put in an exception message.
     """
 
+    # How long one process's fetch holds the others back, and how often they look meanwhile.
+    FETCH_LEASE_SECONDS = 10.0
+    FETCH_WAIT_SECONDS = 0.05
+
     def __init__(
         self, redis: redis.Redis, *, prefix: str = "segops:acct", ttl_seconds: int = 86400
     ) -> None:
@@ -385,15 +390,33 @@ class AccountResolver:
         self.ttl_seconds = ttl_seconds
 
     def resolve(self, api_key: str, fetch: Callable[[], str]) -> str:
-        """Return the account id for api_key, calling fetch() (GET /api/accounts) only on a miss."""
+        """Return the account id for api_key, calling fetch() (GET /api/accounts) only on a miss.
+
+        Single flight: when several processes miss together (a connector's first batches start
+        side by side), one fetches under a short Redis lease and the others wait for its answer
+        (``FETCH_LEASE_SECONDS`` at most, then fetch themselves), so a key costs one call to the
+        fleet-wide accounts budget, not one per process. A fetch that fails frees the lease."""
         if not api_key:
             raise ValueError("api_key must be non-empty")
         cache_key = f"{self.prefix}:{fingerprint(api_key)}"
-        cached = self._redis.get(cache_key)
-        if cached is not None:
-            return cached.decode() if isinstance(cached, bytes) else str(cached)
-        account = fetch()
-        if not isinstance(account, str) or not account:
-            raise ValueError("fetch() must return a non-empty account id")
-        self._redis.set(cache_key, account, ex=self.ttl_seconds)
+        lease = cache_key + ":fetching"
+        deadline = time.monotonic() + self.FETCH_LEASE_SECONDS
+        while True:
+            cached = self._redis.get(cache_key)
+            if cached is not None:
+                return cached.decode() if isinstance(cached, bytes) else str(cached)
+            mine = bool(
+                self._redis.set(lease, "1", nx=True, px=int(self.FETCH_LEASE_SECONDS * 1000))
+            )
+            if mine or time.monotonic() >= deadline:
+                break
+            time.sleep(self.FETCH_WAIT_SECONDS)
+        try:
+            account = fetch()
+            if not isinstance(account, str) or not account:
+                raise ValueError("fetch() must return a non-empty account id")
+            self._redis.set(cache_key, account, ex=self.ttl_seconds)
+        finally:
+            if mine:
+                self._redis.delete(lease)
         return account

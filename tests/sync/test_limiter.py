@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -288,6 +289,44 @@ def test_keys_expire_on_their_own(r: fakeredis.FakeRedis) -> None:
     lim2.acquire("acct", EP, limit)
     time.sleep(1.1)
     assert list(r.scan_iter(f"{lim2.prefix}:*")) == []
+
+
+def test_account_resolver_fetches_once_when_processes_miss_together(
+    r: fakeredis.FakeRedis,
+) -> None:
+    """A connector's first batches start side by side: one GET /api/accounts for the key, the
+    others wait for its answer (a CI run saw two processes fetch the same key). A fetch that
+    fails frees the lease at once: the next caller fetches without waiting it out."""
+    api_key = "pk_" + uuid.uuid4().hex
+    calls: list[int] = []
+
+    def slow_fetch() -> str:
+        calls.append(1)
+        time.sleep(0.3)
+        return "ACCT9"
+
+    answers: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(AccountResolver(r).resolve(api_key, slow_fetch))
+        )
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert answers == ["ACCT9"] * 4 and len(calls) == 1
+
+    def broken() -> str:
+        raise RuntimeError("klaviyo down")
+
+    other = "pk_" + uuid.uuid4().hex
+    with pytest.raises(RuntimeError):
+        AccountResolver(r).resolve(other, broken)
+    begun = time.monotonic()
+    assert AccountResolver(r).resolve(other, lambda: "ACCT9") == "ACCT9"
+    assert time.monotonic() - begun < 1.0
 
 
 def test_account_resolver_caches_and_never_stores_the_key(r: fakeredis.FakeRedis) -> None:
