@@ -166,8 +166,11 @@ class KlaviyoClient:
             opt_in_process=opt_in if isinstance(opt_in, str) else None,
         )
 
-    def create_bulk_import_job(self, profiles: Sequence[ProfileInput], list_id: str) -> str:
-        """Submits one bulk import job with the list attached; returns the job id.
+    def create_bulk_import_job(
+        self, profiles: Sequence[ProfileInput], list_id: str
+    ) -> BulkImportJob:
+        """Submits one bulk import job with the list attached; returns the job as Klaviyo
+        accepted it (id, status, created_at).
 
         Raises ValueError when the batch is empty or over MAX_PROFILES_PER_JOB / MAX_JOB_BYTES
         (use split_into_jobs first).
@@ -181,24 +184,29 @@ class KlaviyoClient:
             raise ValueError(f"the job body is {len(body)} bytes, over {MAX_JOB_BYTES}")
         endpoint = Endpoint.CREATE_BULK_IMPORT_JOB
         doc = self._json(self._request(endpoint, endpoint.path(), body=body))
-        return _str_field(_dict_field(doc, "data", endpoint), "id", endpoint)
+        return _bulk_import_job(_dict_field(doc, "data", endpoint), endpoint)
 
     def get_bulk_import_job(self, job_id: str) -> BulkImportJob:
         endpoint = Endpoint.GET_BULK_IMPORT_JOB
         doc = self._json(self._request(endpoint, endpoint.path(job_id)))
         return _bulk_import_job(_dict_field(doc, "data", endpoint), endpoint)
 
-    def iter_bulk_import_jobs(self, statuses: Sequence[str]) -> Iterator[BulkImportJob]:
-        """The account's jobs in these states, 100 a page (one request answers for 100 jobs).
+    def iter_bulk_import_jobs(
+        self, statuses: Sequence[str], *, newest_first: bool = False
+    ) -> Iterator[BulkImportJob]:
+        """The account's jobs in these states, 100 a page (one request answers for 100 jobs),
+        oldest first or (``newest_first``) newest first by ``created_at``.
 
-        Klaviyo filters this list by ``status`` only (``any``/``equals``), not by id, so a
-        caller watching its own jobs asks for the unfinished ones and reads the absence of a
-        job it submitted as "finished". Stop iterating to stop paging.
+        Klaviyo filters this list by ``status`` only (``any``/``equals``), not by id: a caller
+        watching its own jobs lists them newest first and stops iterating (which stops paging)
+        once it has passed the oldest job it watches.
         """
         if isinstance(statuses, str) or not statuses:
             raise ValueError("statuses must be a non-empty sequence of job states")
         endpoint = Endpoint.LIST_BULK_IMPORT_JOBS
         params = {"filter": any_filter("status", statuses), "page[size]": str(MAX_PAGE_SIZE)}
+        if newest_first:
+            params["sort"] = "-created_at"
         for item in self._paginate(endpoint, endpoint.path(), params):
             yield _bulk_import_job(item, endpoint)
 
@@ -490,6 +498,7 @@ def _bulk_import_job(data: dict[str, Any], endpoint: Endpoint) -> BulkImportJob:
         completed_count=_int(attrs.get("completed_count")),
         failed_count=_int(attrs.get("failed_count")),
         expires_at=_datetime(attrs.get("expires_at")),
+        created_at=_datetime(attrs.get("created_at")),
     )
 
 

@@ -73,6 +73,8 @@ class BulkImportJob:
     completed_count: int
     failed_count: int
     expires_at: datetime | None
+    # Klaviyo's clock: jobs listed newest first are ordered by it (the watcher stops paging at it)
+    created_at: datetime | None = None
 
     @property
     def finished(self) -> bool:

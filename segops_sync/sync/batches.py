@@ -420,8 +420,8 @@ def _add(
             .with_only_columns(SyncBatchItem.job_id)
             .distinct()
         ).all()
-    # One poll of the account's unfinished jobs answers for every batch (sync/watcher.py);
-    # only a job that left them is read on its own, once.
+    # One poll of the account's recent jobs answers for every batch (sync/watcher.py), with
+    # each finished job's failed_count; only a job the poll could not find is read on its own.
     view = jobs.view([j for j in job_ids if j is not None])
     running = bool(view.running)
     for job_id in view.finished:
@@ -430,7 +430,7 @@ def _add(
             if failed_count is None:
                 job = quick_retry(client.get_bulk_import_job, job_id)
                 if job.status in ("queued", "processing"):
-                    jobs.still_running(job_id)  # the poll's pages shifted under it
+                    jobs.still_running(job_id)  # the poll missed it (a page shifted)
                     running = True
                     continue
                 if job.status == "complete":
@@ -493,9 +493,7 @@ def _submit(
     marked by the batch's index, not by a list of 10,000 ids."""
     while members:
         try:
-            job_id = quick_retry(
-                client.create_bulk_import_job, [p for _, p in members], ctx.list_id
-            )
+            job = quick_retry(client.create_bulk_import_job, [p for _, p in members], ctx.list_id)
         except InvalidRequest as exc:
             decision = decide(exc, list_id=ctx.list_id)
             refused = decision.members
@@ -508,6 +506,7 @@ def _submit(
                     _set_outcome(s, ctx, [members[index][0]], ItemOutcome.REJECTED, reason)
             members = [m for i, m in enumerate(members) if i not in refused]
             continue
+        job_id = job.id
         with session_scope() as s:
             if whole:  # the members refused above already carry an outcome
                 s.execute(
@@ -531,7 +530,7 @@ def _submit(
                 .values(status=BatchStatus.SUBMITTED, job_ids=SyncBatch.job_ids.op("||")([job_id]))
             )
             _progress(s, ctx)
-        jobs.register([job_id])
+        jobs.register([job_id], {job_id: job.created_at})
         return
 
 

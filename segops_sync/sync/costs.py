@@ -107,8 +107,9 @@ def expected_requests(
 ) -> Requests:
     """Requests a run needs per endpoint, job polls excluded (they depend on time).
 
-    ``import_error_pages`` is per job (0 when no member fails: a job Klaviyo reports without
-    failures is not asked for its import errors).
+    A finished job is not read on its own: the watcher's poll lists it with its
+    ``failed_count``. ``import_error_pages`` is per job (0 when no member fails: a job Klaviyo
+    reports without failures is not asked for its import errors).
     """
     out = Requests()
     if direct is None:
@@ -119,7 +120,6 @@ def expected_requests(
     elif delta.adds:
         jobs = math.ceil(delta.adds / MAX_PROFILES_PER_JOB)
         out.add(Endpoint.CREATE_BULK_IMPORT_JOB, jobs)
-        out.add(Endpoint.GET_BULK_IMPORT_JOB, jobs)  # once, after the watcher saw it finish
         out.add(Endpoint.GET_BULK_IMPORT_ERRORS, jobs * import_error_pages)
     if delta.removes:
         out.add(
@@ -148,9 +148,9 @@ def floor_seconds(
 ) -> float:
     """The shortest time Klaviyo's published limits allow for this delta.
 
-    Adds (bulk): the last job is submitted at the burst rate, then runs ``job_seconds``; its
-    single read (and its import errors, after failures) fit the same instant. Adds (synchronous): the last upsert,
-    then the relationship write. Removals: the last lookup (L tier), then its DELETE; DELETEs
+    Adds (bulk): the last job is submitted at the burst rate, then runs ``job_seconds``; the
+    poll that lists it finished (and its import errors, after failures) fit the same instant.
+    Adds (synchronous): the last upsert, then the relationship write. Removals: the last lookup (L tier), then its DELETE; DELETEs
     themselves are spaced by the M tier. Adds and removals run side by side. ``time_scale``
     compresses Klaviyo's windows (the simulator's); the job time is real seconds already.
     """

@@ -1,11 +1,18 @@
 """Bulk import jobs watched together: one poll per Klaviyo account answers for all of them.
 
-Klaviyo's ``GET /api/profile-bulk-import-jobs`` lists an account's jobs 100 a page and filters by
-``status`` only (``any``/``equals``; not by id). So the watcher asks for the *unfinished* ones,
-``filter=any(status,["queued","processing"])&page[size]=100``, and reads the absence of a job it
-watches as "finished" (complete, cancelled, or gone). The batch that owns such a job then reads
-it once (``GET …/{id}``: the final status and ``failed_count``) and its import errors, exactly as
-before: the ledger still changes only on what Klaviyo confirmed about each finished job.
+Klaviyo's ``GET /api/profile-bulk-import-jobs`` lists an account's jobs 100 a page, filters by
+``status`` only (``any``/``equals``; not by id) and sorts by ``created_at``. So the watcher asks
+for jobs in every state, newest first (``filter=any(status,[...])&sort=-created_at``), and
+reads each job it watches off the list: a ``complete`` one with its ``failed_count``, which is
+all its batch needs to settle it (and to skip the import errors when it is 0). Paging stops once
+every watched job was seen or the list has gone past the oldest of them (``created_at`` as
+Klaviyo answered it when the job was submitted), so a poll reads the jobs created since the
+oldest one still watched: one page for a hundred jobs in flight, whatever the account's history.
+
+A watched job the poll could not find (gone, expired, or created_at unknown after a crash)
+and a cancelled one are marked finished without a final count; the owning batch then reads it
+alone (``GET …/{id}``) and resends its members if Klaviyo lost it. The ledger still changes only
+on what Klaviyo confirmed about each finished job.
 
 Coordination, all in Redis, per account:
 
@@ -15,27 +22,30 @@ Coordination, all in Redis, per account:
     interval later), then ``polled`` until the next poll is due (after a 429, until its
     Retry-After). A poller that dies leaves a lease that expires.
 ``watch``
-    sorted set job id -> when it was registered (Redis server time, µs). A poll that *started*
-    after a job was registered and did not list it proves the job left the unfinished states;
-    a job registered during a poll waits for the next one.
+    sorted set job id -> when it was registered (Redis server time, µs). Only jobs registered
+    before a poll *started* are looked for; a job registered during a poll waits for the next.
+``created``
+    hash job id -> Klaviyo's ``created_at`` (µs since the epoch), where the paging stops.
 ``finished``
-    hash of job ids the last polls found finished; the owning batch clears its jobs when it has
-    settled them.
+    hash job id -> ``complete:<failed_count>``, or ``1`` for "finished, read it yourself"; the
+    owning batch clears its jobs when it has settled them.
 
 Budget: the gate lasts ``max(interval, pages * spacing)`` where ``spacing`` keeps the list
 endpoint within ``POLL_SHARE`` of its steady (per-minute) budget however many pages a poll needs.
 With Klaviyo's M tier (150/min) and ``POLL_SHARE`` 0.4 that is at most 60 list requests a minute
-per account (one a second), whatever the number of jobs; each finished job then costs one
-``GET …/{id}`` and its import-error pages, as before. Every request still goes through the
-fleet-wide limiter, so a poll can be deferred (``Throttled``) but never exceeds a limit.
+per account (one a second), whatever the number of jobs; a finished job costs no request of its
+own unless it reports failures (its import-error pages) or the poll could not find it. Every
+request still goes through the fleet-wide limiter, so a poll can be deferred (``Throttled``) but
+never exceeds a limit.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -47,6 +57,7 @@ from segops_sync.klaviyo.payloads import MAX_PAGE_SIZE
 log = logging.getLogger(__name__)
 
 UNFINISHED = ("queued", "processing")
+JOB_STATES = ("queued", "processing", "complete", "cancelled")
 # The share of the list endpoint's steady budget the watcher may take, per account.
 POLL_SHARE = 0.4
 # Keys of an idle account disappear after this long (seconds).
@@ -101,16 +112,28 @@ class JobWatcher:
 
     # -- what batches call -----------------------------------------------------------------
 
-    def register(self, account: str, job_ids: Iterable[str]) -> None:
-        """A job was just submitted (Klaviyo answered 202): watch it from now on."""
+    def register(
+        self,
+        account: str,
+        job_ids: Iterable[str],
+        created_at: Mapping[str, datetime | None] | None = None,
+    ) -> None:
+        """A job was just submitted (Klaviyo answered 202): watch it from now on. ``created_at``
+        (as Klaviyo answered) lets a poll stop paging once it is past the job."""
         ids = list(job_ids)
         if not ids:
             return
         now = self._now_us()
         watch = self._key(account, "watch")
+        created: dict[Any, Any] = {  # (redis-py's mapping types are invariant)
+            j: _epoch_us(at) for j, at in (created_at or {}).items() if j in ids and at is not None
+        }
         pipe = self._redis.pipeline()
         pipe.zadd(watch, dict.fromkeys(ids, now), nx=True)
         pipe.expire(watch, KEY_TTL)
+        if created:
+            pipe.hset(self._key(account, "created"), mapping=created)
+            pipe.expire(self._key(account, "created"), KEY_TTL)
         pipe.execute()
 
     def still_running(self, account: str, job_id: str) -> None:
@@ -122,13 +145,13 @@ class JobWatcher:
         pipe.execute()
 
     def remember_final(self, account: str, job_id: str, failed_count: int) -> None:
-        """The owning batch read this finished job: complete, with ``failed_count`` failures.
-        Kept until the batch settles it, so a batch deferred between the job's read and its
-        import errors (a limiter wait when ten jobs finish in one poll) does not read it again."""
+        """The owning batch read this finished job (one the poll could not find): complete, with
+        ``failed_count`` failures. Kept until the batch settles it, so a batch deferred between
+        the job's read and its import errors does not read it again."""
         self._redis.hset(self._key(account, "finished"), job_id, f"complete:{failed_count}")
 
     def final(self, account: str, job_id: str) -> int | None:
-        """``failed_count`` of a finished job its batch already read as complete, else None."""
+        """``failed_count`` of a finished job the poll (or its batch) saw complete, else None."""
         value = self._redis.hget(self._key(account, "finished"), job_id)
         text = value.decode() if isinstance(value, bytes) else value
         if text is None or not text.startswith("complete:"):
@@ -143,6 +166,7 @@ class JobWatcher:
         pipe = self._redis.pipeline()
         pipe.zrem(self._key(account, "watch"), *ids)
         pipe.hdel(self._key(account, "finished"), *ids)
+        pipe.hdel(self._key(account, "created"), *ids)
         pipe.execute()
 
     def view(self, account: str, job_ids: Sequence[str], client: KlaviyoClient) -> JobsView:
@@ -196,28 +220,47 @@ class JobWatcher:
     # -- the poll -------------------------------------------------------------------------
 
     def _poll(self, account: str, client: KlaviyoClient) -> int:
-        """One poll of the account's unfinished jobs; returns the number of pages it read."""
+        """One poll of the account's jobs, newest first; returns the number of pages it read."""
         started = self._now_us()
-        listed = [job.id for job in client.iter_bulk_import_jobs(UNFINISHED)]
-        pages = max(1, math.ceil(len(listed) / MAX_PAGE_SIZE))
         watch = self._key(account, "watch")
         candidates = [
             j.decode() if isinstance(j, bytes) else str(j)
             for j in self._redis.zrangebyscore(watch, "-inf", f"({started}")
         ]
-        still = set(listed)
-        done = [j for j in candidates if j not in still]
-        if done:
+        if not candidates:
+            return 0  # only jobs registered during an earlier poll: nothing to look for yet
+        raw: list[Any] = self._redis.hmget(self._key(account, "created"), candidates)
+        created = [int(v) for v in raw if v is not None]
+        # Without every candidate's created_at, paging runs to the end of the list once.
+        oldest = min(created) if len(created) == len(candidates) else None
+        wanted = set(candidates)
+        verdicts: dict[Any, Any] = {}  # job id -> what the batch learns (redis hash values)
+        listed = 0
+        for job in client.iter_bulk_import_jobs(JOB_STATES, newest_first=True):
+            listed += 1
+            if job.id in wanted:
+                wanted.discard(job.id)
+                if job.status == "complete":
+                    verdicts[job.id] = f"complete:{job.failed_count}"
+                elif job.status not in UNFINISHED:
+                    verdicts[job.id] = "1"  # cancelled: its batch reads it and resends
+                if not wanted:
+                    break
+            if oldest is not None and job.created_at and _epoch_us(job.created_at) < oldest:
+                break  # older than every job we watch: the ones not met are gone
+        # Not met on the way: gone (expired or lost); its batch's own read will say so.
+        verdicts.update(dict.fromkeys(wanted, "1"))
+        if verdicts:
             finished = self._key(account, "finished")
             pipe = self._redis.pipeline()
-            pipe.hset(finished, mapping=dict.fromkeys(done, "1"))
+            pipe.hset(finished, mapping=verdicts)
             pipe.expire(finished, KEY_TTL)
-            pipe.zrem(watch, *done)
+            pipe.zrem(watch, *verdicts)
             pipe.execute()
         log.debug(
-            "account %s: %d jobs unfinished, %d of ours finished", account, len(still), len(done)
+            "account %s: %d jobs listed, %d of ours finished", account, listed, len(verdicts)
         )
-        return pages
+        return max(1, math.ceil(listed / MAX_PAGE_SIZE))
 
     def _finished(self, account: str, job_ids: Sequence[str]) -> list[str]:
         values: list[Any] = self._redis.hmget(self._key(account, "finished"), list(job_ids))
@@ -240,8 +283,10 @@ class AccountJobs:
     account: str
     client: KlaviyoClient
 
-    def register(self, job_ids: Iterable[str]) -> None:
-        self.watcher.register(self.account, job_ids)
+    def register(
+        self, job_ids: Iterable[str], created_at: Mapping[str, datetime | None] | None = None
+    ) -> None:
+        self.watcher.register(self.account, job_ids, created_at)
 
     def view(self, job_ids: Sequence[str]) -> JobsView:
         return self.watcher.view(self.account, job_ids, self.client)
@@ -257,3 +302,9 @@ class AccountJobs:
 
     def forget(self, job_ids: Iterable[str]) -> None:
         self.watcher.forget(self.account, job_ids)
+
+
+def _epoch_us(at: datetime) -> int:
+    """Microseconds since the epoch; a time without a zone is taken as UTC (Klaviyo's)."""
+    aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return round(aware.timestamp() * 1_000_000)

@@ -318,12 +318,16 @@ def test_two_connectors_one_account_stay_within_limits(
     assert figures.early == 0, "a request went out before its Retry-After"
     assert figures.share_429 <= 0.01
     # Ten jobs of two connectors on three workers were watched by one poll at a time: the polls
-    # never took more than the watcher's stated share of the list endpoint's budget, and each
-    # job was read alone once, when it had finished.
+    # never took more than the watcher's stated share of the list endpoint's budget, and no job
+    # was read alone: the polls listed each one's failed_count.
     polls = next(e for e in figures.endpoints if e.endpoint == Endpoint.LIST_BULK_IMPORT_JOBS)
     assert 0 < polls.max_steady <= math.ceil(POLL_SHARE * polls.steady_limit) + 1
-    reads = next(e for e in figures.endpoints if e.endpoint == Endpoint.GET_BULK_IMPORT_JOB)
-    assert reads.requests == job_count(fleet.sim, first.account)
+    reads = [
+        r
+        for r in fleet.sim.requests(endpoint=Endpoint.GET_BULK_IMPORT_JOB)
+        if r.account == first.account
+    ]
+    assert reads == [] and job_count(fleet.sim, first.account) > 0
     assert_within_limits(fleet.sim, first.account, figures, keys=2)
     lookups = next(e for e in figures.endpoints if e.endpoint == Endpoint.GET_PROFILES)
     assert lookups.requests >= 240

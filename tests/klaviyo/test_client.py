@@ -64,8 +64,11 @@ def test_bulk_import_job_end_to_end(env: Env) -> None:
     client = env.client()
     profiles = [ProfileInput(email=f"m{i}@example.com") for i in range(5)]
     profiles.append(ProfileInput(external_id="e" * 300))  # valid JSON, rejected by Klaviyo
-    job_id = client.create_bulk_import_job(profiles, env.list_id)
+    accepted = client.create_bulk_import_job(profiles, env.list_id)
+    assert accepted.created_at is not None and accepted.total_count == 6
+    job_id = accepted.id
     job = client.get_bulk_import_job(job_id)
+    assert job.created_at == accepted.created_at
     assert (job.id, job.status, job.total_count) == (job_id, "complete", 6)
     assert (job.completed_count, job.failed_count) == (5, 1)
     assert job.expires_at is not None
@@ -81,7 +84,7 @@ def test_bulk_job_with_delay_reports_progress(sim: Simulator) -> None:
     sim.job_delay = 0.3
     for env in make_env(sim):
         client = env.client()
-        job_id = client.create_bulk_import_job([ProfileInput(email="a@example.com")], env.list_id)
+        job_id = client.create_bulk_import_job([ProfileInput(email="a@example.com")], env.list_id).id
         assert client.get_bulk_import_job(job_id).status in ("queued", "processing")
         assert env.sim.list_member_ids(env.list_id) == set()
         assert list(client.iter_bulk_import_errors(job_id)) == []
@@ -168,7 +171,7 @@ def test_10001_profiles_become_two_jobs(env: Env) -> None:
     assert [len(c) for c in chunks] == [10_000, 1]
     with pytest.raises(ValueError):
         client.create_bulk_import_job(profiles, env.list_id)
-    jobs = [client.create_bulk_import_job(chunk, env.list_id) for chunk in chunks]
+    jobs = [client.create_bulk_import_job(chunk, env.list_id).id for chunk in chunks]
     assert [client.get_bulk_import_job(j).completed_count for j in jobs] == [10_000, 1]
     assert len(env.sim.list_member_ids(env.list_id)) == 10_001
 
@@ -201,7 +204,7 @@ def test_whole_job_rejection_resolved_by_dropping_the_named_members(env: Env) ->
     assert caught.value.profile_indexes() == {2, 4}
     assert env.sim.list_member_ids(env.list_id) == set()  # nothing of the job was imported
     kept = [p for i, p in enumerate(profiles) if i not in caught.value.profile_indexes()]
-    job_id = client.create_bulk_import_job(kept, env.list_id)
+    job_id = client.create_bulk_import_job(kept, env.list_id).id
     assert client.get_bulk_import_job(job_id).completed_count == 4
     assert {p.email for p in env.sim.list_members(env.list_id)} == {p.email for p in kept}
 

@@ -112,9 +112,10 @@ def exercise_every_operation(env: Env) -> list[Sent]:
         ProfileInput(email="t@example.com", fields=TRAIT_FIELDS, properties=PROPS),
     ]
     profiles.append(ProfileInput(external_id="x" * 300))  # an import error to page through
-    job_id = client.create_bulk_import_job(profiles, env.list_id)
+    job_id = client.create_bulk_import_job(profiles, env.list_id).id
     client.get_bulk_import_job(job_id)
     list(client.iter_bulk_import_jobs(["queued", "processing"]))
+    list(client.iter_bulk_import_jobs(["queued", "complete"], newest_first=True))
     list(client.iter_bulk_import_errors(job_id))
     list(client.iter_bulk_import_profiles(job_id))
     client.add_profiles_to_list(env.list_id, [profile_id])

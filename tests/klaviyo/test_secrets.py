@@ -53,7 +53,7 @@ def test_key_is_in_no_log_record_and_no_exception(
 
     # success paths: the key goes out on every request
     client.get_list(env.list_id)
-    job = client.create_bulk_import_job([ProfileInput(email="k@example.com")], env.list_id)
+    job = client.create_bulk_import_job([ProfileInput(email="k@example.com")], env.list_id).id
     client.get_bulk_import_job(job)
     client.find_profile_ids("email", ["k@example.com"])
     texts.append(repr(client.last_rate_limit))

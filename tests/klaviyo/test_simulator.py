@@ -462,7 +462,7 @@ def test_subscription_endpoints_are_counted_and_refused(fake: Setup) -> None:
 def test_a_full_client_session_never_touches_subscriptions(env: Env) -> None:
     client = env.client()
     job = client.create_bulk_import_job([ProfileInput(email="s@example.com")], env.list_id)
-    client.get_bulk_import_job(job)
+    client.get_bulk_import_job(job.id)
     ids = client.find_profile_ids("email", ["s@example.com"])
     client.remove_profiles_from_list(env.list_id, list(ids.values()))
     client.add_profiles_to_list(env.list_id, list(ids.values()))

@@ -9,6 +9,7 @@ import fakeredis
 import pytest
 
 from segops_sync.klaviyo import Endpoint, KlaviyoClient, ProfileInput
+from segops_sync.klaviyo.models import BulkImportJob
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
 from segops_sync.sync.watcher import JobWatcher
 
@@ -25,11 +26,27 @@ def env() -> Iterator[tuple[Simulator, KlaviyoClient, str, str]]:
         yield sim, client, account, list_id
 
 
-def submit(client: KlaviyoClient, list_id: str, n: int) -> list[str]:
+def submit_jobs(
+    client: KlaviyoClient, list_id: str, n: int, *, failing: int = 0
+) -> list[BulkImportJob]:
+    """n one-profile jobs; the first ``failing`` of them carry a profile Klaviyo rejects."""
     return [
-        client.create_bulk_import_job([ProfileInput(email=f"w{i}@example.com")], list_id)
+        client.create_bulk_import_job(
+            [ProfileInput(email=f"w{i}@example.com")]
+            + ([ProfileInput(external_id="e" * 300)] if i < failing else []),
+            list_id,
+        )
         for i in range(n)
     ]
+
+
+def submit(client: KlaviyoClient, list_id: str, n: int) -> list[str]:
+    return [job.id for job in submit_jobs(client, list_id, n)]
+
+
+def watch(watcher: JobWatcher, account: str, jobs: list[BulkImportJob]) -> list[str]:
+    watcher.register(account, [j.id for j in jobs], {j.id: j.created_at for j in jobs})
+    return [j.id for j in jobs]
 
 
 def list_calls(sim: Simulator) -> int:
@@ -135,17 +152,62 @@ def test_a_failed_poll_lets_the_next_batch_poll_at_once(
 def test_a_finished_job_read_once_is_remembered_until_forgotten(
     env: tuple[Simulator, KlaviyoClient, str, str],
 ) -> None:
-    """When ten jobs finish in one poll, their batches' import-error reads can be deferred by
-    the limiter: the job's final read is kept, so a deferred batch does not read it again."""
-    _, client, account, list_id = env
+    """A job the poll could not find is read by its batch; that read is kept, so a batch
+    deferred by the limiter before its import errors does not read the job again."""
+    sim, client, account, list_id = env
     watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
-    jobs = submit(client, list_id, 2)
-    watcher.register(account, jobs)
+    jobs = watch(watcher, account, submit_jobs(client, list_id, 2))
+    sim.lose_job(jobs[0])
     time.sleep(JOB_DELAY + 0.1)
     assert sorted(watcher.view(account, jobs, client).finished) == sorted(jobs)
     assert watcher.final(account, jobs[0]) is None  # finished, not yet read by its batch
     watcher.remember_final(account, jobs[0], 3)
-    assert (watcher.final(account, jobs[0]), watcher.final(account, jobs[1])) == (3, None)
+    assert (watcher.final(account, jobs[0]), watcher.final(account, jobs[1])) == (3, 0)
     assert watcher.view(account, jobs, client).finished == jobs  # still finished
     watcher.forget(account, jobs[:1])
     assert watcher.final(account, jobs[0]) is None
+
+
+def test_the_poll_reads_each_finished_jobs_failed_count_off_the_list(
+    env: tuple[Simulator, KlaviyoClient, str, str],
+) -> None:
+    """A complete job's failed_count comes with the poll: its batch settles it without a read of
+    its own (and skips the import errors when the count is 0)."""
+    sim, client, account, list_id = env
+    watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
+    jobs = watch(watcher, account, submit_jobs(client, list_id, 3, failing=1))
+    time.sleep(JOB_DELAY + 0.1)
+    view = watcher.view(account, jobs, client)
+    assert view.polled and sorted(view.finished) == sorted(jobs)
+    assert [watcher.final(account, j) for j in jobs] == [1, 0, 0]
+    assert sim.requests(endpoint=Endpoint.GET_BULK_IMPORT_JOB) == []
+    assert list_calls(sim) == 1
+
+
+def test_paging_stops_once_past_the_oldest_watched_job(
+    env: tuple[Simulator, KlaviyoClient, str, str],
+) -> None:
+    """250 older jobs of the account (history, another integration) cost no page: the newest
+    page holds every job watched. A watched job Klaviyo lost is reported finished without a
+    count (its batch reads it and resends), once the poll has paged past where it was."""
+    sim, client, account, list_id = env
+    submit(client, list_id, 250)
+    time.sleep(0.01)
+    mine = submit_jobs(client, list_id, 3)
+    time.sleep(0.01)
+    submit(client, list_id, 5)  # newer than ours: listed first
+    watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
+    jobs = watch(watcher, account, mine)
+    sim.lose_job(jobs[0])
+    time.sleep(JOB_DELAY + 0.1)
+    view = watcher.view(account, jobs, client)
+    assert sorted(view.finished) == sorted(jobs)
+    assert [watcher.final(account, j) for j in jobs] == [None, 0, 0]
+    assert list_calls(sim) == 1
+
+    # Without Klaviyo's created_at (a batch resumed after a Redis restart) the poll cannot
+    # tell where to stop before meeting the job: the lost one makes it read every page once.
+    again = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
+    again.register(account, [jobs[0]])
+    assert again.view(account, [jobs[0]], client).finished == [jobs[0]]
+    assert list_calls(sim) == 1 + 3  # 258 jobs listed, 100 a page
