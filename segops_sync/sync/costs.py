@@ -150,9 +150,10 @@ def floor_seconds(
 
     Adds (bulk): the last job is submitted at the burst rate, then runs ``job_seconds``; the
     poll that lists it finished (and its import errors, after failures) fit the same instant.
-    Adds (synchronous): the last upsert, then the relationship write. Removals: the last lookup (L tier), then its DELETE; DELETEs
-    themselves are spaced by the M tier. Adds and removals run side by side. ``time_scale``
-    compresses Klaviyo's windows (the simulator's); the job time is real seconds already.
+    Adds (synchronous): the last upsert, then the relationship write. Removals: the last lookup
+    (L tier), then its DELETE; DELETEs themselves are spaced by the M tier. Adds and removals
+    run side by side. ``time_scale`` compresses Klaviyo's windows (the simulator's); the job
+    time is real seconds already.
     """
     if direct is None:
         direct = goes_direct(delta.adds)

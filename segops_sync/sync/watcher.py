@@ -228,7 +228,7 @@ class JobWatcher:
             for j in self._redis.zrangebyscore(watch, "-inf", f"({started}")
         ]
         if not candidates:
-            return 0  # only jobs registered during an earlier poll: nothing to look for yet
+            return 0  # every watched job was registered after this poll began: none to find yet
         raw: list[Any] = self._redis.hmget(self._key(account, "created"), candidates)
         created = [int(v) for v in raw if v is not None]
         # Without every candidate's created_at, paging runs to the end of the list once.
