@@ -184,6 +184,9 @@ def trait_profiles(
     members: list[tuple[str, ProfileInput]] = []
     dropped: dict[str, list[str]] = {}
     for user_id, email, external_id, traits in rows:
+        if not traits:  # the common case: no traits to check, no wrapper to build
+            members.append((user_id, ProfileInput(email=email, external_id=external_id)))
+            continue
         built = klaviyo_profile(email, external_id, traits)
         members.append((user_id, built.profile))
         if built.dropped:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from segops_sync.klaviyo import (
@@ -31,6 +33,37 @@ from segops_sync.klaviyo.payloads import (
 )
 from segops_sync.klaviyo.simulator.filters import FilterError, parse_filter
 from segops_sync.klaviyo.simulator.ratelimit import format_seconds, round_up
+
+# -- encode_body ---------------------------------------------------------------------------------
+
+
+def _stdlib_compact(body: dict[str, object]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        {"city": "Zürich", "score": 1.5e16, "tags": ["a", "\u2028"], "nested": {"n": None}},
+        {"huge": 2**70},  # beyond orjson's 64-bit integers: the standard library writes it
+        {"negative": -(2**63), "zero": 0.0, "quote": 'say "hi"\\'},
+    ],
+)
+def test_encoded_bodies_are_the_standard_librarys_compact_bytes(
+    properties: dict[str, object],
+) -> None:
+    """The byte limits are measured on encode_body's output: it must be exactly the compact
+    UTF-8 JSON the limits were written for, whichever encoder wrote it."""
+    profile = ProfileInput(email="é@example.com", external_id="x1", properties=properties)
+    body = bulk_import_body([profile], "AbC123")
+    assert encode_body(body) == _stdlib_compact(body)
+    assert json.loads(encode_body(body)) == body
+
+
+def test_a_lone_surrogate_cannot_be_encoded() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        encode_body(profile_import_body(ProfileInput(email="a@example.com", external_id="\ud800")))
+
 
 # -- split_into_jobs -----------------------------------------------------------------------------
 

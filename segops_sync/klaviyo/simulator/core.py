@@ -21,6 +21,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlencode
 
+import orjson
+
 from segops_sync.klaviyo.endpoints import ENDPOINT_LIMITS, ENDPOINT_SCOPES, REVISION, Endpoint
 from segops_sync.klaviyo.simulator.filters import FilterError, parse_filter
 from segops_sync.klaviyo.simulator.ids import (
@@ -722,7 +724,9 @@ class Simulator:
         if len(req.body) > MAX_BODY_BYTES:
             raise _Reject(_error(413, detail="The request payload exceeds 5 MB.", pointer="/data"))
         try:
-            body = json.loads(req.body)
+            # orjson: a 10,000-profile job parses in ~7 ms instead of ~60 (the benchmark's
+            # simulator shares the workers' CPUs, as Klaviyo's own machines would not).
+            body = orjson.loads(req.body)
         except (ValueError, UnicodeDecodeError):
             raise _Reject(_error(400, detail="JSON parse error.", pointer="/data")) from None
         problems = validate_body(kind, body, use_models=self._use_models)
