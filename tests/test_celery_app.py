@@ -70,3 +70,18 @@ def test_the_beat_verifies_connectors_at_the_configured_interval() -> None:
     assert Settings.model_fields["verify_interval"].default == 6 * 3600  # README explains why
     # the long list read waits among the Klaviyo work, never before a recompute message
     assert TASK_ROUTES["segops.verify_connector"]["queue"] == KLAVIYO_QUEUE
+
+
+def test_a_runs_removals_are_queued_before_its_adds() -> None:
+    """A churn's floor is its lookups: they go first, the adds (with slack) after them."""
+    from segops_sync.tasks import chord_header
+
+    header = chord_header([7, 8], [1, 2, 3])
+    assert [(sig.task, sig.args) for sig in header] == [
+        ("segops.remove_batch", (7,)),
+        ("segops.remove_batch", (8,)),
+        ("segops.add_batch", (1,)),
+        ("segops.add_batch", (2,)),
+        ("segops.add_batch", (3,)),
+    ]
+    assert all(sig.immutable for sig in header)  # a batch never receives another's result
