@@ -7,6 +7,7 @@ retry and result options from :class:`SegopsTask` (``tests/test_tasks.py`` check
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ from segops_sync.sync import liveness
 from segops_sync.sync.access import KlaviyoAccess
 from segops_sync.sync.alerts import deliver, lost_alerts, record_alert
 from segops_sync.sync.batches import Finished, Later, run_batch
+from segops_sync.sync.costs import removals_first
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
 from segops_sync.sync.recovery import fail_crashing_batch, run_ready_to_close
@@ -234,17 +236,26 @@ def plan_run_task(run_id: str) -> None:
 def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
     """Publish the chord; safe to repeat (batches are idempotent, finishing is too)."""
     body = finish_run_task.si(run_id).on_error(run_failed.si(run_id))
-    chord(chord_header(remove_ids, add_ids))(body)
+    first = removals_first(len(remove_ids), get_settings().limiter_headroom)
+    chord(chord_header(remove_ids, add_ids, removals_first=first))(body)
 
 
-def chord_header(remove_ids: list[int], add_ids: list[int]) -> list[Signature]:
-    """Removals first. A churn's floor is its lookups (one per 100 members, L tier), and the
-    lookups of one minute are the budget of the next one as they leave the limiter's window:
-    a slow first minute (adds competing for the CPUs) is slow again 60 s later. Adds have slack:
-    ten jobs carry 100,000 members and Klaviyo runs them meanwhile. A removal the limiter holds
-    back goes back to the queue with a countdown, so the adds start as soon as the minute's
-    lookups are spent (1M churn: 73 s -> 68 s, for a 63 s floor)."""
-    return [remove_batch.si(b) for b in remove_ids] + [add_batch.si(b) for b in add_ids]
+def chord_header(
+    remove_ids: list[int], add_ids: list[int], *, removals_first: bool
+) -> list[Signature]:
+    """The order the batches are queued in: the run's longer path first (sync/costs.py).
+
+    Removals first when their lookups outlast a minute (a 1M churn: 73 s -> 68 s for a 63 s
+    floor); a removal the limiter holds back goes back to the queue with a countdown, so the
+    adds start as soon as the minute's lookups are spent. Otherwise adds and removals alternate
+    and the first bulk jobs run at Klaviyo while the lookups go out (a 100k churn's floor is one
+    job)."""
+    adds = [add_batch.si(b) for b in add_ids]
+    removes = [remove_batch.si(b) for b in remove_ids]
+    if removals_first:
+        return removes + adds
+    pairs = itertools.zip_longest(adds, removes)
+    return [task for pair in pairs for task in pair if task is not None]
 
 
 @app.task(base=SegopsTask, name="segops.finish_run")

@@ -72,11 +72,11 @@ def test_the_beat_verifies_connectors_at_the_configured_interval() -> None:
     assert TASK_ROUTES["segops.verify_connector"]["queue"] == KLAVIYO_QUEUE
 
 
-def test_a_runs_removals_are_queued_before_its_adds() -> None:
-    """A churn's floor is its lookups: they go first, the adds (with slack) after them."""
+def test_removals_outlasting_a_minute_are_queued_before_the_adds() -> None:
+    """A churn's floor is its lookups when they outlast a minute: they go first."""
     from segops_sync.tasks import chord_header
 
-    header = chord_header([7, 8], [1, 2, 3])
+    header = chord_header([7, 8], [1, 2, 3], removals_first=True)
     assert [(sig.task, sig.args) for sig in header] == [
         ("segops.remove_batch", (7,)),
         ("segops.remove_batch", (8,)),
@@ -85,3 +85,16 @@ def test_a_runs_removals_are_queued_before_its_adds() -> None:
         ("segops.add_batch", (3,)),
     ]
     assert all(sig.immutable for sig in header)  # a batch never receives another's result
+
+
+def test_otherwise_adds_and_removals_alternate() -> None:
+    from segops_sync.tasks import chord_header
+
+    header = chord_header([7, 8], [1, 2, 3], removals_first=False)
+    assert [(sig.task, sig.args) for sig in header] == [
+        ("segops.add_batch", (1,)),
+        ("segops.remove_batch", (7,)),
+        ("segops.add_batch", (2,)),
+        ("segops.remove_batch", (8,)),
+        ("segops.add_batch", (3,)),
+    ]

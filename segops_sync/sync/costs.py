@@ -63,6 +63,23 @@ def goes_direct(adds: int, settings: Settings | None = None) -> bool:
     return 0 < adds <= add_cutover(settings)
 
 
+# -- which half of a run goes first ----------------------------------------------------------
+#
+# A removal batch (1,000 members) looks up at most 10 pages of 100 (GET /api/profiles, L tier).
+# When a run's lookups exceed what the limiter admits in one minute, its removals last over a
+# minute and are its critical path: its adds (a job per 10,000) have slack. Worse, the lookups of
+# the first minute are the budget of the second as they leave the limiter's sliding window, so
+# adds competing for the CPUs early slow the removals' tail a minute later. Otherwise a job
+# (Klaviyo's own time) is the longer path and adds and removals alternate.
+LOOKUPS_PER_REMOVE_BATCH = MAX_IDS_PER_RELATIONSHIP_CALL // MAX_FILTER_VALUES
+
+
+def removals_first(remove_batches: int, headroom: float = DEFAULT_HEADROOM) -> bool:
+    """Whether a run's removal batches are queued before its adds (see above)."""
+    admitted = math.floor(headroom * ENDPOINT_LIMITS[Endpoint.GET_PROFILES].steady + 1e-9)
+    return remove_batches * LOOKUPS_PER_REMOVE_BATCH > admitted
+
+
 # -- request counts --------------------------------------------------------------------------
 
 RemovalKey = Literal["id", "external_id", "email"]

@@ -13,6 +13,7 @@ from segops_sync.sync.costs import (
     expected_requests,
     floor_seconds,
     goes_direct,
+    removals_first,
     request_time,
 )
 
@@ -61,3 +62,12 @@ def test_expected_requests_per_path() -> None:
         Endpoint.REMOVE_LIST_PROFILES: 1,
         Endpoint.GET_PROFILES: 2,  # one external_id lookup, one email lookup
     }
+
+
+def test_removals_go_first_when_their_lookups_outlast_a_minute() -> None:
+    # 10 lookups per removal batch of 1,000; the limiter admits 675 a minute at headroom 0.9
+    assert not removals_first(0)
+    assert not removals_first(67)  # 670 lookups: one minute's budget, the adds' job is longer
+    assert removals_first(68)  # 680: past the minute (a 1M churn has 100 removal batches)
+    assert removals_first(100)
+    assert removals_first(75) and not removals_first(75, headroom=1.0)  # 750: all of 750/min
