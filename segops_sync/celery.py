@@ -8,6 +8,7 @@ a recompute message. A worker started with no flags consumes both.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -275,6 +276,10 @@ def _fresh_connections(**_: Any) -> None:
     from segops_sync.db.session import reset_engine
 
     reset_engine()
+    # What the pool process inherited (Celery, SQLAlchemy, our modules: ~100,000 objects) lives
+    # as long as the process: out of the collector's sight, a batch's 10,000 rows and profiles no
+    # longer make it walk them all (a third of building a job body, measured: 64 -> 41 ms).
+    gc.freeze()
 
 
 # -- liveness: a dead worker's tasks are re-sent within seconds (sync/liveness.py) --------------

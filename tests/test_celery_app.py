@@ -98,3 +98,18 @@ def test_otherwise_adds_and_removals_alternate() -> None:
         ("segops.remove_batch", (8,)),
         ("segops.add_batch", (3,)),
     ]
+
+
+def test_a_pool_process_freezes_what_it_inherited() -> None:
+    """A batch's 10,000 rows should not make the collector walk Celery's and SQLAlchemy's
+    objects: a new pool process moves them out of its sight."""
+    import gc
+
+    from celery import signals
+
+    gc.unfreeze()
+    try:
+        signals.worker_process_init.send(sender=None)
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
