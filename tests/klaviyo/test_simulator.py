@@ -186,6 +186,36 @@ def test_rate_limits_over_real_http_with_time_scale() -> None:
         assert sim.max_rate(env.account_id, Endpoint.GET_ACCOUNTS, sim.burst_window) == 2
 
 
+def test_a_request_counts_when_it_arrives_not_when_its_body_was_read() -> None:
+    """Klaviyo counts a request at its edge. A big body the simulator's process reads slowly
+    (its CPUs shared with the workers) must not move the request into a later window."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    from segops_sync.klaviyo.endpoints import REVISION
+
+    sim = Simulator()
+    for env in make_env(sim):
+        body = json.dumps(job_body({"email": "slow@example.com"}, list_id=env.list_id)).encode()
+        url = urlsplit(env.base_url)
+        head = (
+            f"POST {JOB_PATH} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+            f"Authorization: Klaviyo-API-Key {env.key}\r\nrevision: {REVISION}\r\n"
+            f"Content-Type: application/vnd.api+json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80)) as conn:
+            sent_at = sim.now()
+            conn.sendall(head + body[:10])
+            time.sleep(0.5)  # the rest of the body comes half a second later
+            conn.sendall(body[10:])
+            answer = conn.makefile("rb").readline()
+        assert b" 202 " in answer
+        (record,) = sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB)
+        assert sent_at <= record.time < sent_at + 0.25  # counted at its start, not 0.5 s later
+
+
 # -- timing of asynchronous work -----------------------------------------------------------------
 
 

@@ -40,11 +40,13 @@ class _KlaviyoApi:
         self.sim = sim
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived_at = self.sim.now()  # before the body: Klaviyo counts a request as it arrives
         request = Request(scope, receive)
         body = await request.body()
         latency = self.sim.faults.latency
         if latency:
             await asyncio.sleep(latency)
+            arrived_at += latency  # injected network latency: the request arrives that much later
         sim_request = SimHttpRequest(
             method=request.method,
             path=request.url.path,
@@ -52,6 +54,7 @@ class _KlaviyoApi:
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
             base_url=str(request.base_url).rstrip("/"),
+            arrived_at=arrived_at,
         )
         result = await run_in_threadpool(self.sim.handle, sim_request)
         if result.drop and await _drop_connection(scope):

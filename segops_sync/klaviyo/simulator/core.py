@@ -128,6 +128,8 @@ class SimHttpRequest:
     headers: Mapping[str, str] = field(default_factory=dict)  # names lower-cased
     body: bytes = b""
     base_url: str = "http://127.0.0.1"
+    # The simulator's clock when the request began to arrive (its headers), if the server knew.
+    arrived_at: float | None = None
 
 
 @dataclass
@@ -592,8 +594,11 @@ class Simulator:
     def handle(self, req: SimHttpRequest) -> SimHttpResponse:
         # Stamped on arrival, before waiting for the lock, as Klaviyo stamps a request at its
         # edge: a request queued behind a slow one (a due bulk job applied under the lock) was
-        # not sent any later, and must not be counted as a retry that came too early.
-        now = self._clock()
+        # not sent any later, and must not be counted as a retry that came too early. Over HTTP
+        # that is when its headers came in, not when this process had read a 650 KB body and
+        # found a thread for it: on a machine whose CPUs it shares with the workers, that moment
+        # bunched job submissions sent apart (12 counted in one second at 5M members).
+        now = req.arrived_at if req.arrived_at is not None else self._clock()
         with self._lock:
             self._advance(now)
             path = req.path.rstrip("/") or "/"  # Klaviyo accepts trailing slashes
