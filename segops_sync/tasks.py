@@ -237,11 +237,11 @@ def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
     """Publish the chord; safe to repeat (batches are idempotent, finishing is too)."""
     body = finish_run_task.si(run_id).on_error(run_failed.si(run_id))
     first = removals_first(len(remove_ids), get_settings().limiter_headroom)
-    chord(chord_header(remove_ids, add_ids, removals_first=first))(body)
+    chord(chord_header(remove_ids, add_ids, removals_go_first=first))(body)
 
 
 def chord_header(
-    remove_ids: list[int], add_ids: list[int], *, removals_first: bool
+    remove_ids: list[int], add_ids: list[int], *, removals_go_first: bool
 ) -> list[Signature]:
     """The order the batches are queued in: the run's longer path first (sync/costs.py).
 
@@ -252,7 +252,7 @@ def chord_header(
     job)."""
     adds = [add_batch.si(b) for b in add_ids]
     removes = [remove_batch.si(b) for b in remove_ids]
-    if removals_first:
+    if removals_go_first:
         return removes + adds
     pairs = itertools.zip_longest(adds, removes)
     return [task for pair in pairs for task in pair if task is not None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from segops_sync.celery import KLAVIYO_QUEUE, SEGOPS_QUEUE, TASK_ROUTES, app
 
 
@@ -72,32 +74,26 @@ def test_the_beat_verifies_connectors_at_the_configured_interval() -> None:
     assert TASK_ROUTES["segops.verify_connector"]["queue"] == KLAVIYO_QUEUE
 
 
-def test_removals_outlasting_a_minute_are_queued_before_the_adds() -> None:
-    """A churn's floor is its lookups when they outlast a minute: they go first."""
+REMOVE, ADD = "segops.remove_batch", "segops.add_batch"
+
+
+@pytest.mark.parametrize(
+    ("removals_go_first", "expected"),
+    [
+        # a churn's floor is its lookups when they outlast a minute: they go first
+        (True, [(REMOVE, 7), (REMOVE, 8), (ADD, 1), (ADD, 2), (ADD, 3)]),
+        # otherwise the first bulk jobs run at Klaviyo while the lookups go out
+        (False, [(ADD, 1), (REMOVE, 7), (ADD, 2), (REMOVE, 8), (ADD, 3)]),
+    ],
+)
+def test_the_chord_queues_the_runs_longer_path_first(
+    removals_go_first: bool, expected: list[tuple[str, int]]
+) -> None:
     from segops_sync.tasks import chord_header
 
-    header = chord_header([7, 8], [1, 2, 3], removals_first=True)
-    assert [(sig.task, sig.args) for sig in header] == [
-        ("segops.remove_batch", (7,)),
-        ("segops.remove_batch", (8,)),
-        ("segops.add_batch", (1,)),
-        ("segops.add_batch", (2,)),
-        ("segops.add_batch", (3,)),
-    ]
+    header = chord_header([7, 8], [1, 2, 3], removals_go_first=removals_go_first)
+    assert [(sig.task, *sig.args) for sig in header] == expected
     assert all(sig.immutable for sig in header)  # a batch never receives another's result
-
-
-def test_otherwise_adds_and_removals_alternate() -> None:
-    from segops_sync.tasks import chord_header
-
-    header = chord_header([7, 8], [1, 2, 3], removals_first=False)
-    assert [(sig.task, sig.args) for sig in header] == [
-        ("segops.add_batch", (1,)),
-        ("segops.remove_batch", (7,)),
-        ("segops.add_batch", (2,)),
-        ("segops.remove_batch", (8,)),
-        ("segops.add_batch", (3,)),
-    ]
 
 
 def test_a_pool_process_freezes_what_it_inherited() -> None:

@@ -43,10 +43,15 @@ DEFAULT_HEADROOM = 0.9
 DIRECT_BATCH_SIZE = 100  # members per synchronous batch: a few batches run side by side
 
 
+def admitted_steady(endpoint: Endpoint, headroom: float = DEFAULT_HEADROOM) -> int:
+    """Requests of an endpoint our limiter admits in any 60 s: its headroom share of the
+    published steady limit, at least 1 (as ``AccountLimiter.caps``)."""
+    return max(1, math.floor(headroom * ENDPOINT_LIMITS[endpoint].steady + 1e-9))
+
+
 def direct_add_limit(headroom: float = DEFAULT_HEADROOM) -> int:
     """The largest number of adds that takes the synchronous path (337 at headroom 0.9)."""
-    steady = ENDPOINT_LIMITS[Endpoint.PROFILE_IMPORT].steady
-    return max(1, math.floor(headroom * steady + 1e-9) // 2)
+    return max(1, admitted_steady(Endpoint.PROFILE_IMPORT, headroom) // 2)
 
 
 def add_cutover(settings: Settings | None = None) -> int:
@@ -76,8 +81,8 @@ LOOKUPS_PER_REMOVE_BATCH = MAX_IDS_PER_RELATIONSHIP_CALL // MAX_FILTER_VALUES
 
 def removals_first(remove_batches: int, headroom: float = DEFAULT_HEADROOM) -> bool:
     """Whether a run's removal batches are queued before its adds (see above)."""
-    admitted = math.floor(headroom * ENDPOINT_LIMITS[Endpoint.GET_PROFILES].steady + 1e-9)
-    return remove_batches * LOOKUPS_PER_REMOVE_BATCH > admitted
+    lookups = remove_batches * LOOKUPS_PER_REMOVE_BATCH
+    return lookups > admitted_steady(Endpoint.GET_PROFILES, headroom)
 
 
 # -- request counts --------------------------------------------------------------------------
