@@ -8,6 +8,10 @@ when none is free the request is not sent and ``Throttled`` tells the caller how
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -48,15 +52,47 @@ class LimitedSession:
     account: str
     claimant: str
     last_endpoint: Endpoint | None = field(default=None)
+    # A refused request waits in this process up to this long in all before it is Throttled.
+    patience: float = 0.0
 
     def before_request(self, endpoint: Endpoint) -> None:
         self.last_endpoint = endpoint
+        deadline = time.monotonic() + self.patience
+        while True:
+            wait = self.limiter.acquire(
+                self.account, endpoint.value, _limit(endpoint), claimant=self.claimant
+            )
+            if wait <= 0:
+                return
+            metrics.add_limiter_wait(endpoint.value, wait)
+            # Not to the microsecond the slot frees: grants packed exactly one window apart
+            # reach Klaviyo with the network's and its edge's jitter, which can put one more
+            # into a fixed window than the limiter admits (a re-queued request has this slack).
+            wait += random.uniform(0.05, 0.25) * min(wait, 1.0)
+            if time.monotonic() + wait > deadline:
+                raise Throttled(wait, endpoint.value)
+            time.sleep(wait)
+
+    @contextmanager
+    def patient(self, seconds: float) -> Iterator[None]:
+        """Requests made inside wait in-process for a slot up to ``seconds``, rather than being
+        re-queued: for a request that is costly to prepare (a 5 MB job body built from 10,000
+        rows), a second of a pool process is cheaper than building it again."""
+        before, self.patience = self.patience, seconds
+        try:
+            yield
+        finally:
+            self.patience = before
+
+    def slot_wait(self, endpoint: Endpoint) -> float:
+        """Seconds until the limiter would admit a request to ``endpoint`` (0.0: now), taking
+        no slot: look before preparing a request that is costly to build."""
         wait = self.limiter.acquire(
-            self.account, endpoint.value, _limit(endpoint), claimant=self.claimant
+            self.account, endpoint.value, _limit(endpoint), claimant=self.claimant, peek=True
         )
         if wait > 0:
             metrics.add_limiter_wait(endpoint.value, wait)
-            raise Throttled(wait, endpoint.value)
+        return wait
 
     def after_response(self, endpoint: Endpoint, headers: RateLimitHeaders) -> None:
         # Every answer but a 429: also ends the probe that follows a 429 back-off.

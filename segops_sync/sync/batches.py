@@ -24,6 +24,7 @@ from segops_sync.db.models import Connector, SyncBatch, SyncBatchItem, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import (
     MAX_FILTER_VALUES,
+    Endpoint,
     ImportErrorItem,
     InvalidRequest,
     KlaviyoClient,
@@ -167,7 +168,7 @@ def run_batch(
             if ctx.kind == BatchKind.ADD and goes_direct(ctx.planned_adds, settings):
                 return _add_direct(ctx, client, settings)
             if ctx.kind == BatchKind.ADD:
-                return _add(ctx, client, settings, access.jobs(client, limited))
+                return _add(ctx, client, settings, access.jobs(client, limited), limited)
             return _remove(ctx, client, settings)
     except (Throttled, KlaviyoError) as exc:
         decision = decide(exc, list_id=ctx.list_id)
@@ -392,9 +393,29 @@ def _unsent(ctx: BatchContext) -> Sequence[Any]:
         )
 
 
+# A batch whose job submission slot is this close builds its body now (it takes 0.05-0.5 s)...
+SUBMIT_AHEAD = 1.0
+# ...and, body built, waits in-process this long at most for a slot before it is re-queued.
+SUBMIT_PATIENCE = 2.0
+
+
 def _add(
-    ctx: BatchContext, client: KlaviyoClient, settings: Settings, jobs: AccountJobs
+    ctx: BatchContext,
+    client: KlaviyoClient,
+    settings: Settings,
+    jobs: AccountJobs,
+    limited: LimitedSession,
 ) -> BatchStep:
+    if ctx.status == BatchStatus.PENDING and ctx.fresh_members != ():
+        # Reading 10,000 members and encoding a 5 MB body costs a tenth of a CPU-second, all of
+        # it lost when the limiter then refuses the submission: where submissions are the bound
+        # (past 1.5M members, or an account shared by connectors) a waiting batch built its body
+        # again every time it came back. It now asks first and comes back just before its slot,
+        # builds once, and waits out the rest in-process (a slot left idle is time lost for good).
+        wait = limited.slot_wait(Endpoint.CREATE_BULK_IMPORT_JOB)
+        if wait > SUBMIT_AHEAD:
+            ahead = wait - SUBMIT_AHEAD
+            return Later(ahead + _jitter(ahead), f"a job submission slot in {wait:.2f}s")
     if ctx.status == BatchStatus.SUBMITTED and ctx.job_ids:
         # Waking while its jobs run is the common case (a million members: a hundred batches,
         # each back every poll): ask the watcher before reading any of the batch's rows.
@@ -409,9 +430,11 @@ def _add(
         members = trait_profiles(ctx.run_id, unsent)
         start = 0
         chunks = split_into_jobs([p for _, p in members])
-        for chunk in chunks:
-            _submit(ctx, client, members[start : start + len(chunk)], jobs, whole=len(chunks) == 1)
-            start += len(chunk)
+        with limited.patient(SUBMIT_PATIENCE):
+            for chunk in chunks:
+                whole = len(chunks) == 1
+                _submit(ctx, client, members[start : start + len(chunk)], jobs, whole=whole)
+                start += len(chunk)
 
     with session_scope() as s:
         job_ids = s.scalars(

@@ -65,6 +65,9 @@ Celery
 
     Each such deferral counts against the task's ``max_retries``: set it high (or ``None``) and
     keep the real error budget elsewhere. After a 429, call ``penalize()`` before retrying.
+    One exception: a request that is costly to prepare (a bulk job's 5 MB body) asks first with
+    ``acquire(peek=True)``, is prepared only when its slot is about a second away, and then waits
+    in-process for it (``LimitedSession.patient``): re-queued, it would be prepared again.
 
 Storage
     Keys are ``{prefix}:{<account>|<endpoint>}:<kind>`` (components percent-encoded; the braces
@@ -123,8 +126,10 @@ local function ms(us) return math.ceil(us / 1000) end
 
 # KEYS: 1 log, 2 claimant log, 3 active claimants, 4 control hash
 # ARGV: 1 burst cap, 2 steady cap, 3 burst window (us), 4 steady window (us),
-#       5 activity grace (us), 6 claimant, 7 published steady limit, 8 probe hold (us)
-# Returns 0 when granted, else the wait in microseconds (>= 1).
+#       5 activity grace (us), 6 claimant, 7 published steady limit, 8 probe hold (us),
+#       9 '1' to peek: answer as for a request, but take no slot (and no probe)
+# Returns 0 when granted (or, peeking, when a request would be), else the wait in microseconds
+# (>= 1).
 _ACQUIRE_LUA = (
     _LUA_PRELUDE
     + """
@@ -196,6 +201,7 @@ end
 
 local last = redis.call('ZRANGE', active, -1, -1, 'WITHSCORES')
 redis.call('PEXPIRE', active, num(ms(tonumber(last[2]) - now) + 1))
+if ARGV[9] == '1' then return 0 end
 if probe then redis.call('HSET', ctl, 'probe', num(now + tonumber(ARGV[8]))) end
 local member = num(now) .. '-' .. redis.call('HINCRBY', ctl, 'seq', 1)
 redis.call('ZADD', log, num(now), member)
@@ -296,9 +302,20 @@ class AccountLimiter:
         )
 
     def acquire(
-        self, account: str, endpoint: str, limit: Limit, *, claimant: str | None = None
+        self,
+        account: str,
+        endpoint: str,
+        limit: Limit,
+        *,
+        claimant: str | None = None,
+        peek: bool = False,
     ) -> float:
-        """Take one slot and return 0.0, or take nothing and return seconds to wait (> 0)."""
+        """Take one slot and return 0.0, or take nothing and return seconds to wait (> 0).
+
+        ``peek``: take nothing either way; 0.0 says a request now would be admitted. For work
+        that is costly to prepare and worthless if refused (a 5 MB job body): a peek that
+        waits marks the claimant active, as a refusal does, and the request itself still calls
+        ``acquire()`` (another process may have taken the slot meanwhile)."""
         keys = self._keys(account, endpoint)
         who = self._ANONYMOUS if claimant is None else claimant
         cap1, cap60 = self.caps(limit)
@@ -313,6 +330,7 @@ class AccountLimiter:
                 who,
                 limit.steady,
                 repr(self.PROBE_SECONDS * 1_000_000.0),
+                "1" if peek else "0",
             ],
         )
         return int(wait_us) / 1_000_000

@@ -97,6 +97,25 @@ def test_burst_cap(r: fakeredis.FakeRedis) -> None:
     assert lim.acquire("acct", OTHER_EP, Limit(10, 150)) == 0.0
 
 
+def test_a_peek_answers_like_acquire_but_takes_nothing(r: fakeredis.FakeRedis) -> None:
+    lim = make(r)
+    limit = Limit(10, 150)
+    assert [lim.acquire("acct", EP, limit, peek=True) for _ in range(20)] == [0.0] * 20
+    assert lim.usage("acct", EP) == (0, 0)  # twenty peeks, no slot taken
+    assert [lim.acquire("acct", EP, limit) for _ in range(9)] == [0.0] * 9
+    waits = [lim.acquire("acct", EP, limit, peek=True) for _ in range(3)]
+    assert all(0 < w <= 1.0 for w in waits)
+    assert lim.usage("acct", EP) == (9, 9)
+
+    # After a 429 back-off, a peek neither takes the probe nor lets anyone past it.
+    lim.penalize("acct", OTHER_EP, 0.1)
+    assert 0 < lim.acquire("acct", OTHER_EP, limit, peek=True) <= 0.1
+    time.sleep(0.11)
+    assert lim.acquire("acct", OTHER_EP, limit, peek=True) == 0.0
+    assert lim.acquire("acct", OTHER_EP, limit, claimant="a") == 0.0  # still the probe
+    assert lim.acquire("acct", OTHER_EP, limit, claimant="b", peek=True) > 0.5
+
+
 def test_steady_cap(r: fakeredis.FakeRedis) -> None:
     lim = make(r, time_scale=60, headroom=1.0)  # steady window = 1 s
     limit = Limit(burst=100, steady=30)

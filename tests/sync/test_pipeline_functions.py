@@ -18,9 +18,10 @@ from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchIt
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint, ProfileInput
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
-from segops_sync.states import Trigger
-from segops_sync.sync.access import KlaviyoAccess
-from segops_sync.sync.batches import Finished, PostgresBatchStore, run_batch
+from segops_sync.states import BatchStatus, Trigger
+from segops_sync.sync import batches
+from segops_sync.sync.access import KlaviyoAccess, Throttled
+from segops_sync.sync.batches import Finished, Later, PostgresBatchStore, run_batch
 from segops_sync.sync.costs import Delta, expected_requests
 from segops_sync.sync.planner import ADD_BATCH_SIZE, REMOVE_BATCH_SIZE, plan_run, preview, start_run
 from segops_sync.sync.runs import finish_run
@@ -308,6 +309,60 @@ def test_per_profile_import_errors_are_reported_and_the_rest_synced(world: World
     # the next run tries the rejected member again and nobody else
     run2 = _sync(world, connector_id)
     assert (run2.added, run2.removed, run2.rejected) == (0, 0, 1)
+
+
+def test_a_batch_waiting_for_a_submission_slot_builds_its_job_body_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where job submissions are the bound (a first sync past 1.5M members, an account shared by
+    connectors), a batch waits for a slot. It used to build its whole body, meet the limiter's
+    refusal and build it again at every return. Now a step whose slot is far off returns before
+    it reads its members, comes back just before the slot, builds once and waits out the rest
+    in-process."""
+    built: list[int] = []
+    real = batches.trait_profiles
+
+    def counted(*args: object) -> object:
+        built.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batches, "trait_profiles", counted)
+    segment = f"slot-{uuid.uuid4().hex[:6]}"
+    members = [f"s{i}@example.com" for i in range(5)]
+    connector_id = _connector(world, segment, members)
+    with session_scope() as s:
+        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC)
+    assert outcome.run_id
+    with session_scope() as s:
+        (batch_id,) = plan_run(s, outcome.run_id, get_settings()).batch_ids
+    while True:  # the limiter's account, as a batch resolves it (GET /api/accounts: 1/s)
+        try:
+            assert world.access.account_of(world.key) == world.account
+            break
+        except Throttled as exc:
+            time.sleep(exc.wait)
+    submit = Endpoint.CREATE_BULK_IMPORT_JOB
+    no_slot_for = batches.SUBMIT_AHEAD + 0.6
+    world.access.limiter.penalize(world.account, submit.value, no_slot_for)
+
+    step = run_batch(batch_id, world.access, get_settings())
+    assert isinstance(step, Later) and "submission slot" in step.reason
+    assert 0.45 < step.countdown < 0.8  # back about SUBMIT_AHEAD before the slot
+    assert built == []
+    assert not [r for r in world.sim.requests(endpoint=submit) if r.account == world.account]
+    with session_scope() as s:
+        assert s.get_one(SyncBatch, batch_id).status == BatchStatus.PENDING
+
+    time.sleep(step.countdown)
+    reasons = []
+    deadline = time.monotonic() + 30
+    while not isinstance(step := run_batch(batch_id, world.access, get_settings()), Finished):
+        assert time.monotonic() < deadline, step.reason
+        reasons.append(step.reason)
+        time.sleep(min(step.countdown, 0.2))
+    assert built == [1]  # one body, built when its slot was near, sent when it came
+    assert not [r for r in reasons if "throttled" in r or "slot" in r]
+    assert _on_list(world) == set(members)
 
 
 def test_removals_look_up_ids_once_then_use_the_ledger(world: World) -> None:
