@@ -65,13 +65,13 @@ class LimitedSession:
             if wait <= 0:
                 return
             metrics.add_limiter_wait(endpoint.value, wait)
-            # Not to the microsecond the slot frees: grants packed exactly one window apart
-            # reach Klaviyo with the network's and its edge's jitter, which can put one more
-            # into a fixed window than the limiter admits (a re-queued request has this slack).
-            wait += random.uniform(0.05, 0.25) * min(wait, 1.0)
             if time.monotonic() + wait > deadline:
                 raise Throttled(wait, endpoint.value)
-            time.sleep(wait)
+            # Not to the microsecond the slot frees: grants packed exactly one window apart
+            # reach Klaviyo with the network's and its edge's jitter, which can put one more
+            # into a fixed window than the limiter admits (a re-queued request has this slack;
+            # without it a run met two 429s).
+            time.sleep(wait + random.uniform(0.05, 0.25) * min(wait, 1.0))
 
     @contextmanager
     def patient(self, seconds: float) -> Iterator[None]:
