@@ -118,6 +118,9 @@ class SimRequest:
     early_retry: bool = False
     dropped: bool = False
     retry_after: float | None = None
+    # When the answer was ready (same clock as ``time``, which is the arrival): a client can
+    # learn of a 429 no earlier than this, however long a starved simulator took over it.
+    answered: float | None = None
 
 
 @dataclass(frozen=True)
@@ -760,6 +763,7 @@ class Simulator:
                 early_retry=early,
                 dropped=response.drop,
                 retry_after=float(retry) if retry else None,
+                answered=self._clock(),
             )
         )
         return response
