@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
+from segops_sync.db.inserts import insert_unless_conflict
 from segops_sync.db.models import LedgerEntry
 from segops_sync.states import ItemOutcome
 
@@ -22,12 +23,15 @@ def forget_ledger(session: Session, connector_id: str) -> None:
 
 # Members confirmed on the list enter the ledger from their batch-item rows (with what was
 # sent, and the hash of the traits sent, so that a change of them is sent again).
-_CONFIRM_ADDED = (
+_INSERT_ADDED = (
     "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id, "
     "traits_hash) "
     "SELECT :c, it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash "
-    "FROM {source} "
-    "ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
+    "FROM {source}"
+)
+# ... and update the row a member already has.
+_CONFIRM_ADDED = _INSERT_ADDED + (
+    " ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
     "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
     "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
 )
@@ -67,18 +71,30 @@ def accept_job(
 ) -> None:
     """Every member of one batch's finished bulk job not rejected by name was accepted: its
     item becomes added (or updated, a refresh of traits) and it enters the ledger, in one
-    statement over the batch's index (the items' update feeds the insert)."""
+    statement over the batch's index (the items' update feeds the insert).
+
+    A joiner was not in the ledger when its batch was written, so its row goes in by a plain
+    insert; a refresh updates the row it has. ON CONFLICT for all of them only if the plain
+    insert met a row after all (a race: db/inserts.py)."""
     if not _hold_connector(session, connector_id):
         return
-    session.execute(
+    accepted = (
+        "WITH accepted AS (UPDATE sync_batch_items it SET outcome = CASE WHEN refresh "
+        f"THEN '{ItemOutcome.UPDATED}' ELSE '{ItemOutcome.ADDED}' END "
+        "WHERE it.run_id = :r AND it.kind = :k AND it.seq = :q AND it.job_id = :j "
+        "AND it.outcome IS NULL "
+        "RETURNING it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash, "
+        "it.refresh)"
+    )
+    insert_unless_conflict(
+        session,
         text(
-            "WITH accepted AS (UPDATE sync_batch_items it SET outcome = CASE WHEN refresh "
-            f"THEN '{ItemOutcome.UPDATED}' ELSE '{ItemOutcome.ADDED}' END "
-            "WHERE it.run_id = :r AND it.kind = :k AND it.seq = :q AND it.job_id = :j "
-            "AND it.outcome IS NULL "
-            "RETURNING it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash) "
-            + _CONFIRM_ADDED.format(source="accepted it")
+            f"{accepted}, refreshed AS ("
+            + _CONFIRM_ADDED.format(source="accepted it WHERE it.refresh")
+            + ") "
+            + _INSERT_ADDED.format(source="accepted it WHERE NOT it.refresh")
         ),
+        text(f"{accepted} " + _CONFIRM_ADDED.format(source="accepted it")),
         {"c": connector_id, "r": run_id, "k": kind, "q": seq, "j": job_id},
     )
 

@@ -19,6 +19,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from segops_sync.config import Settings
+from segops_sync.db.inserts import insert_unless_conflict
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncRun
 from segops_sync.db.queries import get_connector
 from segops_sync.states import (
@@ -358,9 +359,9 @@ def materialize_batch(
             f"traits, traits_hash, refresh) SELECT :run, sm.user_id, :kind, :seq, {SQL_EMAIL}, "
             f"{SQL_EXTERNAL_ID}, {traits}, sm.refresh FROM (SELECT user_id, refresh FROM "
             f"({joiners}) j ORDER BY user_id LIMIT :size) sm "
-            "LEFT JOIN identities i ON i.user_id = sm.user_id ON CONFLICT DO NOTHING "
-            "RETURNING user_id, email, external_id, traits"
+            "LEFT JOIN identities i ON i.user_id = sm.user_id"
         )
+        returning = " RETURNING user_id, email, external_id, traits"
     else:
         size = REMOVE_BATCH_SIZE
         sql = (
@@ -369,12 +370,19 @@ def materialize_batch(
             f"cm.profile_id FROM connector_members cm WHERE cm.connector_id = :c"
             f"{in_range('cm.user_id')} AND NOT EXISTS (SELECT 1 FROM segment_members s "
             f"WHERE s.segment_id = :seg AND s.user_id = cm.user_id{in_range('s.user_id')}) "
-            "ORDER BY cm.user_id LIMIT :size ON CONFLICT DO NOTHING "
-            "RETURNING user_id, email, external_id, profile_id"
+            "ORDER BY cm.user_id LIMIT :size"
         )
-    # ON CONFLICT: a member added by one range and gone again before a removal range ran is
-    # already an item of this run; the follow-up run removes it.
-    written = session.execute(text(sql), {**params, "size": size}).all()
+        returning = " RETURNING user_id, email, external_id, profile_id"
+    # ON CONFLICT DO NOTHING, only once the plain insert met one (db/inserts.py): a member
+    # added by one range and gone again before a removal range ran is already an item of this
+    # run; the follow-up run removes it.
+    written = insert_unless_conflict(
+        session,
+        text(sql + returning),
+        text(sql + " ON CONFLICT DO NOTHING" + returning),
+        {**params, "size": size},
+        returning=True,
+    )
     batch.materialized = True
     return sorted((tuple(row) for row in written), key=lambda row: str(row[0]))
 

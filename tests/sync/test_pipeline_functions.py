@@ -23,7 +23,14 @@ from segops_sync.sync import batches
 from segops_sync.sync.access import KlaviyoAccess, Throttled
 from segops_sync.sync.batches import Finished, Later, PostgresBatchStore, run_batch
 from segops_sync.sync.costs import Delta, expected_requests
-from segops_sync.sync.planner import ADD_BATCH_SIZE, REMOVE_BATCH_SIZE, plan_run, preview, start_run
+from segops_sync.sync.planner import (
+    ADD_BATCH_SIZE,
+    REMOVE_BATCH_SIZE,
+    Plan,
+    plan_run,
+    preview,
+    start_run,
+)
 from segops_sync.sync.runs import finish_run
 
 
@@ -249,6 +256,68 @@ def test_a_small_delta_lists_its_members_instead_of_a_range(world: World) -> Non
             .order_by(SyncBatchItem.user_id)
         ).all()
     assert written == members[1:]
+
+
+def _planned_run(w: World, prefix: str, members: list[str]) -> tuple[str, str, Plan]:
+    """A connector on a new segment of ``members``, with a run started and planned."""
+    connector_id = _connector(w, f"{prefix}-{uuid.uuid4().hex[:6]}", members)
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
+    assert run_id
+    with session_scope() as s:
+        return connector_id, run_id, plan_run(s, run_id, get_settings())
+
+
+def test_a_member_already_an_item_of_the_run_is_left_to_the_follow_up(world: World) -> None:
+    """Items go in by a plain insert; one that meets a member the run already holds (a removal
+    range wrote it before the member came back) is retried with ON CONFLICT DO NOTHING, and the
+    batch writes every other member."""
+    members = [f"t{i:05d}" for i in range(20)]
+    _, run_id, plan = _planned_run(world, "twice", members)
+    with session_scope() as s:
+        s.add(SyncBatchItem(run_id=run_id, user_id=members[3], kind="remove", seq=0))
+    context = PostgresBatchStore().load(plan.add_batch_ids[0])
+    assert context is not None and context.fresh_members is not None
+    assert [m[0] for m in context.fresh_members] == members[:3] + members[4:]
+    with session_scope() as s:
+        kinds = dict(
+            s.execute(
+                select(SyncBatchItem.user_id, SyncBatchItem.kind).where(
+                    SyncBatchItem.run_id == run_id
+                )
+            ).all()
+        )
+    assert kinds == {m: ("remove" if m == members[3] else "add") for m in members}
+
+
+def test_a_joiner_found_in_the_ledger_when_its_job_is_accepted_is_updated(world: World) -> None:
+    """A joiner's ledger row goes in by a plain insert; if a row appeared meanwhile (a stale
+    worker of an earlier run settled the member), the settle falls back to ON CONFLICT and
+    updates it with what this job sent, instead of failing the batch."""
+    members = [f"q{i:05d}" for i in range(20)]
+    connector_id, run_id, plan = _planned_run(world, "raced", members)
+    (batch_id,) = plan.add_batch_ids
+    PostgresBatchStore().load(batch_id)  # the batch writes its members: q00007 is a joiner
+    with session_scope() as s:
+        s.add(LedgerEntry(connector_id=connector_id, user_id=members[7], external_id="stale"))
+    deadline = time.monotonic() + 30
+    while not isinstance(step := run_batch(batch_id, world.access, get_settings()), Finished):
+        assert time.monotonic() < deadline, step.reason
+        time.sleep(min(step.countdown, 0.2))
+    assert step.ok
+    with session_scope() as s:
+        finish_run(s, run_id)
+        ledger = dict(
+            s.execute(
+                select(LedgerEntry.user_id, LedgerEntry.external_id).where(
+                    LedgerEntry.connector_id == connector_id
+                )
+            ).all()
+        )
+        run = s.get_one(SyncRun, run_id)
+        assert (run.status, run.added) == ("succeeded", len(members))
+    assert ledger == {m: m for m in members}
+    assert _on_list(world) == set(members)
 
 
 def test_start_run_coalesces_and_ignores_duplicates(world: World) -> None:
