@@ -8,7 +8,6 @@ when none is free the request is not sent and ``Throttled`` tells the caller how
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from segops_sync.klaviyo import (
 )
 from segops_sync.klaviyo.endpoints import endpoint_for
 from segops_sync.observability import metrics
-from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit
+from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit, spread
 from segops_sync.sync.watcher import AccountJobs, JobWatcher
 
 # The budget that GET /api/accounts calls draw on, whichever account they turn out to be.
@@ -57,21 +56,20 @@ class LimitedSession:
 
     def before_request(self, endpoint: Endpoint) -> None:
         self.last_endpoint = endpoint
-        deadline = time.monotonic() + self.patience
+        even = _paced(endpoint)
+        # A wait shorter than the pace's gap is the pace itself: slept, never re-queued.
+        deadline = time.monotonic() + max(self.patience, PACED_PATIENCE if even else 0.0)
         while True:
-            wait = self.limiter.acquire(
-                self.account, endpoint.value, _limit(endpoint), claimant=self.claimant
-            )
+            wait = self._ask(endpoint, peek=False)
             if wait <= 0:
                 return
-            metrics.add_limiter_wait(endpoint.value, wait)
             if time.monotonic() + wait > deadline:
                 raise Throttled(wait, endpoint.value)
             # Not to the microsecond the slot frees: grants packed exactly one window apart
             # reach Klaviyo with the network's and its edge's jitter, which can put one more
             # into a fixed window than the limiter admits (a re-queued request has this slack;
             # without it a run met two 429s).
-            time.sleep(wait + random.uniform(0.05, 0.25) * min(wait, 1.0))
+            time.sleep(wait + spread(wait, cap=1.0))
 
     @contextmanager
     def patient(self, seconds: float) -> Iterator[None]:
@@ -87,8 +85,16 @@ class LimitedSession:
     def slot_wait(self, endpoint: Endpoint) -> float:
         """Seconds until the limiter would admit a request to ``endpoint`` (0.0: now), taking
         no slot: look before preparing a request that is costly to build."""
+        return self._ask(endpoint, peek=True)
+
+    def _ask(self, endpoint: Endpoint, *, peek: bool) -> float:
         wait = self.limiter.acquire(
-            self.account, endpoint.value, _limit(endpoint), claimant=self.claimant, peek=True
+            self.account,
+            endpoint.value,
+            _limit(endpoint),
+            claimant=self.claimant,
+            peek=peek,
+            even=_paced(endpoint),
         )
         if wait > 0:
             metrics.add_limiter_wait(endpoint.value, wait)
@@ -103,6 +109,17 @@ class LimitedSession:
     def rate_limited(self, retry_after: float) -> None:
         if self.last_endpoint is not None:
             self.limiter.penalize(self.account, self.last_endpoint.value, retry_after)
+
+
+# Endpoints whose burst is at most this (Klaviyo's M tier, 10/s, and below) get evenly paced
+# grants (limiter.py, "Pace"): their 10 % headroom is a single request.
+PACED_BURST = 10
+# A paced request waits in-process up to this long (the M tier's gap at 90 % is 0.11 s).
+PACED_PATIENCE = 0.25
+
+
+def _paced(endpoint: Endpoint) -> bool:
+    return ENDPOINT_LIMITS[endpoint].burst <= PACED_BURST
 
 
 def _limit(endpoint: Endpoint) -> Limit:

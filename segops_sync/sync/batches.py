@@ -47,6 +47,7 @@ from segops_sync.sync.ledger import (
     confirm_removed,
     forget_profile_ids,
 )
+from segops_sync.sync.limiter import spread
 from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.planner import materialize_batch
 from segops_sync.sync.traits import trait_profiles
@@ -123,7 +124,7 @@ def _jitter(base: float) -> float:
     a churn's lookups wait ~45 s for the limiter's minute to roll, and 5-25 % of that spread
     their return over 11 s, where the limiter had slots from the first second (the churn ended
     at 73 s for a 63 s floor); the limiter itself orders those who come back together."""
-    return random.uniform(0.05, 0.25) * min(max(base, 0.2), JITTER_BASE_CAP)
+    return spread(max(base, 0.2), cap=JITTER_BASE_CAP)
 
 
 def backoff(attempt: int, settings: Settings) -> float:
@@ -431,8 +432,8 @@ def _add(
         start = 0
         chunks = split_into_jobs([p for _, p in members])
         with limited.patient(SUBMIT_PATIENCE):
+            whole = len(chunks) == 1
             for chunk in chunks:
-                whole = len(chunks) == 1
                 _submit(ctx, client, members[start : start + len(chunk)], jobs, whole=whole)
                 start += len(chunk)
 

@@ -26,6 +26,18 @@ Headroom
     Klaviyo's own count also includes other integrations of the account and network jitter can
     shift our requests into a neighbouring fixed window.
 
+Pace
+    With ``even=True`` grants are also at least ``burst window / burst cap`` apart. The log alone
+    admits a whole burst at one instant; its slots then free at one instant a window later, and
+    the fleet takes them together again, so the grants stay in clumps. Klaviyo counts arrivals
+    in fixed windows of its own phase, and the network's jitter shifts each clump by a little:
+    part of the next clump can land in the window of the last, which the 10 % headroom (one
+    request of a 10/s burst) cannot absorb. A 1M first sync met three 429s that way, with 12
+    job submissions counted in one second for 9 a second granted. Evenly paced, any second holds
+    about the cap, and jitter of up to a gap moves at most one more in. The throughput is the
+    same; only the first burst is spread over its window. ``LimitedSession`` paces the
+    endpoints whose burst is small (Klaviyo's M tier and below).
+
 Fairness
     ``claimant`` (e.g. a connector id) names who asks. Claimants that asked recently are kept in a
     sorted set with an "active until" time: ``now + a few seconds`` on every ask, and, when
@@ -79,6 +91,7 @@ Storage
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +102,7 @@ import redis
 
 from segops_sync.klaviyo.redact import fingerprint
 
-__all__ = ["AccountLimiter", "AccountResolver", "Limit"]
+__all__ = ["AccountLimiter", "AccountResolver", "Limit", "spread"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,13 @@ class Limit:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Limit.{name} must be a positive int, got {value!r}")
+
+
+def spread(wait: float, *, cap: float) -> float:
+    """A random 5-25 % of ``wait`` (of ``cap`` at most), to add to it: requests refused together
+    then do not come back together, and grants packed exactly one window apart do not reach
+    Klaviyo's fixed windows with only the network's jitter between them."""
+    return random.uniform(0.05, 0.25) * min(wait, cap)
 
 
 class _Keys(NamedTuple):
@@ -127,7 +147,8 @@ local function ms(us) return math.ceil(us / 1000) end
 # KEYS: 1 log, 2 claimant log, 3 active claimants, 4 control hash
 # ARGV: 1 burst cap, 2 steady cap, 3 burst window (us), 4 steady window (us),
 #       5 activity grace (us), 6 claimant, 7 published steady limit, 8 probe hold (us),
-#       9 '1' to peek: answer as for a request, but take no slot (and no probe)
+#       9 '1' to peek: answer as for a request, but take no slot (and no probe),
+#       10 least gap between two grants (us; 0: none)
 # Returns 0 when granted (or, peeking, when a request would be), else the wait in microseconds
 # (>= 1).
 _ACQUIRE_LUA = (
@@ -157,6 +178,11 @@ local g1 = redis.call('ZCOUNT', log, after(now - w1), '+inf')
 local g60 = redis.call('ZCARD', log)
 if g1 >= cap1 then wait = math.max(wait, leaves(log, now - w1, g1 - cap1 + 1, w1)) end
 if g60 >= cap60 then wait = math.max(wait, leaves(log, now - w60, g60 - cap60 + 1, w60)) end
+local gap = tonumber(ARGV[10])
+if gap > 0 then
+  local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
+  if newest[2] then wait = math.max(wait, tonumber(newest[2]) + gap - now) end
+end
 
 local held = tonumber(redis.call('ZSCORE', active, me) or '0')
 if held < now + grace then
@@ -309,13 +335,16 @@ class AccountLimiter:
         *,
         claimant: str | None = None,
         peek: bool = False,
+        even: bool = False,
     ) -> float:
         """Take one slot and return 0.0, or take nothing and return seconds to wait (> 0).
 
         ``peek``: take nothing either way; 0.0 says a request now would be admitted. For work
         that is costly to prepare and worthless if refused (a 5 MB job body): a peek that
         waits marks the claimant active, as a refusal does, and the request itself still calls
-        ``acquire()`` (another process may have taken the slot meanwhile)."""
+        ``acquire()`` (another process may have taken the slot meanwhile).
+
+        ``even``: grants at least one burst window / burst cap apart, fleet-wide (see Pace)."""
         keys = self._keys(account, endpoint)
         who = self._ANONYMOUS if claimant is None else claimant
         cap1, cap60 = self.caps(limit)
@@ -331,6 +360,7 @@ class AccountLimiter:
                 limit.steady,
                 repr(self.PROBE_SECONDS * 1_000_000.0),
                 "1" if peek else "0",
+                repr(self._w1_us / cap1) if even else "0",
             ],
         )
         return int(wait_us) / 1_000_000

@@ -7,6 +7,7 @@ window 1 s, so the steady path runs in about a second.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 import time
@@ -58,12 +59,13 @@ def hammer(
     account: str = "acct",
     endpoint: str = EP,
     claimant: str | None = None,
+    even: bool = False,
 ) -> list[float]:
     """Ask as fast as allowed for `seconds`, sleeping each returned wait; return grant times."""
     grants: list[float] = []
     end = time.monotonic() + seconds
     while (now := time.monotonic()) < end:
-        wait = lim.acquire(account, endpoint, limit, claimant=claimant)
+        wait = lim.acquire(account, endpoint, limit, claimant=claimant, even=even)
         if wait == 0.0:
             grants.append(grant_time(r, lim, account, endpoint))
         else:
@@ -114,6 +116,43 @@ def test_a_peek_answers_like_acquire_but_takes_nothing(r: fakeredis.FakeRedis) -
     assert lim.acquire("acct", OTHER_EP, limit, peek=True) == 0.0
     assert lim.acquire("acct", OTHER_EP, limit, claimant="a") == 0.0  # still the probe
     assert lim.acquire("acct", OTHER_EP, limit, claimant="b", peek=True) > 0.5
+
+
+def test_an_even_pace_spreads_a_burst_over_its_window(r: fakeredis.FakeRedis) -> None:
+    """Paced, a burst of 5 in a 0.25 s window is one grant every 0.05 s: as many a window,
+    never two closer than the gap (the log alone admits all five at one instant)."""
+    lim = make(r, time_scale=4, headroom=1.0)  # burst window 0.25 s
+    limit = Limit(burst=5, steady=1000)
+    assert lim.acquire("acct", EP, limit, even=True) == 0.0
+    assert 0.03 < lim.acquire("acct", EP, limit, even=True) <= 0.05
+    assert 0.03 < lim.acquire("acct", EP, limit, even=True, peek=True) <= 0.05
+    grants = hammer(r, lim, limit, 1.0, endpoint=OTHER_EP, even=True)
+    gaps = [b - a for a, b in itertools.pairwise(grants)]
+    assert min(gaps) >= 0.05 - 1e-4
+    assert max_in_window(grants, 0.25) <= 5
+    assert len(grants) >= 0.8 * 5 * 4  # the burst's throughput, 20 a second
+    # Unpaced, the same limiter admits the whole burst at once.
+    assert [lim.acquire("acct", "another", limit) for _ in range(5)] == [0.0] * 5
+
+
+def test_a_session_paces_the_small_tiers_and_sleeps_out_the_gap(
+    r: fakeredis.FakeRedis,
+) -> None:
+    """M-tier endpoints (10/s) are paced, and the gap (0.11 s at 90 %) is slept in-process,
+    not re-queued; an L-tier endpoint (75/s) still takes its burst at once."""
+    from segops_sync.klaviyo import Endpoint
+    from segops_sync.sync.access import LimitedSession
+
+    session = LimitedSession(make(r), account="acct", claimant="c")
+    started = time.monotonic()
+    for _ in range(3):
+        session.before_request(Endpoint.CREATE_BULK_IMPORT_JOB)
+    assert time.monotonic() - started >= 2 * (1 / 9) - 0.01
+    assert session.slot_wait(Endpoint.CREATE_BULK_IMPORT_JOB) > 0.05
+    started = time.monotonic()
+    for _ in range(10):
+        session.before_request(Endpoint.GET_PROFILES)
+    assert time.monotonic() - started < 0.1
 
 
 def test_steady_cap(r: fakeredis.FakeRedis) -> None:
