@@ -152,6 +152,14 @@ class LedgerEntry(Base):
     # Klaviyo suppresses the profile's email (as the last read-back of the list saw it).
     suppressed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # the few suppressed members, counted at the end of every run
+    __table_args__ = (
+        Index(
+            "ix_connector_members_suppressed",
+            "connector_id",
+            postgresql_where=text("suppressed"),
+        ),
+    )
 
 
 class SyncRun(Base):
@@ -218,6 +226,9 @@ class SyncBatch(Base):
     removed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     rejected: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     pending: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # members whose traits were sent again, and trait values left out (refused by our checks)
+    updated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    traits_dropped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     permanent: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # The user ids the batch covers, [lo, hi], from its first member to its last as planned.
@@ -227,6 +238,9 @@ class SyncBatch(Base):
     # A small delta's batch lists its members instead: no range scan of a million rows for 5.
     user_ids: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
     materialized: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    # The bulk job that holds every member of the batch with neither a job_id nor an outcome of
+    # its own: a batch sent in one job (the common case) writes this, not 10,000 member rows.
+    whole_job_id: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )

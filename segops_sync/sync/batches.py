@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -94,6 +94,9 @@ class BatchContext:
     abort_reason: str | None
     planned_adds: int = 0
     job_ids: tuple[str, ...] = ()  # every bulk job this batch submitted
+    # The job that holds every member of the batch with neither a job nor an outcome of its own
+    # (SyncBatch.whole_job_id): None while they are unsent.
+    whole_job_id: str | None = None
     # The members this very step wrote (materialize_batch), in key order: read without a query.
     fresh_members: tuple[tuple[Any, ...], ...] | None = None
 
@@ -226,6 +229,7 @@ class PostgresBatchStore:
                 abort_reason=abort_reason,
                 planned_adds=planned_adds or 0,
                 job_ids=tuple(batch.job_ids or ()),
+                whole_job_id=batch.whole_job_id,
                 fresh_members=None if fresh is None else tuple(fresh),
             )
 
@@ -328,15 +332,18 @@ def quick_retry(call: Callable[..., T], *args: Any) -> T:
 
 def _finish(ctx: BatchContext) -> Finished:
     with session_scope() as s:
-        counts: dict[str | None, int] = dict(
-            s.execute(
-                text(
-                    "SELECT outcome, count(*) FROM sync_batch_items WHERE run_id = :r AND kind = :k "
-                    "AND seq = :q GROUP BY outcome"
-                ),
-                {"r": ctx.run_id, "k": ctx.kind, "q": ctx.seq},
-            ).all()
-        )
+        counts: dict[str | None, int] = {}
+        dropped = 0
+        for outcome, n, traits_dropped in s.execute(
+            text(
+                "SELECT outcome, count(*), COALESCE(sum(cardinality(dropped_traits)), 0) "
+                "FROM sync_batch_items WHERE run_id = :r AND kind = :k AND seq = :q "
+                "GROUP BY outcome"
+            ),
+            {"r": ctx.run_id, "k": ctx.kind, "q": ctx.seq},
+        ):
+            counts[outcome] = int(n)
+            dropped += int(traits_dropped)
         s.execute(
             update(SyncBatch)
             .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(OPEN_BATCH))
@@ -346,6 +353,8 @@ def _finish(ctx: BatchContext) -> Finished:
                 removed=counts.get(ItemOutcome.REMOVED, 0),
                 rejected=counts.get(ItemOutcome.REJECTED, 0),
                 pending=counts.get(ItemOutcome.PENDING, 0),
+                updated=counts.get(ItemOutcome.UPDATED, 0),
+                traits_dropped=dropped,
             )
         )
     return Finished(ctx.batch_id, True)
@@ -376,6 +385,8 @@ def _set_outcome(
 def _unsent(ctx: BatchContext) -> Sequence[Any]:
     """The batch's members not yet in a job, in key order (user_id, email, external_id,
     traits). Core, not the ORM's row processing: ten thousand plain tuples."""
+    if ctx.whole_job_id is not None:  # the members without a job of their own are in it
+        return ()
     with session_scope() as s:
         return (
             s.connection()
@@ -438,15 +449,22 @@ def _add(
                 start += len(chunk)
 
     with session_scope() as s:
-        job_ids = s.scalars(
-            _items(s, ctx)
-            .where(SyncBatchItem.job_id.is_not(None), SyncBatchItem.outcome.is_(None))
-            .with_only_columns(SyncBatchItem.job_id)
-            .distinct()
-        ).all()
+        job_ids = list(
+            s.scalars(
+                _items(s, ctx)
+                .where(SyncBatchItem.job_id.is_not(None), SyncBatchItem.outcome.is_(None))
+                .with_only_columns(SyncBatchItem.job_id)
+                .distinct()
+            )
+        )
+        # read again: this very step may have submitted it
+        whole = s.scalar(select(SyncBatch.whole_job_id).where(SyncBatch.id == ctx.batch_id))
+    if whole is not None:
+        job_ids.append(whole)
+        ctx = replace(ctx, whole_job_id=whole)
     # One poll of the account's recent jobs answers for every batch (sync/watcher.py), with
     # each finished job's failed_count; only a job the poll could not find is read on its own.
-    view = jobs.view([j for j in job_ids if j is not None])
+    view = jobs.view(job_ids)
     running = bool(view.running)
     for job_id in view.finished:
         try:
@@ -513,8 +531,8 @@ def _submit(
 ) -> None:
     """Create one job; when Klaviyo rejects the whole job for some members, drop them and resend.
 
-    ``whole``: the job carries every unsent member of the batch (the common case), so they are
-    marked by the batch's index, not by a list of 10,000 ids."""
+    ``whole``: the job carries every unsent member of the batch (the common case): the batch
+    row names it (``whole_job_id``), and none of the 10,000 member rows is written."""
     while members:
         try:
             job = quick_retry(client.create_bulk_import_job, [p for _, p in members], ctx.list_id)
@@ -532,15 +550,7 @@ def _submit(
             continue
         job_id = job.id
         with session_scope() as s:
-            if whole:  # the members refused above already carry an outcome
-                s.execute(
-                    text(
-                        f"UPDATE sync_batch_items SET job_id = :j WHERE {_THIS_BATCH} "
-                        "AND job_id IS NULL AND outcome IS NULL"
-                    ),
-                    {"j": job_id, **_batch_key(ctx)},
-                )
-            else:
+            if not whole:
                 s.execute(
                     text(
                         "UPDATE sync_batch_items SET job_id = :j "
@@ -551,7 +561,11 @@ def _submit(
             s.execute(
                 update(SyncBatch)
                 .where(SyncBatch.id == ctx.batch_id)
-                .values(status=BatchStatus.SUBMITTED, job_ids=SyncBatch.job_ids.op("||")([job_id]))
+                .values(
+                    status=BatchStatus.SUBMITTED,
+                    job_ids=SyncBatch.job_ids.op("||")([job_id]),
+                    **({"whole_job_id": job_id} if whole else {}),
+                )
             )
             _progress(s, ctx)
         jobs.register([job_id], {job_id: job.created_at})
@@ -560,6 +574,13 @@ def _submit(
 
 def _resend(ctx: BatchContext, job_id: str) -> None:
     with session_scope() as s:
+        if job_id == ctx.whole_job_id:  # its members are unsent again
+            s.execute(
+                update(SyncBatch)
+                .where(SyncBatch.id == ctx.batch_id, SyncBatch.whole_job_id == job_id)
+                .values(whole_job_id=None)
+            )
+            return
         s.execute(
             update(SyncBatchItem)
             .where(
@@ -571,6 +592,13 @@ def _resend(ctx: BatchContext, job_id: str) -> None:
             )
             .values(job_id=None)
         )
+
+
+def _in_job(ctx: BatchContext, job_id: str) -> Any:
+    """The condition on a batch's member rows that selects the unsettled members of a job."""
+    if job_id == ctx.whole_job_id:
+        return SyncBatchItem.job_id.is_(None)
+    return SyncBatchItem.job_id == job_id
 
 
 def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | None]:
@@ -607,7 +635,7 @@ def _settle_job(
                     SyncBatchItem.run_id == ctx.run_id,
                     SyncBatchItem.kind == ctx.kind,
                     SyncBatchItem.seq == ctx.seq,
-                    SyncBatchItem.job_id == job_id,
+                    _in_job(ctx, job_id),
                     SyncBatchItem.outcome.is_(None),
                 )
             ).all()
@@ -633,7 +661,12 @@ def _settle_job(
         for user_id, reason in rejected.items():
             _set_outcome(s, ctx, [user_id], ItemOutcome.REJECTED, reason)
         # The rest of the job was accepted: added, or (already on the list) its traits updated.
-        accept_job(s, ctx.connector_id, ctx.run_id, ctx.kind, ctx.seq, job_id)
+        whole = job_id == ctx.whole_job_id
+        accept_job(s, ctx.connector_id, ctx.run_id, ctx.kind, ctx.seq, None if whole else job_id)
+        if whole:  # settled: the batch's members without a job are none of its any more
+            s.execute(
+                update(SyncBatch).where(SyncBatch.id == ctx.batch_id).values(whole_job_id=None)
+            )
         _progress(s, ctx)
     return None
 

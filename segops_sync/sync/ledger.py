@@ -67,11 +67,12 @@ def confirm_added(
 
 
 def accept_job(
-    session: Session, connector_id: str, run_id: str, kind: str, seq: int, job_id: str
+    session: Session, connector_id: str, run_id: str, kind: str, seq: int, job_id: str | None
 ) -> None:
     """Every member of one batch's finished bulk job not rejected by name was accepted: its
     item becomes added (or updated, a refresh of traits) and it enters the ledger, in one
-    statement over the batch's index (the items' update feeds the insert).
+    statement over the batch's index (the items' update feeds the insert). ``job_id`` None:
+    the job the batch row names, which holds every unsettled member without a job of its own.
 
     A joiner was not in the ledger when its batch was written, so its row goes in by a plain
     insert; a refresh updates the row it has. ON CONFLICT for all of them only if the plain
@@ -81,8 +82,8 @@ def accept_job(
     accepted = (
         "WITH accepted AS (UPDATE sync_batch_items it SET outcome = CASE WHEN refresh "
         f"THEN '{ItemOutcome.UPDATED}' ELSE '{ItemOutcome.ADDED}' END "
-        "WHERE it.run_id = :r AND it.kind = :k AND it.seq = :q AND it.job_id = :j "
-        "AND it.outcome IS NULL "
+        "WHERE it.run_id = :r AND it.kind = :k AND it.seq = :q "
+        f"AND it.job_id {'IS NULL' if job_id is None else '= :j'} AND it.outcome IS NULL "
         "RETURNING it.user_id, it.email, it.external_id, it.profile_id, it.traits_hash, "
         "it.refresh)"
     )

@@ -81,7 +81,7 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     run.removed = sum(b.removed for b in batches)
     run.rejected = sum(b.rejected for b in batches)
     run.pending = sum(b.pending for b in batches)
-    _trait_counts(session, run)
+    _trait_counts(session, run, batches)
     failed = [b for b in batches if b.status == BatchStatus.FAILED]
     error: str | None = None
     if failed:
@@ -198,17 +198,10 @@ def wait_until_idle(
     return None
 
 
-def _trait_counts(session: Session, run: SyncRun) -> None:
-    """Trait updates and refused trait values, counted from the members' rows."""
-    updated, dropped = session.execute(
-        text(
-            "SELECT count(*) FILTER (WHERE outcome = 'updated'), "
-            "COALESCE(sum(cardinality(dropped_traits)), 0) "
-            "FROM sync_batch_items WHERE run_id = :r"
-        ),
-        {"r": run.id},
-    ).one()
-    run.updated, run.traits_dropped = int(updated), int(dropped)
+def _trait_counts(session: Session, run: SyncRun, batches: list[SyncBatch]) -> None:
+    """Trait updates and refused trait values, as each batch counted them when it finished."""
+    run.updated = sum(b.updated for b in batches)
+    run.traits_dropped = sum(b.traits_dropped for b in batches)
     # members on the list whose email Klaviyo suppresses, as the last read-back saw them:
     # counted in every run, never failures
     run.suppressed = suppressed_count(session, run.connector_id)

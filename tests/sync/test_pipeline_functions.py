@@ -8,6 +8,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -318,6 +319,52 @@ def test_a_joiner_found_in_the_ledger_when_its_job_is_accepted_is_updated(world:
         assert (run.status, run.added) == ("succeeded", len(members))
     assert ledger == {m: m for m in members}
     assert _on_list(world) == set(members)
+
+
+def test_a_batch_in_several_jobs_settles_each_and_sends_a_lost_one_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch over one job's size (here 7 profiles) marks each member with its job; one sent
+    whole is named by the batch row alone. A lost job's members go out again, in one job that
+    the batch row names, while the batch's other jobs settle by their marks."""
+    from segops_sync.klaviyo import split_into_jobs
+
+    submit, sent_whole = batches._submit, []
+
+    def submit_then_lose_the_second(*args: Any, whole: bool = False) -> None:
+        submit(*args, whole=whole)
+        sent_whole.append(whole)
+        if len(sent_whole) == 2:  # Klaviyo loses it before anyone asked about it
+            with session_scope() as s:
+                world.sim.lose_job(s.get_one(SyncBatch, batch_id).job_ids[-1])
+
+    monkeypatch.setattr(batches, "split_into_jobs", lambda p: split_into_jobs(p, max_profiles=7))
+    monkeypatch.setattr(batches, "_submit", submit_then_lose_the_second)
+    members = [f"j{i:05d}" for i in range(20)]
+    connector_id, run_id, plan = _planned_run(world, "jobs", members)
+    (batch_id,) = plan.add_batch_ids
+    assert isinstance(run_batch(batch_id, world.access, get_settings()), Later)
+    with session_scope() as s:
+        sent = list(s.get_one(SyncBatch, batch_id).job_ids)
+        marks = Counter(
+            s.scalars(select(SyncBatchItem.job_id).where(SyncBatchItem.run_id == run_id))
+        )
+    # the lost job's members are unsent again, the others keep their jobs
+    assert len(sent) == 3 and marks == {sent[0]: 7, None: 7, sent[2]: 6}
+    deadline = time.monotonic() + 30
+    while not isinstance(step := run_batch(batch_id, world.access, get_settings()), Finished):
+        assert time.monotonic() < deadline, step.reason
+        time.sleep(min(step.countdown, 0.2))
+    assert step.ok and sent_whole == [False, False, False, True]
+    with session_scope() as s:
+        batch = s.get_one(SyncBatch, batch_id)
+        assert (len(batch.job_ids), batch.whole_job_id, batch.added) == (4, None, 20)
+        on_ledger = s.scalar(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(LedgerEntry.connector_id == connector_id)
+        )
+    assert on_ledger == 20 and _on_list(world) == set(members)
 
 
 def test_start_run_coalesces_and_ignores_duplicates(world: World) -> None:
