@@ -80,6 +80,8 @@ Celery
     One exception: a request that is costly to prepare (a bulk job's 5 MB body) asks first with
     ``acquire(peek=True)``, is prepared only when its slot is about a second away, and then waits
     in-process for it (``LimitedSession.patient``): re-queued, it would be prepared again.
+    And a paced request (``even``) sleeps out a wait as short as the pace's gap: that wait is
+    the pace itself, and a re-queue costs more than it.
 
 Storage
     Keys are ``{prefix}:{<account>|<endpoint>}:<kind>`` (components percent-encoded; the braces
