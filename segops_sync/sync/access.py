@@ -65,11 +65,12 @@ class LimitedSession:
                 return
             if time.monotonic() + wait > deadline:
                 raise Throttled(wait, endpoint.value)
-            # Not to the microsecond the slot frees: grants packed exactly one window apart
-            # reach Klaviyo with the network's and its edge's jitter, which can put one more
-            # into a fixed window than the limiter admits (a re-queued request has this slack;
-            # without it a run met two 429s).
-            time.sleep(wait + spread(wait, cap=1.0))
+            # Unpaced, not to the microsecond the slot frees: grants packed exactly one window
+            # apart reach Klaviyo with the network's and its edge's jitter, which can put one
+            # more into a fixed window than the limiter admits (without it a run met two 429s).
+            # Paced grants are a gap apart already; jitter would only stretch the pace (0.111 s
+            # became 0.118: 100 submissions 0.7 s later).
+            time.sleep(wait if even else wait + spread(wait, cap=1.0))
 
     @contextmanager
     def patient(self, seconds: float) -> Iterator[None]:

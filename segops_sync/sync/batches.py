@@ -408,7 +408,10 @@ def _unsent(ctx: BatchContext) -> Sequence[Any]:
 # A batch whose job submission slot is this close builds its body now (it takes 0.05-0.5 s)...
 SUBMIT_AHEAD = 1.0
 # ...and, body built, waits in-process this long at most for a slot before it is re-queued.
-SUBMIT_PATIENCE = 2.0
+# Several batches wait at once and whoever asks first at a free slot takes it: with 2 s, a few
+# lost that race until their time ran out, went back to the queue and came back 1-1.7 s after
+# the other submissions had ended, on the first sync's critical path.
+SUBMIT_PATIENCE = 4.0
 
 
 def _add(
