@@ -382,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="per sync, seconds")
     parser.add_argument("--name", help="results file name (default from the parameters)")
     parser.add_argument("--keep-logs", help="copy the worker logs into this directory")
+    parser.add_argument(
+        "--worker-log-level",
+        default="info",
+        help="the workers' -l (info); debug adds each batch step's time and outcome",
+    )
     args = parser.parse_args(argv)
     sizes = [1_000_000] if args.million else args.members
     order = ["first", "churn", "small"]
@@ -441,7 +446,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: starting {args.workers} workers x {args.concurrency}", flush=True)
                 for i in range(args.workers):
                     proc = EmbeddedWorker(
-                        env, workdir, concurrency=args.concurrency, beat=i == 0, name="bench"
+                        env,
+                        workdir,
+                        concurrency=args.concurrency,
+                        beat=i == 0,
+                        name="bench",
+                        extra_args=["-l", args.worker_log_level],
                     )
                     workers.append(proc.start())
                 pids = [w.proc.pid for w in workers if w.proc is not None]
