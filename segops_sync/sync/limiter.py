@@ -27,7 +27,8 @@ Headroom
     shift our requests into a neighbouring fixed window.
 
 Pace
-    With ``even=True`` grants are also at least ``burst window / burst cap`` apart. The log alone
+    With ``even=True`` grants are also at least ``burst window / burst cap`` apart (and at
+    least ``burst window / (headroom * burst)``: at 1 a second the cap is the whole burst). The log alone
     admits a whole burst at one instant; its slots then free at one instant a window later, and
     the fleet takes them together again, so the grants stay in clumps. Klaviyo counts arrivals
     in fixed windows of its own phase, and the network's jitter shifts each clump by a little:
@@ -362,10 +363,18 @@ class AccountLimiter:
                 limit.steady,
                 repr(self.PROBE_SECONDS * 1_000_000.0),
                 "1" if peek else "0",
-                repr(self._w1_us / cap1) if even else "0",
+                repr(self._pace_us(limit, cap1)) if even else "0",
             ],
         )
         return int(wait_us) / 1_000_000
+
+    def _pace_us(self, limit: Limit, cap1: int) -> float:
+        """The least gap between two paced grants: the window over the burst cap, and never
+        less than the published interval stretched by the headroom. The second matters where
+        the cap rounds to the whole burst (1 a second at 90 % is still 1): there grants a bare
+        window apart would leave the headroom no room for jitter (two account lookups granted
+        1.0 s apart met a 429 in CI); 1.11 s apart they have 0.11 s."""
+        return max(self._w1_us / cap1, self._w1_us / (self.headroom * limit.burst))
 
     def penalize(self, account: str, endpoint: str, retry_after: float) -> None:
         """Make every acquire() for (account, endpoint), fleet-wide, wait until now+retry_after."""

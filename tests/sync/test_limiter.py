@@ -135,6 +135,19 @@ def test_an_even_pace_spreads_a_burst_over_its_window(r: fakeredis.FakeRedis) ->
     assert [lim.acquire("acct", "another", limit) for _ in range(5)] == [0.0] * 5
 
 
+def test_a_pace_keeps_the_headroom_where_the_cap_is_the_whole_burst(
+    r: fakeredis.FakeRedis,
+) -> None:
+    """1 a second at 90 % is still 1 a second: paced, the grants are 1/0.9 s apart, so jitter of
+    up to 0.11 s cannot put two into one of Klaviyo's seconds."""
+    lim = make(r)
+    limit = Limit(burst=1, steady=15)
+    assert lim.acquire("acct", EP, limit, even=True) == 0.0
+    assert 1.0 < lim.acquire("acct", EP, limit, even=True) <= 1 / 0.9
+    assert lim.acquire("acct", OTHER_EP, limit) == 0.0
+    assert 0.9 < lim.acquire("acct", OTHER_EP, limit) <= 1.0  # unpaced: the bare window
+
+
 def test_a_session_paces_the_small_tiers_and_sleeps_out_the_gap(
     r: fakeredis.FakeRedis,
 ) -> None:
