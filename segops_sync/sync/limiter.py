@@ -28,10 +28,11 @@ Headroom
 
 Pace
     With ``even=True`` grants are also at least ``burst window / burst cap`` apart (and at
-    least ``burst window / (headroom * burst)``: at 1 a second the cap is the whole burst). The log alone
-    admits a whole burst at one instant; its slots then free at one instant a window later, and
-    the fleet takes them together again, so the grants stay in clumps. Klaviyo counts arrivals
-    in fixed windows of its own phase, and the network's jitter shifts each clump by a little:
+    least ``burst window / (headroom * burst)``: at 1 a second the cap is the whole burst).
+    The log alone admits a whole burst at one instant; its slots then free at one instant a
+    window later, and the fleet takes them together again, so the grants stay in clumps.
+    Klaviyo counts arrivals in fixed windows of its own phase, and the network's jitter shifts
+    each clump by a little:
     part of the next clump can land in the window of the last, which the 10 % headroom (one
     request of a 10/s burst) cannot absorb. A 1M first sync met three 429s that way, with 12
     job submissions counted in one second for 9 a second granted. Evenly paced, any second holds

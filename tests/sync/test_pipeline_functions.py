@@ -101,6 +101,16 @@ def _set_members(segment: str, members: list[str]) -> None:
         )
 
 
+def _planned_run(w: World, segment: str, members: list[str]) -> tuple[str, str, Plan]:
+    """A connector on ``segment`` of ``members``, with a run started and planned."""
+    connector_id = _connector(w, segment, members)
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
+    assert run_id
+    with session_scope() as s:
+        return connector_id, run_id, plan_run(s, run_id, get_settings())
+
+
 def _sync(w: World, connector_id: str, *, allow_mass_removal: bool = False) -> SyncRun:
     """One whole run, each batch driven to the end in this process, as a worker would."""
     with session_scope() as s:
@@ -197,12 +207,7 @@ def test_ranges_take_the_segment_as_it_is_when_a_batch_first_runs(world: World) 
     never one of another batch, never more than one call takes; the follow-up settles the rest."""
     segment = f"range-{uuid.uuid4().hex[:6]}"
     members = [f"r{i:06d}" for i in range(0, 2 * ADD_BATCH_SIZE, 2)]  # even numbers
-    connector_id = _connector(world, segment, members)
-    with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
-    assert run_id
-    with session_scope() as s:
-        plan = plan_run(s, run_id, get_settings())
+    connector_id, run_id, plan = _planned_run(world, segment, members)
     assert len(plan.add_batch_ids) == 1 and plan.adds == ADD_BATCH_SIZE
     gone, late = members[:10], [f"r{i:06d}" for i in range(1, 41, 2)]  # odd: new, in range
     _set_members(segment, members[10:] + late)
@@ -234,12 +239,8 @@ def test_a_small_delta_lists_its_members_instead_of_a_range(world: World) -> Non
 
     segment = f"small-{uuid.uuid4().hex[:6]}"
     members = [f"s{i:05d}" for i in range(40)]
-    connector_id = _connector(world, segment, members)
+    _, run_id, plan = _planned_run(world, segment, members)
     with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
-    with session_scope() as s:
-        assert run_id
-        plan = plan_run(s, run_id, get_settings())
         listed = s.execute(
             select(SyncBatch.lo_user_id, SyncBatch.hi_user_id, SyncBatch.user_ids).where(
                 SyncBatch.run_id == run_id
@@ -258,22 +259,12 @@ def test_a_small_delta_lists_its_members_instead_of_a_range(world: World) -> Non
     assert written == members[1:]
 
 
-def _planned_run(w: World, prefix: str, members: list[str]) -> tuple[str, str, Plan]:
-    """A connector on a new segment of ``members``, with a run started and planned."""
-    connector_id = _connector(w, f"{prefix}-{uuid.uuid4().hex[:6]}", members)
-    with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
-    assert run_id
-    with session_scope() as s:
-        return connector_id, run_id, plan_run(s, run_id, get_settings())
-
-
 def test_a_member_already_an_item_of_the_run_is_left_to_the_follow_up(world: World) -> None:
     """Items go in by a plain insert; one that meets a member the run already holds (a removal
     range wrote it before the member came back) is retried with ON CONFLICT DO NOTHING, and the
     batch writes every other member."""
     members = [f"t{i:05d}" for i in range(20)]
-    _, run_id, plan = _planned_run(world, "twice", members)
+    _, run_id, plan = _planned_run(world, f"twice-{uuid.uuid4().hex[:6]}", members)
     with session_scope() as s:
         s.add(SyncBatchItem(run_id=run_id, user_id=members[3], kind="remove", seq=0))
     context = PostgresBatchStore().load(plan.add_batch_ids[0])
@@ -295,7 +286,7 @@ def test_a_joiner_found_in_the_ledger_when_its_job_is_accepted_is_updated(world:
     worker of an earlier run settled the member), the settle falls back to ON CONFLICT and
     updates it with what this job sent, instead of failing the batch."""
     members = [f"q{i:05d}" for i in range(20)]
-    connector_id, run_id, plan = _planned_run(world, "raced", members)
+    connector_id, run_id, plan = _planned_run(world, f"raced-{uuid.uuid4().hex[:6]}", members)
     (batch_id,) = plan.add_batch_ids
     PostgresBatchStore().load(batch_id)  # the batch writes its members: q00007 is a joiner
     with session_scope() as s:
@@ -340,7 +331,7 @@ def test_a_batch_in_several_jobs_settles_each_and_sends_a_lost_one_again(
     monkeypatch.setattr(batches, "split_into_jobs", lambda p: split_into_jobs(p, max_profiles=7))
     monkeypatch.setattr(batches, "_submit", submit_then_lose_the_second)
     members = [f"j{i:05d}" for i in range(20)]
-    connector_id, run_id, plan = _planned_run(world, "jobs", members)
+    connector_id, run_id, plan = _planned_run(world, f"jobs-{uuid.uuid4().hex[:6]}", members)
     (batch_id,) = plan.add_batch_ids
     deadline = time.monotonic() + 30
     while len(sent_whole) < 3:  # a step the limiter defers (the account lookup) goes again
@@ -640,14 +631,9 @@ def test_the_synchronous_path_resumes_without_repeating_an_upsert(
 ) -> None:
     from segops_sync.klaviyo import KlaviyoClient
 
-    segment = f"res-{uuid.uuid4().hex[:6]}"
     members = [f"c{i}@example.com" for i in range(40)]
-    connector_id = _connector(world, segment, members)
-    with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
-    assert run_id
-    with session_scope() as s:
-        [batch_id] = plan_run(s, run_id, get_settings()).batch_ids
+    connector_id, run_id, plan = _planned_run(world, f"res-{uuid.uuid4().hex[:6]}", members)
+    [batch_id] = plan.batch_ids
     real = KlaviyoClient.upsert_profile
     calls = {"n": 0}
 
