@@ -68,6 +68,9 @@ class Phase:
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     # endpoint -> requests in each 5 s after the message: the pace, not just the span
     per_5s: dict[str, list[int]] = field(default_factory=dict)
+    # the job submissions' arrivals as the simulator stamped them (seconds after the message,
+    # ms): what its fixed windows counted, to set beside the limiter's even pace
+    submissions: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -257,6 +260,7 @@ def run_phase(
     from segops_sync.cli import publish
     from segops_sync.db.models import Connector
     from segops_sync.db.session import session_scope
+    from segops_sync.klaviyo import Endpoint
     from segops_sync.sync.costs import Delta, floor_seconds
     from segops_sync.sync.membership import replace_membership
     from segops_sync.sync.planner import delta_sizes
@@ -322,6 +326,8 @@ def run_phase(
         slot = max(0, int(at // 5))
         buckets.extend([0] * (slot + 1 - len(buckets)))
         buckets[slot] += 1
+        if r.endpoint is Endpoint.CREATE_BULK_IMPORT_JOB:
+            phase.submissions.append(round(r.time - started, 3))
     phase.count_429 = sum(1 for r in mine if r.status == 429)
     phase.early_retries = sum(1 for r in mine if r.early_retry)
     diffed = time.monotonic()
@@ -425,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                 job_delay=args.job_delay,
                 use_official_models=bool(args.official_models),
             )
+            # Klaviyo applies a job in its own workers, not on the request that next arrives.
+            sim.start_job_runner()
             with SimulatorServer(sim) as server:
                 prefix = f"segops-bench-{uuid.uuid4().hex[:8]}:"
                 env = {

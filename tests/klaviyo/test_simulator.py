@@ -265,6 +265,27 @@ def test_bulk_job_completes_after_job_delay(clock: FakeClock) -> None:
     assert len(setup.sim.list_member_ids(setup.list_id)) == 1
 
 
+def test_the_job_runner_applies_a_due_job_before_any_request(clock: FakeClock) -> None:
+    """Klaviyo's own workers apply a job when it is due; lazily, the next request would."""
+    setup = Setup(Simulator(clock=clock, job_delay=5.0))
+    body = job_body({"email": "r@example.com"}, list_id=setup.list_id)
+    job_id = setup.sim.call("POST", JOB_PATH, key=setup.key, json_body=body).json()["data"]["id"]
+    setup.sim.start_job_runner()
+    try:
+        clock.advance(4.9)
+        time.sleep(0.3)
+        assert setup.sim.unapplied_jobs() == 1  # not due yet
+        clock.advance(0.1)
+        deadline = time.monotonic() + 5
+        while setup.sim.unapplied_jobs() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert setup.sim.unapplied_jobs() == 0
+        setup.sim.lose_job(job_id)  # too late: it was applied when due, with nobody asking
+        assert [p.email for p in setup.sim.list_members(setup.list_id)] == ["r@example.com"]
+    finally:
+        setup.sim.stop_job_runner()
+
+
 def test_expired_and_lost_jobs(clock: FakeClock) -> None:
     setup = Setup(Simulator(clock=clock, job_delay=5.0))
 
