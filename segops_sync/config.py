@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     # Compresses Klaviyo's rate windows; only for the simulator in tests and benchmarks.
     klaviyo_time_scale: float = Field(default=1.0, gt=0)
     # Seconds between polls of an account's unfinished bulk import jobs (one request answers for
-    # 100 jobs): 1 s is 60 of the list endpoint's 150/min, the watcher's stated 40 % share.
+    # 100 jobs): 1 s is 60 of the list endpoint's 150/min, the watcher's stated 40 % share
+    # (and one early poll at the newest job's expected end, never above 60 %: sync/watcher.py).
     job_poll_interval: float = Field(default=1.0, gt=0)
     # Runs with at most this many adds send them synchronously (profile-import + list write)
     # instead of in a bulk job; unset = from Klaviyo's limits (sync/costs.py), 0 = never.

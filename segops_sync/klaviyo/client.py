@@ -499,6 +499,7 @@ def _bulk_import_job(data: dict[str, Any], endpoint: Endpoint) -> BulkImportJob:
         failed_count=_int(attrs.get("failed_count")),
         expires_at=_datetime(attrs.get("expires_at")),
         created_at=_datetime(attrs.get("created_at")),
+        completed_at=_datetime(attrs.get("completed_at")),
     )
 
 

@@ -75,6 +75,9 @@ class BulkImportJob:
     expires_at: datetime | None
     # Klaviyo's clock: jobs listed newest first are ordered by it (the watcher stops paging at it)
     created_at: datetime | None = None
+    # Klaviyo's clock too: completed_at - created_at is how long its jobs take (the watcher
+    # polls at the newest job's expected end)
+    completed_at: datetime | None = None
 
     @property
     def finished(self) -> bool:

@@ -30,6 +30,10 @@ Coordination, all in Redis, per account:
     hash job id -> ``complete:<failed_count>``, or ``1`` for "finished, read it yourself"; the
     owning batch clears its jobs when it has settled them.
 
+``took``
+    how long the account's last finished jobs took, by Klaviyo's own ``created_at`` and
+    ``completed_at`` (µs): when the newest watched job is expected to end.
+
 Budget: the gate lasts ``max(interval, pages * spacing)`` where ``spacing`` keeps the list
 endpoint within ``POLL_SHARE`` of its steady (per-minute) budget however many pages a poll needs.
 With Klaviyo's M tier (150/min) and ``POLL_SHARE`` 0.4 that is at most 60 list requests a minute
@@ -37,6 +41,14 @@ per account (one a second), whatever the number of jobs; a finished job costs no
 own unless it reports failures (its import-error pages) or the poll could not find it. Every
 request still goes through the fleet-wide limiter, so a poll can be deferred (``Throttled``) but
 never exceeds a limit.
+
+The run's end: when the newest watched job is expected to end before the interval is out (it
+was registered ``took`` ago, less the time left), the next poll comes right after that instead,
+though never sooner than ``EARLY_SHARE`` (0.6: 0.67 s apart) allows. On the fixed grid the last
+job of a run was noticed up to a whole interval after it ended (0.5 s on average: a tenth of a
+10,000-member sync). The gap only ever shortens, so a finished job is still noticed within one
+interval, and polling never takes more than 60 % of the list endpoint's budget (40 % but for
+the one early poll at the end of a run).
 """
 
 from __future__ import annotations
@@ -66,6 +78,10 @@ KEY_TTL = 86_400
 POLL_LEASE_MS = 5_000
 # How soon a waiter looks again while someone else's poll is under way (seconds).
 POLL_IN_PROGRESS_WAIT = 0.05
+# The share of that budget an early poll (at the newest job's expected end) may not exceed.
+EARLY_SHARE = 0.6
+# An early poll comes this long after the job's expected end (milliseconds).
+EARLY_MARGIN_MS = 50
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,7 @@ class JobWatcher:
         limit = ENDPOINT_LIMITS[Endpoint.LIST_BULK_IMPORT_JOBS]
         # Seconds per page that keep polling within `share` of the steady budget.
         self.spacing = 60.0 / (share * limit.steady) / time_scale
+        self.early_spacing = 60.0 / (max(share, EARLY_SHARE) * limit.steady) / time_scale
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -205,6 +222,10 @@ class JobWatcher:
                 self._redis.delete(gate)
                 raise
             hold_ms = max(gate_ms, math.ceil(pages * self.spacing * 1000))
+            due_ms = self._newest_due_ms(account)
+            if due_ms is not None:
+                early_ms = max(math.ceil(pages * self.early_spacing * 1000), due_ms)
+                hold_ms = min(hold_ms, early_ms + EARLY_MARGIN_MS)
             self._redis.set(gate, "polled", px=hold_ms)
             finished_now = set(self._finished(account, job_ids))
 
@@ -235,6 +256,7 @@ class JobWatcher:
         oldest = min(created) if len(created) == len(candidates) else None
         wanted = set(candidates)
         verdicts: dict[Any, Any] = {}  # job id -> what the batch learns (redis hash values)
+        took: list[int] = []  # how long the jobs seen complete took, by Klaviyo's clock (µs)
         listed = 0
         for job in client.iter_bulk_import_jobs(JOB_STATES, newest_first=True):
             listed += 1
@@ -242,6 +264,8 @@ class JobWatcher:
                 wanted.discard(job.id)
                 if job.status == "complete":
                     verdicts[job.id] = f"complete:{job.failed_count}"
+                    if job.created_at and job.completed_at:
+                        took.append(_epoch_us(job.completed_at) - _epoch_us(job.created_at))
                 elif job.status not in UNFINISHED:
                     verdicts[job.id] = "1"  # cancelled: its batch reads it and resends
                 if not wanted:
@@ -250,6 +274,8 @@ class JobWatcher:
                 break  # older than every job we watch: the ones not met are gone
         # Not met on the way: gone (expired or lost); its batch's own read will say so.
         verdicts.update(dict.fromkeys(wanted, "1"))
+        if took:  # the slowest of this poll's: an early poll too soon is a poll wasted
+            self._redis.set(self._key(account, "took"), max(0, max(took)), ex=KEY_TTL)
         if verdicts:
             finished = self._key(account, "finished")
             pipe = self._redis.pipeline()
@@ -257,10 +283,21 @@ class JobWatcher:
             pipe.expire(finished, KEY_TTL)
             pipe.zrem(watch, *verdicts)
             pipe.execute()
-        log.debug(
-            "account %s: %d jobs listed, %d of ours finished", account, listed, len(verdicts)
-        )
+        log.debug("account %s: %d jobs listed, %d of ours finished", account, listed, len(verdicts))
         return max(1, math.ceil(listed / MAX_PAGE_SIZE))
+
+    def _newest_due_ms(self, account: str) -> int | None:
+        """Milliseconds until the newest watched job is expected to end: None when nothing is
+        watched, no job's duration is known yet, or it is already overdue (it took longer than
+        the last ones: the interval's grid is as good a guess as any)."""
+        pipe = self._redis.pipeline()
+        pipe.zrange(self._key(account, "watch"), -1, -1, withscores=True)
+        pipe.get(self._key(account, "took"))
+        newest, took = pipe.execute()
+        if not newest or took is None:
+            return None
+        due_us = float(newest[0][1]) + int(took) - self._now_us()
+        return math.ceil(due_us / 1000) if due_us >= 0 else None
 
     def _finished(self, account: str, job_ids: Sequence[str]) -> list[str]:
         values: list[Any] = self._redis.hmget(self._key(account, "finished"), list(job_ids))

@@ -211,3 +211,33 @@ def test_paging_stops_once_past_the_oldest_watched_job(
     again.register(account, [jobs[0]])
     assert again.view(account, [jobs[0]], client).finished == [jobs[0]]
     assert list_calls(sim) == 1 + 3  # 258 jobs listed, 100 a page
+
+
+def test_the_next_poll_comes_at_the_newest_jobs_expected_end(
+    env: tuple[Simulator, KlaviyoClient, str, str],
+) -> None:
+    """Once Klaviyo's created_at/completed_at tell how long jobs take, a poll whose interval
+    would outlast the newest job comes right after its expected end (no sooner than 60 % of the
+    list budget allows); the gap never grows, so a finished job is still noticed in time."""
+    _sim, client, account, list_id = env
+    fake = fakeredis.FakeRedis()
+    watcher = JobWatcher(fake, interval=1.0)
+    gate = watcher._key(account, "gate")
+    first = watch(watcher, account, submit_jobs(client, list_id, 1))
+    assert watcher.view(account, first, client).running == first
+    assert 0.95 <= fake.pttl(gate) / 1000 <= 1.0  # nothing known of durations: the interval
+    time.sleep(1.0)
+    assert watcher.view(account, first, client).finished == first  # it took JOB_DELAY
+    watcher.forget(account, first)
+
+    fake.delete(gate)
+    second = watch(watcher, account, submit_jobs(client, list_id, 1))
+    assert watcher.view(account, second, client).running == second
+    # due in about 0.4 s; 0.67 s is as soon as polls may come at 60 % of 150/min
+    assert watcher.early_spacing == pytest.approx(60 / 90)
+    assert 0.6 <= fake.pttl(gate) / 1000 <= 0.72
+
+    fake.delete(gate)
+    fake.set(watcher._key(account, "took"), 5_000_000)  # jobs of 5 s: the end is past the interval
+    assert watcher.view(account, second, client).polled
+    assert 0.95 <= fake.pttl(gate) / 1000 <= 1.0

@@ -1029,7 +1029,10 @@ class Simulator:
             if lst is not None and lst.account_id == job.account_id:
                 self._add_members(lst, job.profile_ids)
         job.status = "complete"
-        job.completed = datetime.now(UTC)
+        # Applied lazily, a job completed when it was due, not when a request came to look: its
+        # completed_at - created_at is how long Klaviyo's jobs take (the watcher learns it).
+        done = job.ready_at if self._runner is None else max(job.ready_at, self._clock())
+        job.completed = job.created + timedelta(seconds=max(0.0, done - job.created_clock))
         self._pending_jobs = [j for j in self._pending_jobs if j != job.id]
         return True
 
