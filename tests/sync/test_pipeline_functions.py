@@ -19,11 +19,11 @@ from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchIt
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint, ProfileInput
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
-from segops_sync.states import BatchStatus, Trigger
-from segops_sync.sync import batches
+from segops_sync.states import BatchStatus, ConnectorStatus, Trigger
+from segops_sync.sync import batches, planner, traits
 from segops_sync.sync.access import KlaviyoAccess, Throttled
 from segops_sync.sync.batches import Finished, Later, PostgresBatchStore, run_batch
-from segops_sync.sync.costs import Delta, expected_requests
+from segops_sync.sync.costs import DIRECT_BATCH_SIZE, Delta, expected_requests
 from segops_sync.sync.planner import (
     ADD_BATCH_SIZE,
     REMOVE_BATCH_SIZE,
@@ -82,7 +82,7 @@ def _connector(w: World, segment: str, members: list[str]) -> str:
         connector, _ = create_connector(
             s, get_settings(), segment_id=segment, list_id=w.list_id, api_key=w.key, verify=False
         )
-        connector.status = "active"
+        connector.status = ConnectorStatus.ACTIVE
         s.execute(text("DELETE FROM segment_members WHERE segment_id = :s"), {"s": segment})
         if members:
             s.execute(
@@ -178,6 +178,50 @@ def test_plan_cuts_the_delta_into_batches_of_one_call(world: World) -> None:
     }
     with session_scope() as s:  # planning again is harmless: the same batches come back
         assert sorted(plan_run(s, run_id, get_settings()).batch_ids) == sorted(plan.batch_ids)
+
+
+@pytest.mark.parametrize(("joiners", "leavers"), [(2_345, 1_000), (1_000, 1_001), (99, 3_456)])
+def test_the_ordered_bounds_agree_with_the_full_join(
+    world: World, joiners: int, leavers: int
+) -> None:
+    """Without traits the planner numbers each direction by its own ordered anti-join; the
+    marks and totals must be those of the one-pass full join (still used with traits), on
+    both sides of LISTED_DELTA (1,000: listed, 1,001: ranges)."""
+    segment = f"bounds-{uuid.uuid4().hex[:6]}"
+    stay = [f"s{i:05d}" for i in range(0, 6_000, 3)]
+    joining = [f"j{i:05d}" for i in range(joiners)]
+    connector_id = _connector(world, segment, stay + joining)
+    with session_scope() as s:
+        s.execute(
+            text(
+                "INSERT INTO connector_members (connector_id, user_id) "
+                "SELECT :c, unnest(CAST(:u AS text[]))"
+            ),
+            {"c": connector_id, "u": stay + [f"l{i:05d}" for i in range(leavers)]},
+        )
+    params = {"seg": segment, "c": connector_id}
+    with session_scope() as s:
+        ordered = planner._delta_bounds(s, params, traits=False)
+        delta = f"SELECT user_id, joins FROM ({planner._DELTA_SQL}) x"
+        marks: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
+        totals: dict[bool, int] = {}
+        for joins, rn, user_id, total in s.execute(
+            text(planner._BOUNDS_SQL.format(delta=delta)),
+            {
+                **params,
+                "add_step": DIRECT_BATCH_SIZE,
+                "remove_step": REMOVE_BATCH_SIZE,
+                "listed": planner.LISTED_DELTA,
+            },
+        ):
+            marks[bool(joins)].append((int(rn), user_id))
+            totals[bool(joins)] = int(total)
+    assert ordered.totals == totals == {True: joiners, False: leavers}
+    for joins in (True, False):
+        assert ordered.marks[joins] == sorted(marks[joins])
+        assert ordered.ranges(joins, 1_000) == planner.DeltaBounds(marks, totals).ranges(
+            joins, 1_000
+        )
 
 
 def _batch_sizes(run_id: str) -> dict[str, list[int]]:
@@ -366,13 +410,15 @@ def test_a_batch_in_several_jobs_settles_each_and_sends_a_lost_one_again(
 def test_start_run_coalesces_and_ignores_duplicates(world: World) -> None:
     connector_id = _connector(world, f"co-{uuid.uuid4().hex[:6]}", ["a@example.com"])
     with session_scope() as s:
-        first = start_run(s, connector_id, trigger="recompute", recompute_id="r1")
+        first = start_run(s, connector_id, trigger=Trigger.RECOMPUTE, recompute_id="r1")
     with session_scope() as s:
         assert (
-            start_run(s, connector_id, trigger="recompute", recompute_id="r1").reason == "duplicate"
+            start_run(s, connector_id, trigger=Trigger.RECOMPUTE, recompute_id="r1").reason
+            == "duplicate"
         )
         assert (
-            start_run(s, connector_id, trigger="recompute", recompute_id="r2").reason == "coalesced"
+            start_run(s, connector_id, trigger=Trigger.RECOMPUTE, recompute_id="r2").reason
+            == "coalesced"
         )
         assert s.get_one(Connector, connector_id).resync_requested
     assert first.reason == "started"
@@ -432,7 +478,7 @@ def test_a_batch_waiting_for_a_submission_slot_builds_its_job_body_once(
     it reads its members, comes back just before the slot, builds once and waits out the rest
     in-process."""
     built: list[int] = []
-    real = batches.trait_profiles
+    real = traits.trait_profiles
 
     def counted(*args: object) -> object:
         built.append(1)
