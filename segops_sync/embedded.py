@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote
 
 
@@ -110,7 +110,7 @@ class EmbeddedWorker:
         self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> EmbeddedWorker:
+    def start(self, timeout: float = 60) -> Self:
         cmd = [
             sys.executable,
             "-m",

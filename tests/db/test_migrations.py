@@ -210,5 +210,6 @@ def test_connections_never_prepare_statements(segops_env: dict[str, str]) -> Non
 
     engine = make_engine(segops_env["SEGOPS_DATABASE_URL"])
     with engine.connect() as conn:
-        assert conn.connection.driver_connection.prepare_threshold is None
+        driver = conn.connection.driver_connection
+        assert driver is not None and driver.prepare_threshold is None
     engine.dispose()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Set as AbstractSet
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 import pytest
 from packaging.markers import default_environment
@@ -132,7 +134,7 @@ def test_the_lock_pins_every_runtime_dependency_within_pyproject() -> None:
 def test_the_lock_holds_the_whole_dependency_closure() -> None:
     """--no-deps installs exactly the lock, so it must name every transitive dependency."""
     pins = lock_pins()
-    env = dict(default_environment())
+    env = cast(dict[str, str | AbstractSet[str]], dict(default_environment()))
     seen: set[str] = set()
     closure: set[str] = set()
     todo: list[Requirement] = runtime_requirements()

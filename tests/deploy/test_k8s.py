@@ -30,7 +30,7 @@ def _validate(*paths: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def docs() -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for path in MANIFESTS:
         out.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return out

@@ -42,7 +42,9 @@ class Klaviyo:
         """The list as user_ids: email for email profiles, external_id otherwise."""
         out: dict[str, Any] = {}
         for p in self.sim.list_members(self.list_id):
-            out[p.external_id if p.external_id else p.email] = p
+            user_id = p.external_id or p.email
+            assert user_id is not None, f"profile {p.id} has neither identifier"
+            out[user_id] = p
         return out
 
 

@@ -144,7 +144,7 @@ def _members(prefix: str, n: int) -> list[str]:
 
 def _assert_list_exact(k: Klaviyo, members: list[str]) -> None:
     profiles = k.sim.list_members(k.list_id)
-    keys = [p.external_id or p.email for p in profiles]
+    keys = [p.external_id or p.email or p.id for p in profiles]
     on_list, want = set(keys), set(members)
     assert len(keys) == len(on_list), "one member is on the list as two profiles"
     missing, extra = sorted(want - on_list), sorted(on_list - want)
@@ -499,6 +499,7 @@ class PgProxy:
     def __init__(self, target_url: str) -> None:
         url = make_url(target_url)
         socket_dir = url.query.get("host")
+        self.address: tuple[str, int] | str
         if url.host:
             self.family, self.address = socket.AF_INET, (url.host, url.port or 5432)
         elif isinstance(socket_dir, str):  # pgserver: a unix socket

@@ -106,7 +106,7 @@ def test_traits_reach_klaviyo_refused_values_dropped_changes_resent(
     doc = cli_json("connectors", "show", connector_id)
     assert doc["traits"] == ["first_name", "phone_number", "plan"]
 
-    traits = {
+    traits: dict[str, dict[str, Any]] = {
         ann: {
             "email": f"{ann}@example.com",
             "first_name": "Ann",

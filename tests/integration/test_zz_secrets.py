@@ -9,6 +9,7 @@ import base64
 import contextlib
 import json
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 import httpx
 import redis
@@ -31,9 +32,13 @@ def _all_keys() -> set[str]:
     return {k for k in keys if len(k) > 8}
 
 
-def _decoded(value: bytes) -> Iterator[str]:
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _decoded(value: bytes | str) -> Iterator[str]:
     """A Redis value as text, plus the base64 message bodies Celery and kombu wrap inside."""
-    textual = value.decode("utf-8", errors="replace")
+    textual = _text(value)
     yield textual
     try:
         doc = json.loads(textual)
@@ -60,9 +65,9 @@ def _decoded(value: bytes) -> Iterator[str]:
 def _redis_texts(url: str, prefix: str) -> Iterator[str]:
     client = redis.Redis.from_url(url)
     for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        yield key.decode(errors="replace")
-        kind = client.type(key).decode()
-        values: Iterable[bytes] = []
+        yield _text(key)
+        kind = _text(client.type(key))
+        values: Iterable[bytes | str] = []
         if kind == "string":
             values = [client.get(key) or b""]
         elif kind == "list":
@@ -70,7 +75,7 @@ def _redis_texts(url: str, prefix: str) -> Iterator[str]:
         elif kind == "hash":
             values = [v for pair in client.hgetall(key).items() for v in pair]
         elif kind == "zset":
-            values = client.zrange(key, 0, -1)
+            values = cast(list[bytes], client.zrange(key, 0, -1))
         elif kind == "set":
             values = list(client.smembers(key))
         for value in values:

@@ -148,7 +148,7 @@ def test_a_dead_pool_childs_lock_is_taken_over_by_its_node(r: fakeredis.FakeRedi
 
 def test_a_poison_pill_is_given_up_after_the_budget(r: fakeredis.FakeRedis) -> None:
     liveness.beat(r, KEYS, "n1", ttl=10)
-    outcomes = []
+    outcomes: list[tuple[str, int]] = []
     for _ in range(4):  # each delivery dies with its process: nobody leaves the batch
         entry = liveness.enter_batch(
             r, KEYS, 3, f"n1|999999999|{len(outcomes)}", worker_lost_budget=3

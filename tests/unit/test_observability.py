@@ -199,7 +199,7 @@ def test_metrics_are_summed_over_forked_processes(monkeypatch: pytest.MonkeyPatc
     finally:
         node.close()
         os.environ.pop(MULTIPROC_ENV, None)
-        values.ValueClass = values.get_value_class()
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
         forget_metrics()
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

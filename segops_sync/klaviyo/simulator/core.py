@@ -332,8 +332,9 @@ class Simulator:
         do. Without it (the default, and what the tests rely on: a job nobody read can still be
         lost whole) the first request after a job's ``ready_at`` applies it, and the job's cost
         lands on that request: a 1M first sync's poll that followed a quiet second answered after
-        1.5 s, having applied thirty 10,000-profile jobs on its way. The runner applies one job
-        per turn of the lock, so requests interleave with a backlog."""
+        1.5 s, having applied thirty 10,000-profile jobs on its way. The runner applies
+        ``RUNNER_SLICE`` profiles per turn of the lock and then pauses, so requests are stamped
+        and served on time however long the backlog."""
         with self._lock:
             if self._runner is not None:
                 return
