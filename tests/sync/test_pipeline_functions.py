@@ -184,9 +184,10 @@ def test_plan_cuts_the_delta_into_batches_of_one_call(world: World) -> None:
 def test_the_ordered_bounds_agree_with_the_full_join(
     world: World, joiners: int, leavers: int
 ) -> None:
-    """Without traits the planner numbers each direction by its own ordered anti-join; the
-    marks and totals must be those of the one-pass full join (still used with traits), on
-    both sides of LISTED_DELTA (1,000: listed, 1,001: ranges)."""
+    """A first sync's plan numbers each direction by its own ordered anti-join (no sort of the
+    segment); whatever the ledger holds, its marks and totals must be those of the one-pass
+    full join the planner uses otherwise, on both sides of LISTED_DELTA (1,000: listed, 1,001:
+    ranges)."""
     segment = f"bounds-{uuid.uuid4().hex[:6]}"
     stay = [f"s{i:05d}" for i in range(0, 6_000, 3)]
     joining = [f"j{i:05d}" for i in range(joiners)]
@@ -201,7 +202,7 @@ def test_the_ordered_bounds_agree_with_the_full_join(
         )
     params = {"seg": segment, "c": connector_id}
     with session_scope() as s:
-        ordered = planner._delta_bounds(s, params, traits=False)
+        ordered = planner._ordered_delta_bounds(s, params)
         delta = f"SELECT user_id, joins FROM ({planner._DELTA_SQL}) x"
         marks: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
         totals: dict[bool, int] = {}
