@@ -19,7 +19,7 @@ from celery import Signature, Task, chord
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from segops_sync.celery import app, liveness_redis, node_id
+from segops_sync.celery import AHEAD_PRIORITY, app, liveness_redis, node_id
 from segops_sync.config import ConfigError, get_settings
 from segops_sync.db.models import Connector, SegmentMember, SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
@@ -361,7 +361,10 @@ def _run_batch(task: Task, batch_id: Any) -> dict[str, Any]:
     log.debug(
         "batch %s step %.3fs, again in %.2fs: %s", batch_id, took, step.countdown, step.reason
     )
-    raise task.retry(countdown=min(step.countdown, MAX_COUNTDOWN))
+    countdown = min(step.countdown, MAX_COUNTDOWN)
+    if step.ahead:
+        raise task.retry(countdown=countdown, priority=AHEAD_PRIORITY)
+    raise task.retry(countdown=countdown)
 
 
 def _close_if_last(batch_id: int) -> None:

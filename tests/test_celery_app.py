@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import uuid
 
-from segops_sync.celery import KLAVIYO_QUEUE, SEGOPS_QUEUE, TASK_ROUTES, app
+import pytest
+import redis
+from celery import Celery
+
+from segops_sync.celery import (
+    AHEAD_PRIORITY,
+    BATCH_PRIORITY,
+    KLAVIYO_QUEUE,
+    SEGOPS_QUEUE,
+    TASK_ROUTES,
+    app,
+    configure,
+)
+from segops_sync.config import Settings
 
 
 def _our_tasks() -> set[str]:
@@ -109,3 +122,37 @@ def test_a_pool_process_freezes_what_it_inherited() -> None:
         assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_a_batch_that_lost_its_slot_race_is_taken_before_the_batches_not_started(
+    redis_server_url: str,
+) -> None:
+    """On Redis, Klaviyo batches wait at BATCH_PRIORITY; the retry of a batch that built its job
+    body and lost the race for a submission slot goes at AHEAD_PRIORITY, and a worker takes it
+    before the batches that have not started (a retry otherwise joins the queue's tail)."""
+    prefix = f"segops-prio-{uuid.uuid4().hex[:8]}:"
+    probe = Celery("segops_prio_probe")
+    configure(
+        probe,
+        Settings(
+            broker_url=f"{redis_server_url}/0",
+            result_backend=f"{redis_server_url}/1",
+            redis_key_prefix=prefix,
+        ),
+    )
+    try:
+        for batch_id in (1, 2, 3):  # a chord's header: the batches, in order
+            probe.send_task("segops.add_batch", args=[batch_id])
+        probe.send_task("segops.add_batch", args=[4], priority=AHEAD_PRIORITY)  # the retry
+        taken = []
+        with probe.connection_for_read() as conn:
+            channel = conn.default_channel
+            while (message := channel.basic_get(KLAVIYO_QUEUE, no_ack=True)) is not None:
+                taken.append(message.headers["argsrepr"])
+        assert taken == ["[4]", "[1]", "[2]", "[3]"]
+        assert TASK_ROUTES["segops.add_batch"]["priority"] == BATCH_PRIORITY > AHEAD_PRIORITY
+    finally:
+        client = redis.Redis.from_url(f"{redis_server_url}/0")
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        probe.close()

@@ -74,6 +74,9 @@ class Finished:
 class Later:
     countdown: float
     reason: str
+    # It built its job body and lost the race for a submission slot: it comes back ahead of the
+    # batches that have not started, or it would be submitted after all of them.
+    ahead: bool = False
 
 
 BatchStep = Finished | Later
@@ -177,13 +180,15 @@ def run_batch(
     except (Throttled, KlaviyoError) as exc:
         decision = decide(exc, list_id=ctx.list_id)
         from_klaviyo = not isinstance(exc, Throttled)
+        # Only a built body waits for its submission slot in-process (SUBMIT_PATIENCE).
+        built = isinstance(exc, Throttled) and exc.endpoint == Endpoint.CREATE_BULK_IMPORT_JOB
     if decision.action is Action.WAIT:
         wait = decision.wait
         if wait is None:
             wait = backoff(ctx.attempts + 1, settings)
         if limited is not None and from_klaviyo:
             limited.rate_limited(wait)  # a 429 backs off the whole fleet
-        return Later(wait + _jitter(wait), decision.message)
+        return Later(wait + _jitter(wait), decision.message, ahead=built)
     if decision.action is Action.RETRY:
         return _transient(ctx, scrub(decision.message, api_key), settings, store)
     # FAIL_RUN, or members refused where the path could not drop them itself.
