@@ -124,8 +124,7 @@ class JobWatcher:
         return f"{self.prefix}:{{{quote(account, safe='')}}}:{kind}"
 
     def _now_us(self) -> int:
-        seconds, micros = self._redis.time()
-        return int(seconds) * 1_000_000 + int(micros)
+        return _time_us(self._redis.time())
 
     # -- what batches call -----------------------------------------------------------------
 
@@ -293,10 +292,11 @@ class JobWatcher:
         pipe = self._redis.pipeline()
         pipe.zrange(self._key(account, "watch"), -1, -1, withscores=True)
         pipe.get(self._key(account, "took"))
-        newest, took = pipe.execute()
+        pipe.time()  # in the same round trip, not another one
+        newest, took, now = pipe.execute()
         if not newest or took is None:
             return None
-        due_us = float(newest[0][1]) + int(took) - self._now_us()
+        due_us = float(newest[0][1]) + int(took) - _time_us(now)
         return math.ceil(due_us / 1000) if due_us >= 0 else None
 
     def _finished(self, account: str, job_ids: Sequence[str]) -> list[str]:
@@ -339,6 +339,12 @@ class AccountJobs:
 
     def forget(self, job_ids: Iterable[str]) -> None:
         self.watcher.forget(self.account, job_ids)
+
+
+def _time_us(reply: tuple[Any, Any]) -> int:
+    """Redis ``TIME`` (seconds, microseconds) as microseconds."""
+    seconds, micros = reply
+    return int(seconds) * 1_000_000 + int(micros)
 
 
 def _epoch_us(at: datetime) -> int:
