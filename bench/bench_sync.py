@@ -378,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         "--headroom", type=float, default=0.9, help="SEGOPS_LIMITER_HEADROOM (0.9, the default)"
     )
     parser.add_argument(
+        "--burst-guard",
+        type=float,
+        default=0.05,
+        help="SEGOPS_LIMITER_BURST_GUARD (0.05, the default)",
+    )
+    parser.add_argument(
         "--official-models",
         action="store_true",
         help="validate bodies with Klaviyo's generated models (0.27 s of simulator CPU per "
@@ -398,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     order = ["first", "churn", "small"]
     if [p.strip() for p in args.phases.split(",")] not in (order[:1], order[:2], order):
         parser.error("--phases is first, first,churn or first,churn,small (each needs the last)")
-    if not 0 < args.churn <= 0.5 or not 0 < args.headroom <= 1:
-        parser.error("--churn must be within (0, 0.5] and --headroom within (0, 1]")
+    if not 0 < args.churn <= 0.5 or not 0 < args.headroom <= 1 or not 0 <= args.burst_guard <= 1:
+        parser.error(
+            "--churn must be within (0, 0.5], --headroom within (0, 1], --burst-guard in [0, 1]"
+        )
     name = args.name or (
         f"sync-{'+'.join(str(n) for n in sizes)}-w{args.workers}x{args.concurrency}"
         f"-ts{args.time_scale:g}-job{args.job_delay:g}-h{args.headroom:g}"
@@ -446,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                     "SEGOPS_KLAVIYO_TIME_SCALE": str(args.time_scale),
                     "SEGOPS_JOB_POLL_INTERVAL": str(args.poll_interval),
                     "SEGOPS_LIMITER_HEADROOM": str(args.headroom),
+                    "SEGOPS_LIMITER_BURST_GUARD": str(args.burst_guard),
                 }
                 os.environ.update(env)
                 get_settings.cache_clear()
@@ -505,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                     "job_delay": args.job_delay,
                     "poll_interval": args.poll_interval,
                     "headroom": args.headroom,
+                    "burst_guard": args.burst_guard,
                     "official_models": args.official_models,
                     "machine": {
                         "cpus": os.cpu_count(),
@@ -655,7 +665,7 @@ def print_report(report: dict[str, Any]) -> None:
         f"\nchurn {report['churn_share']:.0%} out + in; {report['workers']} workers x "
         f"{report['concurrency']}, time scale {report['time_scale']:g}, bulk job "
         f"{report['job_delay']:g} s, poll every {report['poll_interval']:g} s, headroom "
-        f"{report['headroom']:g}; load average {load['loadavg_before'][0]:.1f} before, "
+        f"{report['headroom']:g}, burst guard {report.get('burst_guard', 0):g}; load average {load['loadavg_before'][0]:.1f} before, "
         f"{load['loadavg_after'][0]:.1f} after ({load['cpus']} CPUs, shared)"
     )
     if "postgres" in load:

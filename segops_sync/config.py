@@ -29,7 +29,11 @@ class Settings(BaseSettings):
     limiter_redis_url: str | None = None
     # Prefix for every Redis key we and Celery write: lets environments share one Redis.
     redis_key_prefix: str = ""
+    # Share of Klaviyo's per-minute (steady) limits we use; the rest is the account's other
+    # integrations'. The 1 s burst is used whole, over a window stretched by the guard, which
+    # absorbs arrival jitter up to that share of a second (sync/limiter.py, "Margins").
     limiter_headroom: float = Field(default=0.9, gt=0, le=1)
+    limiter_burst_guard: float = Field(default=0.05, ge=0, le=1)
     # Compresses Klaviyo's rate windows; only for the simulator in tests and benchmarks.
     klaviyo_time_scale: float = Field(default=1.0, gt=0)
     # Seconds between polls of an account's unfinished bulk import jobs (one request answers for

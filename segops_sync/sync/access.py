@@ -65,11 +65,10 @@ class LimitedSession:
                 return
             if time.monotonic() + wait > deadline:
                 raise Throttled(wait, endpoint.value)
-            # Unpaced, not to the microsecond the slot frees: grants packed exactly one window
-            # apart reach Klaviyo with the network's and its edge's jitter, which can put one
-            # more into a fixed window than the limiter admits (without it a run met two 429s).
-            # Paced grants are a gap apart already; jitter would only stretch the pace (0.111 s
-            # became 0.118: 100 submissions 0.7 s later).
+            # Unpaced, not to the microsecond the slot frees: a whole burst refused together
+            # would otherwise come back together. Paced grants are a gap apart already, and the
+            # guarded window is the margin for jitter; more would only slow the pace (0.111 s
+            # became 0.118 when it was added: 100 submissions 0.7 s later).
             time.sleep(wait if even else wait + spread(wait, cap=1.0))
 
     @contextmanager
@@ -112,10 +111,11 @@ class LimitedSession:
             self.limiter.penalize(self.account, self.last_endpoint.value, retry_after)
 
 
-# Endpoints whose burst is at most this (Klaviyo's M tier, 10/s, and below) get evenly paced
-# grants (limiter.py, "Pace"): their 10 % headroom is a single request.
+# Endpoints whose burst is at most this (Klaviyo's M tier, 10/s, and below) get paced grants
+# (limiter.py, "Pace"): their bodies are the largest, and a burst of them at one instant queues
+# at Klaviyo's edge.
 PACED_BURST = 10
-# A paced request waits in-process up to this long (the M tier's gap at 90 % is 0.11 s).
+# A paced request waits in-process up to this long (the M tier's gap is 0.05 s).
 PACED_PATIENCE = 0.25
 
 
@@ -143,6 +143,7 @@ class KlaviyoAccess:
         self.limiter = AccountLimiter(
             self.redis,
             headroom=settings.limiter_headroom,
+            burst_guard=settings.limiter_burst_guard,
             time_scale=settings.klaviyo_time_scale,
             prefix=f"{prefix}segops:rl",
         )

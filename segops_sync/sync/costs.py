@@ -34,8 +34,8 @@ from segops_sync.klaviyo.payloads import (
 #  * Cost in the steady window: n of profile-import's 750/min. We allow at most half of what our
 #    limiter admits (headroom 0.9: 675/min), so two connectors of one account can each send a
 #    small change in the same minute: n <= 675 // 2 = 337.
-#  * Time: n upserts at the admitted burst (67/s) take n / 67 s; 337 take 5.0 s. A bulk job takes
-#    at least one submission, Klaviyo's job time (5 s at the very best in our benchmark; minutes
+#  * Time: n upserts at the admitted burst (75 per 1.05 s) take n / 71 s; 337 take 4.7 s. A
+#    bulk job takes at least one submission, Klaviyo's job time (5 s at the very best in our benchmark; minutes
 #    under load) and a poll (1 s): the synchronous path is never slower below the cut-over.
 #  * Requests: n + ceil(n / DIRECT_BATCH_SIZE) instead of 3 (+ polls), all on budgets the bulk
 #    path does not use (profile-import) or uses lightly (relationships).

@@ -21,24 +21,26 @@ Two windows
     One log serves both windows: the 1 s count is a range count over the same set. A request
     needs room in both; the wait returned is the later of the two moments room appears.
 
-Headroom
-    We use ``floor(headroom * published)`` (at least 1) of each window, 90 % by default, because
-    Klaviyo's own count also includes other integrations of the account and network jitter can
-    shift our requests into a neighbouring fixed window.
+Margins: the steady window in count, the burst window in time
+    The steady window keeps ``floor(headroom * published)`` (at least 1), 90 % by default: over
+    a minute the account's other integrations draw on the same budget, and a long sync should
+    leave them room. The burst window keeps the whole published count, but over a window
+    ``1 + burst_guard`` times Klaviyo's (1.05 s by default): no ``burst`` grants fall within
+    1.05 s of each other, so Klaviyo's 1 s windows, whatever their phase, cannot count more
+    than ``burst`` unless arrivals jitter by more than 50 ms against the grants. Until
+    2026-12 the burst kept 90 % of its count too; on Klaviyo's M tier (10/s) that margin was
+    one request a second, and it cost a 1M first sync its opening burst and a second of its
+    100 submissions (costs.py's floor sends ten at t = 0, then ten a second).
 
 Pace
-    With ``even=True`` grants are also at least ``burst window / burst cap`` apart (and at
-    least ``burst window / (headroom * burst)``: at 1 a second the cap is the whole burst).
-    The log alone admits a whole burst at one instant; its slots then free at one instant a
-    window later, and the fleet takes them together again, so the grants stay in clumps.
-    Klaviyo counts arrivals in fixed windows of its own phase, and the network's jitter shifts
-    each clump by a little:
-    part of the next clump can land in the window of the last, which the 10 % headroom (one
-    request of a 10/s burst) cannot absorb. A 1M first sync met three 429s that way, with 12
-    job submissions counted in one second for 9 a second granted. Evenly paced, any second holds
-    about the cap, and jitter of up to a gap moves at most one more in. The throughput is the
-    same; only the first burst is spread over its window. ``LimitedSession`` paces the
-    endpoints whose burst is small (Klaviyo's M tier and below).
+    With ``even=True`` grants are also at least half a published interval apart (0.05 s on a
+    10/s endpoint, fleet-wide). The log alone admits a whole burst at one instant; its slots
+    then free at one instant a window later and the fleet takes them together again, so ten
+    5 MB job bodies would reach Klaviyo's edge at once, every second, and queue there: the
+    queueing is arrival jitter, which the guard must absorb. Half the interval spreads a burst
+    over half its window and keeps the other half of it: the first ten submissions still go
+    within 0.45 s, not over the whole second. ``LimitedSession`` paces the endpoints whose
+    burst is small (Klaviyo's M tier and below).
 
 Fairness
     ``claimant`` (e.g. a connector id) names who asks. Claimants that asked recently are kept in a
@@ -303,20 +305,26 @@ class AccountLimiter:
         redis: redis.Redis,
         *,
         headroom: float = 0.9,
+        burst_guard: float = 0.05,
         time_scale: float = 1.0,
         prefix: str = "segops:rl",
     ) -> None:
         if not (0.0 < headroom <= 1.0):
             raise ValueError(f"headroom must be in (0, 1], got {headroom!r}")
+        if not (0.0 <= burst_guard <= 1.0):
+            raise ValueError(f"burst_guard must be in [0, 1], got {burst_guard!r}")
         if not (math.isfinite(time_scale) and time_scale > 0):
             raise ValueError(f"time_scale must be a positive finite number, got {time_scale!r}")
         self._redis = redis
         self.headroom = headroom
+        self.burst_guard = burst_guard
         self.time_scale = time_scale
         self.prefix = prefix
         self.burst_window = 1.0 / time_scale
         self.steady_window = 60.0 / time_scale
         self._w1_us = 1_000_000.0 / time_scale
+        # The burst log's window: Klaviyo's, stretched by the guard (Margins).
+        self._w1_guarded_us = self._w1_us * (1.0 + burst_guard)
         self._w60_us = 60_000_000.0 / time_scale
         self._grace_us = self.ACTIVE_SECONDS * 1_000_000.0 / time_scale
         self._acquire = redis.register_script(_ACQUIRE_LUA)
@@ -324,12 +332,10 @@ class AccountLimiter:
         self._usage = redis.register_script(_USAGE_LUA)
 
     def caps(self, limit: Limit) -> tuple[int, int]:
-        """The (burst, steady) numbers this limiter actually admits: headroom share, at least 1."""
+        """The (burst, steady) numbers this limiter admits: the whole burst (over the guarded
+        window) and the headroom share of the steady limit, at least 1 (Margins)."""
         # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 from flooring to 28.
-        return (
-            max(1, math.floor(self.headroom * limit.burst + 1e-9)),
-            max(1, math.floor(self.headroom * limit.steady + 1e-9)),
-        )
+        return limit.burst, max(1, math.floor(self.headroom * limit.steady + 1e-9))
 
     def acquire(
         self,
@@ -348,7 +354,7 @@ class AccountLimiter:
         waits marks the claimant active, as a refusal does, and the request itself still calls
         ``acquire()`` (another process may have taken the slot meanwhile).
 
-        ``even``: grants at least one burst window / burst cap apart, fleet-wide (see Pace)."""
+        ``even``: grants at least half a published interval apart, fleet-wide (see Pace)."""
         keys = self._keys(account, endpoint)
         who = self._ANONYMOUS if claimant is None else claimant
         cap1, cap60 = self.caps(limit)
@@ -357,25 +363,17 @@ class AccountLimiter:
             args=[
                 cap1,
                 cap60,
-                repr(self._w1_us),
+                repr(self._w1_guarded_us),
                 repr(self._w60_us),
                 repr(self._grace_us),
                 who,
                 limit.steady,
                 repr(self.PROBE_SECONDS * 1_000_000.0),
                 "1" if peek else "0",
-                repr(self._pace_us(limit, cap1)) if even else "0",
+                repr(self._w1_us / (2 * cap1)) if even else "0",
             ],
         )
         return int(wait_us) / 1_000_000
-
-    def _pace_us(self, limit: Limit, cap1: int) -> float:
-        """The least gap between two paced grants: the window over the burst cap, and never
-        less than the published interval stretched by the headroom. The second matters where
-        the cap rounds to the whole burst (1 a second at 90 % is still 1): there grants a bare
-        window apart would leave the headroom no room for jitter (two account lookups granted
-        1.0 s apart met a 429 in CI); 1.11 s apart they have 0.11 s."""
-        return max(self._w1_us / cap1, self._w1_us / (self.headroom * limit.burst))
 
     def penalize(self, account: str, endpoint: str, retry_after: float) -> None:
         """Make every acquire() for (account, endpoint), fleet-wide, wait until now+retry_after."""
@@ -404,10 +402,10 @@ class AccountLimiter:
         )
 
     def usage(self, account: str, endpoint: str) -> tuple[int, int]:
-        """Requests granted in the current sliding burst and steady windows."""
+        """Requests granted in the current sliding burst (guarded) and steady windows."""
         n1, n60 = self._usage(
             keys=[self._keys(account, endpoint).log],
-            args=[repr(self._w1_us), repr(self._w60_us)],
+            args=[repr(self._w1_guarded_us), repr(self._w60_us)],
         )
         return int(n1), int(n60)
 
@@ -468,7 +466,15 @@ class AccountResolver:
             mine = bool(
                 self._redis.set(lease, "1", nx=True, px=int(self.FETCH_LEASE_SECONDS * 1000))
             )
-            if mine or time.monotonic() >= deadline:
+            if mine:
+                # The last holder may have cached the answer and freed the lease between our
+                # read and our SET: look again, or the key costs a second lookup.
+                cached = self._redis.get(cache_key)
+                if cached is not None:
+                    self._redis.delete(lease)
+                    return cached.decode() if isinstance(cached, bytes) else str(cached)
+                break
+            if time.monotonic() >= deadline:
                 break
             time.sleep(self.FETCH_WAIT_SECONDS)
         try:

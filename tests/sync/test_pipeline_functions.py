@@ -722,12 +722,12 @@ def test_the_synchronous_path_resumes_without_repeating_an_upsert(
 def test_the_synchronous_path_obeys_the_limiter(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With profile-import published at 3/s, the limiter admits 2 a second (headroom 0.9): the
-    batch defers itself (Later, no 429) until every upsert is through.
+    """With profile-import published at 3/s, the limiter admits 3 in any 1.05 s (the whole
+    burst over the guarded window): the batch defers itself (Later, no 429) until every upsert
+    is through.
 
-    The 2-a-second bound is checked on the limiter's grant times: arrival times at the simulator
-    also carry the scheduling jitter of a loaded machine (a CI run saw 3 arrivals in one sliding
-    second from pairs granted exactly 1 s apart). Klaviyo's verdict on arrivals is "no 429"."""
+    The bound is checked on the limiter's grant times: arrival times at the simulator also carry
+    the scheduling jitter of a loaded machine. Klaviyo's verdict on arrivals is "no 429"."""
     from segops_sync.klaviyo import ENDPOINT_LIMITS, RateLimit
 
     monkeypatch.setitem(ENDPOINT_LIMITS, Endpoint.PROFILE_IMPORT, RateLimit(burst=3, steady=750))
@@ -744,4 +744,4 @@ def test_the_synchronous_path_obeys_the_limiter(
     assert len(imports) == 9 and all(r.status != 429 for r in imports)
     grants = world.access.limiter.grants(world.account, Endpoint.PROFILE_IMPORT.value)
     assert len(grants) == 9
-    assert max(sum(1 for t in grants if start <= t < start + 1.0) for start in grants) == 2
+    assert max(sum(1 for t in grants if start <= t < start + 1.05) for start in grants) == 3
