@@ -3,20 +3,53 @@ README describes. No Docker engine runs here, so the file is checked, not starte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 APP_SERVICES = ("worker", "beat", "flower", "api")
-SECRET_VARS = ("POSTGRES_PASSWORD", "SEGOPS_SECRET_KEY", "SEGOPS_API_TOKEN", "FLOWER_BASIC_AUTH")
+SECRET_VARS = (
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "SEGOPS_SECRET_KEY",
+    "SEGOPS_API_TOKEN",
+    "FLOWER_BASIC_AUTH",
+)
+# The variables that carry a secret, and which services get each (issue 26): only what it uses.
+SECRET_BEARING = (
+    "SEGOPS_DATABASE_URL",
+    "SEGOPS_BROKER_URL",
+    "SEGOPS_RESULT_BACKEND",
+    "SEGOPS_SECRET_KEY",
+    "SEGOPS_API_TOKEN",
+    "FLOWER_BASIC_AUTH",
+)
+NEEDS = {
+    "migrate": {"SEGOPS_DATABASE_URL"},
+    "worker": {
+        "SEGOPS_DATABASE_URL",
+        "SEGOPS_BROKER_URL",
+        "SEGOPS_RESULT_BACKEND",
+        "SEGOPS_SECRET_KEY",
+    },
+    "beat": {"SEGOPS_BROKER_URL"},
+    "flower": {"SEGOPS_BROKER_URL", "FLOWER_BASIC_AUTH"},
+    "api": {"SEGOPS_DATABASE_URL", "SEGOPS_BROKER_URL", "SEGOPS_SECRET_KEY", "SEGOPS_API_TOKEN"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +176,111 @@ def test_docker_compose_refuses_to_run_without_each_secret(tmp_path: Path, missi
     result = _config(tmp_path, "config", "-q", env=env)
     assert result.returncode != 0
     assert missing in result.stderr
+
+
+def _rendered(tmp_path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The secrets given, and the services as `docker-compose config` renders them."""
+    env = {var: f"{var.lower().replace('_', '-')}-{i}x" for i, var in enumerate(SECRET_VARS)}
+    result = _config(tmp_path, "config", env=env)
+    assert result.returncode == 0, result.stderr
+    return env, dict(yaml.safe_load(result.stdout)["services"])
+
+
+def test_every_redis_url_carries_the_redis_password(tmp_path: Path) -> None:
+    env, rendered = _rendered(tmp_path)
+    urls = [
+        (name, key, str(value))
+        for name, service in rendered.items()
+        for key, value in (service.get("environment") or {}).items()
+        if str(value).startswith(("redis://", "rediss://"))
+    ]
+    assert {name for name, _, _ in urls} >= set(NEEDS) - {"migrate"}
+    for name, key, url in urls:
+        assert urlsplit(url).password == env["REDIS_PASSWORD"], (name, key)
+    # redis-cli of the health check authenticates with the same password
+    assert rendered["redis"]["environment"]["REDISCLI_AUTH"] == env["REDIS_PASSWORD"]
+
+
+def test_each_service_gets_only_the_secrets_it_uses(tmp_path: Path) -> None:
+    _, rendered = _rendered(tmp_path)
+    for name, needed in NEEDS.items():
+        given = set(rendered[name].get("environment") or {}) & set(SECRET_BEARING)
+        assert given == needed, name
+    assert "SEGOPS_SECRET_KEY" not in rendered["flower"]["environment"]
+
+
+def test_the_redis_service_wants_its_password_and_keeps_it_out_of_ps(tmp_path: Path) -> None:
+    """The redis service's own command and health check, run against Debian's redis-server:
+    the image's entrypoint is stood in for by a script that adds a free port and a scratch
+    directory. Anonymous clients are refused, the password works, and no process's command
+    line shows it."""
+    redis_server = shutil.which("redis-server")
+    redis_cli = shutil.which("redis-cli")
+    if redis_server is None or redis_cli is None:
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail("redis-server is missing (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    env, rendered = _rendered(tmp_path)
+    service = rendered["redis"]
+    # `config` prints $$ (compose's escape for a literal $): the container's shell gets $
+    command = [str(part).replace("$$", "$") for part in service["command"]]
+    healthcheck = [str(part).replace("$$", "$") for part in service["healthcheck"]["test"]]
+    assert command[:2] == ["sh", "-c"] and healthcheck[0] == "CMD-SHELL"
+    password = env["REDIS_PASSWORD"]
+    assert password not in " ".join(command)
+
+    port = _free_port()
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "docker-entrypoint.sh").write_text(
+        f'#!/bin/sh\nexec "$@" --port {port} --bind 127.0.0.1 --dir {tmp_path} '
+        "--save '' --appendonly no\n"
+    )
+    (stubs / "redis-cli").write_text(f'#!/bin/sh\nexec {redis_cli} -p {port} "$@"\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    redis_bin = str(Path(redis_server).parent)
+    container_env = {
+        "PATH": f"{stubs}:{redis_bin}:/usr/bin:/bin",
+        **{k: str(v) for k, v in service["environment"].items()},
+    }
+    proc = subprocess.Popen(
+        command, env=container_env, start_new_session=True, stdin=subprocess.DEVNULL
+    )
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, password=password)
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.1)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port).ping()
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        pid = int(client.info("server")["process_id"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        assert b"redis-server" in cmdline and password.encode() not in cmdline
+
+        def healthy(auth: str) -> bool:
+            check = subprocess.run(
+                ["sh", "-c", healthcheck[1]],
+                env={**container_env, "REDISCLI_AUTH": auth},
+                capture_output=True,
+                timeout=30,
+            )
+            return check.returncode == 0
+
+        assert healthy(password)
+        assert not healthy("not-the-password")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
