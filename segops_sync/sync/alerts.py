@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from segops_sync.config import Settings
 from segops_sync.db.models import AlertDelivery, SyncRun
 from segops_sync.db.session import session_scope
-from segops_sync.observability.alerts import alert_body, send
+from segops_sync.observability.alerts import alert_body, alert_delivery_id, send
 from segops_sync.states import AlertEvent, RunStatus
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,13 @@ def deliver(delivery_id: int, settings: Settings) -> Delivery:
         if not url or secret is None:
             log.warning("alert %s not sent: SEGOPS_ALERT_WEBHOOK_URL is no longer set", row.event)
             return Delivery(None)
-        attempt = send(url, secret.get_secret_value(), row.body, event=row.event)
+        attempt = send(
+            url,
+            secret.get_secret_value(),
+            row.body,
+            event=row.event,
+            delivery=alert_delivery_id(row.run_id, row.event),
+        )
         row.attempts += 1
         now = datetime.now(UTC)
         if attempt.delivered:

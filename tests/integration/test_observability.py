@@ -81,19 +81,29 @@ class Receiver:
     port: int
     got: list[Received] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
+    # the next alert of each of these connectors is answered 503 (and kept in ``refused``)
+    refuse_once: set[str] = field(default_factory=set)
+    refused: list[Received] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hooks/segops"
 
     def start(self) -> None:
-        got = self.got
+        got, refuse_once, refused = self.got, self.refuse_once, self.refused
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
-                got.append(Received(dict(self.headers.items()), self.rfile.read(length)))
-                self.send_response(204)
+                received = Received(dict(self.headers.items()), self.rfile.read(length))
+                connector_id = json.loads(received.body).get("connector_id")
+                if connector_id in refuse_once:
+                    refuse_once.discard(connector_id)
+                    refused.append(received)
+                    self.send_response(503)
+                else:
+                    got.append(received)
+                    self.send_response(204)
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:
@@ -415,6 +425,68 @@ def test_signed_alerts_failed_recovered_held_recovered(obs: Obs, tmp_path: Path)
             {"r": held_run.id, "c": connector, "b": lost_body},
         )
     assert _eventually(lambda: received(5))[-1]["error"] == "lost"
+
+
+def _fresh_signature(obs: Obs, got: Received) -> tuple[str, int]:
+    """The replay-proof headers, checked as a receiver does: (delivery id, timestamp)."""
+    headers = {k.lower(): v for k, v in got.headers.items()}
+    delivery, timestamp = headers["x-segops-delivery"], headers["x-segops-timestamp"]
+    assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", delivery), delivery
+    assert re.fullmatch(r"[1-9][0-9]*", timestamp), timestamp
+    signed = timestamp.encode() + b"." + got.body
+    expected = hmac.new(obs.secret.encode(), signed, hashlib.sha256).hexdigest()
+    assert headers["x-segops-signature-256"] == f"t={timestamp},v1={expected}"
+    # today's header is still there, exactly as before
+    plain = hmac.new(obs.secret.encode(), got.body, hashlib.sha256).hexdigest()
+    assert headers["x-segops-signature"] == f"sha256={plain}"
+    return delivery, int(timestamp)
+
+
+def test_alerts_carry_a_delivery_id_and_a_timestamped_signature(
+    obs: Obs, tmp_path: Path
+) -> None:
+    k = obs.klaviyo()
+    segment = new_segment()
+    members = _members("replay", 3, 0)
+    obs.identifiers |= set(members)
+    connector = create_connector(k, segment)
+    recompute(segment, members[:2], tmp_path)
+    wait_idle(connector)
+
+    def mine(answers: list[Received], n: int) -> list[Received]:
+        found = [g for g in answers if json.loads(g.body)["connector_id"] == connector]
+        assert len(found) == n, found
+        return found
+
+    # the failure alert's first attempt is answered 503; its retry is delivered
+    obs.receiver.refuse_once.add(connector)
+    obs.sim.revoke_key(k.api_key)
+    recompute(segment, members, tmp_path)
+    assert wait_idle(connector, runs_at_least=2).status == "error"
+    (first_try,) = _eventually(lambda: mine(obs.receiver.refused, 1))
+    (retry,) = _eventually(lambda: mine(obs.receiver.got, 1), timeout=60)
+    # a second alert: the recovery
+    cli("connectors", "update", connector, "--api-key", obs.sim.create_key(k.account), check=True)
+    assert wait_idle(connector, runs_at_least=3).status == "active"
+    recovered = _eventually(lambda: mine(obs.receiver.got, 2))[1]
+
+    first_id, first_at = _fresh_signature(obs, first_try)
+    retry_id, retry_at = _fresh_signature(obs, retry)
+    recovered_id, _ = _fresh_signature(obs, recovered)
+    assert retry.body == first_try.body
+    assert retry_id == first_id, "a retry of an alert keeps its delivery id"
+    assert recovered_id != first_id, "each alert has a delivery id of its own"
+    # each attempt is signed when it is sent: never before the run ended, a retry not before
+    # the first try
+    ended = int(datetime.fromisoformat(json.loads(retry.body)["at"]).timestamp())
+    assert ended <= first_at <= retry_at
+    # and every alert of the module has one id, used by no other alert
+    ids: dict[tuple[str, str], set[str]] = {}
+    for got in obs.receiver.got + obs.receiver.refused:
+        doc = json.loads(got.body)
+        ids.setdefault((doc["run_id"], doc["event"]), set()).add(_fresh_signature(obs, got)[0])
+    assert all(len(one) == 1 for one in ids.values()), ids
+    assert len(set.union(*ids.values())) == len(ids)
 
 
 # -- 3. progress -----------------------------------------------------------------------------
