@@ -3,7 +3,9 @@ bad input), its OpenAPI document, and the Activations page.
 
 Every answer that is not a success is JSON ``{"error": ...}``: refused input (422), unknown
 connectors and routes (404), methods (405), tokens (401, with ``WWW-Authenticate: Bearer``),
-bodies over the limit (413), and anything unexpected (500).
+bodies over the limit (413), too many failed sign-ins (429, with ``Retry-After``), and anything
+unexpected (500). Every JSON answer carries ``X-Content-Type-Options: nosniff`` and
+``Cache-Control: no-store``.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis
+import redis.asyncio
 from sqlalchemy.exc import DataError
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from segops_sync import web
 from segops_sync.api_input import (
     CREATE_FIELDS,
     PATCH_FIELDS,
+    RESYNC_FIELDS,
     BodyTooLarge,
     parse_body,
     path_id,
@@ -52,14 +59,113 @@ class ErrorResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
+# An answer holding connectors or an error is never sniffed as something else by a browser,
+# nor kept by a browser or proxy cache (it may show a redacted key or a list's state).
+JSON_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return ErrorResponse({"error": message}, status_code=status, headers=headers)
+    # JSON_HEADERS here too: a 500 is answered outside JsonHeaders (Starlette's outermost layer)
+    return ErrorResponse(
+        {"error": message}, status_code=status, headers={**JSON_HEADERS, **(headers or {})}
+    )
+
+
+class JsonHeaders:
+    """Adds JSON_HEADERS to every JSON answer, successes and errors alike."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if headers.get("content-type", "").startswith("application/json"):
+                    for name, value in JSON_HEADERS.items():
+                        headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# Failed sign-ins one client address may make in a window before every request of that address
+# answers 429 until the window ends (the token holder on another address is not slowed down).
+SIGN_IN_FAILURES = 10
+SIGN_IN_WINDOW = 60
+
+
+class SignInThrottle:
+    """Failed sign-ins per client address, counted in the limiter's Redis.
+
+    Redis rather than this process's memory: the API runs as several replicas (deploy/k8s runs
+    two), and a count per process would let a guesser try ten times per replica; the API already
+    needs that Redis to start syncs. The first failure opens a window of SIGN_IN_WINDOW seconds
+    (the key's TTL); a success does not reset it. When Redis cannot be reached, sign-ins are not
+    throttled (a warning is logged): the token of at least 32 characters is the lock, the throttle
+    only slows guessing, and refusing every client while Redis is away would be worse.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        key_prefix: str = "",
+        *,
+        limit: int = SIGN_IN_FAILURES,
+        window: int = SIGN_IN_WINDOW,
+    ) -> None:
+        self.redis_url = redis_url
+        self.key_prefix = key_prefix
+        self.limit = limit
+        self.window = window
+        self._client: redis.asyncio.Redis | None = None
+
+    def _redis(self) -> redis.asyncio.Redis:
+        # made on first use, inside the server's event loop
+        if self._client is None:
+            self._client = redis.asyncio.Redis.from_url(
+                self.redis_url, socket_timeout=2, socket_connect_timeout=2
+            )
+        return self._client
+
+    def _key(self, client: str) -> str:
+        return f"{self.key_prefix}segops:api:sign-in-failures:{client}"
+
+    async def locked_for(self, client: str) -> int | None:
+        """Seconds until ``client`` may sign in again; None when it may now."""
+        try:
+            async with self._redis().pipeline(transaction=False) as pipe:
+                pipe.get(self._key(client))
+                pipe.ttl(self._key(client))
+                count, ttl = await pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("sign-in throttle: Redis unavailable, not throttling: %s", exc)
+            return None
+        if count is None or int(count) < self.limit:
+            return None
+        return max(1, int(ttl)) if int(ttl) > 0 else self.window
+
+    async def failed(self, client: str) -> None:
+        key = self._key(client)
+        try:
+            async with self._redis().pipeline(transaction=True) as pipe:
+                # the window starts with the first failure; INCR keeps the key's TTL
+                pipe.set(key, 0, ex=self.window, nx=True)
+                pipe.incr(key)
+                await pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("sign-in throttle: Redis unavailable, failure not counted: %s", exc)
 
 
 class BearerAuth(BaseHTTPMiddleware):
-    def __init__(self, app: Any, token: str) -> None:
+    def __init__(self, app: Any, token: str, throttle: SignInThrottle) -> None:
         super().__init__(app)
         self._expected = f"Bearer {token}".encode()
+        self._throttle = throttle
 
     async def dispatch(
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -69,8 +175,20 @@ class BearerAuth(BaseHTTPMiddleware):
         # and they hold no data: the page's script calls the guarded routes with the token.
         if request.url.path in web.PUBLIC_PATHS and request.method in ("GET", "HEAD"):
             return await call_next(request)
+        # the peer address as uvicorn reports it (behind a proxy: X-Forwarded-For, when the
+        # proxy's address is in uvicorn's FORWARDED_ALLOW_IPS)
+        client = request.client.host if request.client else "unknown"
+        # during a lockout even the right token waits: the guesser may have just found it
+        retry_after = await self._throttle.locked_for(client)
+        if retry_after is not None:
+            return _error(
+                429,
+                f"too many failed sign-ins from this address: try again in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, self._expected):
+            await self._throttle.failed(client)
             return _error(
                 401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
             )
@@ -364,7 +482,12 @@ async def _crash(request: Request, exc: Exception) -> Response:
     return _error(500, "internal error; the server log has the details")
 
 
-def create_app(token: str) -> Starlette:
+def create_app(token: str, *, throttle: SignInThrottle | None = None) -> Starlette:
+    """The API guarded by ``token``; failed sign-ins are counted by ``throttle`` (default: in
+    the limiter's Redis, SIGN_IN_FAILURES a minute)."""
+    if throttle is None:
+        settings = get_settings()
+        throttle = SignInThrottle(settings.limiter_url, settings.redis_key_prefix)
     app = Starlette(
         routes=[
             Route("/v1/connectors", _guard(create), methods=["POST"]),
@@ -381,7 +504,8 @@ def create_app(token: str) -> Starlette:
         exception_handlers={HTTPException: _http_error, Exception: _crash},
     )
     app.state.openapi = ApiSchema().get_schema(app.routes)
-    app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(BearerAuth, token=token, throttle=throttle)
+    app.add_middleware(JsonHeaders)  # added last: outermost, so it sees the 401s and 429s too
     return app
 
 

@@ -8,6 +8,7 @@ with the connector service; this module only checks shape and storability.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,9 @@ from segops_sync.errors import InputError, UnknownConnector
 from segops_sync.states import ConnectorStatus
 
 MAX_BODY = 64 * 1024
+# Arrays and objects inside one another: a body needs 2 (an object holding the traits array).
+# Without a limit, 64 KiB of "[" reaches Python's recursion limit in json.loads: a 500.
+MAX_DEPTH = 8
 
 
 class BodyTooLarge(Exception):
@@ -75,6 +79,19 @@ PATCH_FIELDS: dict[str, BodyField] = {
     "traits": CREATE_FIELDS["traits"],
 }
 
+RESYNC_FIELDS: dict[str, BodyField] = {
+    "allow_mass_removal": BodyField(
+        {
+            "type": "boolean",
+            "default": False,
+            "description": (
+                "approve a held mass removal for the next sync, in the API token's name "
+                "(recorded; valid for an hour)"
+            ),
+        }
+    ),
+}
+
 
 def body_schema(fields: dict[str, BodyField]) -> dict[str, Any]:
     """The JSON Schema of a body made of these fields (for the OpenAPI document)."""
@@ -110,25 +127,51 @@ def _check_string(name: str, value: Any) -> str:
     return value
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def nests_too_deeply(raw: bytes) -> bool:
+    """Whether arrays and objects nest more than MAX_DEPTH deep in a JSON text, found without
+    parsing it (brackets inside strings do not count)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return False  # too few to nest deeper: skip the scan
+    depth = 0
+    for bracket in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", raw)):
+        depth += 1 if bracket.group() in (b"[", b"{") else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
 def parse_body(raw: bytes, fields: dict[str, BodyField]) -> dict[str, Any]:
-    """Check a JSON body against the field table: types, required, unknown, storable."""
+    """Check a JSON body against the field table: types, required, unknown, storable.
+
+    No message echoes a value (or an unknown field's name): what was pasted into the wrong
+    field may be a Klaviyo key."""
+    if nests_too_deeply(raw):
+        raise InputError(f"body nests arrays and objects too deeply: at most {MAX_DEPTH} levels")
     try:
         body = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise InputError("body is not valid JSON") from None
+    except RecursionError:  # a backstop: nests_too_deeply refuses such bodies first
+        raise InputError("body nests arrays and objects too deeply") from None
     if not isinstance(body, dict):
         raise InputError("body must be a JSON object")
     unknown = set(body) - set(fields)
     if unknown:
-        # repr() escapes what JSON could not carry back (lone surrogates, control bytes).
-        raise InputError(f"unknown field(s): {', '.join(repr(k) for k in sorted(unknown))}")
+        raise InputError(f"{len(unknown)} unknown field(s): the fields are {', '.join(fields)}")
     for name, spec in fields.items():
         if name not in body:
             if spec.required:
                 raise InputError(f"{name} is required")
             continue
         value = body[name]
-        if spec.schema.get("type") == "array":
+        if spec.schema.get("type") == "boolean":
+            if not isinstance(value, bool):
+                raise InputError(f"{name} must be true or false")
+        elif spec.schema.get("type") == "array":
             if not isinstance(value, list):
                 raise InputError(f"{name} must be a list of strings")
             for item in value:

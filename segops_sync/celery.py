@@ -13,17 +13,26 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import redis
 from celery import Celery, signals
 from kombu import Queue
 
-from segops_sync.config import ConfigError, Settings, get_settings
+from segops_sync.config import (
+    ConfigError,
+    Settings,
+    check_flower_basic_auth,
+    get_settings,
+    is_redis_url,
+    redis_tls_options,
+)
 from segops_sync.observability import logging as obs_log
 from segops_sync.observability.logging import klaviyo_url_label
 from segops_sync.observability.metrics import MetricsNode, process_exited
 from segops_sync.sync import liveness
+from segops_sync.sync.retention import PURGE_INTERVAL
 
 log = logging.getLogger("segops_sync.celery")
 
@@ -71,6 +80,9 @@ def configure(app: Celery, settings: Settings) -> None:
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
+        # rediss://: the URL's TLS parameters, certificate checked unless it says otherwise
+        broker_use_ssl=redis_tls_options(settings.broker_url, "SEGOPS_BROKER_URL"),
+        redis_backend_use_ssl=redis_tls_options(settings.result_backend, "SEGOPS_RESULT_BACKEND"),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -149,6 +161,7 @@ def _check_settings(sender: Any = None, **_: Any) -> None:
         if _config_error:
             raise ConfigError(_config_error)
         settings = get_settings()
+        settings.check_secrets()
         settings.require_database_url()
         settings.require_limiter_url()
         settings.require_alert_settings()
@@ -190,7 +203,9 @@ def _refuse(reason: str) -> NoReturn:
             2, obs_log.json_line(f"segops-sync: {reason}", level="ERROR", logger="segops_sync")
         )
     else:
-        print(f"segops-sync: {reason}", file=sys.stderr)
+        # the real stderr: once beat has set up logging, sys.stderr is a logger that would
+        # prefix the line (and Celery's log file, not the terminal, may take it)
+        print(f"segops-sync: {reason}", file=sys.__stderr__ or sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -204,6 +219,43 @@ def _json_logs() -> bool:
         return get_settings().log_format == "json"
     except ConfigError:
         return False  # the worker stops at start anyway, naming the variable
+
+
+# -- beat and Flower refuse to start, like the worker, on a setting they cannot run with ------
+
+
+def _check_secrets_at_start() -> None:
+    """Beat and Flower need no database: only settings that load and secrets that are real."""
+    try:
+        if _config_error:
+            raise ConfigError(_config_error)
+        get_settings().check_secrets()
+    except ConfigError as exc:
+        _refuse(str(exc))
+
+
+@signals.beat_init.connect
+def _check_beat_settings(**_: Any) -> None:
+    _check_secrets_at_start()
+
+
+def _starting_subcommand() -> str | None:
+    """The ``celery`` sub-command this process runs, while ``celery -A segops_sync …`` imports
+    this module: click picks the sub-command before the ``celery`` group's callback loads the
+    app. None when the app is imported any other way (the API, the CLI, a test)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return context.invoked_subcommand if context is not None else None
+
+
+if _starting_subcommand() == "flower":
+    # Flower sends no signal of its own before it serves: this import is its start.
+    try:
+        check_flower_basic_auth()
+    except ConfigError as exc:
+        _refuse(str(exc))
+    _check_secrets_at_start()
 
 
 @signals.celeryd_init.connect

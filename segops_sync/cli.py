@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,7 +35,20 @@ class Failure(Exception):
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        message = _without_values(message)
         self.exit(EXIT_BAD_INPUT, f"segops-sync: {message} (see {self.prog} --help)\n")
+
+
+def _without_values(message: str) -> str:
+    """argparse's message without the values it quotes: a key typed after a misspelt option
+    (``--api_key pk_…``) or into the wrong argument must not come back on the terminal."""
+    unrecognized = re.fullmatch(r"unrecognized arguments: (.*)", message, re.DOTALL)
+    if unrecognized:
+        options = [a.split("=", 1)[0] for a in unrecognized[1].split() if a.startswith("--")]
+        named = f": {', '.join(options)}" if options else ""
+        return f"unrecognized arguments{named} (values are not shown)"
+    # "invalid float value: 'x'", "invalid choice: 'x' (choose from …)"
+    return re.sub(r"(invalid [\w ]*?(?:value|choice)): '.*?'", r"\1", message, flags=re.DOTALL)
 
 
 def _print_json(doc: Any) -> None:
@@ -531,8 +545,10 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.api import serve
     from segops_sync.keys import check_keys_at_start
 
+    settings.check_secrets()
     settings.require_api_token()
     settings.require_database_url()
+    settings.require_limiter_url()  # failed sign-ins are counted there (api.SignInThrottle)
     warning = check_keys_at_start(settings)
     if warning:
         _warn(warning)
@@ -544,9 +560,9 @@ def _port(value: str) -> int:
     try:
         port = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"port {value!r} is not a number") from None
+        raise argparse.ArgumentTypeError("port is not a number") from None
     if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range (1-65535)")
+        raise argparse.ArgumentTypeError("port is out of range (1-65535)")
     return port
 
 
@@ -556,7 +572,7 @@ def _host(value: str) -> str:
     try:
         socket.getaddrinfo(value, None)
     except (OSError, UnicodeError):
-        raise argparse.ArgumentTypeError(f"host {value!r} is not an address to bind") from None
+        raise argparse.ArgumentTypeError("host is not an address to bind") from None
     return value
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import ssl
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,6 +14,49 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class ConfigError(Exception):
     """A required setting is missing or malformed; the message names the variable."""
+
+
+# A secret still holding a template's example value (deploy/k8s/secret.yaml's REPLACE-ME, a
+# tutorial's changeme, an unfilled <token>) stops the process at start: it would otherwise run
+# with a credential anyone who read the template knows. Compared case-insensitively.
+PLACEHOLDER_MARKS = ("replace-me", "replace_me", "replaceme", "changeme", "change-me", "change_me")
+PLACEHOLDER_HINT = "a placeholder (REPLACE-ME, changeme, <...> or empty)"
+# The bearer token is the API's only lock: long enough that guessing it is hopeless even
+# without the sign-in throttle (`openssl rand -hex 24` gives 48 characters).
+MIN_API_TOKEN_LENGTH = 32
+# Settings holding a URL whose password must be a real one.
+PASSWORD_URLS = ("database_url", "broker_url", "result_backend", "limiter_redis_url")
+
+
+def is_placeholder(value: str) -> bool:
+    text = value.strip().lower()
+    return (
+        not text
+        or any(mark in text for mark in PLACEHOLDER_MARKS)
+        or (text.startswith("<") and text.endswith(">"))
+    )
+
+
+def url_password(url: str) -> str | None:
+    """The password of a URL (``scheme://user:password@host``), decoded; None without one."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+def check_flower_basic_auth() -> None:
+    """FLOWER_BASIC_AUTH (``user:password[,user2:password2]``), when set, names real users."""
+    value = os.environ.get("FLOWER_BASIC_AUTH")
+    if value is None:
+        return
+    for entry in value.split(","):
+        user, _, password = entry.partition(":")
+        if is_placeholder(user) or is_placeholder(password):
+            raise ConfigError(
+                f"FLOWER_BASIC_AUTH holds {PLACEHOLDER_HINT} user or password: set user:password"
+            )
 
 
 class Settings(BaseSettings):
@@ -130,12 +176,49 @@ class Settings(BaseSettings):
     def require_secret_key(self) -> str:
         if not self.secret_key:
             raise ConfigError("SEGOPS_SECRET_KEY is not set (it encrypts stored Klaviyo API keys)")
+        self._check_secret_key(self.secret_key)
         return self.secret_key
 
     def require_api_token(self) -> str:
         if not self.api_token:
             raise ConfigError("SEGOPS_API_TOKEN is not set (the HTTP API requires a bearer token)")
+        self._check_api_token(self.api_token)
         return self.api_token
+
+    def check_secrets(self) -> None:
+        """Every secret that is set is a real one (workers, beat, Flower and the API call this
+        at start). Raises ConfigError naming the first variable that is not, never its value.
+        Which secrets a process needs at all is its own require_* calls' business."""
+        if self.secret_key:
+            self._check_secret_key(self.secret_key)
+        if self.api_token:
+            self._check_api_token(self.api_token)
+        webhook = self.alert_webhook_secret.get_secret_value() if self.alert_webhook_secret else ""
+        if webhook and is_placeholder(webhook):
+            raise ConfigError(f"SEGOPS_ALERT_WEBHOOK_SECRET is {PLACEHOLDER_HINT}: set a real one")
+        for name in PASSWORD_URLS:
+            url = getattr(self, name)
+            password = url_password(url) if url else None
+            if password is not None and is_placeholder(password):
+                raise ConfigError(
+                    f"SEGOPS_{name.upper()} holds {PLACEHOLDER_HINT} password: set the real one"
+                )
+
+    @staticmethod
+    def _check_secret_key(ring: str) -> None:
+        # A key ring: each of its keys must be real (an empty part between commas is ignored).
+        if is_placeholder(ring) or any(is_placeholder(k) for k in ring.split(",") if k.strip()):
+            raise ConfigError(f"SEGOPS_SECRET_KEY is {PLACEHOLDER_HINT}: set a real secret")
+
+    @staticmethod
+    def _check_api_token(token: str) -> None:
+        if is_placeholder(token):
+            raise ConfigError(f"SEGOPS_API_TOKEN is {PLACEHOLDER_HINT}: set a real token")
+        if len(token) < MIN_API_TOKEN_LENGTH:
+            raise ConfigError(
+                f"SEGOPS_API_TOKEN is too short: use at least {MIN_API_TOKEN_LENGTH} characters "
+                "(e.g. `openssl rand -hex 24`)"
+            )
 
     @property
     def limiter_url(self) -> str:
@@ -169,6 +252,33 @@ class Settings(BaseSettings):
 
 def is_redis_url(url: str) -> bool:
     return url.startswith(("redis://", "rediss://"))
+
+
+# TLS parameters of a rediss:// URL, named as redis-py names them (README, "Redis: password and
+# TLS"): rediss://:PASSWORD@host:6379/0?ssl_ca_certs=/etc/segops/redis-ca.pem
+REDIS_TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def redis_tls_options(url: str, variable: str) -> dict[str, Any] | None:
+    """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` for a rediss:// URL; None otherwise.
+
+    Given a rediss:// URL without TLS parameters, kombu connects to the broker without checking
+    the server's certificate, and Celery's result backend refuses to start (it wants
+    ``ssl_cert_reqs``). With these options both check it, as redis-py (the limiter) does by
+    itself, so one URL form serves all three: ``ssl_cert_reqs`` defaults to ``required``,
+    against ``ssl_ca_certs`` or else the system's CAs. Parameters in the URL win."""
+    if not url.startswith("rediss://"):
+        return None
+    query = parse_qs(urlsplit(url).query)
+    options: dict[str, Any] = {k: v[-1] for k in REDIS_TLS_PARAMS if (v := query.get(k))}
+    cert_reqs = options.get("ssl_cert_reqs", "required")
+    if cert_reqs not in _CERT_REQS:
+        raise ConfigError(
+            f"{variable}: ssl_cert_reqs must be required, optional or none, not {cert_reqs!r}"
+        )
+    options["ssl_cert_reqs"] = _CERT_REQS[cert_reqs]
+    return options
 
 
 def normalise_database_url(url: str) -> str:

@@ -38,8 +38,9 @@ SEGMENT_ID_MAX = 200
 
 def validate_list_id(list_id: str) -> str:
     if not LIST_ID_RE.fullmatch(list_id or ""):
+        # Never echo a refused value: a key pasted into the wrong field would come back.
         raise InputError(
-            f"list id {list_id!r} is malformed: a Klaviyo list id is exactly 6 letters or digits "
+            "list id is malformed: a Klaviyo list id is exactly 6 letters or digits "
             "(case-sensitive; copy it from klaviyo.com/list/<ID>/)"
         )
     return list_id
@@ -58,7 +59,7 @@ def validate_api_key(api_key: str) -> str:
 def validate_segment_id(segment_id: str) -> str:
     if not segment_id or len(segment_id) > SEGMENT_ID_MAX or segment_id != segment_id.strip():
         raise InputError(
-            f"segment id {segment_id!r} is malformed: a non-empty id without spaces around it"
+            f"segment id is malformed: 1 to {SEGMENT_ID_MAX} characters without spaces around them"
         )
     return segment_id
 
@@ -125,7 +126,7 @@ def create_connector(
 ) -> tuple[Connector, str | None]:
     """Validate, check with Klaviyo, then write. Returns the connector and any warning."""
     if connector_type != "klaviyo":
-        raise InputError(f"connector type {connector_type!r} is not supported: use 'klaviyo'")
+        raise InputError("connector type is not supported: use 'klaviyo'")
     validate_segment_id(segment_id)
     validate_list_id(list_id)
     validate_api_key(api_key)
@@ -167,7 +168,7 @@ def update_connector(
     if api_key is not None:
         validate_api_key(api_key)
     if status is not None and status not in (ConnectorStatus.ACTIVE, ConnectorStatus.INACTIVE):
-        raise InputError(f"status {status!r} is not allowed: use 'active' or 'inactive'")
+        raise InputError("status is not allowed: use 'active' or 'inactive'")
     connector = get_connector(session, connector_id, lock=True)
     warning = None
     if verify and (list_id is not None or api_key is not None):

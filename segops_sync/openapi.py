@@ -2,7 +2,7 @@
 
 Each endpoint's docstring carries its own operation in YAML (after ``---``), Starlette's
 SchemaGenerator collects them, and this module adds what every operation shares: the bearer
-security, the JSON error answers (401, 404 for ``{id}`` paths, 413/422 for bodies), the
+security, the JSON error answers (401, 429, 404 for ``{id}`` paths, 413/422 for bodies), the
 ``{id}`` parameter, and the component schemas, the request ones built from api_input's
 field tables.
 """
@@ -16,7 +16,13 @@ from typing import Any
 from starlette.routing import BaseRoute
 from starlette.schemas import SchemaGenerator
 
-from segops_sync.api_input import CREATE_FIELDS, MAX_BODY, PATCH_FIELDS, body_schema
+from segops_sync.api_input import (
+    CREATE_FIELDS,
+    MAX_BODY,
+    PATCH_FIELDS,
+    RESYNC_FIELDS,
+    body_schema,
+)
 from segops_sync.states import ConnectorStatus, RunStatus, StartReason
 
 ERROR = {
@@ -93,6 +99,22 @@ RUN = {
                 k: {"type": "integer"} for k in ("in_list", "expected", "missing", "extra")
             },
         },
+        "approval": {
+            "type": "object",
+            "nullable": True,
+            "description": "the person's mass-removal approval this run took (null: none)",
+            "properties": {
+                "by": {"type": "string", "description": "who approved (api-token over the API)"},
+                "at": {"type": "string", "format": "date-time"},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "held_run_id": {
+                    "type": "string",
+                    "nullable": True,
+                    "description": "the held run it approved (null: none was held)",
+                },
+            },
+            "required": ["by", "at", "expires_at", "held_run_id"],
+        },
     },
     "required": [
         "id",
@@ -110,6 +132,7 @@ RUN = {
         "suppressed",
         "rejected_members",
         "verify",
+        "approval",
     ],
 }
 REJECTED_MEMBER = {
@@ -160,11 +183,17 @@ def _base_schema() -> dict[str, Any]:
                 "RejectedMember": REJECTED_MEMBER,
                 "NewConnector": body_schema(CREATE_FIELDS),
                 "ConnectorChange": body_schema(PATCH_FIELDS),
+                "ResyncRequest": body_schema(RESYNC_FIELDS),
             },
             "responses": {
                 "Unauthorized": _error_response(
                     "missing or wrong bearer token",
                     {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
+                ),
+                "TooManySignIns": _error_response(
+                    "too many failed sign-ins from this client address: every request of it "
+                    "waits until Retry-After has passed",
+                    {"Retry-After": {"schema": {"type": "integer"}, "required": True}},
                 ),
                 "NotFound": _error_response("unknown connector"),
                 "Invalid": _error_response("the input is refused; the message says why"),
@@ -200,7 +229,7 @@ class ApiSchema(SchemaGenerator):
 
 def _complete(path: str, operation: dict[str, Any]) -> None:
     responses = {str(code): answer for code, answer in operation.get("responses", {}).items()}
-    shared = {"401": "Unauthorized", "default": "Error"}
+    shared = {"401": "Unauthorized", "429": "TooManySignIns", "default": "Error"}
     if "{id}" in path:
         operation.setdefault("parameters", []).insert(0, ID_PARAMETER)
         shared["404"] = "NotFound"

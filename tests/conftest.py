@@ -254,7 +254,7 @@ def segops_env(database_url: str, redis_server_url: str) -> Iterator[dict[str, s
         "SEGOPS_RESULT_BACKEND": f"{redis_server_url}/{BACKEND_DB}",
         "SEGOPS_LIMITER_REDIS_URL": f"{redis_server_url}/{LIMITER_DB}",
         "SEGOPS_SECRET_KEY": secrets.token_urlsafe(32),
-        "SEGOPS_API_TOKEN": secrets.token_urlsafe(16),
+        "SEGOPS_API_TOKEN": secrets.token_urlsafe(32),
         "SEGOPS_JOB_POLL_INTERVAL": "0.2",
         "SEGOPS_RETRY_BASE_DELAY": "0.2",
         "SEGOPS_INDEXING_WAIT": "5",

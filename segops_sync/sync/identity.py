@@ -52,7 +52,7 @@ def record_identity(
     if not user_id or len(user_id) > MAX_USER_ID:
         raise BadIdentity(f"user_id must be 1 to {MAX_USER_ID} characters")
     if email is not None and not is_email(email):
-        raise BadIdentity(f"email {email!r} is not an email address")
+        raise BadIdentity("email is not an email address")  # never echoed: personal data
     doc = dict(traits) if traits is not None else ({"email": email} if email else {})
     try:
         encoded = json.dumps(doc, ensure_ascii=False, allow_nan=False)

@@ -50,17 +50,18 @@ def parse_trait_names(value: str | Iterable[str]) -> list[str]:
     An empty string or list means: none but the email."""
     raw = value.split(",") if isinstance(value, str) else list(value)
     names: list[str] = []
-    for item in raw:
+    # A refused name is said by its place in the list, never echoed: it may be anything pasted.
+    for place, item in enumerate(raw, start=1):
         if not isinstance(item, str):
             raise BadTraits("traits must be strings")
         name = item.strip()
         if not name and isinstance(value, str):
             if value.strip():
-                raise BadTraits(f"traits {value!r} has an empty name")
+                raise BadTraits(f"traits: name {place} is empty (a comma too many?)")
             continue
         if not TRAIT_NAME_RE.fullmatch(name):
             raise BadTraits(
-                f"trait name {name!r} is malformed: 1 to 100 letters, digits, '_', '.' or '-'"
+                f"trait name {place} is malformed: 1 to 100 letters, digits, '_', '.' or '-'"
             )
         if name in RESERVED:
             raise BadTraits(

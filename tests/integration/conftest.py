@@ -213,13 +213,22 @@ def api_url(redis_stack_env: dict[str, str]) -> Iterator[str]:
 
     import uvicorn
 
-    from segops_sync.api import create_app
+    from segops_sync.api import SignInThrottle, create_app
     from segops_sync.embedded import free_port
 
+    # Every test of the session reaches this server from 127.0.0.1, and some send wrong tokens
+    # on purpose (schemathesis alone, two per operation): with the production limit of 10 a
+    # minute, they would lock the later tests out. The throttle counts in the session's Redis as
+    # in production; its limit is tested on a `segops-sync api` process (test_real_secrets.py).
+    throttle = SignInThrottle(
+        redis_stack_env["SEGOPS_LIMITER_REDIS_URL"],
+        redis_stack_env["SEGOPS_REDIS_KEY_PREFIX"],
+        limit=1_000_000,
+    )
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(redis_stack_env["SEGOPS_API_TOKEN"]),
+            create_app(redis_stack_env["SEGOPS_API_TOKEN"], throttle=throttle),
             host="127.0.0.1",
             port=port,
             log_level="warning",

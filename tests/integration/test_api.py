@@ -113,3 +113,114 @@ def test_patching_a_fixed_key_resyncs_and_clears_the_error(
     fixed = wait_idle(connector_id, runs_at_least=2)  # no recompute: the PATCH resynced
     assert (fixed.status, fixed.last_error) == ("active", None)
     assert set(klaviyo.members()) == {"patch1@example.com"}
+
+
+# -- hard to misuse (issue 26) ---------------------------------------------------------------
+
+NESTED = b"[" * 5000 + b"]" * 5000  # json.loads raised RecursionError on it: a 500
+
+
+def test_deeply_nested_json_answers_422_not_500(api: httpx.Client, klaviyo: Klaviyo) -> None:
+    connector_id = create_connector(klaviyo, new_segment(), activate=False)
+    before = row_counts()
+    inside_a_field = b'{"segment_id": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    for method, path, body in [
+        ("POST", "/v1/connectors", NESTED),
+        ("POST", "/v1/connectors", inside_a_field),
+        ("PATCH", f"/v1/connectors/{connector_id}", NESTED),
+    ]:
+        answer = api.request(
+            method, path, content=body, headers={"Content-Type": "application/json"}
+        )
+        assert answer.status_code == 422, (method, answer.status_code, answer.text[:200])
+        assert "too deeply" in answer.json()["error"]
+    assert row_counts() == before
+
+
+def test_every_json_answer_is_nosniff_and_no_store(api: httpx.Client, klaviyo: Klaviyo) -> None:
+    connector_id = create_connector(klaviyo, new_segment(), activate=False)
+    key = "pk_" + "a" * 30
+    answers = {
+        "200": api.get("/v1/connectors"),
+        "200 openapi": api.get("/openapi.json"),
+        "401": api.get("/v1/connectors", headers={"Authorization": "Bearer wrong"}),
+        "404 connector": api.get("/v1/connectors/nope"),
+        "404 route": api.get("/v2/nothing"),
+        "405": api.put("/v1/connectors"),
+        "413": api.post("/v1/connectors", content=b"{" + b" " * 70_000 + b"}"),
+        "422": api.post("/v1/connectors", json={"segment_id": "s", "list_id": "x", "api_key": key}),
+        "422 nested": api.post("/v1/connectors", content=NESTED),
+        "200 patch": api.patch(f"/v1/connectors/{connector_id}", json={}),
+    }
+    for name, answer in answers.items():
+        assert answer.headers["content-type"].startswith("application/json"), name
+        assert answer.headers.get("x-content-type-options") == "nosniff", name
+        assert answer.headers.get("cache-control") == "no-store", name
+    page = api.get("/activations", headers={"Authorization": ""})
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_an_unexpected_error_answers_json_with_the_same_headers(
+    redis_stack_env: dict[str, str],
+) -> None:
+    """A 500 is answered by Starlette's outermost layer, outside the API's middleware."""
+    import asyncio
+
+    from starlette.routing import Route
+
+    from segops_sync.api import SignInThrottle, create_app
+
+    def boom(request: object) -> None:
+        raise RuntimeError("a bug")
+
+    throttle = SignInThrottle(
+        redis_stack_env["SEGOPS_LIMITER_REDIS_URL"], redis_stack_env["SEGOPS_REDIS_KEY_PREFIX"]
+    )
+    app = create_app(redis_stack_env["SEGOPS_API_TOKEN"], throttle=throttle)
+    app.router.routes.append(Route("/boom", boom))
+
+    async def get_boom() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            token = redis_stack_env["SEGOPS_API_TOKEN"]
+            return await client.get("/boom", headers={"Authorization": f"Bearer {token}"})
+
+    answer = asyncio.run(get_boom())
+    assert answer.status_code == 500 and "a bug" not in answer.text
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.headers["cache-control"] == "no-store"
+
+
+KEY_IN_THE_WRONG_FIELD = "pk_LivePrivateKey0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["list_id", "segment_id", "type", "traits", "status", "unknown-name", "segment_id-too-long"],
+)
+def test_a_refused_field_never_comes_back_in_the_error(
+    api: httpx.Client, klaviyo: Klaviyo, field: str
+) -> None:
+    """A Klaviyo key pasted into the wrong field must not be echoed back (nor logged by a
+    proxy that logs error bodies)."""
+    key = KEY_IN_THE_WRONG_FIELD
+    good = {"type": "klaviyo", "segment_id": "s", "list_id": "AbC123", "api_key": "pk_" + "b" * 30}
+    if field == "status":
+        connector_id = create_connector(klaviyo, new_segment(), activate=False)
+        answer = api.patch(f"/v1/connectors/{connector_id}", json={"status": key})
+    else:
+        body: dict[str, object] = dict(good)
+        if field == "traits":
+            body["traits"] = ["first_name", key + "!"]
+        elif field == "unknown-name":
+            body[key] = "x"
+        elif field == "segment_id-too-long":
+            body["segment_id"] = key * 10
+        elif field == "segment_id":
+            body["segment_id"] = f" {key} "
+        else:
+            body[field] = key
+        answer = api.post("/v1/connectors", json=body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]
+    assert "pk_Live" not in answer.text, answer.text

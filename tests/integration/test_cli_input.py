@@ -188,6 +188,41 @@ def test_missing_and_malformed_settings(segops_env: dict[str, str]) -> None:
     assert "SEGOPS_BROKER_URL" in _bad("connectors", "list", env={"SEGOPS_BROKER_URL": "nonsense"})
 
 
+SECRET = "pk_LivePrivateKey0123456789abcdef"
+
+
+def _create(**options: str) -> tuple[str, ...]:
+    """``connectors create --no-verify`` with good values, but for ``options``."""
+    values = {"type": "klaviyo", "segment": "s", "list-id": "AbC123", "api-key": "pk_" + "a" * 30}
+    values.update({name.replace("_", "-"): value for name, value in options.items()})
+    flags = [part for name, value in values.items() for part in (f"--{name}", value)]
+    return ("connectors", "create", *flags, "--no-verify")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        # a key pasted into the wrong option
+        _create(list_id=SECRET),
+        _create(type=SECRET),
+        _create(segment=f" {SECRET}"),
+        _create(traits=f"first_name,{SECRET}!"),
+        _create(traits=f"{SECRET},,plan"),
+        ("identify", "u-1", "--email", f"{SECRET}@"),
+        # after a misspelt option, or where a number belongs: argparse quotes what it refuses
+        ("connectors", "list", "--api_key", SECRET),
+        ("connectors", "list", SECRET),
+        ("klaviyo-sim", "--port", SECRET),
+        ("klaviyo-sim", "--port", "8080", "--time-scale", SECRET),
+        ("api", "--port", "8080", "--host", SECRET),
+        ("connectors", SECRET),
+    ],
+)
+def test_refused_values_are_never_echoed(segops_env: dict[str, str], args: tuple[str, ...]) -> None:
+    line = _bad(*args)
+    assert "pk_Live" not in line, line
+
+
 def test_usage_errors_are_one_line(segops_env: dict[str, str]) -> None:
     _bad("connectors", "create", "--type", "klaviyo")
     _bad("klaviyo-sim", "--port", "http")

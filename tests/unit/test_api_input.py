@@ -9,6 +9,7 @@ import pytest
 from segops_sync.api import create_app
 from segops_sync.api_input import (
     CREATE_FIELDS,
+    MAX_DEPTH,
     PATCH_FIELDS,
     BodyField,
     body_schema,
@@ -33,7 +34,7 @@ def test_storable_refuses_what_postgresql_text_cannot_hold() -> None:
         (b'{"status": 1}', "status must be a string"),
         (b'{"status": "a\\u0000"}', "status holds a character that cannot be stored"),
         (b'{"list_id": "\\ud800"}', "list_id holds a character that cannot be stored"),
-        (b'{"nope": "x", "\\u0000": 1}', "unknown field(s): '\\x00', 'nope'"),
+        (b'{"nope": "x", "\\u0000": 1}', "2 unknown field(s): the fields are status, list_id"),
     ],
 )
 def test_bodies_are_refused_with_the_reason(raw: bytes, reason: str) -> None:
@@ -42,6 +43,36 @@ def test_bodies_are_refused_with_the_reason(raw: bytes, reason: str) -> None:
     assert reason in str(caught.value)
     # The message can always travel back as JSON.
     json.dumps({"error": str(caught.value)}, ensure_ascii=False).encode("utf-8")
+
+
+DEEP_BODIES = [
+    b"[" * 5000 + b"]" * 5000,  # json.loads raised RecursionError: the API answered 500
+    b'{"status": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+    b"{" + b'"a":{' * 2000 + b"1" + b"}" * 2001,
+    b'{"traits": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}",  # one level too many
+    b"[" * 40000,  # not even JSON: refused for its depth before it is parsed
+]
+
+
+def test_deeply_nested_bodies_are_refused_in_one_line() -> None:
+    for raw in DEEP_BODIES:
+        with pytest.raises(InputError, match=f"too deeply: at most {MAX_DEPTH} levels"):
+            parse_body(raw, PATCH_FIELDS)
+    # brackets inside strings (escaped quotes too) are text, not nesting
+    text = "[{" * 50 + '\\"' + "[" * 50
+    raw = json.dumps({"traits": [text], "status": "active"}).encode()
+    assert parse_body(raw, PATCH_FIELDS) == {"traits": [text], "status": "active"}
+
+
+def test_an_unknown_field_is_refused_without_its_name() -> None:
+    """A key pasted as a field's name comes back neither."""
+    key = "pk_LiveKeyPastedAsAName123"
+    with pytest.raises(InputError) as caught:
+        parse_body(json.dumps({key: "x", "status": "active"}).encode(), PATCH_FIELDS)
+    assert key not in str(caught.value)
+    assert "1 unknown field(s): the fields are status, list_id, api_key, traits" in str(
+        caught.value
+    )
 
 
 def test_required_fields_and_an_empty_patch() -> None:
