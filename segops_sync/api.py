@@ -51,6 +51,10 @@ from segops_sync.states import ConnectorStatus, Trigger
 
 log = logging.getLogger(__name__)
 
+# Who a mass removal approved over the API is recorded as: the API has one token, shared by
+# every caller, so its approvals carry this name (docs/contract.md "Mass-removal approvals").
+API_APPROVER = "api-token"
+
 
 class ErrorResponse(JSONResponse):
     """``{"error": ...}``; ASCII-escaped, so text echoed from any input always encodes."""
@@ -358,13 +362,23 @@ def resync(request: Request, settings: Settings) -> Response:
             schema: {$ref: '#/components/schemas/Resync'}
       422:
         $ref: '#/components/responses/Invalid'
+    requestBody:
+      required: false
+      content:
+        application/json:
+          schema: {$ref: '#/components/schemas/ResyncRequest'}
     """
+    from segops_sync.sync.approvals import approve_mass_removal
     from segops_sync.tasks import trigger_sync
 
     connector_id = path_id(request)
+    body = parse_body(_read(request), RESYNC_FIELDS)
     with session_scope() as s:
         if get_connector(s, connector_id).status == ConnectorStatus.INACTIVE:
             raise InputError("connector is inactive: activate it first")
+        if body.get("allow_mass_removal"):
+            # a row the run reads from PostgreSQL, committed before the sync is asked for
+            approve_mass_removal(s, connector_id, by=API_APPROVER)
     outcome = trigger_sync(connector_id, trigger=Trigger.RESYNC)
     return JSONResponse({"run_id": outcome.run_id, "outcome": outcome.reason}, status_code=202)
 

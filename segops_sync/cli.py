@@ -225,21 +225,43 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _os_user() -> str:
+    """The login name an approval is recorded under when ``--by`` is not given."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no USER/LOGNAME and no passwd entry (a bare container)
+        return "cli"
+
+
 def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.queries import get_connector
     from segops_sync.db.session import session_scope
     from segops_sync.follow import Follower
+    from segops_sync.sync.approvals import approve_mass_removal, approver_name
     from segops_sync.sync.runs import finished_runs, wait_until_idle
     from segops_sync.tasks import trigger_sync
 
+    if args.by is not None and not args.allow_mass_removal:
+        raise InputError("--by names who approves a mass removal: give --allow-mass-removal too")
+    approver = None
+    if args.allow_mass_removal:
+        approver = approver_name(args.by if args.by is not None else _os_user())
     with session_scope() as s:
         connector = get_connector(s, args.connector_id)
         if connector.status == ConnectorStatus.INACTIVE:
             raise InputError(f"connector {args.connector_id} is inactive: activate it first")
         done_before = finished_runs(s, args.connector_id)
-    outcome = trigger_sync(
-        args.connector_id, trigger=Trigger.RESYNC, allow_mass_removal=args.allow_mass_removal
-    )
+        # The approval is a row, committed before the sync is asked for: the run reads it
+        # from PostgreSQL, never from the message (sync/approvals.py).
+        approval = (
+            approve_mass_removal(s, args.connector_id, by=approver) if approver else None
+        )
+        approved = (approver, approval.expires_at.isoformat()) if approval else None
+    if approved is not None:
+        print(f"mass removal approved by {approved[0]} for the next sync, until {approved[1]}")
+    outcome = trigger_sync(args.connector_id, trigger=Trigger.RESYNC)
     if outcome.reason == StartReason.COALESCED:
         print(f"a sync of connector {args.connector_id} is running; another follows it")
     else:
@@ -312,6 +334,11 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
                 + (
                     f" verify: {d['verify']['missing']} missing, {d['verify']['extra']} extra"
                     if d["verify"]
+                    else ""
+                )
+                + (
+                    f" mass removal approved by {d['approval']['by']} at {d['approval']['at']}"
+                    if d["approval"]
                     else ""
                 )
                 + (f"  {d['error']}" if d["error"] else "")
@@ -644,7 +671,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = conn.add_parser("resync")
     p.add_argument("connector_id")
     p.add_argument("--wait", action="store_true", help="wait for the sync and report it")
-    p.add_argument("--allow-mass-removal", action="store_true", help="apply a held mass removal")
+    p.add_argument(
+        "--allow-mass-removal",
+        action="store_true",
+        help="approve a held mass removal for the next sync (recorded, valid for an hour)",
+    )
+    p.add_argument(
+        "--by", metavar="NAME", help="who approves (default: your login name); with the above"
+    )
     p.set_defaults(func=cmd_resync)
 
     p = sub.add_parser(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from segops_sync.db.models import Connector, SyncRun
+from segops_sync.db.models import Connector, MassRemovalApproval, SyncRun
 
 
 def connector_json(connector: Connector) -> dict[str, Any]:
@@ -52,6 +52,19 @@ def run_json(run: SyncRun) -> dict[str, Any]:
             if run.verify_in_list is not None
             else None
         ),
+        # the person's approval this run took (docs/contract.md "Mass-removal approvals")
+        "approval": approval_json(run.approval),
+    }
+
+
+def approval_json(approval: MassRemovalApproval | None) -> dict[str, Any] | None:
+    if approval is None:
+        return None
+    return {
+        "by": approval.approved_by,
+        "at": iso(approval.approved_at),
+        "expires_at": iso(approval.expires_at),
+        "held_run_id": approval.held_run_id,  # the held run it approved (null: none was held)
     }
 
 

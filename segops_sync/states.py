@@ -72,7 +72,9 @@ class Trigger(StrEnum):
     RECOMPUTE = "recompute"
     RESYNC = "resync"
     COALESCED = "coalesced"  # triggers that arrived during the previous run
-    MASS_REMOVAL = "mass-removal"  # a resync that approves a held mass removal
+    # Before approvals were rows (sync/approvals.py), a queued resync that approved a mass
+    # removal; still read from older databases, never written, and it approves nothing.
+    MASS_REMOVAL = "mass-removal"
     VERIFY = "verify"  # a read-back of the list found what this run repairs
 
 

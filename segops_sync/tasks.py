@@ -168,11 +168,20 @@ def sync_connector(*args: Any, **kwargs: Any) -> None:
     if not isinstance(connector_id, str) or not connector_id:
         _drop("segops.sync_connector", "expected args [connector_id]")
         return
-    allow = kwargs.get("allow_mass_removal", False) is True
     try:
-        trigger_sync(connector_id, trigger=Trigger.RESYNC, allow_mass_removal=allow)
+        trigger_sync(connector_id, trigger=Trigger.RESYNC)
     except UnknownConnector as exc:
         _drop("segops.sync_connector", str(exc))
+        return
+    if "allow_mass_removal" in kwargs:
+        # A message can ask for a sync, never approve a held mass removal: a person does, with
+        # `connectors resync ID --allow-mass-removal`, in PostgreSQL (sync/approvals.py).
+        log.warning(
+            "segops.sync_connector: allow_mass_removal is ignored, the sync keeps the "
+            "mass-removal guard (a message cannot approve a mass removal: "
+            "`segops-sync connectors resync %s --allow-mass-removal` does)",
+            connector_id,
+        )
 
 
 def trigger_sync(
@@ -180,18 +189,11 @@ def trigger_sync(
     *,
     trigger: Trigger,
     recompute_id: str | None = None,
-    allow_mass_removal: bool = False,
 ) -> StartOutcome:
     """Open a run (or coalesce into the running one), then plan it after commit."""
     obs_log.bind(connector_id=connector_id)
     with session_scope() as s:
-        outcome = start_run(
-            s,
-            connector_id,
-            trigger=trigger,
-            recompute_id=recompute_id,
-            allow_mass_removal=allow_mass_removal,
-        )
+        outcome = start_run(s, connector_id, trigger=trigger, recompute_id=recompute_id)
     log.info(
         "connector %s: %s trigger -> %s",
         connector_id,

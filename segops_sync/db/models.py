@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from segops_sync.states import (
@@ -152,6 +152,9 @@ class LedgerEntry(Base):
     # Klaviyo suppresses the profile's email (as the last read-back of the list saw it).
     suppressed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # False: sent to Klaviyo by a batch that ended before its outcome was recorded (migration
+    # 0009). Possibly on the list: removed when it leaves the segment, sent again while in it.
+    confirmed: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
     # the few suppressed members, counted at the end of every run
     __table_args__ = (
         Index(
@@ -187,6 +190,8 @@ class SyncRun(Base):
     )
     # Set by the first batch that meets a permanent error, so the other batches stop early.
     abort_reason: Mapped[str | None] = mapped_column(Text)
+    # The Klaviyo list this run wrote to (NULL: a run from before migration 0009).
+    list_id: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     # Members already on the list whose named traits were sent again.
     updated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -199,6 +204,16 @@ class SyncRun(Base):
     verify_expected: Mapped[int | None] = mapped_column(Integer)
     verify_missing: Mapped[int | None] = mapped_column(Integer)
     verify_extra: Mapped[int | None] = mapped_column(Integer)
+    # When the retention purge deleted its member details (batch items, batch member lists);
+    # the counts above stay (sync/retention.py).
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The person's approval this run took when it was planned (None: it took none).
+    approval: Mapped[MassRemovalApproval | None] = relationship(
+        primaryjoin="SyncRun.id == MassRemovalApproval.run_id",
+        foreign_keys="MassRemovalApproval.run_id",
+        viewonly=True,
+        uselist=False,
+    )
     __table_args__ = (
         CheckConstraint(f"status IN ({_values(RunStatus)})", name="status"),
         # At most one run per connector at a time; extra triggers coalesce.
@@ -207,6 +222,47 @@ class SyncRun(Base):
             "connector_id",
             unique=True,
             postgresql_where=text("status = 'running'"),
+        ),
+        # the finished runs whose details the purge has yet to delete, oldest first
+        Index(
+            "ix_sync_runs_unpurged",
+            "finished_at",
+            postgresql_where=text("purged_at IS NULL AND finished_at IS NOT NULL"),
+        ),
+    )
+
+
+class MassRemovalApproval(Base):
+    """A person's approval of a mass removal the guard held (``connectors resync
+    --allow-mass-removal``, or the API's resync). Only this row lifts the guard: no message can.
+
+    The next run planned for the connector before ``expires_at`` takes it (``run_id``), whether
+    or not it needs it, so one approval serves one run; a newer approval ends an unused one.
+    """
+
+    __tablename__ = "mass_removal_approvals"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    connector_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("connectors.id", ondelete="CASCADE"), index=True
+    )
+    # The connector's newest held run when the approval was given (None: none was held).
+    held_run_id: Mapped[str | None] = mapped_column(
+        Text, ForeignKey("sync_runs.id", ondelete="SET NULL"), index=True
+    )
+    # The run that took it (None: not taken yet).
+    run_id: Mapped[str | None] = mapped_column(
+        Text, ForeignKey("sync_runs.id", ondelete="SET NULL")
+    )
+    approved_by: Mapped[str] = mapped_column(Text)
+    approved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (
+        CheckConstraint("length(approved_by) BETWEEN 1 AND 100", name="approved_by"),
+        Index(
+            "uq_mass_removal_approvals_run_id",
+            "run_id",
+            unique=True,
+            postgresql_where=text("run_id IS NOT NULL"),
         ),
     )
 
@@ -241,6 +297,11 @@ class SyncBatch(Base):
     # The bulk job that holds every member of the batch with neither a job_id nor an outcome of
     # its own: a batch sent in one job (the common case) writes this, not 10,000 member rows.
     whole_job_id: Mapped[str | None] = mapped_column(Text)
+    # An add batch asks Klaviyo only after setting both: when it first sent members, and that
+    # some of them may be on the list unrecorded until the batch finishes (or the next run's
+    # planner enters them in the ledger unconfirmed: sync/ledger.py adopt_in_doubt).
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    in_doubt: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
@@ -248,6 +309,7 @@ class SyncBatch(Base):
         CheckConstraint(f"kind IN ({_values(BatchKind)})", name="kind"),
         CheckConstraint(f"status IN ({_values(BatchStatus)})", name="status"),
         Index("uq_sync_batches_run_kind_seq", "run_id", "kind", "seq", unique=True),
+        Index("ix_sync_batches_in_doubt", "run_id", postgresql_where=text("in_doubt")),
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from segops_sync.db.models import Connector, SyncRun
 from segops_sync.errors import UnknownConnector
@@ -31,5 +31,6 @@ def list_runs(session: Session, connector_id: str, limit: int = 100) -> list[Syn
         .where(SyncRun.connector_id == connector_id)
         .order_by(SyncRun.started_at.desc(), SyncRun.id.desc())
         .limit(limit)
+        .options(selectinload(SyncRun.approval))  # run_json shows it: one query, not one a run
     )
     return list(session.scalars(stmt))

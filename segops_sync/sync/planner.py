@@ -32,8 +32,10 @@ from segops_sync.states import (
     StartReason,
     Trigger,
 )
+from segops_sync.sync.approvals import take_approval
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, goes_direct
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.ledger import adopt_in_doubt
 from segops_sync.sync.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 
 # One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
@@ -93,12 +95,12 @@ def start_run(
     *,
     trigger: Trigger,
     recompute_id: str | None = None,
-    allow_mass_removal: bool = False,
 ) -> StartOutcome:
     """Open a run for a connector, unless one is going: then the trigger is coalesced.
 
     The connector row lock serialises concurrent triggers; the partial unique index on
-    running runs is the backstop.
+    running runs is the backstop. No trigger lifts the mass-removal guard: only a person's
+    approval in PostgreSQL does, taken when the run is planned (sync/approvals.py).
     """
     connector = get_connector(session, connector_id, lock=True)
     if connector.status == ConnectorStatus.INACTIVE:
@@ -118,7 +120,7 @@ def start_run(
     )
     if running is not None:
         connector.resync_requested = True
-        connector.resync_trigger = Trigger.MASS_REMOVAL if allow_mass_removal else trigger
+        connector.resync_trigger = trigger
         return StartOutcome(running, StartReason.COALESCED)
     run = SyncRun(
         id=str(uuid.uuid4()),
@@ -127,7 +129,6 @@ def start_run(
         recompute_id=recompute_id,
         status=RunStatus.RUNNING,
         phase=RunPhase.PLANNING,
-        allow_mass_removal=allow_mass_removal,
         # The clock, not the transaction start: a follow-up run opens in the transaction that
         # closes the previous one, and must not seem to start before it ended.
         started_at=datetime.now(UTC),
@@ -177,6 +178,9 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
     add_size = DIRECT_BATCH_SIZE if goes_direct(adds, settings) else ADD_BATCH_SIZE
     run.planned_adds, run.planned_removes = adds, removes
 
+    # The first run planned after a person's approval takes it, needed or not (one use).
+    if take_approval(session, connector.id, run.id) is not None:
+        run.allow_mass_removal = True
     held = (
         _mass_removal_reason(session, connector, removes, settings)
         if not run.allow_mass_removal

@@ -138,11 +138,11 @@ def _follow_up(session: Session, connector: Connector) -> StartOutcome | None:
     if not connector.resync_requested or connector.status == ConnectorStatus.INACTIVE:
         return None
     trigger = connector.resync_trigger or Trigger.COALESCED
+    # (a trigger queued as "mass-removal" before approvals were rows approves nothing now)
     return start_run(
         session,
         connector.id,
         trigger=Trigger.COALESCED if trigger == Trigger.MASS_REMOVAL else trigger,
-        allow_mass_removal=trigger == Trigger.MASS_REMOVAL,
     )
 
 

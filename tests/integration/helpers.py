@@ -186,6 +186,7 @@ def row_counts() -> dict[str, int]:
         "connector_members",
         "sync_runs",
         "sync_batches",
+        "mass_removal_approvals",
     )
     with session_scope() as s:
         return {t: int(s.scalar(text(f"SELECT count(*) FROM {t}")) or 0) for t in tables}

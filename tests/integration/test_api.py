@@ -97,6 +97,36 @@ def test_unknown_connector_is_404(api: httpx.Client) -> None:
     assert api.delete("/v1/connectors/nope").status_code == 404
 
 
+def test_a_resync_approves_a_held_mass_removal_in_the_tokens_name(
+    api: httpx.Client, klaviyo: Klaviyo, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    segment = new_segment()
+    connector_id = create_connector(klaviyo, segment)
+    members = [f"api-approve{i}@example.com" for i in range(10)]
+    recompute(segment, members, tmp_path)
+    wait_idle(connector_id)
+    recompute(segment, members[:2], tmp_path)
+    wait_idle(connector_id, runs_at_least=2)
+    runs = api.get(f"/v1/connectors/{connector_id}/runs").json()["runs"]
+    assert [(r["status"], r["approval"]) for r in runs] == [("held", None), ("succeeded", None)]
+
+    before = row_counts()
+    for bad in ({"allow_mass_removal": "yes"}, {"allow_mass_removal": 1}, {"approve": True}):
+        answer = api.post(f"/v1/connectors/{connector_id}/resync", json=bad)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]
+    assert row_counts() == before
+
+    answer = api.post(f"/v1/connectors/{connector_id}/resync", json={"allow_mass_removal": True})
+    assert answer.status_code == 202, answer.text
+    wait_idle(connector_id, runs_at_least=3)
+    assert set(klaviyo.members()) == set(members[:2])
+    newest = api.get(f"/v1/connectors/{connector_id}/runs").json()["runs"][0]
+    assert newest["status"] == "succeeded"
+    assert newest["approval"]["by"] == "api-token"
+    assert newest["approval"]["held_run_id"] == runs[0]["id"]
+
+
 def test_patching_a_fixed_key_resyncs_and_clears_the_error(
     api: httpx.Client, klaviyo: Klaviyo, worker: WorkerProcess, tmp_path: Path
 ) -> None:

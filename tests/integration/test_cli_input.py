@@ -6,7 +6,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from segops_sync.db.session import session_scope
 from tests.integration.helpers import (
     Klaviyo,
     cli,
@@ -118,6 +120,31 @@ def test_update_of_existing_connector_with_bad_values(
     _bad("connectors", "update", connector_id, "--list-id", "bad")
     _bad("connectors", "update", connector_id, "--api-key", "nope")
     _bad("connectors", "update", connector_id)
+
+
+def test_bad_mass_removal_approvals(stack_env: dict[str, str], klaviyo: Klaviyo) -> None:
+    connector_id = create_connector(klaviyo, new_segment(), activate=False)
+    # active without a sync (no worker here): only the approval's own input can be refused
+    with session_scope() as s:
+        s.execute(
+            text("UPDATE connectors SET status = 'active' WHERE id = :c"), {"c": connector_id}
+        )
+    try:
+        resync = ("connectors", "resync", connector_id)
+        line = _bad(*resync, "--by", "ops-alice")
+        assert "--by" in line and "--allow-mass-removal" in line, line
+        line = _bad(*resync, "--allow-mass-removal", "--by", "")
+        assert "--by" in line and "empty" in line, line
+        line = _bad(*resync, "--allow-mass-removal", "--by", "a" * 101)
+        assert "--by" in line and "100 characters" in line, line
+        line = _bad(*resync, "--allow-mass-removal", "--by", "ops\nalice")
+        assert "--by" in line and "control character" in line, line
+    finally:
+        with session_scope() as s:
+            s.execute(
+                text("UPDATE connectors SET status = 'inactive' WHERE id = :c"),
+                {"c": connector_id},
+            )
 
 
 def test_live_check_refuses_a_rejected_key_and_an_unknown_list(

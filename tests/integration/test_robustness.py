@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,54 @@ def test_mass_removal_is_held_until_allowed(
     assert set(klaviyo.members()) == set(members[:2])
     connector = wait_idle(connector_id, runs_at_least=3)
     assert connector.status == "active" and connector.last_error is None
+
+
+def test_a_message_cannot_approve_a_mass_removal(
+    worker: WorkerProcess, klaviyo: Klaviyo, producer_app: Celery, tmp_path: Path
+) -> None:
+    segment = new_segment()
+    connector_id = create_connector(klaviyo, segment)
+    members = [f"approve{i}@example.com" for i in range(10)]
+    recompute(segment, members, tmp_path)
+    wait_idle(connector_id)
+    recompute(segment, members[:2], tmp_path)  # a broken segment: 8 of 10 would go
+    wait_idle(connector_id, runs_at_least=2)
+    assert latest_run(connector_id).status == "held"
+
+    # Whoever reaches the broker asks for the removal: a plain resync, held again.
+    _publish(
+        producer_app, "segops.sync_connector", connector_id=connector_id, allow_mass_removal=True
+    )
+    wait_idle(connector_id, runs_at_least=3)
+    assert [r.status for r in _runs(connector_id)] == ["succeeded", "held", "held"]
+    assert set(klaviyo.members()) == set(members), "a message approved a mass removal"
+    assert "allow_mass_removal is ignored" in worker.log()
+
+    # A person approves it: the removal goes, and the run history says who.
+    held_id = latest_run(connector_id).id
+    result = cli(
+        "connectors", "resync", connector_id, "--allow-mass-removal", "--by", "ops-alice", "--wait"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(klaviyo.members()) == set(members[:2])
+    history = json.loads(cli("connectors", "history", connector_id, "--json", check=True).stdout)
+    assert [d["status"] for d in history] == ["succeeded", "held", "held", "succeeded"]
+    approval = history[0]["approval"]
+    assert set(approval) == {"by", "at", "expires_at", "held_run_id"}
+    assert (approval["by"], approval["held_run_id"]) == ("ops-alice", held_id)
+    assert datetime.fromisoformat(approval["at"]) < datetime.fromisoformat(approval["expires_at"])
+    assert [d["approval"] for d in history[1:]] == [None, None, None]
+    lines = cli("connectors", "history", connector_id, check=True).stdout.splitlines()
+    assert "approved by ops-alice" in lines[0]
+    assert not any("approved by" in line for line in lines[1:])
+
+    # The approval served that run only: the next broken segment is held again.
+    recompute(segment, members[:2] + [f"approve-new{i}@example.com" for i in range(2)], tmp_path)
+    wait_idle(connector_id, runs_at_least=5)
+    recompute(segment, [], tmp_path)
+    wait_idle(connector_id, runs_at_least=6)
+    assert latest_run(connector_id).status == "held"
+    assert len(klaviyo.members()) == 4
 
 
 @pytest.mark.parametrize("fate", ["lose", "expire"])

@@ -8,20 +8,29 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from segops_sync.config import get_settings
 from segops_sync.connectors import create_connector
-from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncBatchItem, SyncRun
+from segops_sync.db.models import (
+    Connector,
+    LedgerEntry,
+    MassRemovalApproval,
+    SyncBatch,
+    SyncBatchItem,
+    SyncRun,
+)
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint, ProfileInput
 from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
 from segops_sync.states import BatchStatus, ConnectorStatus, Trigger
 from segops_sync.sync import batches, planner, traits
 from segops_sync.sync.access import KlaviyoAccess, Throttled
+from segops_sync.sync.approvals import APPROVAL_LIFETIME, approve_mass_removal
 from segops_sync.sync.batches import Finished, Later, PostgresBatchStore, run_batch
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, Delta, expected_requests
 from segops_sync.sync.planner import (
@@ -111,12 +120,14 @@ def _planned_run(w: World, segment: str, members: list[str]) -> tuple[str, str, 
         return connector_id, run_id, plan_run(s, run_id, get_settings())
 
 
-def _sync(w: World, connector_id: str, *, allow_mass_removal: bool = False) -> SyncRun:
-    """One whole run, each batch driven to the end in this process, as a worker would."""
+def _sync(w: World, connector_id: str, *, approved_by: str | None = None) -> SyncRun:
+    """One whole run, each batch driven to the end in this process, as a worker would
+    (``approved_by``: a person approved a mass removal first)."""
+    if approved_by is not None:
+        with session_scope() as s:
+            approve_mass_removal(s, connector_id, by=approved_by)
     with session_scope() as s:
-        outcome = start_run(
-            s, connector_id, trigger=Trigger.RESYNC, allow_mass_removal=allow_mass_removal
-        )
+        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC)
     assert outcome.reason == "started" and outcome.run_id
     with session_scope() as s:
         plan = plan_run(s, outcome.run_id, get_settings())
@@ -153,7 +164,9 @@ def test_plan_cuts_the_delta_into_batches_of_one_call(world: World) -> None:
         p = preview(s, connector_id)
         assert (p.adds, p.removes) == (len(members), 2500)
     with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC, allow_mass_removal=True).run_id
+        approve_mass_removal(s, connector_id, by="test")
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
     assert run_id
     with session_scope() as s:
         plan = plan_run(s, run_id, get_settings())
@@ -562,8 +575,61 @@ def test_mass_removal_is_held_then_applied_when_allowed(world: World) -> None:
         assert plan_run(s, run_id, get_settings()).status == "held"
         assert s.get_one(SyncRun, run_id).status == "held"
     assert _on_list(world) == set(members)
-    run = _sync(world, connector_id, allow_mass_removal=True)
+    run = _sync(world, connector_id, approved_by="ops-alice")
     assert (run.status, run.removed) == ("succeeded", 6)
+    assert _on_list(world) == set(members[:4])
+    with session_scope() as s:
+        approval = s.scalars(
+            select(MassRemovalApproval).where(MassRemovalApproval.connector_id == connector_id)
+        ).one()
+        assert (approval.approved_by, approval.held_run_id) == ("ops-alice", run_id)
+        assert approval.run_id == run.id
+        assert approval.expires_at == approval.approved_at + APPROVAL_LIFETIME
+
+
+def _held_again(w: World, segment: str, connector_id: str, members: list[str]) -> SyncRun:
+    """The segment shrinks to ``members``: a run that the guard holds."""
+    _set_members(segment, members)
+    run = _sync(w, connector_id)
+    assert run.status == "held", run.error
+    return run
+
+
+def test_an_approval_serves_one_run_before_it_expires(world: World) -> None:
+    segment = f"approval-{uuid.uuid4().hex[:6]}"
+    members = [f"a{i}@example.com" for i in range(10)]
+    connector_id = _connector(world, segment, members)
+    _sync(world, connector_id)
+    _held_again(world, segment, connector_id, members[:4])
+
+    # an expired approval approves nothing
+    with session_scope() as s:
+        approve_mass_removal(s, connector_id, by="ops-alice")
+        s.execute(
+            update(MassRemovalApproval)
+            .where(MassRemovalApproval.connector_id == connector_id)
+            .values(expires_at=func.now() - timedelta(seconds=1))
+        )
+    _held_again(world, segment, connector_id, members[:4])
+    assert _on_list(world) == set(members)
+
+    # a newer approval ends an unused one: only the newest serves, and only once
+    with session_scope() as s:
+        approve_mass_removal(s, connector_id, by="ops-bob")
+        approve_mass_removal(s, connector_id, by="ops-carol")
+    applied = _sync(world, connector_id)
+    assert (applied.status, applied.removed) == ("succeeded", 6)
+    assert _on_list(world) == set(members[:4])
+    with session_scope() as s:
+        taken = s.scalars(
+            select(MassRemovalApproval.approved_by).where(
+                MassRemovalApproval.connector_id == connector_id,
+                MassRemovalApproval.run_id.is_not(None),
+            )
+        ).all()
+    assert taken == ["ops-carol"]
+    # the next broken segment is held again: the approval was used up
+    _held_again(world, segment, connector_id, members[:1])
     assert _on_list(world) == set(members[:4])
 
 
