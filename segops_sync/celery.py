@@ -60,6 +60,7 @@ TASK_ROUTES: dict[str, dict[str, str | int]] = {
     "segops.finish_run": {"queue": SEGOPS_QUEUE},
     "segops.run_failed": {"queue": SEGOPS_QUEUE},
     "segops.sweep_runs": {"queue": SEGOPS_QUEUE},
+    "segops.purge_expired": {"queue": SEGOPS_QUEUE},
     "segops.verify_connectors": {"queue": SEGOPS_QUEUE},
     # a list read back takes minutes at 1M members: it waits among the Klaviyo work, never
     # in front of a recompute message
@@ -96,7 +97,9 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_prefetch_multiplier=1,
         # Chord counters live as long as results: far longer than any backlog.
         result_expires=7 * 24 * 3600,
-        result_extended=True,  # task args are ids only, so this copies nothing sensitive
+        # Stores a task's args with its result: ids only, except context_identified's, which
+        # never stores a result (observability/task_data.py)
+        result_extended=True,
         broker_transport_options=broker_transport,
         result_backend_transport_options=dict(transport),
         broker_connection_retry_on_startup=True,
@@ -111,6 +114,8 @@ def configure(app: Celery, settings: Settings) -> None:
                 "task": "segops.verify_connectors",
                 "schedule": settings.verify_interval,
             },
+            # member details past SEGOPS_RETENTION_DAYS, snapshots of crashed verifications
+            "purge-expired-data": {"task": "segops.purge_expired", "schedule": PURGE_INTERVAL},
         },
     )
 
@@ -143,7 +148,12 @@ def _survive_broker_loss() -> None:
 
 
 _survive_broker_loss()
-app = Celery("segops_sync", include=["segops_sync.tasks"])
+# MaskingAMQP: every message published from here carries masked argsrepr / kwargsrepr
+app = Celery(
+    "segops_sync",
+    include=["segops_sync.tasks"],
+    amqp="segops_sync.observability.task_data:MaskingAMQP",
+)
 try:
     configure(app, get_settings())
 except ConfigError as exc:  # pragma: no cover - reported when the worker starts

@@ -70,7 +70,10 @@ def check_keys_at_start(settings: Settings) -> str | None:
     """
     secret_key = settings.require_secret_key()
     engine = create_engine(
-        settings.require_database_url(), poolclass=NullPool, connect_args={"connect_timeout": 10}
+        settings.require_database_url(),
+        poolclass=NullPool,
+        connect_args={"connect_timeout": 10},
+        hide_parameters=True,  # an error is printed at start: no stored values in it
     )
     try:
         with Session(engine) as session:

@@ -36,7 +36,9 @@ def demo_database(server_url: str, name: str) -> str:
     changed SEGOPS_SECRET_KEY never meets a previous run's connectors)."""
     if name == make_url(server_url).database:
         raise ValueError(f"the demo's database must not be the stack's own ({name!r})")
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    admin = create_engine(
+        server_url, isolation_level="AUTOCOMMIT", poolclass=NullPool, hide_parameters=True
+    )
     try:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

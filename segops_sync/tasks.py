@@ -35,6 +35,7 @@ from segops_sync.sync.costs import removals_first
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
 from segops_sync.sync.recovery import fail_crashing_batch, run_ready_to_close
+from segops_sync.sync.retention import purge_expired
 from segops_sync.sync.runs import (
     RunClosed,
     closed_summary,
@@ -71,6 +72,8 @@ class SegopsTask(Task):  # type: ignore[misc]
     acks_late = True  # a crash re-delivers the task; every task is idempotent
     ignore_result = True
     trail = False  # no child results kept on the parent: the chord reads none of them
+    # events, Flower, `celery inspect` and the result backend see masked arguments only
+    Request = "segops_sync.observability.task_data:MaskingRequest"
 
 
 class BatchTask(SegopsTask):
@@ -414,6 +417,20 @@ def sweep_runs() -> None:
             finish_run_task.delay(item.run_id)
         else:
             dispatch(item.run_id, item.remove_batch_ids, item.add_batch_ids)
+
+
+@app.task(base=SegopsTask, name="segops.purge_expired", max_retries=3)
+def purge_expired_data() -> None:
+    """Beat: delete member details past SEGOPS_RETENTION_DAYS and the list snapshots of crashed
+    verifications (sync/retention.py)."""
+    purged = purge_expired(get_settings())
+    if purged.runs or purged.snapshots:
+        log.info(
+            "retention: member details of %d runs (%d rows) and %d snapshot rows deleted",
+            purged.runs,
+            purged.items,
+            purged.snapshots,
+        )
 
 
 @app.task(base=SegopsTask, bind=True, name="segops.deliver_alert")

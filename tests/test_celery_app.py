@@ -72,7 +72,12 @@ def test_every_task_takes_its_retry_and_result_options_from_one_base() -> None:
         assert task.ignore_result is (name not in chord_header), name
         assert isinstance(task, BatchTask) is (name in chord_header), name
         # Periodic work gives up after a few tries (the next tick comes); the rest never drops.
-        periodic = {"segops.sweep_runs", "segops.verify_connectors", "segops.verify_connector"}
+        periodic = {
+            "segops.sweep_runs",
+            "segops.verify_connectors",
+            "segops.verify_connector",
+            "segops.purge_expired",
+        }
         assert task.max_retries == (3 if name in periodic else None), name
 
 

@@ -22,6 +22,9 @@ def make_engine(url: str) -> Engine:
         pool_pre_ping=True,  # survive a PostgreSQL restart without a worker restart
         pool_size=5,
         max_overflow=5,
+        # SQL errors name their statement, never its values: those are emails, ids and traits,
+        # and errors end up in logs, task events and run errors.
+        hide_parameters=True,
         # No server-side prepared statements: a generic plan cached while a table was empty
         # (the ledger before a first sync) outlives its shape; one run later its anti-join
         # seq-scanned a million ledger rows per member. Every statement is planned with the

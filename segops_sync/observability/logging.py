@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,8 +36,16 @@ _context: dict[str, ContextVar[str | None]] = {
 
 # Shapes of member data that can be recognised in free text. External ids cannot be; they are
 # kept out by never logging them and by rewriting library URLs.
-_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+(?:@|%40)[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
+# A match starts only where a run of local-part characters starts: without the look-behind, a
+# long run with no "@" is scanned again from each of its characters (10 MB of one argument held
+# a worker's consumer for hours).
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9._%+\-]+(?:@|%40)[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+"
+)
 _PHONE = re.compile(r"(?:\+|%2B)[1-9][0-9 ().\-]{6,18}[0-9]")
+# PostgreSQL's DETAIL line quotes row values ("Failing row contains (…)", "Key (user_id)=(…)"):
+# user ids and traits no pattern recognises. It ends at a newline, or at "\n" in a repr.
+_PG_DETAIL = re.compile(r"(DETAIL:\s*)(?:(?!\\n)[^\n])+")
 MASK = "[redacted]"
 _POOL_APPLY = "TaskPool: Apply %s (args:%s kwargs:%s)"  # celery/concurrency/base.py
 
@@ -122,9 +131,10 @@ def _is_url(value: Any) -> bool:
 
 
 class MemberDataFilter(logging.Filter):
-    """Masks emails, phone numbers and API keys in the final text of every record; and drops
-    the task arguments Celery's pool prints at DEBUG (``context_identified`` carries a user id
-    and an email there)."""
+    """Masks emails, phone numbers and API keys in the final text of every record, its
+    traceback included (an exception's text quotes what failed: a SQL error's row, an email);
+    and drops the task arguments Celery's pool prints at DEBUG (``context_identified`` carries a
+    user id and an email there)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == _POOL_APPLY and isinstance(record.args, tuple) and len(record.args) == 3:
@@ -136,11 +146,31 @@ class MemberDataFilter(logging.Filter):
         cleaned = mask_member_data(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        _mask_traceback(record)
         return True
 
 
+_TRACEBACKS = logging.Formatter()
+
+
+def _mask_traceback(record: logging.LogRecord) -> None:
+    """The traceback becomes masked text (``exc_text``), which the text and JSON formatters both
+    print as it is when the record carries no ``exc_info`` left to format."""
+    info: Any = record.exc_info
+    if info is True:  # Celery's records may carry True: the exception being handled
+        info = sys.exc_info()
+    if isinstance(info, tuple) and info[0] is not None:
+        record.exc_text = record.exc_text or _TRACEBACKS.formatException(info)
+    record.exc_info = None
+    if record.exc_text:
+        record.exc_text = mask_member_data(record.exc_text)
+    if record.stack_info:
+        record.stack_info = mask_member_data(record.stack_info)
+
+
 def mask_member_data(text: str) -> str:
-    return _PHONE.sub(MASK, _EMAIL.sub(MASK, scrub(text)))
+    masked = _PHONE.sub(MASK, _EMAIL.sub(MASK, scrub(text)))
+    return _PG_DETAIL.sub(lambda m: m.group(1) + MASK, masked)
 
 
 class JsonLines(JsonFormatter):

@@ -11,7 +11,7 @@ config = context.config
 url = config.get_main_option("sqlalchemy.url")
 assert url, "segops-sync db upgrade sets sqlalchemy.url"
 
-connectable = create_engine(url, poolclass=pool.NullPool)
+connectable = create_engine(url, poolclass=pool.NullPool, hide_parameters=True)
 with connectable.connect() as connection:
     context.configure(connection=connection, target_metadata=Base.metadata)
     with context.begin_transaction():
