@@ -385,11 +385,45 @@ def _resend(held: liveness.Held) -> None:
     app.send_task(held.name, args=held.args, kwargs=held.kwargs)
 
 
+def _marker_redis(settings: Settings) -> tuple[list[str], list[redis.Redis]]:
+    """Each Redis whose loss loses work, once: the broker's (queued and unacknowledged
+    messages), the result backend's (chord counters), the limiter's (heartbeats, held tasks)."""
+    roles: dict[str, list[str]] = {}
+    for role, url in (
+        ("broker", settings.broker_url),
+        ("result backend", settings.result_backend),
+        ("limiter", settings.limiter_url),
+    ):
+        if is_redis_url(url):
+            roles.setdefault(url, []).append(role)
+    names = [" and ".join(r) for r in roles.values()]
+    clients = [
+        redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10) for url in roles
+    ]
+    return names, clients
+
+
+def _redis_data_lost(names: list[str]) -> Callable[[list[int]], None]:
+    """Redis lost its data (or this is the fleet's first start): the sweeper's re-dispatch runs
+    now for every open run PostgreSQL knows, instead of after ``stuck_after`` (15 minutes)."""
+
+    def resend_open_runs(lost: list[int]) -> None:
+        which = ", ".join(names[i] for i in lost)
+        log.warning(
+            "Redis (%s) has no marker: lost its data or first start; every open run is re-sent",
+            which,
+        )
+        app.send_task("segops.sweep_runs", kwargs={"redis_data_lost": True})
+
+    return resend_open_runs
+
+
 @signals.worker_ready.connect
 def _start_liveness(**_: Any) -> None:
     global _liveness
     settings = get_settings()
     r, keys = liveness_redis()
+    names, markers = _marker_redis(settings)
     _liveness = liveness.NodeLiveness(
         r,
         keys,
@@ -398,6 +432,8 @@ def _start_liveness(**_: Any) -> None:
         ttl=settings.heartbeat_ttl,
         scan_interval=settings.liveness_scan_interval,
         broker_gives_back=not settings.broker_is_redis,
+        markers=markers,
+        on_data_lost=_redis_data_lost(names),
     )
     _liveness.start()
 

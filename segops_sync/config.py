@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # 100 jobs): 1 s is 60 of the list endpoint's 150/min, the watcher's stated 40 % share
     # (and one early poll at the newest job's expected end, never above 60 %: sync/watcher.py).
     job_poll_interval: float = Field(default=1.0, gt=0)
+    # A bulk import job still queued or processing this long after Klaviyo created it is taken
+    # as lost: its members are sent again in a new job (the batch never waits forever).
+    job_give_up: float = Field(default=7200.0, gt=0)
     # Runs with at most this many adds send them synchronously (profile-import + list write)
     # instead of in a bulk job; unset = from Klaviyo's limits (sync/costs.py), 0 = never.
     direct_add_limit: int | None = Field(default=None, ge=0)
@@ -104,7 +107,10 @@ class Settings(BaseSettings):
     # Transient failures (5xx, transport) a batch tolerates before the run fails.
     transient_retry_budget: int = Field(default=8, ge=0)
     # A worker node's heartbeat in Redis lives this long (refreshed every third of it); its work
-    # is re-sent by the other workers once it expired. How often each node looks for such work.
+    # is re-sent by the other workers once it expired. How often each node looks for such work,
+    # and checks its Redis markers: a Redis that lost its data (restart without persistence,
+    # failover to an empty replica) is noticed within this interval and every open run re-sent
+    # at once (sync/liveness.py), so the loss costs seconds, well under two minutes.
     heartbeat_ttl: float = Field(default=10.0, ge=3)
     liveness_scan_interval: float = Field(default=5.0, gt=0)
     # Deliveries of one batch that killed their worker process (OOM, segfault) before the batch
@@ -130,6 +136,10 @@ class Settings(BaseSettings):
     alert_webhook_secret: SecretStr | None = None
     # Seconds between progress lines of `connectors resync --wait` off a terminal.
     progress_interval: float = Field(default=5.0, gt=0)
+    # Days a finished run's member details (its batch items, rejected members included, and the
+    # member lists of its batches) are kept: long enough to look into a month of runs and
+    # rejections, then deleted by the beat (sync/retention.py; README "Data we keep").
+    retention_days: int = Field(default=30, ge=1)
 
     @field_validator("database_url")
     @classmethod

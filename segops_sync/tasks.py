@@ -43,7 +43,7 @@ from segops_sync.sync.runs import (
     finish_run,
     refresh_statistics,
 )
-from segops_sync.sync.sweeper import StuckAction, find_stuck_runs
+from segops_sync.sync.sweeper import StuckAction, find_open_runs, find_stuck_runs
 from segops_sync.sync.verify import Comparison
 
 log = logging.getLogger("segops_sync.tasks")
@@ -400,17 +400,25 @@ def remove_batch(self: Task, batch_id: int) -> dict[str, Any]:
 
 # Periodic: the next beat tick comes anyway, so a few retries are enough.
 @app.task(base=SegopsTask, name="segops.sweep_runs", max_retries=3)
-def sweep_runs() -> None:
-    """Beat: finish or re-dispatch runs that made no progress for too long (lost chords)."""
+def sweep_runs(*, redis_data_lost: Any = False) -> None:
+    """Beat: finish or re-dispatch runs that made no progress for too long (lost chords).
+
+    ``redis_data_lost``: sent by a worker node that found a Redis marker gone (sync/liveness.py,
+    within ``liveness_scan_interval``): every open run is re-sent now, not after
+    ``stuck_after``, with the same re-dispatch as a stuck run."""
     settings = get_settings()
+    data_lost = redis_data_lost is True
     with session_scope() as s:
-        stuck = find_stuck_runs(s, settings.stuck_after)
+        stuck = find_open_runs(s) if data_lost else find_stuck_runs(s, settings.stuck_after)
         lost = lost_alerts(s, settings.stuck_after)
     for delivery_id in lost:
         deliver_alert.delay(delivery_id)
     for item in stuck:
         obs_log.bind(run_id=item.run_id)
-        log.warning("run %s made no progress: %s", item.run_id, item.action)
+        if data_lost:
+            log.warning("run %s re-sent after Redis lost its data: %s", item.run_id, item.action)
+        else:
+            log.warning("run %s made no progress: %s", item.run_id, item.action)
         if item.action == StuckAction.PLAN:
             plan_run_task.delay(item.run_id)
         elif item.action == StuckAction.FINISH:

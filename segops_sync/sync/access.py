@@ -153,6 +153,7 @@ class KlaviyoAccess:
             interval=settings.job_poll_interval,
             time_scale=settings.klaviyo_time_scale,
             prefix=f"{prefix}segops:jobs",
+            give_up=settings.job_give_up,
         )
 
     def account_of(self, api_key: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random
 
@@ -51,7 +51,7 @@ from segops_sync.sync.limiter import spread
 from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.planner import materialize_batch
 from segops_sync.sync.traits import trait_profiles
-from segops_sync.sync.watcher import AccountJobs
+from segops_sync.sync.watcher import AccountJobs, job_overdue
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +360,22 @@ def _finish(ctx: BatchContext) -> Finished:
                 pending=counts.get(ItemOutcome.PENDING, 0),
                 updated=counts.get(ItemOutcome.UPDATED, 0),
                 traits_dropped=dropped,
+                in_doubt=False,  # every member it sent has its outcome
             )
         )
     return Finished(ctx.batch_id, True)
+
+
+def _mark_sending(ctx: BatchContext) -> None:
+    """Committed before Klaviyo is asked to add members: if the run ends between Klaviyo's
+    answer and the ledger write, the next run's planner still finds them (they may be on the
+    list) and enters them in the ledger unconfirmed (sync/ledger.py adopt_in_doubt)."""
+    with session_scope() as s:
+        s.execute(
+            update(SyncBatch)
+            .where(SyncBatch.id == ctx.batch_id)
+            .values(in_doubt=True, sent_at=func.coalesce(SyncBatch.sent_at, func.now()))
+        )
 
 
 def _set_outcome(
@@ -448,6 +461,7 @@ def _add(
         unsent = _unsent(ctx)
     if unsent:
         members = trait_profiles(ctx.run_id, unsent)
+        _mark_sending(ctx)
         start = 0
         chunks = split_into_jobs([p for _, p in members])
         with limited.patient(SUBMIT_PATIENCE):
@@ -479,10 +493,22 @@ def _add(
             failed_count = jobs.final(job_id)
             if failed_count is None:
                 job = quick_retry(client.get_bulk_import_job, job_id)
-                if job.status in ("queued", "processing"):
+                if job.status in ("queued", "processing") and not job_overdue(
+                    job.created_at, settings.job_give_up, _now_us()
+                ):
                     jobs.still_running(job_id)  # the poll missed it (a page shifted)
                     running = True
                     continue
+                if job.status in ("queued", "processing"):  # SEGOPS_JOB_GIVE_UP is past
+                    log.warning(
+                        "bulk import job %s unfinished %.0fs after it was created: taken as "
+                        "lost, its members are sent again",
+                        job_id,
+                        settings.job_give_up,
+                    )
+                    _resend(ctx, job_id)
+                    jobs.forget([job_id])
+                    return Later(0.1, "resend a job given up")
                 if job.status == "complete":
                     failed_count = job.failed_count
                     jobs.remember_final(job_id, failed_count)  # read once, even if deferred
@@ -523,6 +549,7 @@ def _add_direct(ctx: BatchContext, client: KlaviyoClient, settings: Settings) ->
         client,
         retry=quick_retry,
         on_progress=progress,
+        on_sending=lambda: _mark_sending(ctx),
     )
     if again is not None:
         return Later(0.1, again)
@@ -578,6 +605,10 @@ def _submit(
             _progress(s, ctx)
         jobs.register([job_id], {job_id: job.created_at})
         return
+
+
+def _now_us() -> int:
+    return round(datetime.now(UTC).timestamp() * 1_000_000)
 
 
 def _resend(ctx: BatchContext, job_id: str) -> None:

@@ -15,6 +15,14 @@ our own record, after Sidekiq's super_fetch and RQ's abandoned-job registry:
   RabbitMQ the broker already gave those messages back when the connection dropped, so the
   scan only forgets the entries.
 
+Redis itself may lose its data (a restart without persistence, a failover to an empty replica):
+queued messages on Redis as the broker, chord counters, held records. PostgreSQL still knows every
+open run and batch. Each Redis the fleet uses holds a marker key; the scan of every node checks
+it, and the node that finds it gone re-sends every open run at once (the sweeper's re-dispatch,
+``segops.sweep_runs`` with ``redis_data_lost``), instead of after the sweeper's ``stuck_after``
+(15 minutes). The bound is by design: detection within ``liveness_scan_interval`` (5 s), then
+the batches' own work.
+
 Re-sent work may meet its original message again (Redis redelivers it after the visibility
 timeout): batches are idempotent on PostgreSQL state, and :func:`enter_batch` lets one copy of
 a batch run at a time. It also counts deliveries that killed their process: a batch that keeps
@@ -32,7 +40,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +108,10 @@ class Keys:
 
     def crashes(self, batch_id: int) -> str:
         return f"{self.prefix}crashes:batch:{batch_id}"
+
+    @property
+    def marker(self) -> str:
+        return f"{self.prefix}marker"
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,40 @@ def scan(
         r.register_script(_DEL_IF_EQUAL)(keys=[keys.scan_lock], args=[token])
 
 
+# -- Redis lost its data: a marker key that vanished ----------------------------------------------
+
+# While a node re-sends the open runs after a loss, its marker holds this lease (milliseconds):
+# the other nodes leave the recovery to it, and a node that dies meanwhile leaves a lease that
+# expires, so the next scan of any node tries again.
+MARKER_LEASE_MS = 60_000
+MARKER_OK = "ok"
+
+
+def take_lost_markers(clients: Sequence[redis.Redis], keys: Keys, node: str) -> list[int]:
+    """Which of these Redis servers lost the marker (a restart without persistence, a failover
+    to an empty replica, a flush): for each, the one caller that finds it gone takes it with a
+    lease, and must call :func:`confirm_markers` once it recovered (or :func:`drop_markers`)."""
+    lease = f"recovering:{node}"
+    return [
+        index
+        for index, client in enumerate(clients)
+        if client.set(keys.marker, lease, nx=True, px=MARKER_LEASE_MS)
+    ]
+
+
+def confirm_markers(clients: Sequence[redis.Redis], keys: Keys) -> None:
+    """The recovery is under way: the markers stay until Redis loses its data again."""
+    for client in clients:
+        client.set(keys.marker, MARKER_OK)
+
+
+def drop_markers(clients: Sequence[redis.Redis], keys: Keys, node: str) -> None:
+    """The recovery failed: the next scan (of any node) finds the markers gone again."""
+    lease = f"recovering:{node}"
+    for client in clients:
+        client.register_script(_DEL_IF_EQUAL)(keys=[keys.marker], args=[lease])
+
+
 # -- one copy of a batch at a time; a poison pill is stopped --------------------------------------
 
 
@@ -330,11 +376,16 @@ class NodeLiveness(threading.Thread):
         ttl: float,
         scan_interval: float,
         broker_gives_back: bool,
+        markers: Sequence[redis.Redis] = (),
+        on_data_lost: Callable[[list[int]], None] | None = None,
     ) -> None:
         super().__init__(name="segops-liveness", daemon=True)
         self.r, self.keys, self.node, self.resend = r, keys, node, resend
         self.ttl, self.scan_interval = ttl, scan_interval
         self.broker_gives_back = broker_gives_back
+        # The Redis servers whose loss loses work (broker, result backend, limiter), and what
+        # re-sends the open runs when one lost its data (given the indexes of those that did).
+        self.markers, self.on_data_lost = list(markers), on_data_lost
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -344,6 +395,7 @@ class NodeLiveness(threading.Thread):
                 beat(self.r, self.keys, self.node, self.ttl)
                 if time.monotonic() >= next_scan:
                     self.scan_once()
+                    self.check_markers()
                     next_scan = time.monotonic() + self.scan_interval
             except redis.RedisError as exc:  # Redis away for a while: keep trying
                 log.warning("liveness: %s", exc)
@@ -366,6 +418,23 @@ class NodeLiveness(threading.Thread):
                 "re-sent" if result.resent else "the broker gave them back",
             )
         return result
+
+    def check_markers(self) -> list[int]:
+        """Re-send the open runs when a Redis lost its data: found within one scan interval."""
+        if self.on_data_lost is None or not self.markers:
+            return []
+        lost = take_lost_markers(self.markers, self.keys, self.node)
+        if not lost:
+            return []
+        taken = [self.markers[i] for i in lost]
+        try:
+            self.on_data_lost(lost)
+        except Exception as exc:  # PostgreSQL or the broker away: the next scan tries again
+            log.warning("liveness: could not recover from lost Redis data yet: %s", exc)
+            drop_markers(taken, self.keys, self.node)
+            return []
+        confirm_markers(taken, self.keys)
+        return lost
 
     def stop(self) -> None:
         self.stopping.set()

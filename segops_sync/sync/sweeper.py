@@ -33,21 +33,33 @@ class StuckRun:
 
 def find_stuck_runs(session: Session, stuck_after: float) -> list[StuckRun]:
     now = datetime.now(UTC)
-    cutoff = now - timedelta(seconds=stuck_after)
+    return _claim_runs(session, now, now - timedelta(seconds=stuck_after))
+
+
+def find_open_runs(session: Session) -> list[StuckRun]:
+    """Every running run, however recent its progress: Redis lost its data (the fleet found
+    its marker gone, sync/liveness.py), so queued messages and chord state may be gone with
+    it. PostgreSQL knows every open run and batch; re-sending them is safe (batches are
+    idempotent, and one copy of a batch runs at a time)."""
+    now = datetime.now(UTC)
+    return _claim_runs(session, now, None)
+
+
+def _claim_runs(session: Session, now: datetime, cutoff: datetime | None) -> list[StuckRun]:
     last_progress = (
         select(SyncBatch.run_id, func.max(SyncBatch.updated_at).label("at"))
         .group_by(SyncBatch.run_id)
         .subquery()
     )
-    runs = session.execute(
+    query = (
         select(SyncRun.id, SyncRun.phase)
         .outerjoin(last_progress, last_progress.c.run_id == SyncRun.id)
-        .where(
-            SyncRun.status == RunStatus.RUNNING,
-            func.coalesce(last_progress.c.at, SyncRun.started_at) < cutoff,
-        )
+        .where(SyncRun.status == RunStatus.RUNNING)
         .with_for_update(of=SyncRun, skip_locked=True)
-    ).all()
+    )
+    if cutoff is not None:
+        query = query.where(func.coalesce(last_progress.c.at, SyncRun.started_at) < cutoff)
+    runs = session.execute(query).all()
     stuck: list[StuckRun] = []
     for run_id, phase in runs:
         if phase == RunPhase.PLANNING:

@@ -105,6 +105,7 @@ class JobWatcher:
         time_scale: float = 1.0,
         prefix: str = "segops:jobs",
         share: float = POLL_SHARE,
+        give_up: float | None = None,
     ) -> None:
         if not (interval > 0 and math.isfinite(interval)):
             raise ValueError("interval must be a positive number of seconds")
@@ -113,6 +114,8 @@ class JobWatcher:
         self._redis = redis_client
         self.interval = interval
         self.prefix = prefix
+        # A job unfinished this long after Klaviyo created it is handed to its batch (seconds).
+        self.give_up = give_up
         limit = ENDPOINT_LIMITS[Endpoint.LIST_BULK_IMPORT_JOBS]
         # Seconds per page that keep polling within `share` of the steady budget.
         self.spacing = 60.0 / (share * limit.steady) / time_scale
@@ -267,6 +270,10 @@ class JobWatcher:
                         took.append(_epoch_us(job.completed_at) - _epoch_us(job.created_at))
                 elif job.status not in UNFINISHED:
                     verdicts[job.id] = "1"  # cancelled: its batch reads it and resends
+                elif self.give_up is not None and job_overdue(
+                    job.created_at, self.give_up, started
+                ):
+                    verdicts[job.id] = "1"  # never finishing: its batch gives it up
                 if not wanted:
                     break
             if oldest is not None and job.created_at and _epoch_us(job.created_at) < oldest:
@@ -339,6 +346,12 @@ class AccountJobs:
 
     def forget(self, job_ids: Iterable[str]) -> None:
         self.watcher.forget(self.account, job_ids)
+
+
+def job_overdue(created_at: datetime | None, give_up: float, now_us: int) -> bool:
+    """A job still unfinished ``give_up`` seconds after Klaviyo created it is taken as lost
+    (``SEGOPS_JOB_GIVE_UP``): its batch sends its members again rather than wait forever."""
+    return created_at is not None and now_us - _epoch_us(created_at) > give_up * 1_000_000
 
 
 def _time_us(reply: tuple[Any, Any]) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 from segops_sync.sync import liveness
 from segops_sync.sync.liveness import Held, Keys
+from segops_sync.sync.locks import refreshed_lock
 
 
 @pytest.fixture
@@ -169,3 +170,61 @@ def test_an_oversized_message_is_not_recorded(r: fakeredis.FakeRedis) -> None:
     huge = Held("t1", "n1", "segops.recompute_finished", [], {"segment_id": "x" * 100_000})
     assert not liveness.hold(r, KEYS, huge)
     assert liveness.held_by(r, KEYS) == []
+
+
+# -- a Redis that lost its data: the marker ------------------------------------------------------
+
+
+def _node(
+    r: fakeredis.FakeRedis, on_lost: list[list[int]], *, fail: bool = False
+) -> liveness.NodeLiveness:
+    def data_lost(lost: list[int]) -> None:
+        if fail:
+            raise ConnectionError("PostgreSQL away")
+        on_lost.append(lost)
+
+    return liveness.NodeLiveness(
+        r,
+        KEYS,
+        "n1",
+        lambda _: None,
+        ttl=10,
+        scan_interval=5,
+        broker_gives_back=False,
+        markers=[r],
+        on_data_lost=data_lost,
+    )
+
+
+def test_a_vanished_marker_resends_the_open_runs_once(r: fakeredis.FakeRedis) -> None:
+    lost: list[list[int]] = []
+    node, other = _node(r, lost), _node(r, lost)
+    assert node.check_markers() == [0]  # first start: nothing marked yet
+    assert other.check_markers() == [] and node.check_markers() == []
+    assert r.get(KEYS.marker) == b"ok"
+    r.flushall()  # Redis lost its data
+    assert other.check_markers() == [0] and node.check_markers() == []
+    assert lost == [[0], [0]]
+
+
+def test_a_failed_recovery_is_tried_again_at_the_next_scan(r: fakeredis.FakeRedis) -> None:
+    lost: list[list[int]] = []
+    assert _node(r, lost, fail=True).check_markers() == []
+    assert r.get(KEYS.marker) is None  # the lease was given back
+    assert _node(r, lost).check_markers() == [0] and lost == [[0]]
+
+
+def test_a_refreshed_lock_outlives_its_ttl_and_is_released(r: fakeredis.FakeRedis) -> None:
+    with refreshed_lock(r, "t-lock", ttl=0.3) as held:
+        assert held
+        time.sleep(1.0)  # three TTLs: the holder's thread kept it
+        with refreshed_lock(r, "t-lock", ttl=0.3) as second:
+            assert not second
+    assert r.get("t-lock") is None
+
+
+def test_a_dead_holders_lock_expires(r: fakeredis.FakeRedis) -> None:
+    r.set("t-lock", "someone-dead", px=200)
+    time.sleep(0.3)
+    with refreshed_lock(r, "t-lock", ttl=0.3) as held:
+        assert held

@@ -10,6 +10,7 @@ Choices where Klaviyo's behaviour is unconfirmed (see docs/klaviyo.md#not-confir
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import threading
@@ -306,6 +307,8 @@ class Simulator:
         self._forced_429: list[float] = []
         self._not_before: dict[tuple[str, Endpoint], float] = {}
         self._subscription_calls = 0
+        # Jobs still to be created that stay "processing" forever (stall_next_jobs).
+        self._stall_next = 0
         # Profiles accepted in bulk import jobs, per account and identifier (external_id, else
         # email): how many times a sync sent each member.
         self._submitted: dict[str, dict[str, int]] = {}
@@ -613,6 +616,12 @@ class Simulator:
             job = self._job_record(job_id)
             job.fate = "lost"
             self._pending_jobs = [j for j in self._pending_jobs if j != job_id]
+
+    def stall_next_jobs(self, count: int) -> None:
+        """The next ``count`` bulk import jobs created stay "processing" forever, nothing of
+        them applied: a job Klaviyo never finishes (tests of SEGOPS_JOB_GIVE_UP)."""
+        with self._lock:
+            self._stall_next = count
 
     def cancel_job(self, job_id: str) -> None:
         """The job is cancelled before it ran: status 'cancelled', nothing applied."""
@@ -1355,6 +1364,9 @@ class Simulator:
             list_ids=list_ids,
         )
         self._jobs[job.id] = job
+        if self._stall_next > 0:  # never due, never applied: it answers "processing" for good
+            self._stall_next -= 1
+            job.status, job.ready_at = "processing", math.inf
         self._pending_jobs.append(job.id)
         self._runner_wake.set()
         counts = self._submitted.setdefault(account.id, {})
