@@ -374,7 +374,12 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     access = KlaviyoAccess(settings)
     try:
         first = verify_list(
-            args.connector_id, access, settings, adopt_extra=args.remove_extra and args.repair
+            args.connector_id,
+            access,
+            settings,
+            adopt_extra=args.remove_extra and args.repair,
+            # what our run history shows we added is ours to remove: no --remove-extra needed
+            adopt_ours=args.repair,
         )
         final, added, removed = first, 0, 0
         if args.repair and not first.matches:
@@ -655,7 +660,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_update)
     p = conn.add_parser("verify", help="read the Klaviyo list back and compare it with the segment")
     p.add_argument("connector_id")
-    p.add_argument("--repair", action="store_true", help="sync the missing members back")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="sync the missing members back, and remove extra ones this connector added",
+    )
     p.add_argument(
         "--remove-extra",
         action="store_true",

@@ -56,13 +56,15 @@ def add_directly(
     *,
     retry: Callable[..., Any],
     on_progress: Callable[[], None],
+    on_sending: Callable[[], None] = lambda: None,
 ) -> str | None:
     """Drive one synchronous add batch as far as it goes.
 
     Returns None when every member has an outcome, or a short reason when the step must come
     back (stale profile ids to upsert again). Raises what the client raises (Throttled, 429s,
     transient and permanent errors); the caller maps those exactly as for bulk batches.
-    ``retry`` wraps each call (quick in-process retries of transient failures).
+    ``retry`` wraps each call (quick in-process retries of transient failures);
+    ``on_sending`` is called (and commits) before the first list write.
     """
     items = (
         SyncBatchItem.run_id == run_id,
@@ -108,6 +110,8 @@ def add_directly(
             .where(*items, SyncBatchItem.profile_id.is_not(None))
             .order_by(SyncBatchItem.user_id)
         ).all()
+    if pairs:  # from here Klaviyo may put them on the list before we record it
+        on_sending()
     for start in range(0, len(pairs), MAX_IDS_PER_RELATIONSHIP_CALL):
         chunk = pairs[start : start + MAX_IDS_PER_RELATIONSHIP_CALL]
         users = [u for u, _ in chunk]

@@ -1,6 +1,8 @@
 """The per-connector ledger: who is on the Klaviyo list, as Klaviyo confirmed it.
 
-Every write to ``connector_members`` goes through this module.
+Every write to ``connector_members`` goes through this module. A row with ``confirmed`` false
+is a member sent to Klaviyo whose outcome was never recorded (:func:`adopt_in_doubt`): it may
+be on the list, so it counts as there for removals and is sent again while in the segment.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from segops_sync.db.inserts import insert_unless_conflict
 from segops_sync.db.models import LedgerEntry
-from segops_sync.states import ItemOutcome
+from segops_sync.states import BatchKind, ItemOutcome, RunStatus
 
 
 def forget_ledger(session: Session, connector_id: str) -> None:
@@ -33,7 +35,7 @@ _INSERT_ADDED = (
 _CONFIRM_ADDED = _INSERT_ADDED + (
     " ON CONFLICT (connector_id, user_id) DO UPDATE SET email = EXCLUDED.email, "
     "external_id = EXCLUDED.external_id, traits_hash = EXCLUDED.traits_hash, "
-    "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id)"
+    "profile_id = COALESCE(EXCLUDED.profile_id, connector_members.profile_id), confirmed = true"
 )
 
 
@@ -98,6 +100,47 @@ def accept_job(
         text(f"{accepted} " + _CONFIRM_ADDED.format(source="accepted it")),
         {"c": connector_id, "r": run_id, "k": kind, "q": seq, "j": job_id},
     )
+
+
+# The unsettled members of a connector's add batches that sent them to Klaviyo and ended (their
+# run closed) before recording what Klaviyo said; the batches stop being in doubt.
+_IN_DOUBT = f"""
+    WITH doubt AS (
+      UPDATE sync_batches b SET in_doubt = false
+      FROM sync_runs r
+      WHERE b.in_doubt AND r.id = b.run_id AND r.connector_id = :c
+        AND r.status <> '{RunStatus.RUNNING}' AND b.kind = '{BatchKind.ADD}'
+      RETURNING b.run_id, b.kind, b.seq, b.sent_at, r.list_id),
+    members AS (
+      SELECT DISTINCT ON (it.user_id) it.user_id, it.email, it.external_id, it.profile_id,
+             it.traits_hash, d.sent_at
+      FROM doubt d JOIN sync_batch_items it
+        ON it.run_id = d.run_id AND it.kind = d.kind AND it.seq = d.seq
+      WHERE it.outcome IS NULL AND d.list_id = :list
+      ORDER BY it.user_id, d.sent_at DESC)
+"""
+
+
+def adopt_in_doubt(session: Session, connector_id: str, list_id: str) -> int:
+    """Members an ended batch sent to Klaviyo without recording the outcome (the run failed
+    between Klaviyo's answer and the ledger write, or gave the batch up) may be on the list:
+    they enter the ledger unconfirmed, with the time they were sent. The planner then removes
+    those who left the segment (a removal of a profile not on the list changes nothing) and
+    sends the others again, which confirms them. Members of a batch that wrote to another
+    list (the connector's list changed since) are let go: the ledger is about this list."""
+    if not _hold_connector(session, connector_id):
+        return 0
+    result = session.execute(
+        text(
+            f"{_IN_DOUBT} INSERT INTO connector_members (connector_id, user_id, email, "
+            "external_id, profile_id, traits_hash, added_at, confirmed) "
+            "SELECT :c, m.user_id, m.email, m.external_id, m.profile_id, m.traits_hash, "
+            "COALESCE(m.sent_at, now()), false FROM members m "
+            "ON CONFLICT (connector_id, user_id) DO NOTHING"
+        ),
+        {"c": connector_id, "list": list_id},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def confirm_removed(session: Session, connector_id: str, user_ids: Sequence[str]) -> None:

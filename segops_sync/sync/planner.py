@@ -49,7 +49,7 @@ _ADDED_SQL = f"""
     FROM segment_members sm LEFT JOIN identities i ON i.user_id = sm.user_id
     WHERE sm.segment_id = :seg
       AND NOT EXISTS (SELECT 1 FROM connector_members cm
-                      WHERE cm.connector_id = :c AND cm.user_id = sm.user_id)
+                      WHERE cm.connector_id = :c AND cm.user_id = sm.user_id AND cm.confirmed)
 """
 _REMOVED_SQL = """
     SELECT cm.user_id, cm.email, cm.external_id, cm.profile_id
@@ -60,24 +60,27 @@ _REMOVED_SQL = """
 """
 
 # Members on the list whose named traits changed since Klaviyo confirmed them (the ledger's
-# traits_hash): sent again through the add path, costing only those members.
+# traits_hash): sent again through the add path, costing only those members. (An unconfirmed
+# member in the segment is sent again as a joiner: sync/ledger.py adopt_in_doubt.)
 _CHANGED_SQL = f"""
     SELECT cm.user_id FROM connector_members cm
     JOIN segment_members s ON s.segment_id = :seg AND s.user_id = cm.user_id
     LEFT JOIN identities i ON i.user_id = cm.user_id
-    WHERE cm.connector_id = :c AND cm.traits_hash IS DISTINCT FROM {TRAITS_HASH_SQL}
+    WHERE cm.connector_id = :c AND cm.confirmed
+      AND cm.traits_hash IS DISTINCT FROM {TRAITS_HASH_SQL}
 """
 
 
 # Both directions of the delta in one pass: a hash full join of the segment against the ledger
-# reads each table once (index-only when vacuumed); two anti-joins read each twice.
+# reads each table once (index-only when vacuumed); two anti-joins read each twice. A segment
+# member the ledger holds unconfirmed joins again (sent again, which confirms it).
 _DELTA_SQL = """
     SELECT COALESCE(s.user_id, cm.user_id) AS user_id, s.user_id IS NOT NULL AS joins,
            cm.email, cm.external_id, cm.profile_id
     FROM (SELECT user_id FROM segment_members WHERE segment_id = :seg) s
-    FULL JOIN (SELECT user_id, email, external_id, profile_id FROM connector_members
+    FULL JOIN (SELECT user_id, email, external_id, profile_id, confirmed FROM connector_members
                WHERE connector_id = :c) cm ON cm.user_id = s.user_id
-    WHERE s.user_id IS NULL OR cm.user_id IS NULL
+    WHERE s.user_id IS NULL OR cm.user_id IS NULL OR NOT cm.confirmed
 """
 # Enough for the hash of a few million ids in one batch instead of spilling to disk in eight.
 _DELTA_WORK_MEM = "SET LOCAL work_mem = '128MB'"
@@ -166,6 +169,10 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
     if run.phase != RunPhase.PLANNING:
         return _open_batches(session, run)
     connector = session.get_one(Connector, run.connector_id)
+    run.list_id = connector.list_id
+    # Members an ended run sent without recording Klaviyo's answer may be on the list: the
+    # ledger holds them unconfirmed before the delta is taken.
+    adopt_in_doubt(session, connector.id, connector.list_id)
     params: dict[str, Any] = {
         "run": run.id,
         "seg": connector.segment_id,
@@ -403,8 +410,8 @@ def materialize_batch(
         joiners = (
             "SELECT s.user_id, false AS refresh FROM segment_members s "
             f"WHERE s.segment_id = :seg{in_range('s.user_id')} AND NOT EXISTS "
-            "(SELECT 1 FROM connector_members cm "
-            f"WHERE cm.connector_id = :c AND cm.user_id = s.user_id{in_range('cm.user_id')})"
+            "(SELECT 1 FROM connector_members cm WHERE cm.connector_id = :c "
+            f"AND cm.user_id = s.user_id{in_range('cm.user_id')} AND cm.confirmed)"
         )
         traits = "NULL, NULL"
         if connector.traits:

@@ -8,8 +8,10 @@ segment in SQL: a million-member list is a join, not a Python set.
 - missing: segment members not on the list. Those the ledger counts as present leave the
   ledger (it is wrong about them), so the next sync adds them again.
 - extra: list profiles that are no segment member. The ledger's own leavers go at the next
-  sync anyway; foreign profiles (never ours) are only removed on request, by entering them in
-  the ledger so that the normal removal path and its mass-removal guard handle them.
+  sync anyway. Those the ledger does not know but our run history shows this connector added
+  to this list are ours: ``--repair`` enters them in the ledger, so that the normal removal
+  path and its mass-removal guard handle them. Foreign profiles (never ours) are only removed
+  on request (``--remove-extra``), the same way.
 
 Members are matched on the identifiers the sync sends (external_id, email) and on the profile
 id the ledger learnt.
@@ -21,7 +23,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -35,13 +38,27 @@ from segops_sync.db.models import Connector, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import KlaviyoError, ListMember, RateLimited, TransientError
 from segops_sync.secrets import decrypt_api_key
-from segops_sync.states import ConnectorStatus, RunStatus, StartReason, Trigger
+from segops_sync.states import (
+    BatchKind,
+    ConnectorStatus,
+    ItemOutcome,
+    RunStatus,
+    StartReason,
+    Trigger,
+)
 from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
-from segops_sync.sync.ledger import adopt_foreign, forget_missing, mark_suppressed
+from segops_sync.sync.ledger import (
+    adopt_foreign,
+    adopt_in_doubt,
+    forget_missing,
+    mark_suppressed,
+)
 from segops_sync.sync.ledger import release_foreign as ledger_release_foreign
+from segops_sync.sync.locks import refreshed_lock
 from segops_sync.sync.outcomes import describe_for_person
 from segops_sync.sync.planner import StartOutcome, start_run
+from segops_sync.sync.retention import snapshot_lease
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +74,27 @@ class VerifyError(Exception):
     """The list could not be read back (Klaviyo kept failing); nothing was changed."""
 
 
+class ReadBackBusy(VerifyError):
+    """Another read-back of this connector's list is running (the beat's, or a CLI's)."""
+
+
+@contextmanager
+def one_read_back(connector_id: str, access: KlaviyoAccess, settings: Settings) -> Iterator[None]:
+    """One read-back per connector at a time, fleet-wide. At about 4M members a read-back
+    outlasts the broker's visibility timeout (an hour), and Redis hands the same task to a
+    second worker: that one must not read the list a second time. The lock is refreshed while
+    the read-back runs (sync/locks.py): a live holder keeps it however long, a dead one's
+    expires within a minute."""
+    key = f"{settings.redis_key_prefix}segops:verify:{connector_id}"
+    with refreshed_lock(access.redis, key) as held:
+        if not held:
+            raise ReadBackBusy(
+                f"another read-back of connector {connector_id}'s list is running; "
+                "try again after it"
+            )
+        yield
+
+
 @dataclass(frozen=True)
 class Comparison:
     connector_id: str
@@ -65,9 +103,11 @@ class Comparison:
     expected: int  # members of the segment
     missing: int  # segment members not on the list
     extra: int  # list profiles that are no segment member
-    foreign: int  # extra profiles the connector never added
+    foreign: int  # extra profiles the connector never added (as far as its history goes)
     suppressed: int  # segment members on the list whose email Klaviyo suppresses
     forgotten: int  # ledger rows dropped: the ledger said "on the list", Klaviyo did not
+    # extra profiles the ledger does not know that our run history shows we added (--repair)
+    added_by_us: int = 0
 
     @property
     def matches(self) -> bool:
@@ -83,6 +123,7 @@ def read_list(
     settings: Settings,
     *,
     sleep: Sleep = time.sleep,
+    verify_id: str | None = None,
 ) -> tuple[str, datetime]:
     """Read the connector's list into ``list_snapshots``; returns (verify_id, read start).
 
@@ -97,7 +138,7 @@ def read_list(
             text("DELETE FROM list_snapshots WHERE connector_id = :c AND taken_at < :t"),
             {"c": connector_id, "t": started - STALE_SNAPSHOT},
         )
-    verify_id = str(uuid.uuid4())
+    verify_id = verify_id or str(uuid.uuid4())
     client, limited = _with_waits(
         lambda: access.client(api_key, claimant=f"verify:{connector_id}"), None, settings, sleep
     )
@@ -218,7 +259,30 @@ _PREPARE = (
 _MISSING = "SELECT e.user_id FROM v_expected e WHERE NOT EXISTS (SELECT 1 FROM v_pairs p WHERE p.user_id = e.user_id)"
 _EXTRA = "SELECT s.profile_id FROM v_snap s WHERE NOT EXISTS (SELECT 1 FROM v_pairs p WHERE p.profile_id = s.profile_id)"
 _SUPPRESSED = "SELECT p.user_id FROM v_pairs p JOIN v_snap s ON s.profile_id = p.profile_id WHERE s.suppressed"
-_FOREIGN = f"SELECT x.profile_id FROM ({_EXTRA}) x WHERE NOT EXISTS (SELECT 1 FROM v_ours o WHERE o.profile_id = x.profile_id)"
+_UNLEDGERED = f"SELECT x.profile_id FROM ({_EXTRA}) x WHERE NOT EXISTS (SELECT 1 FROM v_ours o WHERE o.profile_id = x.profile_id)"
+
+# What this connector sent to this very list by its run history: members added or updated, and
+# members a batch sent before it ended without recording the outcome (they may be on the list).
+# Only as far back as batch items are kept: the retention purge (SEGOPS_RETENTION_DAYS, 30 days
+# by default) deletes older runs' items, and a profile only they would name counts as foreign.
+_SENT_HISTORY = f"""
+    SELECT lower(it.email) AS email, it.external_id, it.profile_id
+    FROM sync_runs r JOIN sync_batch_items it ON it.run_id = r.id AND it.kind = '{BatchKind.ADD}'
+    JOIN sync_batches b ON b.run_id = it.run_id AND b.kind = it.kind AND b.seq = it.seq
+    WHERE r.connector_id = :c AND r.list_id = :list
+      AND (it.outcome IN ('{ItemOutcome.ADDED}', '{ItemOutcome.UPDATED}')
+           OR (it.outcome IS NULL AND b.sent_at IS NOT NULL))"""
+# The unledgered extra profiles that history names (built only when there are any).
+_ADDED_BY_US = (
+    "DROP TABLE IF EXISTS v_added",
+    f"""CREATE TEMP TABLE v_added ON COMMIT DROP AS
+        WITH u AS (SELECT s.profile_id, s.email, s.external_id FROM v_snap s
+                   WHERE s.profile_id IN ({_UNLEDGERED})),
+             h AS ({_SENT_HISTORY})
+        SELECT u.profile_id FROM u JOIN h ON h.external_id = u.external_id
+        UNION SELECT u.profile_id FROM u JOIN h ON h.email = u.email
+        UNION SELECT u.profile_id FROM u JOIN h ON h.profile_id = u.profile_id""",
+)
 
 
 def compare(
@@ -228,25 +292,41 @@ def compare(
     started: datetime,
     *,
     adopt_extra: bool = False,
+    adopt_ours: bool = False,
 ) -> Comparison:
     """Count what differs, and drop from the ledger the members Klaviyo no longer has on the
     list (only rows confirmed before the read began: a run may have added others since).
 
-    With ``adopt_extra`` the foreign profiles enter the ledger, so that the next sync removes
-    them through the normal removal path, mass-removal guard included (``--remove-extra``)."""
+    With ``adopt_ours`` the extra profiles our run history shows we added enter the ledger
+    (``--repair``), with ``adopt_extra`` the foreign ones too (``--remove-extra``), so that
+    the next sync removes them through the normal removal path, mass-removal guard included."""
     connector = session.get_one(Connector, connector_id)
-    params: dict[str, Any] = {"seg": connector.segment_id, "c": connector_id, "v": verify_id}
+    params: dict[str, Any] = {
+        "seg": connector.segment_id,
+        "c": connector_id,
+        "v": verify_id,
+        "list": connector.list_id,
+    }
+    # Members an ended run sent without recording Klaviyo's answer are ours if on the list:
+    # in the ledger (unconfirmed), as the next run's planner would enter them.
+    adopt_in_doubt(session, connector_id, connector.list_id)
     for statement in _PREPARE:
         session.execute(text(statement), params)
     row = session.execute(
         text(
             f"""SELECT (SELECT count(*) FROM v_snap), (SELECT count(*) FROM v_expected),
                    (SELECT count(*) FROM ({_MISSING}) m), (SELECT count(*) FROM ({_EXTRA}) x),
-                   (SELECT count(*) FROM ({_FOREIGN}) f),
+                   (SELECT count(*) FROM ({_UNLEDGERED}) f),
                    (SELECT count(DISTINCT x.user_id) FROM ({_SUPPRESSED}) x)"""
         )
     ).one()
-    in_list, expected, missing, extra, foreign, suppressed = (int(v) for v in row)
+    in_list, expected, missing, extra, unledgered, suppressed = (int(v) for v in row)
+    added_by_us = 0
+    if unledgered:  # the ledger may have lost track of what we added (a failed run, a list
+        # changed and changed back): the run history tells
+        for statement in _ADDED_BY_US:
+            session.execute(text(statement), params)
+        added_by_us = int(session.scalar(text("SELECT count(*) FROM v_added")) or 0)
     forgotten = forget_missing(session, connector_id, _MISSING, params, started) if missing else 0
     if forgotten:
         log.warning(
@@ -257,12 +337,19 @@ def compare(
             connector.list_id,
         )
     mark_suppressed(session, connector_id, _SUPPRESSED, params)
-    if adopt_extra and foreign:
+    adopted = (
+        _UNLEDGERED
+        if adopt_extra and unledgered
+        else "SELECT profile_id FROM v_added"
+        if adopt_ours and added_by_us
+        else None
+    )
+    if adopted is not None:
         adopt_foreign(
             session,
             connector_id,
             f"SELECT s.profile_id, s.email, s.external_id FROM v_snap s "
-            f"WHERE s.profile_id IN ({_FOREIGN})",
+            f"WHERE s.profile_id IN ({adopted})",
             params,
             FOREIGN_PREFIX,
         )
@@ -273,9 +360,10 @@ def compare(
         expected=expected,
         missing=missing,
         extra=extra,
-        foreign=foreign,
+        foreign=unledgered - added_by_us,
         suppressed=suppressed,
         forgotten=forgotten,
+        added_by_us=added_by_us,
     )
 
 
@@ -298,16 +386,30 @@ def verify_list(
     settings: Settings,
     *,
     adopt_extra: bool = False,
+    adopt_ours: bool = False,
     sleep: Sleep = time.sleep,
 ) -> Comparison:
     """Read the list back and compare it with the segment (the ledger is corrected; with
-    ``adopt_extra`` foreign profiles are entered for removal). The snapshot is discarded."""
-    verify_id, started = read_list(connector_id, access, settings, sleep=sleep)
-    try:
-        with session_scope() as s:
-            return compare(s, connector_id, verify_id, started, adopt_extra=adopt_extra)
-    finally:
-        discard(connector_id, verify_id)
+    ``adopt_ours`` the extra profiles we added, with ``adopt_extra`` foreign ones too, are
+    entered for removal). The snapshot is discarded; its lease lets the beat's purge delete it
+    should this process die first (sync/retention.py)."""
+    verify_id = str(uuid.uuid4())
+    with one_read_back(connector_id, access, settings), snapshot_lease(verify_id) as lease:
+        _, started = read_list(connector_id, access, settings, sleep=sleep, verify_id=verify_id)
+        try:
+            if not lease.held():  # the purge may have taken the snapshot: compare nothing
+                raise VerifyError("the database connection was lost while the list was read")
+            with session_scope() as s:
+                return compare(
+                    s,
+                    connector_id,
+                    verify_id,
+                    started,
+                    adopt_extra=adopt_extra,
+                    adopt_ours=adopt_ours,
+                )
+        finally:
+            discard(connector_id, verify_id)
 
 
 def start_verified_run(session: Session, connector_id: str, result: Comparison) -> StartOutcome:
@@ -364,6 +466,9 @@ def verify_for_beat(
         list_id = connector.list_id
     try:
         result = verify_list(connector_id, access, settings, sleep=sleep)
+    except ReadBackBusy:  # a redelivered task, or a CLI verify: that one does the work
+        log.info("connector %s: a read-back of its list is already running: skipped", connector_id)
+        return None
     except VerifyError as exc:
         log.warning("connector %s: list not verified: %s", connector_id, exc)
         return None
@@ -375,8 +480,8 @@ def verify_for_beat(
     if result.extra:
         log.warning(
             "connector %s: %d profiles on Klaviyo list %s are in no segment (%d never added by "
-            "this connector); `segops-sync connectors verify %s --repair --remove-extra` "
-            "removes them",
+            "this connector); `segops-sync connectors verify %s --repair` removes those it "
+            "added, with --remove-extra the others too",
             connector_id,
             result.extra,
             list_id,
