@@ -193,7 +193,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     with session_scope() as s:
         doc = connector_json(get_connector(s, args.connector_id))
         progress = running_progress(s, args.connector_id)
-    if progress is not None:  # only while a run is running: otherwise the JSON is INTERFACE's
+    if progress is not None:  # only while a run is running: otherwise the JSON is the contract's
         doc["progress"] = progress.as_json()
     if args.json:
         _print_json(doc)

@@ -120,12 +120,12 @@ class Settings(BaseSettings):
     mass_removal_threshold: float = Field(default=0.5, gt=0, le=1)
     # How often the beat reads every active connector's list back and repairs what is missing
     # (seconds). Reading 1M members is 10,000 pages at the L tier (750/min, 90% headroom): about
-    # 15 minutes, so every 6 hours spends about 4% of that endpoint's budget. See README.
+    # 15 minutes, so every 6 hours spends about 4% of that endpoint's budget. See docs/design.md.
     verify_interval: float = Field(default=21600.0, gt=0)
     # Celery's per-worker ceiling on Klaviyo batch tasks (the fleet-wide limit is the limiter).
     klaviyo_task_rate_limit: str = "20/s"
 
-    # Observability (INTERFACE.md, second round).
+    # Observability (docs/contract.md: Configuration, Metrics, Alert webhooks).
     # Each worker node serves Prometheus metrics on this port at /metrics; unset: off.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Address the metrics server binds; scrape it on an internal network only.
@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     progress_interval: float = Field(default=5.0, gt=0)
     # Days a finished run's member details (its batch items, rejected members included, and the
     # member lists of its batches) are kept: long enough to look into a month of runs and
-    # rejections, then deleted by the beat (sync/retention.py; README "Data we keep").
+    # rejections, then deleted by the beat (sync/retention.py; docs/operations.md "Data we keep").
     retention_days: int = Field(default=30, ge=1)
 
     @field_validator("database_url")
@@ -264,8 +264,8 @@ def is_redis_url(url: str) -> bool:
     return url.startswith(("redis://", "rediss://"))
 
 
-# TLS parameters of a rediss:// URL, named as redis-py names them (README, "Redis: password and
-# TLS"): rediss://:PASSWORD@host:6379/0?ssl_ca_certs=/etc/segops/redis-ca.pem
+# TLS parameters of a rediss:// URL, named as redis-py names them (docs/operations.md, "Redis:
+# password and TLS"): rediss://:PASSWORD@host:6379/0?ssl_ca_certs=/etc/segops/redis-ca.pem
 REDIS_TLS_PARAMS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 

@@ -1,7 +1,8 @@
 """Keys out of sight: API keys read from a file, the start-up key check, and re-encryption.
 
-Rotating ``SEGOPS_SECRET_KEY`` (README, "Rotating SEGOPS_SECRET_KEY"): put the new key first
-(``new,old``) on every process, run ``segops-sync keys reencrypt``, then drop the old key.
+Rotating ``SEGOPS_SECRET_KEY`` (docs/operations.md, "Rotating SEGOPS_SECRET_KEY"): put the new
+key first (``new,old``) on every process, run ``segops-sync keys reencrypt``, then drop the old
+key.
 """
 
 from __future__ import annotations

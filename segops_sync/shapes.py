@@ -1,4 +1,4 @@
-"""The JSON shapes of INTERFACE.md, shared by the CLI's ``--json`` and the HTTP API."""
+"""The JSON shapes of docs/contract.md, shared by the CLI's ``--json`` and the HTTP API."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The rooms and their arrows (ARCHITECTURE in the README): checked on the source, not hoped for.
+"""The rooms and their arrows (Layout in docs/design.md): checked on the source, not hoped for.
 
 Every import counts, including those inside functions: a function-level import is still an
 arrow, it only runs later.

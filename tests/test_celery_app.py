@@ -87,7 +87,7 @@ def test_the_beat_verifies_connectors_at_the_configured_interval() -> None:
     entry = app.conf.beat_schedule["verify-connectors"]
     assert entry["task"] == "segops.verify_connectors"
     assert entry["schedule"] == Settings().verify_interval
-    assert Settings.model_fields["verify_interval"].default == 6 * 3600  # README explains why
+    assert Settings.model_fields["verify_interval"].default == 6 * 3600  # docs/design.md: why
     # the long list read waits among the Klaviyo work, never before a recompute message
     assert TASK_ROUTES["segops.verify_connector"]["queue"] == KLAVIYO_QUEUE
 

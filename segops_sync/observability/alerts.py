@@ -1,4 +1,4 @@
-"""Signed alert webhooks (INTERFACE.md): the body, its signature, one delivery attempt.
+"""Signed alert webhooks (docs/contract.md): the body, its signature, one delivery attempt.
 
 What to send and when (``sync.failed``, ``sync.held``, ``sync.recovered``) is decided by
 ``sync.alerts`` with the run's state in PostgreSQL; this module only turns an alert into bytes

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker node, summed over its prefork processes (names: INTERFACE.md).
+"""Prometheus metrics of a worker node, summed over its prefork processes (names: docs/contract.md).
 
 prometheus_client's multiprocess mode: every process writes its samples to files in
 ``PROMETHEUS_MULTIPROC_DIR`` and the node's main process serves ``/metrics`` by reading them all

@@ -1,5 +1,5 @@
 """docker-compose.yml (issue 11): accepted by `docker-compose config`, with the services the
-README describes. No Docker engine runs here, so the file is checked, not started."""
+docs/operations.md describes. No Docker engine runs here, so the file is checked, not started."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """deploy/k8s (issue 11): valid against the Kubernetes schemas (`kubernetes-validate --strict`)
-and shaped as the README describes."""
+and shaped as docs/operations.md describes."""
 
 from __future__ import annotations
 

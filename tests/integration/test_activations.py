@@ -222,7 +222,8 @@ def test_a_fleet_reads_at_a_glance(
     worker: Any,
     tmp_path: Path,
 ) -> None:
-    """Connectors in each state side by side, as a person sees them; the README's screenshot."""
+    """Connectors in each state side by side, as a person sees them; docs/interfaces.md's
+    screenshot."""
     from playwright.sync_api import expect
 
     synced, failing, idle = (Klaviyo.new(*sim_server) for _ in range(3))
@@ -254,5 +255,5 @@ def test_a_fleet_reads_at_a_glance(
     page.set_viewport_size({"width": 1280, "height": 480})
     page.screenshot(path=str(shot), full_page=True)
     target = os.environ.get("SEGOPS_ACTIVATIONS_SCREENSHOT")
-    if target:  # how docs/activations.png is made: see the README
+    if target:  # how docs/activations.png is made: see docs/interfaces.md
         shutil.copyfile(shot, target)

@@ -509,7 +509,7 @@ def test_progress_while_a_run_is_running(obs: Obs, tmp_path: Path) -> None:
     obs.identifiers |= set(first)
     _add_members_quietly(segment, first)
     idle = cli_json("connectors", "show", connector)
-    assert set(idle) == CONNECTOR_KEYS  # no run: INTERFACE's JSON, nothing more
+    assert set(idle) == CONNECTOR_KEYS  # no run: the contract's JSON, nothing more
     obs.sim.job_delay = 12.0  # a bulk job that takes a while, so the run is seen running
     try:
         waiting = subprocess.Popen(

@@ -3,7 +3,7 @@
 Each test starts Debian's ``redis-server`` of its own: one with ``requirepass``, one that speaks
 only TLS (``--port 0 --tls-port``, a throwaway CA made here) and also wants the password. The
 broker, the result backend and the limiter all live on it; a real worker (with beat), the CLI
-and the Klaviyo simulator run a sync through it. On TLS the URLs are the README's form,
+and the Klaviyo simulator run a sync through it. On TLS the URLs are docs/operations.md's form,
 ``rediss://:PASSWORD@host:port/db?ssl_ca_certs=CA``, and the broker must check the server's
 certificate: a URL naming another CA is refused.
 """
@@ -155,7 +155,7 @@ def _redis_server_binary() -> str:
 @contextlib.contextmanager
 def redis_server(workdir: Path, password: str, *, tls: Pki | None = None) -> Iterator[str]:
     """A redis-server wanting ``password``, on TLS only when ``tls`` is given; yields the URL
-    of its server (no database), in the form the README documents."""
+    of its server (no database), in the form docs/operations.md documents."""
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     args = [
@@ -302,7 +302,7 @@ def test_a_sync_through_redis_over_tls(
         with pytest.raises(redis.ConnectionError):
             plain.ping()  # no plain-text port: everything below went over TLS
         plain.close()
-        # The README's form: no ssl_cert_reqs (it defaults to required), the CA by path.
+        # docs/operations.md's form: no ssl_cert_reqs (it defaults to required), the CA by path.
         query = f"?ssl_ca_certs={quote(str(pki.ca), safe='')}"
         _sync_through(
             _redis_env(server_url, query),
