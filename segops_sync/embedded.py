@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -81,10 +80,6 @@ class EmbeddedRedis:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-
-
-def temp_dir(prefix: str) -> str:
-    return tempfile.mkdtemp(prefix=prefix)
 
 
 class EmbeddedWorker:

@@ -44,7 +44,6 @@ class BatchStatus(StrEnum):
 
 
 OPEN_BATCH = (BatchStatus.PENDING, BatchStatus.SUBMITTED)
-CLOSED_BATCH = (BatchStatus.DONE, BatchStatus.FAILED)
 
 
 class ItemOutcome(StrEnum):

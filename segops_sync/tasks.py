@@ -30,7 +30,8 @@ from segops_sync.states import CloseOutcome, ConnectorStatus, PlanStatus, StartR
 from segops_sync.sync import liveness
 from segops_sync.sync.access import KlaviyoAccess
 from segops_sync.sync.alerts import deliver, lost_alerts, record_alert
-from segops_sync.sync.batches import Finished, Later, run_batch
+from segops_sync.sync.batch_step import Finished, Later
+from segops_sync.sync.batches import run_batch
 from segops_sync.sync.costs import removals_first
 from segops_sync.sync.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run

@@ -17,16 +17,14 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import select, text, update
-
-from segops_sync.db.models import SyncBatchItem
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import (
     MAX_IDS_PER_RELATIONSHIP_CALL,
     InvalidRequest,
     KlaviyoClient,
 )
-from segops_sync.states import ItemOutcome
+from segops_sync.sync import batch_items
+from segops_sync.sync.batch_items import BatchKey
 from segops_sync.sync.ledger import confirm_added
 from segops_sync.sync.traits import trait_profiles
 
@@ -47,9 +45,7 @@ def member_problem(exc: InvalidRequest) -> str | None:
 
 
 def add_directly(
-    run_id: str,
-    kind: str,
-    seq: int,
+    batch: BatchKey,
     connector_id: str,
     list_id: str,
     client: KlaviyoClient,
@@ -66,24 +62,9 @@ def add_directly(
     ``retry`` wraps each call (quick in-process retries of transient failures);
     ``on_sending`` is called (and commits) before the first list write.
     """
-    items = (
-        SyncBatchItem.run_id == run_id,
-        SyncBatchItem.kind == kind,
-        SyncBatchItem.seq == seq,
-        SyncBatchItem.outcome.is_(None),
-    )
+    run_id = batch.run_id
     with session_scope() as s:
-        rows = s.execute(
-            select(
-                SyncBatchItem.user_id,
-                SyncBatchItem.email,
-                SyncBatchItem.external_id,
-                SyncBatchItem.profile_id,
-                SyncBatchItem.traits,
-            )
-            .where(*items)
-            .order_by(SyncBatchItem.user_id)
-        ).all()
+        rows = batch_items.unsettled_with_traits(s, batch)
     # the named traits, refused values left out and named on the item (see sync/traits.py)
     profiles = trait_profiles(run_id, [(u, e, x, t) for u, e, x, p, t in rows if not p])
 
@@ -105,11 +86,7 @@ def add_directly(
         _save(run_id, learnt, rejected, on_progress)
 
     with session_scope() as s:
-        pairs = s.execute(
-            select(SyncBatchItem.user_id, SyncBatchItem.profile_id)
-            .where(*items, SyncBatchItem.profile_id.is_not(None))
-            .order_by(SyncBatchItem.user_id)
-        ).all()
+        pairs = batch_items.unsettled_profile_ids(s, batch)
     if pairs:  # from here Klaviyo may put them on the list before we record it
         on_sending()
     for start in range(0, len(pairs), MAX_IDS_PER_RELATIONSHIP_CALL):
@@ -125,16 +102,7 @@ def add_directly(
             _forget_ids(run_id, [users[i] for i in stale])
             return "stale profile ids"
         with session_scope() as s:
-            for refresh, outcome in ((False, ItemOutcome.ADDED), (True, ItemOutcome.UPDATED)):
-                s.execute(
-                    update(SyncBatchItem)
-                    .where(
-                        SyncBatchItem.run_id == run_id,
-                        SyncBatchItem.user_id.in_(users),
-                        SyncBatchItem.refresh.is_(refresh),
-                    )
-                    .values(outcome=outcome, reason=None)
-                )
+            batch_items.accept_listed(s, run_id, users)
             confirm_added(s, connector_id, run_id, users)
         on_progress()
     return None
@@ -150,27 +118,11 @@ def _save(
         return
     with session_scope() as s:
         if learnt:
-            s.execute(
-                text(
-                    "UPDATE sync_batch_items it SET profile_id = f.pid "
-                    "FROM unnest(CAST(:u AS text[]), CAST(:p AS text[])) AS f(uid, pid) "
-                    "WHERE it.run_id = :r AND it.user_id = f.uid"
-                ),
-                {"r": run_id, "u": list(learnt), "p": list(learnt.values())},
-            )
-        for user_id, reason in rejected.items():
-            s.execute(
-                update(SyncBatchItem)
-                .where(SyncBatchItem.run_id == run_id, SyncBatchItem.user_id == user_id)
-                .values(outcome=ItemOutcome.REJECTED, reason=reason)
-            )
+            batch_items.save_upserted_ids(s, run_id, learnt)
+        batch_items.reject(s, run_id, rejected)
     on_progress()
 
 
 def _forget_ids(run_id: str, user_ids: Sequence[str]) -> None:
     with session_scope() as s:
-        s.execute(
-            update(SyncBatchItem)
-            .where(SyncBatchItem.run_id == run_id, SyncBatchItem.user_id.in_(list(user_ids)))
-            .values(profile_id=None)
-        )
+        batch_items.forget_upserted_ids(s, run_id, user_ids)

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import text
 
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import PROFILE_FIELDS, ProfileInput
 from segops_sync.klaviyo.payloads import encode_body, profile_resource
+from segops_sync.sync import batch_items
 
 MAX_TRAITS = 50
 # choice: a name a Klaviyo property can carry and a CLI list can hold (no comma, no space).
@@ -194,13 +194,5 @@ def trait_profiles(
             dropped[user_id] = built.dropped
     if dropped:
         with session_scope() as s:
-            s.execute(
-                text(
-                    "UPDATE sync_batch_items it SET dropped_traits = "
-                    "ARRAY(SELECT jsonb_array_elements_text(d.names)) "
-                    "FROM jsonb_each(CAST(:d AS jsonb)) AS d(uid, names) "
-                    "WHERE it.run_id = :r AND it.user_id = d.uid"
-                ),
-                {"r": run_id, "d": json.dumps(dropped)},
-            )
+            batch_items.record_dropped_traits(s, run_id, dropped)
     return members

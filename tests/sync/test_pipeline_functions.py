@@ -26,12 +26,13 @@ from segops_sync.db.models import (
 )
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint, ProfileInput
-from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from segops_sync.states import BatchStatus, ConnectorStatus, Trigger
-from segops_sync.sync import batches, planner, traits
+from segops_sync.sync import bulk_add, planner, traits
 from segops_sync.sync.access import KlaviyoAccess, Throttled
 from segops_sync.sync.approvals import APPROVAL_LIFETIME, approve_mass_removal
-from segops_sync.sync.batches import Finished, Later, PostgresBatchStore, run_batch
+from segops_sync.sync.batch_step import Finished, Later, PostgresBatchStore
+from segops_sync.sync.batches import run_batch
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, Delta, expected_requests
 from segops_sync.sync.planner import (
     ADD_BATCH_SIZE,
@@ -377,7 +378,7 @@ def test_a_batch_in_several_jobs_settles_each_and_sends_a_lost_one_again(
     the batch row names, while the batch's other jobs settle by their marks."""
     from segops_sync.klaviyo import split_into_jobs
 
-    submit, sent_whole = batches._submit, []
+    submit, sent_whole = bulk_add._submit, []
 
     def submit_then_lose_the_second(*args: Any, whole: bool = False) -> None:
         submit(*args, whole=whole)
@@ -386,8 +387,8 @@ def test_a_batch_in_several_jobs_settles_each_and_sends_a_lost_one_again(
             with session_scope() as s:
                 world.sim.lose_job(s.get_one(SyncBatch, batch_id).job_ids[-1])
 
-    monkeypatch.setattr(batches, "split_into_jobs", lambda p: split_into_jobs(p, max_profiles=7))
-    monkeypatch.setattr(batches, "_submit", submit_then_lose_the_second)
+    monkeypatch.setattr(bulk_add, "split_into_jobs", lambda p: split_into_jobs(p, max_profiles=7))
+    monkeypatch.setattr(bulk_add, "_submit", submit_then_lose_the_second)
     members = [f"j{i:05d}" for i in range(20)]
     connector_id, run_id, plan = _planned_run(world, f"jobs-{uuid.uuid4().hex[:6]}", members)
     (batch_id,) = plan.add_batch_ids
@@ -498,7 +499,7 @@ def test_a_batch_waiting_for_a_submission_slot_builds_its_job_body_once(
         built.append(1)
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(batches, "trait_profiles", counted)
+    monkeypatch.setattr(bulk_add, "trait_profiles", counted)
     segment = f"slot-{uuid.uuid4().hex[:6]}"
     members = [f"s{i}@example.com" for i in range(5)]
     connector_id = _connector(world, segment, members)
@@ -514,7 +515,7 @@ def test_a_batch_waiting_for_a_submission_slot_builds_its_job_body_once(
         except Throttled as exc:
             time.sleep(exc.wait)
     submit = Endpoint.CREATE_BULK_IMPORT_JOB
-    no_slot_for = batches.SUBMIT_AHEAD + 0.6
+    no_slot_for = bulk_add.SUBMIT_AHEAD + 0.6
     world.access.limiter.penalize(world.account, submit.value, no_slot_for)
 
     step = run_batch(batch_id, world.access, get_settings())
@@ -795,8 +796,12 @@ def test_the_synchronous_path_obeys_the_limiter(
     The bound is checked on the limiter's grant times: arrival times at the simulator also carry
     the scheduling jitter of a loaded machine. Klaviyo's verdict on arrivals is "no 429"."""
     from segops_sync.klaviyo import ENDPOINT_LIMITS, RateLimit
+    from segops_sync.klaviyo_sim import published
 
     monkeypatch.setitem(ENDPOINT_LIMITS, Endpoint.PROFILE_IMPORT, RateLimit(burst=3, steady=750))
+    # Klaviyo (the simulator, which keeps its own table) publishes the same 3/s.
+    three = published.RateLimit(burst=3, steady=750)
+    monkeypatch.setitem(published.ENDPOINT_LIMITS, Endpoint.PROFILE_IMPORT, three)
     segment = f"lim-{uuid.uuid4().hex[:6]}"
     members = [f"l{i}@example.com" for i in range(9)]
     connector_id = _connector(world, segment, members)
