@@ -6,7 +6,8 @@ is keyed by the account id (see :class:`AccountResolver`), never by the API key.
 
 Algorithm: sliding-window log
     Each (account, endpoint) has one sorted set of granted requests, scored by the Redis server
-    time in microseconds (``TIME`` inside the script, so client clock skew does not matter).
+    time in microseconds (``TIME`` inside the script, so client clock skew does not matter;
+    tests pass a ``clock`` of their own, which the script then takes as an argument).
     ``acquire()`` is ONE Lua script: it prunes entries older than the steady window, counts the
     entries younger than 1 s (``ZCOUNT``) and younger than 60 s (``ZCARD``), and admits the
     request only if BOTH counts are below their caps and no back-off is active. Admission adds
@@ -107,6 +108,7 @@ from urllib.parse import quote
 import redis
 
 from segops_sync.klaviyo.redact import fingerprint
+from segops_sync.sync.clock import Clock
 
 __all__ = ["AccountLimiter", "AccountResolver", "Limit", "spread"]
 
@@ -141,28 +143,35 @@ class _Keys(NamedTuple):
 
 # Shared Lua helpers. Numbers are formatted with %.17g because Lua 5.1's default tostring keeps
 # only 14 digits, which would corrupt microsecond timestamps (16 digits).
+# ARGV[1] of every script is the time in microseconds, or '' (production) for the server's TIME,
+# read here in the same call: an injected clock adds no round trip, and its absence none either.
 _LUA_PRELUDE = """
 if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local function num(x) return string.format('%.17g', x) end
 local function after(x) return '(' .. num(x) end
 local function ms(us) return math.ceil(us / 1000) end
 """
 
 # KEYS: 1 log, 2 claimant log, 3 active claimants, 4 control hash
-# ARGV: 1 burst cap, 2 steady cap, 3 burst window (us), 4 steady window (us),
-#       5 activity grace (us), 6 claimant, 7 published steady limit, 8 probe hold (us),
-#       9 '1' to peek: answer as for a request, but take no slot (and no probe),
-#       10 least gap between two grants (us; 0: none)
+# ARGV: 1 now (see the prelude), 2 burst cap, 3 steady cap, 4 burst window (us),
+#       5 steady window (us), 6 activity grace (us), 7 claimant, 8 published steady limit,
+#       9 probe hold (us), 10 '1' to peek: answer as for a request, but take no slot (and no
+#       probe), 11 least gap between two grants (us; 0: none)
 # Returns 0 when granted (or, peeking, when a request would be), else the wait in microseconds
 # (>= 1).
 _ACQUIRE_LUA = (
     _LUA_PRELUDE
     + """
-local cap1, cap60 = tonumber(ARGV[1]), tonumber(ARGV[2])
-local w1, w60, grace = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local me = ARGV[6]
+local cap1, cap60 = tonumber(ARGV[2]), tonumber(ARGV[3])
+local w1, w60, grace = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local me = ARGV[7]
 local log, mine, active, ctl = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
 -- Time until the k-th oldest entry of key newer than lo leaves its window of length w.
@@ -184,7 +193,7 @@ local g1 = redis.call('ZCOUNT', log, after(now - w1), '+inf')
 local g60 = redis.call('ZCARD', log)
 if g1 >= cap1 then wait = math.max(wait, leaves(log, now - w1, g1 - cap1 + 1, w1)) end
 if g60 >= cap60 then wait = math.max(wait, leaves(log, now - w60, g60 - cap60 + 1, w60)) end
-local gap = tonumber(ARGV[10])
+local gap = tonumber(ARGV[11])
 if gap > 0 then
   local newest = redis.call('ZRANGE', log, -1, -1, 'WITHSCORES')
   if newest[2] then wait = math.max(wait, tonumber(newest[2]) + gap - now) end
@@ -220,7 +229,7 @@ if wait == 0 then
   if holder > now then wait = holder - now elseif holder >= 0 then probe = true end
 end
 
-redis.call('HSET', ctl, 'steady', ARGV[7])
+redis.call('HSET', ctl, 'steady', ARGV[8])
 redis.call('PEXPIRE', ctl, num(math.max(ms(w60), ms(blocked - now)) + 1))
 
 if wait > 0 then
@@ -233,8 +242,8 @@ end
 
 local last = redis.call('ZRANGE', active, -1, -1, 'WITHSCORES')
 redis.call('PEXPIRE', active, num(ms(tonumber(last[2]) - now) + 1))
-if ARGV[9] == '1' then return 0 end
-if probe then redis.call('HSET', ctl, 'probe', num(now + tonumber(ARGV[8]))) end
+if ARGV[10] == '1' then return 0 end
+if probe then redis.call('HSET', ctl, 'probe', num(now + tonumber(ARGV[9]))) end
 local member = num(now) .. '-' .. redis.call('HINCRBY', ctl, 'seq', 1)
 redis.call('ZADD', log, num(now), member)
 redis.call('ZADD', mine, num(now), member)
@@ -244,24 +253,24 @@ return 0
 """
 )
 
-# KEYS: 1 control hash. ARGV: 1 seconds to block, 2 remaining ('' = a 429: block
-# unconditionally, then probe; '-' = an answer without a remaining count), 3 threshold as a share
-# of the published steady limit. Returns 1 if the back-off was extended.
+# KEYS: 1 control hash. ARGV: 1 now (see the prelude), 2 seconds to block, 3 remaining ('' = a
+# 429: block unconditionally, then probe; '-' = an answer without a remaining count), 4 threshold
+# as a share of the published steady limit. Returns 1 if the back-off was extended.
 _BLOCK_LUA = (
     _LUA_PRELUDE
     + """
 local ctl = KEYS[1]
-if ARGV[2] == '' then
+if ARGV[3] == '' then
   redis.call('HSET', ctl, 'probe', '0')
 else
   -- Klaviyo answered with something other than 429: the probe, if any, has done its job.
   redis.call('HDEL', ctl, 'probe')
-  if ARGV[2] == '-' then return 0 end
+  if ARGV[3] == '-' then return 0 end
   local steady = tonumber(redis.call('HGET', ctl, 'steady') or '0')
-  local threshold = math.max(1, math.floor(steady * tonumber(ARGV[3])))
-  if tonumber(ARGV[2]) > threshold then return 0 end
+  local threshold = math.max(1, math.floor(steady * tonumber(ARGV[4])))
+  if tonumber(ARGV[3]) > threshold then return 0 end
 end
-local untl = now + tonumber(ARGV[1]) * 1000000
+local untl = now + tonumber(ARGV[2]) * 1000000
 local cur = tonumber(redis.call('HGET', ctl, 'until') or '0')
 local extended = 0
 if untl > cur then
@@ -270,19 +279,19 @@ if untl > cur then
 end
 local ttl = ms(cur - now) + 1
 -- After a 429 the probe state outlives the back-off: the first request after it is the probe.
-if ARGV[2] == '' then ttl = ttl + 60000 end
+if ARGV[3] == '' then ttl = ttl + 60000 end
 if redis.call('PTTL', ctl) < ttl then redis.call('PEXPIRE', ctl, num(ttl)) end
 return extended
 """
 )
 
-# KEYS: 1 log. ARGV: 1 burst window (us), 2 steady window (us).
+# KEYS: 1 log. ARGV: 1 now (see the prelude), 2 burst window (us), 3 steady window (us).
 _USAGE_LUA = (
     _LUA_PRELUDE
     + """
 return {
-  redis.call('ZCOUNT', KEYS[1], after(now - tonumber(ARGV[1])), '+inf'),
   redis.call('ZCOUNT', KEYS[1], after(now - tonumber(ARGV[2])), '+inf'),
+  redis.call('ZCOUNT', KEYS[1], after(now - tonumber(ARGV[3])), '+inf'),
 }
 """
 )
@@ -308,7 +317,9 @@ class AccountLimiter:
         burst_guard: float = 0.05,
         time_scale: float = 1.0,
         prefix: str = "segops:rl",
+        clock: Clock | None = None,
     ) -> None:
+        """``clock``: where the scripts read the time; None (production) for Redis ``TIME``."""
         if not (0.0 < headroom <= 1.0):
             raise ValueError(f"headroom must be in (0, 1], got {headroom!r}")
         if not (0.0 <= burst_guard <= 1.0):
@@ -316,6 +327,7 @@ class AccountLimiter:
         if not (math.isfinite(time_scale) and time_scale > 0):
             raise ValueError(f"time_scale must be a positive finite number, got {time_scale!r}")
         self._redis = redis
+        self._clock = clock
         self.headroom = headroom
         self.burst_guard = burst_guard
         self.time_scale = time_scale
@@ -361,6 +373,7 @@ class AccountLimiter:
         wait_us = self._acquire(
             keys=[keys.log, keys.claimant_base + quote(who, safe=""), keys.active, keys.ctl],
             args=[
+                self._now_arg(),
                 cap1,
                 cap60,
                 repr(self._w1_guarded_us),
@@ -381,7 +394,10 @@ class AccountLimiter:
             raise ValueError(f"retry_after must be finite, got {retry_after!r}")
         if retry_after <= 0:
             return
-        self._block(keys=[self._keys(account, endpoint).ctl], args=[repr(float(retry_after)), ""])
+        self._block(
+            keys=[self._keys(account, endpoint).ctl],
+            args=[self._now_arg(), repr(float(retry_after)), ""],
+        )
 
     def observe_remaining(
         self, account: str, endpoint: str, remaining: int | None, reset: float | None
@@ -395,6 +411,7 @@ class AccountLimiter:
         self._block(
             keys=[self._keys(account, endpoint).ctl],
             args=[
+                self._now_arg(),
                 repr(float(max(reset, 0.0))),
                 int(remaining) if known and remaining is not None else "-",
                 repr(self.REMAINING_SHARE),
@@ -405,7 +422,7 @@ class AccountLimiter:
         """Requests granted in the current sliding burst (guarded) and steady windows."""
         n1, n60 = self._usage(
             keys=[self._keys(account, endpoint).log],
-            args=[repr(self._w1_guarded_us), repr(self._w60_us)],
+            args=[self._now_arg(), repr(self._w1_guarded_us), repr(self._w60_us)],
         )
         return int(n1), int(n60)
 
@@ -415,6 +432,10 @@ class AccountLimiter:
         log = self._keys(account, endpoint).log
         entries = cast(list[tuple[bytes, float]], self._redis.zrange(log, 0, -1, withscores=True))
         return [score / 1e6 for _, score in entries]
+
+    def _now_arg(self) -> int | str:
+        """The scripts' ARGV[1]: the clock's time, or '' for the server's TIME."""
+        return "" if self._clock is None else self._clock()
 
     def _keys(self, account: str, endpoint: str) -> _Keys:
         if not account or not endpoint:

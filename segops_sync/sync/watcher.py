@@ -65,6 +65,7 @@ import redis
 
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint, KlaviyoClient, RateLimited
 from segops_sync.klaviyo.payloads import MAX_PAGE_SIZE
+from segops_sync.sync.clock import Clock
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,15 @@ class JobWatcher:
         prefix: str = "segops:jobs",
         share: float = POLL_SHARE,
         give_up: float | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """``clock``: where the watcher reads the time; None (production) for Redis ``TIME``."""
         if not (interval > 0 and math.isfinite(interval)):
             raise ValueError("interval must be a positive number of seconds")
         if not 0 < share <= 1:
             raise ValueError("share must be in (0, 1]")
         self._redis = redis_client
+        self._clock = clock
         self.interval = interval
         self.prefix = prefix
         # A job unfinished this long after Klaviyo created it is handed to its batch (seconds).
@@ -127,7 +131,7 @@ class JobWatcher:
         return f"{self.prefix}:{{{quote(account, safe='')}}}:{kind}"
 
     def _now_us(self) -> int:
-        return _time_us(self._redis.time())
+        return self._clock() if self._clock is not None else _time_us(self._redis.time())
 
     # -- what batches call -----------------------------------------------------------------
 
@@ -299,11 +303,13 @@ class JobWatcher:
         pipe = self._redis.pipeline()
         pipe.zrange(self._key(account, "watch"), -1, -1, withscores=True)
         pipe.get(self._key(account, "took"))
-        pipe.time()  # in the same round trip, not another one
-        newest, took, now = pipe.execute()
+        if self._clock is None:
+            pipe.time()  # in the same round trip, not another one
+        newest, took, *server_time = pipe.execute()
         if not newest or took is None:
             return None
-        due_us = float(newest[0][1]) + int(took) - _time_us(now)
+        now = self._clock() if self._clock is not None else _time_us(server_time[0])
+        due_us = float(newest[0][1]) + int(took) - now
         return math.ceil(due_us / 1000) if due_us >= 0 else None
 
     def _finished(self, account: str, job_ids: Sequence[str]) -> list[str]:

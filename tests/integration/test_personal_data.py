@@ -32,11 +32,11 @@ from sqlalchemy import text
 from segops_sync.celery import SEGOPS_QUEUE, configure
 from segops_sync.config import get_settings
 from segops_sync.db.session import session_scope
-from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from tests.conftest import isolated_env
 from tests.integration.conftest import FlowerProcess, WorkerProcess
 from tests.integration.helpers import Klaviyo, create_connector, new_segment, recompute, wait_idle
-from tests.integration.test_zz_secrets import _redis_texts
+from tests.integration.test_no_key_in_clear import _redis_texts
 
 
 @dataclass

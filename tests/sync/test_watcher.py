@@ -1,24 +1,47 @@
-"""The bulk-job watcher: one poll per account answers for many jobs (fakeredis + the simulator)."""
+"""The bulk-job watcher: one poll per account answers for many jobs (fakeredis + the simulator).
+
+The watcher, the simulator and fakeredis's expiry (the gate's PX) all read one FakeClock the
+tests advance by hand: gates and waits are asserted to the millisecond, nothing sleeps.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import fakeredis
+import fakeredis._socket._base
 import pytest
 
 from segops_sync.klaviyo import Endpoint, KlaviyoClient, ProfileInput
 from segops_sync.klaviyo.models import BulkImportJob
-from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from segops_sync.sync.watcher import JobWatcher
+from tests.fake_clock import FakeClock
 
 JOB_DELAY = 0.4
+# A poll looks for the jobs registered before it began: this much time passes in between.
+TICK = 0.001
 
 
 @pytest.fixture
-def env() -> Iterator[tuple[Simulator, KlaviyoClient, str, str]]:
-    sim = Simulator(job_delay=JOB_DELAY, enforce_rate_limits=False)  # submissions in bulk
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    clock = FakeClock()
+    # fakeredis expires keys by its own module's time.time(): the gate's PX runs on this clock.
+    monkeypatch.setattr(fakeredis._socket._base, "time", SimpleNamespace(time=clock.seconds))
+    return clock
+
+
+@pytest.fixture
+def fake(clock: FakeClock) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def env(clock: FakeClock) -> Iterator[tuple[Simulator, KlaviyoClient, str, str]]:
+    # Submissions in bulk; jobs finish JOB_DELAY after they were created, by the test's clock.
+    sim = Simulator(job_delay=JOB_DELAY, enforce_rate_limits=False, clock=clock.seconds)
     account = sim.create_account()
     key = sim.create_key(account)
     list_id = sim.create_list(account)
@@ -54,22 +77,22 @@ def list_calls(sim: Simulator) -> int:
 
 
 def test_one_poll_answers_for_every_job_and_notices_within_one_interval(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     sim, client, account, list_id = env
-    watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.5, time_scale=2)
+    watcher = JobWatcher(fake, interval=0.5, time_scale=2, clock=clock)
     jobs = submit(client, list_id, 30)
     watcher.register(account, jobs)
+    clock.advance(TICK)
 
     first = watcher.view(account, jobs, client)
     assert first.polled and first.finished == [] and len(first.running) == 30
     # everyone else inside the interval reads the poll's answer: no request
     again = watcher.view(account, jobs[:5], client)
-    assert not again.polled and 0 < again.wait <= 0.51
+    assert not again.polled and again.wait == pytest.approx(0.5 + 0.01)  # just after the gate
     assert list_calls(sim) == 1
 
-    time.sleep(JOB_DELAY)  # every job is now due at Klaviyo
-    time.sleep(again.wait)
+    clock.advance(again.wait)  # past JOB_DELAY: every job is now done at Klaviyo
     done = watcher.view(account, jobs, client)
     assert done.polled and sorted(done.finished) == sorted(jobs) and done.running == []
     assert list_calls(sim) == 2
@@ -80,65 +103,67 @@ def test_one_poll_answers_for_every_job_and_notices_within_one_interval(
 
 
 def test_a_job_registered_during_a_poll_waits_for_the_next(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     _sim, client, account, list_id = env
-    fake = fakeredis.FakeRedis()
-    watcher = JobWatcher(fake, interval=0.05, time_scale=20)
+    watcher = JobWatcher(fake, interval=0.05, time_scale=20, clock=clock)
     [job] = submit(client, list_id, 1)
-    time.sleep(JOB_DELAY)  # finished at Klaviyo
+    clock.advance(JOB_DELAY)  # finished at Klaviyo
     # registered (as far as the watcher can tell) after the poll began: not in the answer proves
     # nothing about it yet
     fake.zadd(watcher._key(account, "watch"), {job: watcher._now_us() + 5_000_000})
     view = watcher.view(account, [job], client)
     assert view.polled and view.running == [job]
     fake.zadd(watcher._key(account, "watch"), {job: watcher._now_us()})
-    time.sleep(view.wait)
+    assert view.wait == pytest.approx(0.05 + 0.01)
+    clock.advance(view.wait)
     assert watcher.view(account, [job], client).finished == [job]
 
 
 def test_polling_stays_within_its_share_however_many_pages(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     sim, client, account, list_id = env
     sim.job_delay = 30.0
-    fake = fakeredis.FakeRedis()
-    watcher = JobWatcher(fake, interval=0.01, time_scale=1.0)
+    watcher = JobWatcher(fake, interval=0.01, time_scale=1.0, clock=clock)
     jobs = submit(client, list_id, 150)  # two pages of unfinished jobs
     watcher.register(account, jobs)
+    clock.advance(TICK)
     view = watcher.view(account, jobs, client)
     assert view.polled and len(view.running) == 150
     assert list_calls(sim) == 2  # both pages, one poll
     # two pages at 40 % of 150/min: the next poll may come 2 x 1 s later, not after 0.01 s
-    assert 1.9 <= fake.pttl(watcher._key(account, "gate")) / 1000 <= 2.0
+    assert fake.pttl(watcher._key(account, "gate")) == 2000
     assert watcher.spacing == pytest.approx(1.0)
 
 
 def test_a_429_holds_the_gate_for_its_retry_after(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     sim, client, account, list_id = env
-    fake = fakeredis.FakeRedis()
-    watcher = JobWatcher(fake, interval=0.05, time_scale=20)
+    watcher = JobWatcher(fake, interval=0.05, time_scale=20, clock=clock)
     jobs = submit(client, list_id, 1)
+    watcher.register(account, jobs)
+    clock.advance(TICK)
     sim.force_429(1, 0.5)
     from segops_sync.klaviyo import RateLimited
 
     with pytest.raises(RateLimited):
         watcher.view(account, jobs, client)
     # nobody else polls before Klaviyo's Retry-After, even before the fleet backs off
-    assert 400 <= fake.pttl(watcher._key(account, "gate")) <= 500
+    assert fake.pttl(watcher._key(account, "gate")) == 500
     assert not watcher.view(account, jobs, client).polled
     assert list_calls(sim) == 1
 
 
 def test_a_failed_poll_lets_the_next_batch_poll_at_once(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     sim, client, account, list_id = env
-    fake = fakeredis.FakeRedis()
-    watcher = JobWatcher(fake, interval=5.0)
+    watcher = JobWatcher(fake, interval=5.0, clock=clock)
     jobs = submit(client, list_id, 2)
+    watcher.register(account, jobs)
+    clock.advance(TICK)
     sim.set_faults(error_rate=1.0)  # a 5xx: nothing to wait for
     from segops_sync.klaviyo import TransientError
 
@@ -150,15 +175,15 @@ def test_a_failed_poll_lets_the_next_batch_poll_at_once(
 
 
 def test_a_finished_job_read_once_is_remembered_until_forgotten(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     """A job the poll could not find is read by its batch; that read is kept, so a batch
     deferred by the limiter before its import errors does not read the job again."""
     sim, client, account, list_id = env
-    watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
+    watcher = JobWatcher(fake, interval=0.05, clock=clock)
     jobs = watch(watcher, account, submit_jobs(client, list_id, 2))
     sim.lose_job(jobs[0])
-    time.sleep(JOB_DELAY + 0.1)
+    clock.advance(JOB_DELAY)
     assert sorted(watcher.view(account, jobs, client).finished) == sorted(jobs)
     assert watcher.final(account, jobs[0]) is None  # finished, not yet read by its batch
     watcher.remember_final(account, jobs[0], 3)
@@ -169,14 +194,14 @@ def test_a_finished_job_read_once_is_remembered_until_forgotten(
 
 
 def test_the_poll_reads_each_finished_jobs_failed_count_off_the_list(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     """A complete job's failed_count comes with the poll: its batch settles it without a read of
     its own (and skips the import errors when the count is 0)."""
     sim, client, account, list_id = env
-    watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
+    watcher = JobWatcher(fake, interval=0.05, clock=clock)
     jobs = watch(watcher, account, submit_jobs(client, list_id, 3, failing=1))
-    time.sleep(JOB_DELAY + 0.1)
+    clock.advance(JOB_DELAY)
     view = watcher.view(account, jobs, client)
     assert view.polled and sorted(view.finished) == sorted(jobs)
     assert [watcher.final(account, j) for j in jobs] == [1, 0, 0]
@@ -185,21 +210,21 @@ def test_the_poll_reads_each_finished_jobs_failed_count_off_the_list(
 
 
 def test_paging_stops_once_past_the_oldest_watched_job(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     """250 older jobs of the account (history, another integration) cost no page: the newest
     page holds every job watched. A watched job Klaviyo lost is reported finished without a
     count (its batch reads it and resends), once the poll has paged past where it was."""
     sim, client, account, list_id = env
     submit(client, list_id, 250)
-    time.sleep(0.01)
+    time.sleep(0.01)  # the simulator stamps created_at by the wall clock: distinct stamps
     mine = submit_jobs(client, list_id, 3)
     time.sleep(0.01)
     submit(client, list_id, 5)  # newer than ours: listed first
-    watcher = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
+    watcher = JobWatcher(fake, interval=0.05, clock=clock)
     jobs = watch(watcher, account, mine)
     sim.lose_job(jobs[0])
-    time.sleep(JOB_DELAY + 0.1)
+    clock.advance(JOB_DELAY)
     view = watcher.view(account, jobs, client)
     assert sorted(view.finished) == sorted(jobs)
     assert [watcher.final(account, j) for j in jobs] == [None, 0, 0]
@@ -207,37 +232,49 @@ def test_paging_stops_once_past_the_oldest_watched_job(
 
     # Without Klaviyo's created_at (a batch resumed after a Redis restart) the poll cannot
     # tell where to stop before meeting the job: the lost one makes it read every page once.
-    again = JobWatcher(fakeredis.FakeRedis(), interval=0.05)
+    again = JobWatcher(fakeredis.FakeRedis(), interval=0.05, clock=clock)
     again.register(account, [jobs[0]])
+    clock.advance(TICK)
     assert again.view(account, [jobs[0]], client).finished == [jobs[0]]
     assert list_calls(sim) == 1 + 3  # 258 jobs listed, 100 a page
 
 
 def test_the_next_poll_comes_at_the_newest_jobs_expected_end(
-    env: tuple[Simulator, KlaviyoClient, str, str],
+    env: tuple[Simulator, KlaviyoClient, str, str], clock: FakeClock, fake: fakeredis.FakeRedis
 ) -> None:
     """Once Klaviyo's created_at/completed_at tell how long jobs take, a poll whose interval
     would outlast the newest job comes right after its expected end (no sooner than 60 % of the
     list budget allows); the gap never grows, so a finished job is still noticed in time."""
     _sim, client, account, list_id = env
-    fake = fakeredis.FakeRedis()
-    watcher = JobWatcher(fake, interval=1.0)
+    watcher = JobWatcher(fake, interval=1.0, clock=clock)
     gate = watcher._key(account, "gate")
+    took = watcher._key(account, "took")
     first = watch(watcher, account, submit_jobs(client, list_id, 1))
-    assert watcher.view(account, first, client).running == first
-    assert 0.95 <= fake.pttl(gate) / 1000 <= 1.0  # nothing known of durations: the interval
-    time.sleep(1.0)
-    assert watcher.view(account, first, client).finished == first  # it took JOB_DELAY
+    clock.advance(TICK)
+    view = watcher.view(account, first, client)
+    assert view.running == first
+    assert fake.pttl(gate) == 1000  # nothing known of durations: the interval
+    clock.advance(view.wait)  # its batch comes back just after the gate opens
+    assert watcher.view(account, first, client).finished == first
+    assert fake.get(took) is not None  # learnt from Klaviyo's created_at and completed_at
     watcher.forget(account, first)
+    # (The simulator stamps those by the wall clock, not the test's: say what Klaviyo would.)
+    fake.set(took, round(JOB_DELAY * 1_000_000))
 
     fake.delete(gate)
     second = watch(watcher, account, submit_jobs(client, list_id, 1))
+    clock.advance(TICK)
     assert watcher.view(account, second, client).running == second
-    # due in about 0.4 s; 0.67 s is as soon as polls may come at 60 % of 150/min
+    # due in 0.4 s; 0.67 s is as soon as polls may come at 60 % of 150/min (then the margin)
     assert watcher.early_spacing == pytest.approx(60 / 90)
-    assert 0.6 <= fake.pttl(gate) / 1000 <= 0.72
+    assert fake.pttl(gate) == 667 + 50
 
     fake.delete(gate)
-    fake.set(watcher._key(account, "took"), 5_000_000)  # jobs of 5 s: the end is past the interval
+    fake.set(took, 800_000)  # jobs of 0.8 s: the poll comes just after the newest one's end
     assert watcher.view(account, second, client).polled
-    assert 0.95 <= fake.pttl(gate) / 1000 <= 1.0
+    assert fake.pttl(gate) == 800 - 1 + 50  # due 0.8 s after it was registered, a tick ago
+
+    fake.delete(gate)
+    fake.set(took, 5_000_000)  # jobs of 5 s: the end is past the interval
+    assert watcher.view(account, second, client).polled
+    assert fake.pttl(gate) == 1000
