@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     from segops_sync.db.session import reset_engine, session_scope
     from segops_sync.embedded import EmbeddedWorker
     from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
-    from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+    from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 
     # This process serves the simulator: its event loop gives up the GIL at every socket read
     # and, while a thread applies a 10,000-profile job, waited up to the 5 ms switch interval to

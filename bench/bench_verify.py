@@ -59,7 +59,7 @@ def main() -> int:
 def run(database_url: str, redis_url: str, members: int, time_scale: float) -> int:
     from segops_sync.db.migrate import upgrade
     from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
-    from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+    from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 
     upgrade(database_url)
     sim = Simulator(time_scale=time_scale)

@@ -567,7 +567,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_klaviyo_sim(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.klaviyo.simulator import serve
+    from segops_sync.klaviyo_sim import serve
 
     serve(args.port, host=args.host, time_scale=args.time_scale)
     return EXIT_OK

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from segops_sync.klaviyo.simulator import SimProfile, Simulator
+    from segops_sync.klaviyo_sim import SimProfile, Simulator
 
 DEMO_SEGMENT = "demo-vip-customers"
 
@@ -60,7 +60,7 @@ def run_demo(cli: Cli) -> int:
     so that this module stays below the CLI instead of importing it back)."""
     from segops_sync.config import get_settings
     from segops_sync.embedded import EmbeddedWorker
-    from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+    from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 
     workdir = Path(tempfile.mkdtemp(prefix="segops-demo-"))
     try:

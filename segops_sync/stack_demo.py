@@ -82,7 +82,7 @@ def run(klaviyo_url: str, *, database: str, redis_prefix: str, members: int) -> 
     from segops_sync.db.migrate import upgrade
     from segops_sync.db.session import reset_engine
     from segops_sync.embedded import EmbeddedWorker
-    from segops_sync.klaviyo.simulator import RemoteSimulator
+    from segops_sync.klaviyo_sim import RemoteSimulator
     from segops_sync.sync.runs import wait_until_idle
 
     settings = get_settings()

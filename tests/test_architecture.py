@@ -19,6 +19,9 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "config": set(),
     "klaviyo": set(),  # the client knows no Celery, no database, nothing of ours
+    # the fake Klaviyo: of ours, only the endpoints' names (see the test below), never the
+    # client's tiers or scopes, nor anything the sync does
+    "klaviyo_sim": {"klaviyo"},
     "secrets": {"config"},
     "db": {"config", "states", "errors"},
     "observability": {"config", "states", "klaviyo"},
@@ -30,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "celery": {"config", "states", "observability", "sync", "db", "keys"},
     "tasks": {"celery", "config", "states", "errors", "db", "sync", "observability"},
     "embedded": {"config"},
-    "demo": {"config", "embedded", "klaviyo", "sync", "states"},
+    "demo": {"config", "embedded", "klaviyo_sim", "sync", "states"},
     "web": set(),
     "follow": {"db", "sync"},  # the CLI's progress display
     "api_input": {"errors", "states"},  # the API's body checks
@@ -129,3 +132,32 @@ def test_the_checker_sees_function_level_imports() -> None:
     """The cli -> demo arrow lives inside a function; if the walk missed it, the cycle test
     would pass for the wrong reason."""
     assert "segops_sync.demo" in _graph()["segops_sync.cli"]
+
+
+# What the simulator may take from the client: the names of the endpoints and the revision it
+# pins. Klaviyo's published tiers and scopes it keeps itself (klaviyo_sim.published), so that a
+# wrong number in the client fails tests/klaviyo_sim/test_tiers_agree.py instead of passing.
+SIMULATOR_MAY_TAKE = {
+    ("segops_sync.klaviyo.endpoints", "Endpoint"),
+    ("segops_sync.klaviyo.endpoints", "REVISION"),
+}
+
+
+def test_the_simulator_takes_only_endpoint_names_from_the_client() -> None:
+    taken: set[tuple[str, str]] = set()
+    for path in (PACKAGE / "klaviyo_sim").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                taken.update(
+                    (alias.name, "*")
+                    for alias in node.names
+                    if _room(alias.name) == "klaviyo" and alias.name.startswith("segops_sync.")
+                )
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                module = node.module or ""
+                if module.startswith("segops_sync.") and _room(module) == "klaviyo":
+                    taken.update((module, alias.name) for alias in node.names)
+                elif module == "segops_sync":
+                    taken.update((module, a.name) for a in node.names if a.name == "klaviyo")
+    assert taken, "the walk found no import of the client at all: it is looking in the wrong place"
+    assert taken <= SIMULATOR_MAY_TAKE, f"the simulator takes {sorted(taken - SIMULATOR_MAY_TAKE)}"

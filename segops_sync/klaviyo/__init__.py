@@ -1,4 +1,4 @@
-"""Klaviyo layer: a typed httpx client, one error taxonomy, and (in ``.simulator``) a fake Klaviyo.
+"""Klaviyo layer: a typed httpx client and one error taxonomy (the fake Klaviyo is ``klaviyo_sim``).
 
 Nothing here knows Celery or the database.
 """

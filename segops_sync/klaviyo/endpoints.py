@@ -1,8 +1,9 @@
 """The Klaviyo endpoints the client calls, with their published rate limits and scopes.
 
 Numbers come from the ``x-klaviyo-ratelimit`` / ``x-klaviyo-scopes`` extensions of Klaviyo's OpenAPI
-document for revision 2026-07-15. The simulator enforces the same table, so a limiter that keeps
-the simulator happy keeps Klaviyo happy.
+document for revision 2026-07-15. The simulator (segops_sync.klaviyo_sim.published) keeps its own
+copy, written from Klaviyo's sources too, and tests/klaviyo_sim/test_tiers_agree.py checks that the
+two agree: a limiter that keeps the simulator happy keeps Klaviyo happy.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from segops_sync.embedded import EmbeddedWorker
-from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from tests.integration.helpers import Klaviyo
 
 
@@ -88,7 +88,7 @@ def stack_env(broker: str, request: pytest.FixtureRequest) -> Iterator[dict[str,
 
 
 class WorkerProcess(EmbeddedWorker):
-    """A worker of the test session; its log joins the secrets check at the end."""
+    """A worker of the test session; its log joins the key check (test_no_key_in_clear)."""
 
     def __init__(
         self,
@@ -108,7 +108,7 @@ class WorkerProcess(EmbeddedWorker):
         WORKER_LOGS.append(self.log_path)
 
 
-# Every worker log of the session, for the secrets check at the end.
+# Every worker log of the session, for the key check (test_no_key_in_clear).
 WORKER_LOGS: list[Path] = []
 
 

@@ -16,10 +16,10 @@ from sqlalchemy import func, select, text
 
 from segops_sync.db.models import Connector, SyncRun
 from segops_sync.db.session import session_scope
-from segops_sync.klaviyo.simulator import Simulator
+from segops_sync.klaviyo_sim import Simulator
 from segops_sync.sync.runs import wait_until_idle
 
-# Every Klaviyo key the session handed to the product, for the secrets check at the end.
+# Every Klaviyo key the session handed to the product, for the key check (test_no_key_in_clear).
 KNOWN_KEYS: set[str] = set()
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from segops_sync.db.models import Connector
 from segops_sync.db.session import session_scope
-from segops_sync.klaviyo.simulator import Simulator
+from segops_sync.klaviyo_sim import Simulator
 from tests.integration.helpers import (
     Klaviyo,
     create_connector,

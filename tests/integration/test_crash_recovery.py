@@ -51,7 +51,7 @@ from sqlalchemy.engine import make_url
 from segops_sync.db.models import SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.embedded import EmbeddedRedis, free_port
-from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from tests.conftest import BROKERS, environ, isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from segops_sync.config import Settings
-from segops_sync.klaviyo.simulator import Simulator
+from segops_sync.klaviyo_sim import Simulator
 from tests.conftest import BROKERS, isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (

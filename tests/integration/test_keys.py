@@ -18,7 +18,7 @@ from sqlalchemy import select
 from segops_sync.db.models import Connector, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.embedded import free_port
-from segops_sync.klaviyo.simulator import Simulator
+from segops_sync.klaviyo_sim import Simulator
 from segops_sync.secrets import decrypt_api_key
 from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess

@@ -37,7 +37,7 @@ from segops_sync.celery import SEGOPS_QUEUE, configure
 from segops_sync.config import get_settings
 from segops_sync.db.session import session_scope
 from segops_sync.embedded import free_port
-from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from segops_sync.sync.identity import record_identity
 from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess

@@ -35,7 +35,7 @@ from kombu.exceptions import OperationalError
 from segops_sync.celery import configure
 from segops_sync.config import Settings
 from segops_sync.embedded import free_port
-from segops_sync.klaviyo.simulator import Simulator
+from segops_sync.klaviyo_sim import Simulator
 from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
-from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from segops_sync.sync.costs import Delta, RemovalKey, expected_requests, goes_direct
 from segops_sync.sync.identity import is_email
 from segops_sync.sync.watcher import POLL_SHARE

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from segops_sync.klaviyo import KlaviyoClient
-from segops_sync.klaviyo.simulator import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 
 
 @dataclass(frozen=True)

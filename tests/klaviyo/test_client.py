@@ -24,7 +24,7 @@ from segops_sync.klaviyo import (
     split_into_jobs,
 )
 from segops_sync.klaviyo.payloads import bulk_import_body, encode_body
-from segops_sync.klaviyo.simulator import Simulator
+from segops_sync.klaviyo_sim import Simulator
 
 from .conftest import Env, make_env
 

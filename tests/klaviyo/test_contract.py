@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from segops_sync.klaviyo import REVISION, Endpoint, ProfileInput
-from segops_sync.klaviyo.simulator import Simulator, validate_body
+from segops_sync.klaviyo_sim import Simulator, validate_body
 
 from .conftest import Env, Sent
 
@@ -465,7 +465,7 @@ def test_simulator_error_bodies_match_the_spec_error_shape() -> None:
 def test_simulator_validates_without_the_sdk_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from segops_sync.klaviyo.simulator import official_model
+    from segops_sync.klaviyo_sim import official_model
 
     for name in [m for m in sys.modules if m.startswith("openapi_client")]:
         monkeypatch.setitem(sys.modules, name, None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from segops_sync.klaviyo import ProfileInput
-from segops_sync.klaviyo.simulator import Simulator
+from segops_sync.klaviyo_sim import Simulator
 
 from .conftest import Env
 

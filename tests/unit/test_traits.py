@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from segops_sync.klaviyo.payloads import profile_attributes
-from segops_sync.klaviyo.simulator import validate_body
+from segops_sync.klaviyo_sim import validate_body
 from segops_sync.sync.traits import BadTraits, is_e164, klaviyo_profile, parse_trait_names
 
 

@@ -12,14 +12,14 @@ import httpx
 import pytest
 
 from segops_sync.klaviyo import (
-    ENDPOINT_LIMITS,
     REVISION,
     Endpoint,
     KlaviyoClient,
     ProfileInput,
     RateLimited,
 )
-from segops_sync.klaviyo.simulator import RemoteSimulator, SimHttpResponse, Simulator
+from segops_sync.klaviyo_sim import RemoteSimulator, SimHttpResponse, Simulator
+from segops_sync.klaviyo_sim.published import ENDPOINT_LIMITS
 
 from .conftest import Env, FakeClock, make_env
 
@@ -568,7 +568,7 @@ def test_admin_errors_are_json(env: Env) -> None:
 
 def test_serve_prints_one_line_and_serves() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "segops_sync.klaviyo.simulator", "--port", "0", "--time-scale", "5"],
+        [sys.executable, "-m", "segops_sync.klaviyo_sim", "--port", "0", "--time-scale", "5"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from segops_sync.klaviyo.endpoints import RateLimit
+from segops_sync.klaviyo_sim.published import RateLimit
 
 BURST_SECONDS = 1.0
 STEADY_SECONDS = 60.0

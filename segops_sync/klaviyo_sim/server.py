@@ -11,8 +11,8 @@ from typing import TextIO
 
 import uvicorn
 
-from segops_sync.klaviyo.simulator.app import create_app
-from segops_sync.klaviyo.simulator.core import Simulator
+from segops_sync.klaviyo_sim.app import create_app
+from segops_sync.klaviyo_sim.simulator import Simulator
 
 HOST = "127.0.0.1"
 

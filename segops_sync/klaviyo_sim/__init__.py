@@ -5,22 +5,23 @@
     with SimulatorServer(sim) as server:
         KlaviyoClient(key, server.base_url).get_list(list_id)
 
-Starlette and uvicorn are imported here; the client package does not need them.
+Starlette and uvicorn are imported here; the client package (segops_sync.klaviyo) does not need
+them and knows nothing of the simulator.
 """
 
-from segops_sync.klaviyo.simulator.app import create_app, parse_endpoint
-from segops_sync.klaviyo.simulator.core import (
-    DEFAULT_SCOPES,
+from segops_sync.klaviyo_sim.accounts import DEFAULT_SCOPES
+from segops_sync.klaviyo_sim.app import create_app, parse_endpoint
+from segops_sync.klaviyo_sim.remote import RemoteSimulator
+from segops_sync.klaviyo_sim.server import SimulatorServer, seed_demo, serve
+from segops_sync.klaviyo_sim.simulator import Simulator
+from segops_sync.klaviyo_sim.state import (
     Faults,
     SimHttpRequest,
     SimHttpResponse,
     SimProfile,
     SimRequest,
-    Simulator,
 )
-from segops_sync.klaviyo.simulator.remote import RemoteSimulator
-from segops_sync.klaviyo.simulator.server import SimulatorServer, seed_demo, serve
-from segops_sync.klaviyo.simulator.validation import official_model, validate_body
+from segops_sync.klaviyo_sim.validation import official_model, validate_body
 
 __all__ = [
     "DEFAULT_SCOPES",

@@ -1,11 +1,11 @@
-"""python -m segops_sync.klaviyo.simulator --port 8765 [--time-scale 10]"""
+"""python -m segops_sync.klaviyo_sim --port 8765 [--time-scale 10]"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 
-from segops_sync.klaviyo.simulator.server import serve
+from segops_sync.klaviyo_sim.server import serve
 
 
 def main(argv: list[str] | None = None) -> None:

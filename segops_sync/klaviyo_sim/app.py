@@ -17,7 +17,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from segops_sync.klaviyo.endpoints import Endpoint
-from segops_sync.klaviyo.simulator.core import SimHttpRequest, SimProfile, SimRequest, Simulator
+from segops_sync.klaviyo_sim.simulator import Simulator
+from segops_sync.klaviyo_sim.state import SimHttpRequest, SimProfile, SimRequest
 
 _RAW_SEND = "segops.raw_send"
 _API_METHODS = ["GET", "POST", "DELETE", "PATCH", "PUT"]

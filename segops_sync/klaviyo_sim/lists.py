@@ -1,0 +1,215 @@
+"""Lists and their members: setup, GET /api/lists/{id}, the member reads and the
+relationship writes (add and remove, which never touch a profile or its consent)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from segops_sync.klaviyo.endpoints import Endpoint
+from segops_sync.klaviyo_sim.base import SimState
+from segops_sync.klaviyo_sim.ids import short_id
+from segops_sync.klaviyo_sim.profiles import norm_email, profile_resource
+from segops_sync.klaviyo_sim.responses import (
+    cursor_int,
+    error_item,
+    error_response,
+    errors_response,
+    iso,
+    ok_response,
+    page_links,
+    query_filter,
+    self_link,
+)
+from segops_sync.klaviyo_sim.state import Ctx, ListRecord, Reject, SimHttpResponse, SimProfile
+
+MAX_RELATIONSHIP_IDS = 1_000
+
+
+class ListsMixin(SimState):
+    def create_list(
+        self,
+        account_id: str,
+        name: str = "List",
+        *,
+        list_id: str | None = None,
+        opt_in_process: str = "double_opt_in",
+    ) -> str:
+        if opt_in_process not in ("double_opt_in", "single_opt_in"):
+            raise ValueError("opt_in_process must be double_opt_in or single_opt_in")
+        with self._lock:
+            self._account(account_id)
+            list_id = list_id or self._fresh(lambda: short_id(self._rng), self._lists)
+            if list_id in self._lists:
+                raise ValueError(f"list {list_id} exists")
+            self._lists[list_id] = ListRecord(
+                list_id, account_id, name, datetime.now(UTC), opt_in_process=opt_in_process
+            )
+            return list_id
+
+    def remove_from_list(self, list_id: str, profile_ids: Iterable[str]) -> None:
+        """Someone takes profiles off the list in Klaviyo's UI (no request, no rate limit)."""
+        with self._lock:
+            lst = self._list(list_id)
+            for pid in profile_ids:
+                lst.members.pop(pid, None)
+
+    def add_to_list(self, list_id: str, profile_ids: Iterable[str]) -> None:
+        """Someone puts profiles on the list in Klaviyo's UI (no request, no rate limit)."""
+        with self._lock:
+            lst = self._list(list_id)
+            for pid in profile_ids:
+                if pid not in self._profile_index:
+                    raise KeyError(f"unknown profile {pid}")
+            self._add_members(lst, profile_ids)
+
+    def list_member_ids(self, list_id: str) -> set[str]:
+        with self._lock:
+            self._advance(self._clock())
+            return set(self._list(list_id).members)
+
+    def on_list(self, list_id: str, identities: Iterable[str]) -> dict[str, bool]:
+        """For each email or external_id: is its profile on the list? (Cheap on a big list.)"""
+        with self._lock:
+            self._advance(self._clock())
+            lst = self._list(list_id)
+            account = self._account(lst.account_id)
+            answer: dict[str, bool] = {}
+            for ident in identities:
+                pid = account.by_email.get(norm_email(ident)) or account.by_external_id.get(ident)
+                answer[ident] = pid is not None and pid in lst.members
+            return answer
+
+    def list_members(self, list_id: str) -> list[SimProfile]:
+        with self._lock:
+            self._advance(self._clock())
+            members = self._list(list_id).members
+            ordered = sorted(members, key=members.__getitem__)
+            return [self._profile_index[pid].snapshot() for pid in ordered]
+
+    def _add_members(self, lst: ListRecord, profile_ids: Iterable[str]) -> None:
+        for pid in profile_ids:
+            if pid not in lst.members:
+                self._join_seq += 1
+                lst.members[pid] = self._join_seq
+
+    def _owned_list(self, ctx: Ctx, list_id: str) -> ListRecord:
+        lst = self._lists.get(list_id)  # case-sensitive, like Klaviyo's ids
+        if lst is None or ctx.account is None or lst.account_id != ctx.account.id:
+            raise Reject(error_response(404, detail=f"A list with id {list_id} does not exist."))
+        return lst
+
+    def _h_get_list(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
+        lst = self._owned_list(ctx, params["id"])
+        base = f"{ctx.req.base_url}/api/lists/{lst.id}"
+        resource = {
+            "type": "list",
+            "id": lst.id,
+            "attributes": {
+                "name": lst.name,
+                "created": iso(lst.created),
+                "updated": iso(lst.created),
+                "opt_in_process": lst.opt_in_process,
+            },
+            "relationships": {
+                rel: {"links": {"self": f"{base}/relationships/{rel}", "related": f"{base}/{rel}"}}
+                for rel in ("profiles", "tags", "flow-triggers")
+            },
+            "links": {"self": base},
+        }
+        return ok_response({"data": resource, "links": {"self": self_link(ctx)}})
+
+    def _h_list_member_ids(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
+        lst = self._owned_list(ctx, params["id"])
+        size = self._page_size(ctx)
+        after = cursor_int(ctx)
+        wanted: set[str] | None = None
+        if "filter" in ctx.query:
+            filt = query_filter(ctx, {"email"})
+            account = ctx.account
+            assert account is not None
+            wanted = {
+                account.by_email[e] for e in map(norm_email, filt.values) if e in account.by_email
+            }
+        if ctx.query.get("sort") not in (None, "joined_group_at", "-joined_group_at"):
+            raise Reject(error_response(400, detail="Invalid sort.", parameter="sort"))
+        rows = sorted(
+            (
+                (seq, pid)
+                for pid, seq in lst.members.items()
+                if seq > after and (wanted is None or pid in wanted)
+            ),
+        )
+        page = rows[:size]
+        data = [{"type": "profile", "id": pid} for _, pid in page]
+        nxt = str(page[-1][0]) if len(rows) > size else None
+        return ok_response({"data": data, "links": page_links(ctx, nxt)})
+
+    def _h_list_members(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
+        """GET /api/lists/{id}/profiles: full profiles in join order (cursor = join sequence)."""
+        lst = self._owned_list(ctx, params["id"])
+        account = ctx.account
+        assert account is not None
+        size = self._page_size(ctx)
+        after = cursor_int(ctx)
+        wanted: set[str] | None = None
+        if "filter" in ctx.query:
+            filt = query_filter(ctx, {"email"})
+            wanted = {
+                account.by_email[e] for e in map(norm_email, filt.values) if e in account.by_email
+            }
+        if ctx.query.get("sort") not in (None, "joined_group_at", "-joined_group_at"):
+            raise Reject(error_response(400, detail="Invalid sort.", parameter="sort"))
+        extra = ctx.query.get("additional-fields[profile]")
+        if extra is not None and extra not in ("subscriptions", "predictive_analytics"):
+            raise Reject(error_response(400, detail="Invalid additional-fields.", parameter=extra))
+        rows = sorted(
+            (seq, pid)
+            for pid, seq in lst.members.items()
+            if seq > after and (wanted is None or pid in wanted)
+        )
+        page = rows[:size]
+        data = [profile_resource(ctx, self._profile_index[pid]) for _, pid in page]
+        nxt = str(page[-1][0]) if len(rows) > size else None
+        return ok_response({"data": data, "links": page_links(ctx, nxt)})
+
+    def _h_relationship(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
+        lst = self._owned_list(ctx, params["id"])
+        entries: list[dict[str, Any]] = body["data"]
+        if not entries:
+            raise Reject(
+                error_response(400, detail="At least one profile is required.", pointer="/data")
+            )
+        if len(entries) > MAX_RELATIONSHIP_IDS:
+            raise Reject(
+                error_response(
+                    400,
+                    detail=f"At most {MAX_RELATIONSHIP_IDS} profiles may be sent per request.",
+                    pointer="/data",
+                )
+            )
+        account = ctx.account
+        assert account is not None
+        bad = [(i, e["id"]) for i, e in enumerate(entries) if e["id"] not in account.profiles]
+        if bad:
+            # One bad id fails the whole call (Segment's fixture shows the same).
+            listed = ", ".join(pid for _, pid in bad[:20])
+            raise Reject(
+                errors_response(
+                    400,
+                    [
+                        error_item(
+                            400, detail=f"Invalid profile IDs: {listed}", pointer=f"/data/{i}/id"
+                        )
+                        for i, _ in bad
+                    ],
+                )
+            )
+        ids = [e["id"] for e in entries]
+        if ctx.endpoint == Endpoint.ADD_LIST_PROFILES:
+            self._add_members(lst, ids)
+        else:
+            for pid in ids:
+                lst.members.pop(pid, None)  # the profile itself (and its consent) stays
+        return SimHttpResponse(204, {})
