@@ -11,6 +11,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Share of Klaviyo's per-minute (steady) limits the limiter uses; the one spelling of the default
+# (the setting below, sync/costs.py's floors and the limiter's own default read it).
+DEFAULT_HEADROOM = 0.9
+
 
 class ConfigError(Exception):
     """A required setting is missing or malformed; the message names the variable."""
@@ -78,7 +82,7 @@ class Settings(BaseSettings):
     # Share of Klaviyo's per-minute (steady) limits we use; the rest is the account's other
     # integrations'. The 1 s burst is used whole, over a window stretched by the guard, which
     # absorbs arrival jitter up to that share of a second (sync/limiter.py, "Margins").
-    limiter_headroom: float = Field(default=0.9, gt=0, le=1)
+    limiter_headroom: float = Field(default=DEFAULT_HEADROOM, gt=0, le=1)
     limiter_burst_guard: float = Field(default=0.05, ge=0, le=1)
     # Compresses Klaviyo's rate windows; only for the simulator in tests and benchmarks.
     klaviyo_time_scale: float = Field(default=1.0, gt=0)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from segops_sync.config import Settings
+from segops_sync.config import DEFAULT_HEADROOM, Settings
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint, RateLimit
 from segops_sync.klaviyo.payloads import (
     MAX_FILTER_VALUES,
@@ -39,7 +39,6 @@ from segops_sync.klaviyo.payloads import (
 #    under load) and a poll (1 s): the synchronous path is never slower below the cut-over.
 #  * Requests: n + ceil(n / DIRECT_BATCH_SIZE) instead of 3 (+ polls), all on budgets the bulk
 #    path does not use (profile-import) or uses lightly (relationships).
-DEFAULT_HEADROOM = 0.9
 DIRECT_BATCH_SIZE = 100  # members per synchronous batch: a few batches run side by side
 
 

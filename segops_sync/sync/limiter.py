@@ -107,6 +107,7 @@ from urllib.parse import quote
 
 import redis
 
+from segops_sync.config import DEFAULT_HEADROOM
 from segops_sync.klaviyo.redact import fingerprint
 from segops_sync.sync.clock import Clock
 
@@ -313,7 +314,7 @@ class AccountLimiter:
         self,
         redis: redis.Redis,
         *,
-        headroom: float = 0.9,
+        headroom: float = DEFAULT_HEADROOM,
         burst_guard: float = 0.05,
         time_scale: float = 1.0,
         prefix: str = "segops:rl",
