@@ -47,7 +47,9 @@ def validate_list_id(list_id: str) -> str:
 
 
 def validate_api_key(api_key: str) -> str:
-    if not API_KEY_RE.fullmatch(api_key or ""):
+    if not api_key:
+        raise InputError("API key is required: a Klaviyo private API key starts with 'pk_'")
+    if not API_KEY_RE.fullmatch(api_key):
         # Never echo the key: it may be a real key pasted with a typo.
         raise InputError(
             "API key is malformed: a Klaviyo private API key starts with 'pk_' "

@@ -391,7 +391,8 @@
     } catch (err) {
       body.api_key = "";
       if (err.status === 401) return signOut("The API token was refused: sign in again.");
-      show($("create-alert"), err.message);
+      // say so: the key field was emptied above, and must be filled again before a retry
+      show($("create-alert"), `${err.message} (the API key field was emptied: enter the key again)`);
     } finally {
       button.disabled = false;
     }

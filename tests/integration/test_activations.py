@@ -129,6 +129,12 @@ def test_creation_refuses_what_the_api_refuses_and_creates_an_inactive_connector
     expect(form_alert).to_contain_text("list id is malformed")
     expect(form_alert).to_contain_text("exactly 6 letters or digits")
     expect(page.get_by_label("API key")).to_have_value("")  # never shown back, not even masked
+    expect(form_alert).to_contain_text("the API key field was emptied")  # and the page says so
+
+    # An empty key is "required", not "malformed".
+    page.get_by_label("List ID").fill(klaviyo.list_id)
+    page.get_by_role("button", name="Create").click()
+    expect(form_alert).to_contain_text("API key is required")
 
     # The same live check as the API: a key Klaviyo does not know is refused, and not echoed.
     bogus = "pk_" + "q" * 34
