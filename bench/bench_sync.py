@@ -235,7 +235,7 @@ def identity(user_id: str) -> str:
 
 
 def removal_key(user_id: str) -> RemovalKey:
-    from segops_sync.sync.identity import is_email
+    from segops_sync.sync.inputs.identity import is_email
 
     return "email" if is_email(user_id) else "external_id"
 
@@ -262,7 +262,7 @@ def run_phase(
     from segops_sync.db.session import session_scope
     from segops_sync.klaviyo import Endpoint
     from segops_sync.sync.costs import Delta, floor_seconds
-    from segops_sync.sync.membership import replace_membership
+    from segops_sync.sync.inputs.membership import replace_membership
     from segops_sync.sync.planner import delta_sizes
 
     now = set(segment_members)

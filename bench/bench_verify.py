@@ -92,7 +92,7 @@ def run(database_url: str, redis_url: str, members: int, time_scale: float) -> i
         from segops_sync.config import get_settings
         from segops_sync.connectors import create_connector
         from segops_sync.db.session import session_scope
-        from segops_sync.sync.access import KlaviyoAccess
+        from segops_sync.sync.fleet.access import KlaviyoAccess
         from segops_sync.sync.verify import read_list
 
         get_settings.cache_clear()

@@ -31,7 +31,7 @@ from segops_sync.config import (
 from segops_sync.observability import logging as obs_log
 from segops_sync.observability.logging import klaviyo_url_label
 from segops_sync.observability.metrics import MetricsNode, process_exited
-from segops_sync.sync import liveness
+from segops_sync.sync.fleet import liveness
 from segops_sync.sync.retention import PURGE_INTERVAL
 
 log = logging.getLogger("segops_sync.celery")
@@ -356,7 +356,7 @@ def _fresh_connections(**_: Any) -> None:
     gc.freeze()
 
 
-# -- liveness: a dead worker's tasks are re-sent within seconds (sync/liveness.py) --------------
+# -- liveness: a dead worker's tasks are re-sent within seconds (sync/fleet/liveness.py) --------------
 
 # This worker node; set in the main process before the pool forks, so children inherit it.
 NODE_ID = ""

@@ -255,9 +255,7 @@ def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
         done_before = finished_runs(s, args.connector_id)
         # The approval is a row, committed before the sync is asked for: the run reads it
         # from PostgreSQL, never from the message (sync/approvals.py).
-        approval = (
-            approve_mass_removal(s, args.connector_id, by=approver) if approver else None
-        )
+        approval = approve_mass_removal(s, args.connector_id, by=approver) if approver else None
         approved = (approver, approval.expires_at.isoformat()) if approval else None
     if approved is not None:
         print(f"mass removal approved by {approved[0]} for the next sync, until {approved[1]}")
@@ -351,7 +349,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.session import session_scope
     from segops_sync.klaviyo import KlaviyoError
     from segops_sync.states import ConnectorStatus, RunStatus, StartReason
-    from segops_sync.sync.access import KlaviyoAccess
+    from segops_sync.sync.fleet.access import KlaviyoAccess
     from segops_sync.sync.outcomes import describe_for_person
     from segops_sync.sync.runs import finished_runs, wait_until_idle
     from segops_sync.sync.verify import (
@@ -502,7 +500,7 @@ def cmd_keys_reencrypt(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_recompute(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.connectors import validate_segment_id
     from segops_sync.db.session import session_scope
-    from segops_sync.sync.membership import open_members, replace_membership
+    from segops_sync.sync.inputs.membership import open_members, replace_membership
 
     validate_segment_id(args.segment_id)
     if args.members != "-":
@@ -538,7 +536,7 @@ def publish(task: str, kwargs: dict[str, Any]) -> None:
 
 def cmd_identify(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.session import session_scope
-    from segops_sync.sync.identity import BadIdentity, record_identity
+    from segops_sync.sync.inputs.identity import BadIdentity, record_identity
 
     try:
         with session_scope() as s:

@@ -81,14 +81,14 @@ class Settings(BaseSettings):
     redis_key_prefix: str = ""
     # Share of Klaviyo's per-minute (steady) limits we use; the rest is the account's other
     # integrations'. The 1 s burst is used whole, over a window stretched by the guard, which
-    # absorbs arrival jitter up to that share of a second (sync/limiter.py, "Margins").
+    # absorbs arrival jitter up to that share of a second (sync/fleet/limiter.py, "Margins").
     limiter_headroom: float = Field(default=DEFAULT_HEADROOM, gt=0, le=1)
     limiter_burst_guard: float = Field(default=0.05, ge=0, le=1)
     # Compresses Klaviyo's rate windows; only for the simulator in tests and benchmarks.
     klaviyo_time_scale: float = Field(default=1.0, gt=0)
     # Seconds between polls of an account's unfinished bulk import jobs (one request answers for
     # 100 jobs): 1 s is 60 of the list endpoint's 150/min, the watcher's stated 40 % share
-    # (and one early poll at the newest job's expected end, never above 60 %: sync/watcher.py).
+    # (and one early poll at the newest job's expected end, never above 60 %: sync/fleet/watcher.py).
     job_poll_interval: float = Field(default=1.0, gt=0)
     # A bulk import job still queued or processing this long after Klaviyo created it is taken
     # as lost: its members are sent again in a new job (the batch never waits forever).
@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     # is re-sent by the other workers once it expired. How often each node looks for such work,
     # and checks its Redis markers: a Redis that lost its data (restart without persistence,
     # failover to an empty replica) is noticed within this interval and every open run re-sent
-    # at once (sync/liveness.py), so the loss costs seconds, well under two minutes.
+    # at once (sync/fleet/liveness.py), so the loss costs seconds, well under two minutes.
     heartbeat_ttl: float = Field(default=10.0, ge=3)
     liveness_scan_interval: float = Field(default=5.0, gt=0)
     # Deliveries of one batch that killed their worker process (OOM, segfault) before the batch

@@ -27,9 +27,9 @@ from segops_sync.klaviyo import (
 )
 from segops_sync.secrets import decrypt_api_key, encrypt_api_key
 from segops_sync.states import ConnectorStatus, Trigger
+from segops_sync.sync.inputs.traits import BadTraits, parse_trait_names
 from segops_sync.sync.ledger import forget_ledger
 from segops_sync.sync.outcomes import describe_for_person
-from segops_sync.sync.traits import BadTraits, parse_trait_names
 
 LIST_ID_RE = re.compile(r"^[A-Za-z0-9]{6}$")
 API_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_]{8,}$")
@@ -197,7 +197,9 @@ def update_connector(
     if api_key is not None:
         connector.api_key_encrypted = encrypt_api_key(api_key, settings.require_secret_key())
         connector.api_key_hint = redact_key(api_key)
-    fixed = (list_id is not None or api_key is not None) and connector.status == ConnectorStatus.ERROR
+    fixed = (
+        list_id is not None or api_key is not None
+    ) and connector.status == ConnectorStatus.ERROR
     if fixed:
         # The fix is in; the next sync decides whether it worked.
         connector.status = ConnectorStatus.ACTIVE

@@ -25,15 +25,15 @@ from segops_sync.db.models import Connector, SegmentMember, SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.errors import UnknownConnector
 from segops_sync.observability import logging as obs_log
-from segops_sync.observability.runs import run_ended, run_started
+from segops_sync.observability.run_log import run_ended, run_started
 from segops_sync.states import CloseOutcome, ConnectorStatus, PlanStatus, StartReason, Trigger
-from segops_sync.sync import liveness
-from segops_sync.sync.access import KlaviyoAccess
 from segops_sync.sync.alerts import deliver, lost_alerts, record_alert
 from segops_sync.sync.batch_step import Finished, Later
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.costs import removals_first
-from segops_sync.sync.identity import BadIdentity, record_identity
+from segops_sync.sync.fleet import liveness
+from segops_sync.sync.fleet.access import KlaviyoAccess
+from segops_sync.sync.inputs.identity import BadIdentity, record_identity
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
 from segops_sync.sync.recovery import fail_crashing_batch, run_ready_to_close
 from segops_sync.sync.retention import purge_expired
@@ -159,7 +159,7 @@ def context_identified(*args: Any, **kwargs: Any) -> None:
         if email is not None and not isinstance(email, str):
             raise Malformed("traits.email must be a string")
         with session_scope() as s:
-            # every trait is kept; connectors choose the ones they send (sync/traits.py)
+            # every trait is kept; connectors choose the ones they send (sync/inputs/traits.py)
             record_identity(s, user_id, email, traits)
     except (Malformed, BadIdentity) as exc:
         _drop("segops.context_identified", str(exc))
@@ -404,7 +404,7 @@ def remove_batch(self: Task, batch_id: int) -> dict[str, Any]:
 def sweep_runs(*, redis_data_lost: Any = False) -> None:
     """Beat: finish or re-dispatch runs that made no progress for too long (lost chords).
 
-    ``redis_data_lost``: sent by a worker node that found a Redis marker gone (sync/liveness.py,
+    ``redis_data_lost``: sent by a worker node that found a Redis marker gone (sync/fleet/liveness.py,
     within ``liveness_scan_interval``): every open run is re-sent now, not after
     ``stuck_after``, with the same re-dispatch as a stuck run."""
     settings = get_settings()

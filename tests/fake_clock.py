@@ -1,4 +1,4 @@
-"""A clock tests move by hand, for the limiter and the job watcher (segops_sync.sync.clock)."""
+"""A clock tests move by hand, for the limiter and the job watcher (segops_sync.sync.fleet.clock)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from segops_sync.config import Settings
 from segops_sync.db.models import AlertDelivery, SyncRun
 from segops_sync.db.session import session_scope
-from segops_sync.observability.alerts import alert_body, alert_delivery_id, send
+from segops_sync.observability.webhooks import alert_body, alert_delivery_id, send
 from segops_sync.states import AlertEvent, RunStatus
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 A member row is keyed by (run_id, user_id) and indexed by its batch (run_id, kind, seq). The
 bulk paths name the batch in every statement (see ``_THIS_BATCH``); the direct path's writes
-and the trait check's (sync/traits.py) name the run and the user, the primary key (a member is
+and the trait check's (``trait_profiles``) name the run and the user, the primary key (a member is
 in one batch of a run).
 
 Left where they are, as single set-based statements: the planner's materialization (INSERT ...
@@ -22,7 +22,10 @@ from sqlalchemy import ColumnElement, Select, select, text, update
 from sqlalchemy.orm import Session
 
 from segops_sync.db.models import SyncBatchItem
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo import ProfileInput
 from segops_sync.states import ItemOutcome
+from segops_sync.sync.inputs.traits import klaviyo_profile
 
 
 class BatchKey(Protocol):
@@ -277,3 +280,24 @@ def record_dropped_traits(s: Session, run_id: str, dropped: Mapping[str, list[st
         ),
         {"r": run_id, "d": json.dumps(dropped)},
     )
+
+
+def trait_profiles(
+    run_id: str, rows: Sequence[tuple[str, str | None, str | None, Mapping[str, Any] | None]]
+) -> list[tuple[str, ProfileInput]]:
+    """(user_id, profile) for batch rows (user_id, email, external_id, traits); the names of
+    refused values are set on the rows (set, not added: a resumed batch counts them once)."""
+    members: list[tuple[str, ProfileInput]] = []
+    dropped: dict[str, list[str]] = {}
+    for user_id, email, external_id, traits in rows:
+        if not traits:  # the common case: no traits to check, no wrapper to build
+            members.append((user_id, ProfileInput(email=email, external_id=external_id)))
+            continue
+        built = klaviyo_profile(email, external_id, traits)
+        members.append((user_id, built.profile))
+        if built.dropped:
+            dropped[user_id] = built.dropped
+    if dropped:
+        with session_scope() as s:
+            record_dropped_traits(s, run_id, dropped)
+    return members

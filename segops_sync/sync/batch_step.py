@@ -25,7 +25,7 @@ from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import TransientError
 from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus, ItemOutcome
 from segops_sync.sync import batch_items
-from segops_sync.sync.limiter import spread
+from segops_sync.sync.fleet.limiter import spread
 from segops_sync.sync.planner import materialize_batch
 
 MAX_BACKOFF = 300.0

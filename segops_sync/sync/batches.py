@@ -22,7 +22,6 @@ from segops_sync.klaviyo import Endpoint, KlaviyoClient, KlaviyoError, scrub
 from segops_sync.observability import logging as obs_log
 from segops_sync.secrets import decrypt_api_key
 from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus
-from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.batch_step import (
     BatchContext,
     BatchStep,
@@ -41,6 +40,7 @@ from segops_sync.sync.batch_step import (
 from segops_sync.sync.bulk_add import add_in_bulk
 from segops_sync.sync.costs import goes_direct
 from segops_sync.sync.direct import add_directly
+from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.removal import remove
 

@@ -1,7 +1,7 @@
 """An add batch in bulk import jobs with the list attached: the path of all but small deltas.
 
 A step submits the batch's unsent members (one job for the whole batch in the common case),
-then waits on the account's job watcher (sync/watcher.py), and settles each finished job: its
+then waits on the account's job watcher (sync/fleet/watcher.py), and settles each finished job: its
 members Klaviyo named in import errors are rejected with Klaviyo's reason, the rest enter the
 ledger. A job Klaviyo lost, or one unfinished after ``SEGOPS_JOB_GIVE_UP``, is sent again.
 """
@@ -30,7 +30,7 @@ from segops_sync.klaviyo import (
 )
 from segops_sync.states import BatchStatus, ItemOutcome
 from segops_sync.sync import batch_items
-from segops_sync.sync.access import LimitedSession
+from segops_sync.sync.batch_items import trait_profiles
 from segops_sync.sync.batch_step import (
     BatchContext,
     BatchStep,
@@ -42,10 +42,10 @@ from segops_sync.sync.batch_step import (
     record_progress,
     transient,
 )
+from segops_sync.sync.fleet.access import LimitedSession
+from segops_sync.sync.fleet.watcher import AccountJobs, job_overdue
 from segops_sync.sync.ledger import accept_job
 from segops_sync.sync.outcomes import Action, decide
-from segops_sync.sync.traits import trait_profiles
-from segops_sync.sync.watcher import AccountJobs, job_overdue
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def add_in_bulk(
     if whole is not None:
         job_ids.append(whole)
         ctx = replace(ctx, whole_job_id=whole)
-    # One poll of the account's recent jobs answers for every batch (sync/watcher.py), with
+    # One poll of the account's recent jobs answers for every batch (sync/fleet/watcher.py), with
     # each finished job's failed_count; only a job the poll could not find is read on its own.
     view = jobs.view(job_ids)
     running = bool(view.running)

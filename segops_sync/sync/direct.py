@@ -24,9 +24,8 @@ from segops_sync.klaviyo import (
     KlaviyoClient,
 )
 from segops_sync.sync import batch_items
-from segops_sync.sync.batch_items import BatchKey
+from segops_sync.sync.batch_items import BatchKey, trait_profiles
 from segops_sync.sync.ledger import confirm_added
-from segops_sync.sync.traits import trait_profiles
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def add_directly(
     run_id = batch.run_id
     with session_scope() as s:
         rows = batch_items.unsettled_with_traits(s, batch)
-    # the named traits, refused values left out and named on the item (see sync/traits.py)
+    # the named traits, refused values left out and named on the item (see sync/inputs/traits.py)
     profiles = trait_profiles(run_id, [(u, e, x, t) for u, e, x, p, t in rows if not p])
 
     learnt: dict[str, str] = {}

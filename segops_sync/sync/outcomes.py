@@ -31,7 +31,7 @@ from segops_sync.klaviyo import (
     RateLimited,
     TransientError,
 )
-from segops_sync.sync.access import Throttled
+from segops_sync.sync.fleet.access import Throttled
 
 
 class Action(StrEnum):

@@ -34,9 +34,9 @@ from segops_sync.states import (
 )
 from segops_sync.sync.approvals import take_approval
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, goes_direct
-from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.inputs.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.inputs.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 from segops_sync.sync.ledger import adopt_in_doubt
-from segops_sync.sync.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 
 # One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
 # (A run with few adds sends them synchronously instead, DIRECT_BATCH_SIZE to a batch.)

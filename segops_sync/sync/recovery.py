@@ -1,4 +1,4 @@
-"""The PostgreSQL side of recovering from dead workers (see ``sync/liveness.py``).
+"""The PostgreSQL side of recovering from dead workers (see ``sync/fleet/liveness.py``).
 
 A batch re-sent after its worker died runs outside the run's chord, so the chord's body may
 never fire: the batch that finishes a run's last open batch closes the run itself (a barrier on

@@ -38,7 +38,7 @@ def find_stuck_runs(session: Session, stuck_after: float) -> list[StuckRun]:
 
 def find_open_runs(session: Session) -> list[StuckRun]:
     """Every running run, however recent its progress: Redis lost its data (the fleet found
-    its marker gone, sync/liveness.py), so queued messages and chord state may be gone with
+    its marker gone, sync/fleet/liveness.py), so queued messages and chord state may be gone with
     it. PostgreSQL knows every open run and batch; re-sending them is safe (batches are
     idempotent, and one copy of a batch runs at a time)."""
     now = datetime.now(UTC)
@@ -82,6 +82,8 @@ def _claim_runs(session: Session, now: datetime, cutoff: datetime | None) -> lis
         )
         item = StuckRun(run_id, StuckAction.REDISPATCH)
         for batch_id, kind in open_batches:
-            (item.add_batch_ids if kind == BatchKind.ADD else item.remove_batch_ids).append(batch_id)
+            (item.add_batch_ids if kind == BatchKind.ADD else item.remove_batch_ids).append(
+                batch_id
+            )
         stuck.append(item)
     return stuck

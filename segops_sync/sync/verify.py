@@ -46,8 +46,9 @@ from segops_sync.states import (
     StartReason,
     Trigger,
 )
-from segops_sync.sync.access import KlaviyoAccess, LimitedSession, Throttled
-from segops_sync.sync.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttled
+from segops_sync.sync.fleet.locks import refreshed_lock
+from segops_sync.sync.inputs.identity import SQL_EMAIL, SQL_EXTERNAL_ID
 from segops_sync.sync.ledger import (
     adopt_foreign,
     adopt_in_doubt,
@@ -55,7 +56,6 @@ from segops_sync.sync.ledger import (
     mark_suppressed,
 )
 from segops_sync.sync.ledger import release_foreign as ledger_release_foreign
-from segops_sync.sync.locks import refreshed_lock
 from segops_sync.sync.outcomes import describe_for_person
 from segops_sync.sync.planner import StartOutcome, start_run
 from segops_sync.sync.retention import snapshot_lease
@@ -83,7 +83,7 @@ def one_read_back(connector_id: str, access: KlaviyoAccess, settings: Settings) 
     """One read-back per connector at a time, fleet-wide. At about 4M members a read-back
     outlasts the broker's visibility timeout (an hour), and Redis hands the same task to a
     second worker: that one must not read the list a second time. The lock is refreshed while
-    the read-back runs (sync/locks.py): a live holder keeps it however long, a dead one's
+    the read-back runs (sync/fleet/locks.py): a live holder keeps it however long, a dead one's
     expires within a minute."""
     key = f"{settings.redis_key_prefix}segops:verify:{connector_id}"
     with refreshed_lock(access.redis, key) as held:

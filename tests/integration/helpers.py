@@ -193,6 +193,6 @@ def row_counts() -> dict[str, int]:
 
 
 def expected_identity(user_id: str, identified: dict[str, str]) -> tuple[str | None, str | None]:
-    from segops_sync.sync.identity import identity_for
+    from segops_sync.sync.inputs.identity import identity_for
 
     return identity_for(user_id, identified.get(user_id))

@@ -26,7 +26,7 @@ import pytest
 
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo_sim import Simulator
-from segops_sync.sync.membership import replace_membership
+from segops_sync.sync.inputs.membership import replace_membership
 from tests.conftest import isolated_env
 from tests.integration.helpers import (
     cli,

@@ -2,7 +2,7 @@
 
 Every worker here runs with the production defaults (visibility timeout 1 h, sweeper after 15
 min, 10 s heartbeats, ...) and without beat: what recovers the work is the heartbeat scan of
-``sync/liveness.py`` (Redis) or the broker giving a dead consumer's messages back (RabbitMQ),
+``sync/fleet/liveness.py`` (Redis) or the broker giving a dead consumer's messages back (RabbitMQ),
 never the sweeper nor Redis's visibility timeout.
 
 * ``test_kill9_new_worker_finishes_within_60s``: a worker killed with SIGKILL mid-way through a

@@ -26,7 +26,7 @@ from segops_sync.db.models import SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
-from segops_sync.sync.watcher import POLL_SHARE
+from segops_sync.sync.fleet.watcher import POLL_SHARE
 from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (

@@ -31,7 +31,7 @@ from segops_sync.config import get_settings
 from segops_sync.embedded import EmbeddedRedis, free_port
 from segops_sync.klaviyo import Endpoint
 from segops_sync.klaviyo_sim import Simulator
-from segops_sync.sync.access import KlaviyoAccess
+from segops_sync.sync.fleet.access import KlaviyoAccess
 from segops_sync.sync.verify import Comparison, verify_for_beat
 from tests.conftest import BROKERS, isolated_env
 from tests.integration.helpers import (

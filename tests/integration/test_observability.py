@@ -38,7 +38,7 @@ from segops_sync.config import get_settings
 from segops_sync.db.session import session_scope
 from segops_sync.embedded import free_port
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
-from segops_sync.sync.identity import record_identity
+from segops_sync.sync.inputs.identity import record_identity
 from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
@@ -442,9 +442,7 @@ def _fresh_signature(obs: Obs, got: Received) -> tuple[str, int]:
     return delivery, int(timestamp)
 
 
-def test_alerts_carry_a_delivery_id_and_a_timestamped_signature(
-    obs: Obs, tmp_path: Path
-) -> None:
+def test_alerts_carry_a_delivery_id_and_a_timestamped_signature(obs: Obs, tmp_path: Path) -> None:
     k = obs.klaviyo()
     segment = new_segment()
     members = _members("replay", 3, 0)

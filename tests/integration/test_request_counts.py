@@ -21,8 +21,8 @@ import pytest
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from segops_sync.sync.costs import Delta, RemovalKey, expected_requests, goes_direct
-from segops_sync.sync.identity import is_email
-from segops_sync.sync.watcher import POLL_SHARE
+from segops_sync.sync.fleet.watcher import POLL_SHARE
+from segops_sync.sync.inputs.identity import is_email
 from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import Klaviyo, create_connector, latest_run, recompute, wait_idle

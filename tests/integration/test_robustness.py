@@ -20,7 +20,7 @@ from segops_sync.db.models import SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint
 from segops_sync.sync.costs import Delta, add_cutover, expected_requests
-from segops_sync.sync.membership import replace_membership
+from segops_sync.sync.inputs.membership import replace_membership
 from tests.conftest import BROKERS
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (

@@ -17,9 +17,9 @@ from segops_sync.config import Settings
 from segops_sync.klaviyo import CredentialsRejected, InvalidRequest, RateLimited, TransientError
 from segops_sync.secrets import encrypt_api_key
 from segops_sync.states import BatchKind, BatchStatus
-from segops_sync.sync.access import Throttled
 from segops_sync.sync.batch_step import BatchContext, BatchStep, Finished, Later
 from segops_sync.sync.batches import run_batch
+from segops_sync.sync.fleet.access import Throttled
 
 SECRET = "a secret key for the unit tests"
 API_KEY = "pk_unit0123456789abcdef"

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import fakeredis
 import pytest
 
-from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit
+from segops_sync.sync.fleet.limiter import AccountLimiter, AccountResolver, Limit
 from tests.fake_clock import FakeClock
 
 EP = "POST /api/lists/{id}/relationships/profiles"
@@ -196,7 +196,7 @@ def test_a_session_paces_the_small_tiers_and_sleeps_out_the_gap(
     """M-tier endpoints (10/s) are paced, and the gap (0.05 s) is slept in-process, not
     re-queued; an L-tier endpoint (75/s) still takes its burst at once."""
     from segops_sync.klaviyo import Endpoint
-    from segops_sync.sync import access
+    from segops_sync.sync.fleet import access
 
     slept: list[float] = []
 

@@ -28,7 +28,7 @@ from typing import Any, cast
 import pytest
 import redis
 
-from segops_sync.sync.limiter import AccountLimiter, Limit
+from segops_sync.sync.fleet.limiter import AccountLimiter, Limit
 from tests.fake_clock import START_US
 
 DEFAULT_URL = "redis://127.0.0.1:6379/15"

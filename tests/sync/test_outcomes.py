@@ -15,7 +15,7 @@ from segops_sync.klaviyo import (
     TransientError,
     UnexpectedStatus,
 )
-from segops_sync.sync.access import Throttled
+from segops_sync.sync.fleet.access import Throttled
 from segops_sync.sync.outcomes import Action, decide
 
 

@@ -28,12 +28,12 @@ from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint, ProfileInput
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from segops_sync.states import BatchStatus, ConnectorStatus, Trigger
-from segops_sync.sync import bulk_add, planner, traits
-from segops_sync.sync.access import KlaviyoAccess, Throttled
+from segops_sync.sync import batch_items, bulk_add, planner
 from segops_sync.sync.approvals import APPROVAL_LIFETIME, approve_mass_removal
 from segops_sync.sync.batch_step import Finished, Later, PostgresBatchStore
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, Delta, expected_requests
+from segops_sync.sync.fleet.access import KlaviyoAccess, Throttled
 from segops_sync.sync.planner import (
     ADD_BATCH_SIZE,
     REMOVE_BATCH_SIZE,
@@ -493,7 +493,7 @@ def test_a_batch_waiting_for_a_submission_slot_builds_its_job_body_once(
     it reads its members, comes back just before the slot, builds once and waits out the rest
     in-process."""
     built: list[int] = []
-    real = traits.trait_profiles
+    real = batch_items.trait_profiles
 
     def counted(*args: object) -> object:
         built.append(1)

@@ -14,7 +14,7 @@ from segops_sync.config import get_settings
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatchItem
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint
-from segops_sync.sync.identity import record_identity
+from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.planner import preview
 from segops_sync.sync.verify import FOREIGN_PREFIX, release_foreign, verify_list
 from tests.sync.test_pipeline_functions import World, _connector, _set_members, _sync, server, world
@@ -180,7 +180,7 @@ def test_foreign_profiles_are_removed_only_when_asked_and_through_the_guard(worl
 def test_context_identified_keeps_every_trait_of_the_latest_event(world: World) -> None:
     import pytest
 
-    from segops_sync.sync.identity import BadIdentity
+    from segops_sync.sync.inputs.identity import BadIdentity
 
     user = f"id-{uuid.uuid4().hex[:6]}"
     _identify(user, {"email": "first@x.example", "first_name": "Ann", "plan": "pro"})

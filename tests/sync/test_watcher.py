@@ -17,7 +17,7 @@ import pytest
 from segops_sync.klaviyo import Endpoint, KlaviyoClient, ProfileInput
 from segops_sync.klaviyo.models import BulkImportJob
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
-from segops_sync.sync.watcher import JobWatcher
+from segops_sync.sync.fleet.watcher import JobWatcher
 from tests.fake_clock import FakeClock
 
 JOB_DELAY = 0.4

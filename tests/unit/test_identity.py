@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from segops_sync.sync.identity import identity_for, is_email
+from segops_sync.sync.inputs.identity import identity_for, is_email
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""sync/liveness.py on fakeredis: heartbeats, held tasks, the scan, batch locks, poison pills."""
+"""sync/fleet/liveness.py on fakeredis: heartbeats, held tasks, the scan, batch locks, poison pills."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import time
 import fakeredis
 import pytest
 
-from segops_sync.sync import liveness
-from segops_sync.sync.liveness import Held, Keys
-from segops_sync.sync.locks import refreshed_lock
+from segops_sync.sync.fleet import liveness
+from segops_sync.sync.fleet.liveness import Held, Keys
+from segops_sync.sync.fleet.locks import refreshed_lock
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from segops_sync.errors import InputError
-from segops_sync.sync import membership
+from segops_sync.sync.inputs import membership
 
 
 class FakeCopy:

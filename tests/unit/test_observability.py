@@ -18,7 +18,7 @@ import pytest
 
 from segops_sync.klaviyo.endpoints import Endpoint, endpoint_for
 from segops_sync.observability import logging as obs_log
-from segops_sync.observability.alerts import alert_body, signature
+from segops_sync.observability.webhooks import alert_body, signature
 from segops_sync.sync.alerts import next_event
 
 

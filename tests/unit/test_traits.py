@@ -9,7 +9,7 @@ import pytest
 
 from segops_sync.klaviyo.payloads import profile_attributes
 from segops_sync.klaviyo_sim import validate_body
-from segops_sync.sync.traits import BadTraits, is_e164, klaviyo_profile, parse_trait_names
+from segops_sync.sync.inputs.traits import BadTraits, is_e164, klaviyo_profile, parse_trait_names
 
 
 def test_trait_names_are_parsed_in_order_without_repeats() -> None:

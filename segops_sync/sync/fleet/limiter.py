@@ -109,7 +109,7 @@ import redis
 
 from segops_sync.config import DEFAULT_HEADROOM
 from segops_sync.klaviyo.redact import fingerprint
-from segops_sync.sync.clock import Clock
+from segops_sync.sync.fleet.clock import Clock
 
 __all__ = ["AccountLimiter", "AccountResolver", "Limit", "spread"]
 

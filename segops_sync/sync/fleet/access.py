@@ -27,8 +27,8 @@ from segops_sync.klaviyo import (
 )
 from segops_sync.klaviyo.endpoints import endpoint_for
 from segops_sync.observability import metrics
-from segops_sync.sync.limiter import AccountLimiter, AccountResolver, Limit, spread
-from segops_sync.sync.watcher import AccountJobs, JobWatcher
+from segops_sync.sync.fleet.limiter import AccountLimiter, AccountResolver, Limit, spread
+from segops_sync.sync.fleet.watcher import AccountJobs, JobWatcher
 
 # The budget that GET /api/accounts calls draw on, whichever account they turn out to be.
 ACCOUNT_LOOKUPS = "(account lookups)"

@@ -20,10 +20,8 @@ from typing import Any
 
 import phonenumbers
 
-from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import PROFILE_FIELDS, ProfileInput
 from segops_sync.klaviyo.payloads import encode_body, profile_resource
-from segops_sync.sync import batch_items
 
 MAX_TRAITS = 50
 # choice: a name a Klaviyo property can carry and a CLI list can hold (no comma, no space).
@@ -175,24 +173,3 @@ def describe(names: Sequence[str]) -> str:
     if custom:
         parts.append("custom properties " + ", ".join(custom))
     return "; ".join(parts) if parts else "none but the email"
-
-
-def trait_profiles(
-    run_id: str, rows: Sequence[tuple[str, str | None, str | None, Mapping[str, Any] | None]]
-) -> list[tuple[str, ProfileInput]]:
-    """(user_id, profile) for batch rows (user_id, email, external_id, traits); the names of
-    refused values are set on the rows (set, not added: a resumed batch counts them once)."""
-    members: list[tuple[str, ProfileInput]] = []
-    dropped: dict[str, list[str]] = {}
-    for user_id, email, external_id, traits in rows:
-        if not traits:  # the common case: no traits to check, no wrapper to build
-            members.append((user_id, ProfileInput(email=email, external_id=external_id)))
-            continue
-        built = klaviyo_profile(email, external_id, traits)
-        members.append((user_id, built.profile))
-        if built.dropped:
-            dropped[user_id] = built.dropped
-    if dropped:
-        with session_scope() as s:
-            batch_items.record_dropped_traits(s, run_id, dropped)
-    return members

@@ -65,7 +65,7 @@ import redis
 
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint, KlaviyoClient, RateLimited
 from segops_sync.klaviyo.payloads import MAX_PAGE_SIZE
-from segops_sync.sync.clock import Clock
+from segops_sync.sync.fleet.clock import Clock
 
 log = logging.getLogger(__name__)
 

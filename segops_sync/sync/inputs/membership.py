@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from segops_sync.db.statistics import analyze_if_stale
 from segops_sync.errors import InputError
-from segops_sync.sync.identity import MAX_USER_ID
+from segops_sync.sync.inputs.identity import MAX_USER_ID
 
 # A block of lines that are all plain printable ASCII, none empty, none with spaces at either
 # end: COPY can take it as it is (backslashes doubled), no line needs a look of its own.
