@@ -27,6 +27,7 @@ from segops_sync.errors import UnknownConnector
 from segops_sync.observability import logging as obs_log
 from segops_sync.observability.run_log import run_ended, run_started
 from segops_sync.states import CloseOutcome, ConnectorStatus, PlanStatus, StartReason, Trigger
+from segops_sync.sync import retry
 from segops_sync.sync.alerts import deliver, lost_alerts, record_alert
 from segops_sync.sync.batch_step import Finished, Later
 from segops_sync.sync.batches import run_batch
@@ -51,7 +52,7 @@ log = logging.getLogger("segops_sync.tasks")
 
 # Infrastructure hiccups (PostgreSQL or Redis away for a while) are retried, never fatal.
 INFRA_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError)
-MAX_COUNTDOWN = 300.0
+MAX_COUNTDOWN = retry.MAX_DELAY
 MAX_ID_LENGTH = 255
 # What closing a run reports on: the call that closed it (or held it), never a repeat.
 CLOSED_BY_THIS_CALL = (CloseOutcome.SUCCEEDED, CloseOutcome.FAILED, CloseOutcome.HELD)
@@ -67,7 +68,7 @@ class SegopsTask(Task):  # type: ignore[misc]
 
     autoretry_for = INFRA_ERRORS
     retry_backoff = True
-    retry_backoff_max = 60
+    retry_backoff_max = retry.INFRA_BACKOFF_MAX
     retry_jitter = True
     max_retries = None
     acks_late = True  # a crash re-delivers the task; every task is idempotent
@@ -453,7 +454,7 @@ def deliver_alert(self: Task, delivery_id: Any) -> None:
         raise self.retry(countdown=outcome.retry_in)
 
 
-# -- read-back verification (issue 14) -----------------------------------------------------
+# -- read-back verification ----------------------------------------------------------------
 
 
 def trigger_verified_sync(connector_id: str, result: Comparison) -> StartOutcome:

@@ -26,9 +26,11 @@ from segops_sync.klaviyo.errors import (
 )
 from segops_sync.klaviyo.models import (
     PROFILE_FIELDS,
+    UNFINISHED_JOB_STATES,
     BulkImportJob,
     ImportedProfile,
     ImportErrorItem,
+    JobStatus,
     KlaviyoList,
     ListMember,
     ProfileInput,
@@ -53,6 +55,7 @@ __all__ = [
     "MAX_PROFILES_PER_JOB",
     "PROFILE_FIELDS",
     "REVISION",
+    "UNFINISHED_JOB_STATES",
     "ApiErrorItem",
     "BulkImportJob",
     "Conflict",
@@ -61,6 +64,7 @@ __all__ = [
     "ImportErrorItem",
     "ImportedProfile",
     "InvalidRequest",
+    "JobStatus",
     "KlaviyoClient",
     "KlaviyoError",
     "KlaviyoList",

@@ -33,6 +33,7 @@ from segops_sync.klaviyo.models import (
     BulkImportJob,
     ImportedProfile,
     ImportErrorItem,
+    JobStatus,
     KlaviyoList,
     ListMember,
     ProfileInput,
@@ -192,7 +193,7 @@ class KlaviyoClient:
         return _bulk_import_job(_dict_field(doc, "data", endpoint), endpoint)
 
     def iter_bulk_import_jobs(
-        self, statuses: Sequence[str], *, newest_first: bool = False
+        self, statuses: Sequence[JobStatus], *, newest_first: bool = False
     ) -> Iterator[BulkImportJob]:
         """The account's jobs in these states, 100 a page (one request answers for 100 jobs),
         oldest first or (``newest_first``) newest first by ``created_at``.

@@ -57,8 +57,16 @@ class Endpoint(StrEnum):
 
 @dataclass(frozen=True)
 class RateLimit:
-    burst: int  # requests per second
-    steady: int  # requests per minute
+    """Klaviyo's published limit for one endpoint: requests per 1 s (burst), per 60 s (steady)."""
+
+    burst: int
+    steady: int
+
+    def __post_init__(self) -> None:
+        for name in ("burst", "steady"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RateLimit.{name} must be a positive int, got {value!r}")
 
 
 XS = RateLimit(burst=1, steady=15)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
@@ -65,10 +66,26 @@ class KlaviyoList:
     opt_in_process: str | None = None
 
 
+class JobStatus(StrEnum):
+    """A profile bulk import job's states, as Klaviyo's OpenAPI document lists them
+    (``ProfileImportJobResponseObjectResource.attributes.status``), in the order a job goes
+    through them."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETE = "complete"
+    CANCELLED = "cancelled"
+
+
+# Klaviyo is still working on a job in these states.
+UNFINISHED_JOB_STATES = (JobStatus.QUEUED, JobStatus.PROCESSING)
+
+
 @dataclass(frozen=True)
 class BulkImportJob:
     id: str
-    status: str  # queued | processing | complete | cancelled
+    # A JobStatus value; typed str so that a state Klaviyo adds later still parses.
+    status: str
     total_count: int
     completed_count: int
     failed_count: int
@@ -81,7 +98,7 @@ class BulkImportJob:
 
     @property
     def finished(self) -> bool:
-        return self.status in ("complete", "cancelled")
+        return self.status in (JobStatus.COMPLETE, JobStatus.CANCELLED)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ the insert won, after commit.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -24,12 +23,12 @@ from segops_sync.db.models import AlertDelivery, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.observability.webhooks import alert_body, alert_delivery_id, send
 from segops_sync.states import AlertEvent, RunStatus
+from segops_sync.sync.retry import backoff, countdown_cap
 
 log = logging.getLogger(__name__)
 
 # A receiver down for longer than this is a lost alert, said so in the log.
 GIVE_UP_AFTER = timedelta(hours=24)
-MAX_BACKOFF = 300.0
 
 
 def next_event(run_status: str, last_event: str | None) -> AlertEvent | None:
@@ -123,7 +122,7 @@ def deliver(delivery_id: int, settings: Settings) -> Delivery:
                 extra=_ids(row),
             )
             return Delivery(None)
-        wait = backoff(row.attempts, settings)
+        wait = backoff(row.attempts, settings, cap=countdown_cap(settings))
         log.warning(
             "alert %s not delivered (%s); again in %.1fs",
             row.event,
@@ -148,13 +147,6 @@ def lost_alerts(session: Session, older_than: float) -> list[int]:
             )
         )
     )
-
-
-def backoff(attempts: int, settings: Settings) -> float:
-    # Below the visibility timeout: a longer countdown would make Redis deliver the retry twice.
-    cap = min(MAX_BACKOFF, settings.visibility_timeout / 2)
-    ceiling = min(cap, settings.retry_base_delay * 2 ** (attempts - 1))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 def _ids(row: AlertDelivery) -> dict[str, str]:

@@ -9,7 +9,6 @@ imports none of them.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,10 +24,9 @@ from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import TransientError
 from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus, ItemOutcome
 from segops_sync.sync import batch_items
-from segops_sync.sync.fleet.limiter import spread
 from segops_sync.sync.planner import materialize_batch
+from segops_sync.sync.retry import backoff
 
-MAX_BACKOFF = 300.0
 QUICK_ATTEMPTS = 3
 T = TypeVar("T")
 
@@ -89,24 +87,6 @@ class BatchStore(Protocol):
 
     def count_failure(self, ctx: BatchContext) -> int:
         """One more transient failure in a row; returns how many so far."""
-
-
-# The spread of a wait at most 5-25 % of this: a second at most.
-JITTER_BASE_CAP = 4.0
-
-
-def jitter(base: float) -> float:
-    """Spread retries so a fleet that was refused together does not return together. Capped:
-    a churn's lookups wait ~45 s for the limiter's minute to roll, and 5-25 % of that spread
-    their return over 11 s, where the limiter had slots from the first second (the churn ended
-    at 73 s for a 63 s floor); the limiter itself orders those who come back together."""
-    return spread(max(base, 0.2), cap=JITTER_BASE_CAP)
-
-
-def backoff(attempt: int, settings: Settings) -> float:
-    """Exponential backoff with jitter for transient failures (attempt starts at 1)."""
-    ceiling = min(MAX_BACKOFF, settings.retry_base_delay * 2 ** (attempt - 1))
-    return random.uniform(ceiling / 2, ceiling)
 
 
 # -- loading and recording ---------------------------------------------------------------

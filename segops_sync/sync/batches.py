@@ -29,9 +29,7 @@ from segops_sync.sync.batch_step import (
     Finished,
     Later,
     PostgresBatchStore,
-    backoff,
     finish,
-    jitter,
     mark_sending,
     quick_retry,
     record_progress,
@@ -43,6 +41,7 @@ from segops_sync.sync.direct import add_directly
 from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.removal import remove
+from segops_sync.sync.retry import jitter, wait_or_backoff
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +92,7 @@ def run_batch(
         # Only a built body waits for its submission slot in-process (SUBMIT_PATIENCE).
         built = isinstance(exc, Throttled) and exc.endpoint == Endpoint.CREATE_BULK_IMPORT_JOB
     if decision.action is Action.WAIT:
-        wait = decision.wait
-        if wait is None:
-            wait = backoff(ctx.attempts + 1, settings)
+        wait = wait_or_backoff(decision.wait, ctx.attempts + 1, settings)
         if limited is not None and from_klaviyo:
             limited.rate_limited(wait)  # a 429 backs off the whole fleet
         return Later(wait + jitter(wait), decision.message, ahead=built)

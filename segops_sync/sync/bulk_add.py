@@ -20,9 +20,11 @@ from segops_sync.config import Settings
 from segops_sync.db.models import SyncBatch
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import (
+    UNFINISHED_JOB_STATES,
     Endpoint,
     ImportErrorItem,
     InvalidRequest,
+    JobStatus,
     KlaviyoClient,
     NotFound,
     ProfileInput,
@@ -36,7 +38,6 @@ from segops_sync.sync.batch_step import (
     BatchStep,
     Later,
     finish,
-    jitter,
     mark_sending,
     quick_retry,
     record_progress,
@@ -46,15 +47,16 @@ from segops_sync.sync.fleet.access import LimitedSession
 from segops_sync.sync.fleet.watcher import AccountJobs, job_overdue
 from segops_sync.sync.ledger import accept_job
 from segops_sync.sync.outcomes import Action, decide
+from segops_sync.sync.retry import jitter
 
 log = logging.getLogger(__name__)
 
 # A batch whose job submission slot is this close builds its body now (it takes 0.05-0.5 s)...
 SUBMIT_AHEAD = 1.0
 # ...and, body built, waits in-process this long at most for a slot before it is re-queued.
-# Several batches wait at once and whoever asks first at a free slot takes it: with 2 s, a few
-# lost that race until their time ran out, went back to the queue and came back 1-1.7 s after
-# the other submissions had ended, on the first sync's critical path.
+# Several batches wait at once and whoever asks first at a free slot takes it: 2 s is too short,
+# a few lose that race until their time runs out, go back to the queue and come back 1-1.7 s
+# after the other submissions ended, on the first sync's critical path.
 SUBMIT_PATIENCE = 4.0
 
 
@@ -68,8 +70,8 @@ def add_in_bulk(
     if ctx.status == BatchStatus.PENDING and ctx.fresh_members != ():
         # Reading 10,000 members and encoding a 5 MB body costs a tenth of a CPU-second, all of
         # it lost when the limiter then refuses the submission: where submissions are the bound
-        # (past 1.5M members, or an account shared by connectors) a waiting batch built its body
-        # again every time it came back. It now asks first and comes back just before its slot,
+        # (past 1.5M members, or an account shared by connectors) a batch that built first would
+        # build again every time it came back. So it asks first, comes back just before its slot,
         # builds once, and waits out the rest in-process (a slot left idle is time lost for good).
         wait = limited.slot_wait(Endpoint.CREATE_BULK_IMPORT_JOB)
         if wait > SUBMIT_AHEAD:
@@ -112,13 +114,13 @@ def add_in_bulk(
             failed_count = jobs.final(job_id)
             if failed_count is None:
                 job = quick_retry(client.get_bulk_import_job, job_id)
-                if job.status in ("queued", "processing") and not job_overdue(
+                if job.status in UNFINISHED_JOB_STATES and not job_overdue(
                     job.created_at, settings.job_give_up, _now_us()
                 ):
                     jobs.still_running(job_id)  # the poll missed it (a page shifted)
                     running = True
                     continue
-                if job.status in ("queued", "processing"):  # SEGOPS_JOB_GIVE_UP is past
+                if job.status in UNFINISHED_JOB_STATES:  # SEGOPS_JOB_GIVE_UP is past
                     log.warning(
                         "bulk import job %s unfinished %.0fs after it was created: taken as "
                         "lost, its members are sent again",
@@ -128,7 +130,7 @@ def add_in_bulk(
                     _resend(ctx, job_id)
                     jobs.forget([job_id])
                     return Later(0.1, "resend a job given up")
-                if job.status == "complete":
+                if job.status == JobStatus.COMPLETE:
                     failed_count = job.failed_count
                     jobs.remember_final(job_id, failed_count)  # read once, even if deferred
             if failed_count is not None:

@@ -26,6 +26,7 @@ from segops_sync.klaviyo.payloads import (
     MAX_IDS_PER_RELATIONSHIP_CALL,
     MAX_PROFILES_PER_JOB,
 )
+from segops_sync.sync.fleet.limiter import steady_cap
 
 # -- the synchronous path's cut-over ---------------------------------------------------------
 #
@@ -35,7 +36,7 @@ from segops_sync.klaviyo.payloads import (
 #    limiter admits (headroom 0.9: 675/min), so two connectors of one account can each send a
 #    small change in the same minute: n <= 675 // 2 = 337.
 #  * Time: n upserts at the admitted burst (75 per 1.05 s) take n / 71 s; 337 take 4.7 s. A
-#    bulk job takes at least one submission, Klaviyo's job time (5 s at the very best in our benchmark; minutes
+#    bulk job takes at least one submission, Klaviyo's job time (5 s at the very best, minutes
 #    under load) and a poll (1 s): the synchronous path is never slower below the cut-over.
 #  * Requests: n + ceil(n / DIRECT_BATCH_SIZE) instead of 3 (+ polls), all on budgets the bulk
 #    path does not use (profile-import) or uses lightly (relationships).
@@ -45,7 +46,7 @@ DIRECT_BATCH_SIZE = 100  # members per synchronous batch: a few batches run side
 def admitted_steady(endpoint: Endpoint, headroom: float = DEFAULT_HEADROOM) -> int:
     """Requests of an endpoint our limiter admits in any 60 s: its headroom share of the
     published steady limit, at least 1 (as ``AccountLimiter.caps``)."""
-    return max(1, math.floor(headroom * ENDPOINT_LIMITS[endpoint].steady + 1e-9))
+    return steady_cap(ENDPOINT_LIMITS[endpoint], headroom)
 
 
 def direct_add_limit(headroom: float = DEFAULT_HEADROOM) -> int:

@@ -20,7 +20,6 @@ id the ledger learnt.
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ from sqlalchemy.orm import Session
 from segops_sync.config import Settings
 from segops_sync.db.models import Connector, SyncRun
 from segops_sync.db.session import session_scope
-from segops_sync.klaviyo import KlaviyoError, ListMember, RateLimited, TransientError
+from segops_sync.klaviyo import KlaviyoError, ListMember
 from segops_sync.secrets import decrypt_api_key
 from segops_sync.states import (
     BatchKind,
@@ -56,9 +55,10 @@ from segops_sync.sync.ledger import (
     mark_suppressed,
 )
 from segops_sync.sync.ledger import release_foreign as ledger_release_foreign
-from segops_sync.sync.outcomes import describe_for_person
+from segops_sync.sync.outcomes import Action, decide, describe_for_person
 from segops_sync.sync.planner import StartOutcome, start_run
 from segops_sync.sync.retention import snapshot_lease
+from segops_sync.sync.retry import backoff, jitter, wait_or_backoff
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,18 @@ def read_list(
         )
     verify_id = verify_id or str(uuid.uuid4())
     client, limited = _with_waits(
-        lambda: access.client(api_key, claimant=f"verify:{connector_id}"), None, settings, sleep
+        lambda: access.client(api_key, claimant=f"verify:{connector_id}"),
+        None,
+        settings,
+        sleep,
+        list_id,
     )
     try:
         with client:
             # one L-tier call: the list still exists for this key, and its opt-in process
-            found = _with_waits(partial(client.get_list, list_id), limited, settings, sleep)
+            found = _with_waits(
+                partial(client.get_list, list_id), limited, settings, sleep, list_id
+            )
             with session_scope() as s:
                 s.get_one(Connector, connector_id).opt_in_process = found.opt_in_process
             next_url: str | None = None
@@ -155,6 +161,7 @@ def read_list(
                     limited,
                     settings,
                     sleep,
+                    list_id,
                 )
                 _store(connector_id, verify_id, page)
                 if nxt is None:
@@ -166,31 +173,37 @@ def read_list(
 
 
 def _with_waits(
-    call: Callable[[], Any], limited: LimitedSession | None, settings: Settings, sleep: Sleep
+    call: Callable[[], Any],
+    limited: LimitedSession | None,
+    settings: Settings,
+    sleep: Sleep,
+    list_id: str,
 ) -> Any:
+    """``call()``, doing what ``outcomes.decide`` says of each failure: wait (a 429's
+    Retry-After, the limiter's refusal), retry transient failures with backoff until the
+    transient budget is spent, and let the rest (a revoked key, an unknown list) propagate."""
     failures = 0
     while True:
         try:
             return call()
-        except Throttled as exc:
-            sleep(exc.wait + random.uniform(0.0, 0.1))
-        except RateLimited as exc:
-            wait = exc.retry_after if exc.retry_after is not None else _backoff(1, settings)
-            if limited is not None:
-                limited.rate_limited(wait)
-            sleep(wait + random.uniform(0.0, 0.25) * max(wait, 0.2))
-        except TransientError as exc:
-            failures += 1
-            if failures > settings.transient_retry_budget:
-                raise VerifyError(
-                    f"Klaviyo kept failing while the list was read back ({exc.detail})"
-                ) from None
-            sleep(_backoff(failures, settings))
-
-
-def _backoff(attempt: int, settings: Settings) -> float:
-    ceiling = min(300.0, settings.retry_base_delay * 2 ** (attempt - 1))
-    return random.uniform(ceiling / 2, ceiling)
+        except (Throttled, KlaviyoError) as exc:
+            decision = decide(exc, list_id=list_id)
+            if decision.action is Action.WAIT:
+                # A 429 spends no transient budget: without Retry-After it waits as a first
+                # failure would.
+                wait = wait_or_backoff(decision.wait, 1, settings)
+                if limited is not None and not isinstance(exc, Throttled):
+                    limited.rate_limited(wait)  # a 429 backs off the whole fleet
+                sleep(wait + jitter(wait))
+            elif decision.action is Action.RETRY:
+                failures += 1
+                if failures > settings.transient_retry_budget:
+                    raise VerifyError(
+                        f"Klaviyo kept failing while the list was read back ({decision.message})"
+                    ) from None
+                sleep(backoff(failures, settings))
+            else:
+                raise
 
 
 def _store(connector_id: str, verify_id: str, page: list[ListMember]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from segops_sync.klaviyo import REVISION, Endpoint, ProfileInput
+from segops_sync.klaviyo import REVISION, Endpoint, JobStatus, ProfileInput
 from segops_sync.klaviyo_sim import Simulator, validate_body
 
 from .conftest import Env, Sent
@@ -114,8 +114,8 @@ def exercise_every_operation(env: Env) -> list[Sent]:
     profiles.append(ProfileInput(external_id="x" * 300))  # an import error to page through
     job_id = client.create_bulk_import_job(profiles, env.list_id).id
     client.get_bulk_import_job(job_id)
-    list(client.iter_bulk_import_jobs(["queued", "processing"]))
-    list(client.iter_bulk_import_jobs(["queued", "complete"], newest_first=True))
+    list(client.iter_bulk_import_jobs([JobStatus.QUEUED, JobStatus.PROCESSING]))
+    list(client.iter_bulk_import_jobs([JobStatus.QUEUED, JobStatus.COMPLETE], newest_first=True))
     list(client.iter_bulk_import_errors(job_id))
     list(client.iter_bulk_import_profiles(job_id))
     client.add_profiles_to_list(env.list_id, [profile_id])
@@ -228,6 +228,15 @@ def test_revision_is_the_vendored_spec_revision() -> None:
     # The SDK wheel may pin a newer revision; ours must be the one the bodies were checked against.
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", REVISION)
     assert REVISION == "2026-07-15"
+
+
+def test_job_states_are_exactly_the_official_models() -> None:
+    attributes = model_class("ProfileImportJobResponseObjectResourceAttributes")
+    for status in JobStatus:
+        assert attributes.status_validate_enum(status.value) == status
+    with pytest.raises(ValueError) as refused:
+        attributes.status_validate_enum("not-a-state")
+    assert set(re.findall(r"'([a-z_]+)'", str(refused.value))) == set(JobStatus)
 
 
 def test_lookups_use_quoted_escaped_any_filters(traffic: list[Sent]) -> None:

@@ -27,7 +27,7 @@ from segops_sync.klaviyo import (
 )
 from segops_sync.klaviyo.endpoints import endpoint_for
 from segops_sync.observability import metrics
-from segops_sync.sync.fleet.limiter import AccountLimiter, AccountResolver, Limit, spread
+from segops_sync.sync.fleet.limiter import AccountLimiter, AccountResolver, spread
 from segops_sync.sync.fleet.watcher import AccountJobs, JobWatcher
 
 # The budget that GET /api/accounts calls draw on, whichever account they turn out to be.
@@ -67,8 +67,8 @@ class LimitedSession:
                 raise Throttled(wait, endpoint.value)
             # Unpaced, not to the microsecond the slot frees: a whole burst refused together
             # would otherwise come back together. Paced grants are a gap apart already, and the
-            # guarded window is the margin for jitter; more would only slow the pace (0.111 s
-            # became 0.118 when it was added: 100 submissions 0.7 s later).
+            # guarded window is the margin for jitter; more would only slow the pace (a spread
+            # on paced grants makes the 0.111 s gap 0.118 s: 100 submissions 0.7 s later).
             time.sleep(wait if even else wait + spread(wait, cap=1.0))
 
     @contextmanager
@@ -91,7 +91,7 @@ class LimitedSession:
         wait = self.limiter.acquire(
             self.account,
             endpoint.value,
-            _limit(endpoint),
+            ENDPOINT_LIMITS[endpoint],
             claimant=self.claimant,
             peek=peek,
             even=_paced(endpoint),
@@ -121,11 +121,6 @@ PACED_PATIENCE = 0.25
 
 def _paced(endpoint: Endpoint) -> bool:
     return ENDPOINT_LIMITS[endpoint].burst <= PACED_BURST
-
-
-def _limit(endpoint: Endpoint) -> Limit:
-    published = ENDPOINT_LIMITS[endpoint]
-    return Limit(burst=published.burst, steady=published.steady)
 
 
 class KlaviyoAccess:

@@ -101,31 +101,24 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple, cast
 from urllib.parse import quote
 
 import redis
 
 from segops_sync.config import DEFAULT_HEADROOM
+from segops_sync.klaviyo import RateLimit
 from segops_sync.klaviyo.redact import fingerprint
 from segops_sync.sync.fleet.clock import Clock
 
-__all__ = ["AccountLimiter", "AccountResolver", "Limit", "spread"]
+__all__ = ["AccountLimiter", "AccountResolver", "spread", "steady_cap"]
 
 
-@dataclass(frozen=True)
-class Limit:
-    """Klaviyo's published limit for one endpoint: requests per 1 s (burst), per 60 s (steady)."""
-
-    burst: int
-    steady: int
-
-    def __post_init__(self) -> None:
-        for name in ("burst", "steady"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Limit.{name} must be a positive int, got {value!r}")
+def steady_cap(limit: RateLimit, headroom: float) -> int:
+    """Requests the steady window admits: the headroom share of the published steady limit, at
+    least 1 (Margins)."""
+    # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 from flooring to 28.
+    return max(1, math.floor(headroom * limit.steady + 1e-9))
 
 
 def spread(wait: float, *, cap: float) -> float:
@@ -344,17 +337,16 @@ class AccountLimiter:
         self._block = redis.register_script(_BLOCK_LUA)
         self._usage = redis.register_script(_USAGE_LUA)
 
-    def caps(self, limit: Limit) -> tuple[int, int]:
+    def caps(self, limit: RateLimit) -> tuple[int, int]:
         """The (burst, steady) numbers this limiter admits: the whole burst (over the guarded
         window) and the headroom share of the steady limit, at least 1 (Margins)."""
-        # The epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 from flooring to 28.
-        return limit.burst, max(1, math.floor(self.headroom * limit.steady + 1e-9))
+        return limit.burst, steady_cap(limit, self.headroom)
 
     def acquire(
         self,
         account: str,
         endpoint: str,
-        limit: Limit,
+        limit: RateLimit,
         *,
         claimant: str | None = None,
         peek: bool = False,

@@ -63,14 +63,21 @@ from urllib.parse import quote
 
 import redis
 
-from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint, KlaviyoClient, RateLimited
+from segops_sync.klaviyo import (
+    ENDPOINT_LIMITS,
+    UNFINISHED_JOB_STATES,
+    Endpoint,
+    JobStatus,
+    KlaviyoClient,
+    RateLimited,
+)
 from segops_sync.klaviyo.payloads import MAX_PAGE_SIZE
 from segops_sync.sync.fleet.clock import Clock
 
 log = logging.getLogger(__name__)
 
-UNFINISHED = ("queued", "processing")
-JOB_STATES = ("queued", "processing", "complete", "cancelled")
+# The poll lists jobs in every state: a watched job is read off the list whatever it became.
+JOB_STATES = tuple(JobStatus)
 # The share of the list endpoint's steady budget the watcher may take, per account.
 POLL_SHARE = 0.4
 # Keys of an idle account disappear after this long (seconds).
@@ -268,11 +275,11 @@ class JobWatcher:
             listed += 1
             if job.id in wanted:
                 wanted.discard(job.id)
-                if job.status == "complete":
+                if job.status == JobStatus.COMPLETE:
                     verdicts[job.id] = f"complete:{job.failed_count}"
                     if job.created_at and job.completed_at:
                         took.append(_epoch_us(job.completed_at) - _epoch_us(job.created_at))
-                elif job.status not in UNFINISHED:
+                elif job.status not in UNFINISHED_JOB_STATES:
                     verdicts[job.id] = "1"  # cancelled: its batch reads it and resends
                 elif self.give_up is not None and job_overdue(
                     job.created_at, self.give_up, started

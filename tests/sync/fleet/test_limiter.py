@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import fakeredis
 import pytest
 
-from segops_sync.sync.fleet.limiter import AccountLimiter, AccountResolver, Limit
+from segops_sync.klaviyo import RateLimit
+from segops_sync.sync.fleet.limiter import AccountLimiter, AccountResolver
 from tests.fake_clock import FakeClock
 
 EP = "POST /api/lists/{id}/relationships/profiles"
@@ -70,7 +71,7 @@ def hammer(
     r: fakeredis.FakeRedis,
     clock: FakeClock,
     lim: AccountLimiter,
-    limit: Limit,
+    limit: RateLimit,
     seconds: float,
     account: str = "acct",
     endpoint: str = EP,
@@ -93,13 +94,13 @@ def test_caps_keep_the_whole_burst_and_the_headroom_of_the_steady_limit(
     r: fakeredis.FakeRedis, clock: FakeClock
 ) -> None:
     """The burst's margin is time (the guarded window), the steady window's is count."""
-    assert make(r, clock).caps(Limit(10, 150)) == (10, 135)
-    assert make(r, clock).caps(Limit(75, 750)) == (75, 675)
-    assert make(r, clock).caps(Limit(1, 15)) == (1, 13)
-    assert make(r, clock, headroom=0.29).caps(Limit(100, 100)) == (100, 29)
-    assert make(r, clock, headroom=0.01).caps(Limit(1, 15)) == (1, 1)
+    assert make(r, clock).caps(RateLimit(10, 150)) == (10, 135)
+    assert make(r, clock).caps(RateLimit(75, 750)) == (75, 675)
+    assert make(r, clock).caps(RateLimit(1, 15)) == (1, 13)
+    assert make(r, clock, headroom=0.29).caps(RateLimit(100, 100)) == (100, 29)
+    assert make(r, clock, headroom=0.01).caps(RateLimit(1, 15)) == (1, 1)
     with pytest.raises(ValueError):
-        Limit(0, 10)
+        RateLimit(0, 10)
     with pytest.raises(ValueError):
         make(r, clock, headroom=1.5)
     with pytest.raises(ValueError):
@@ -112,7 +113,7 @@ def test_without_a_clock_the_scripts_read_the_servers_time(r: fakeredis.FakeRedi
     """Production passes no clock: a grant is stamped with Redis TIME, read in the script."""
     lim = AccountLimiter(r, prefix=f"t:{uuid.uuid4().hex[:8]}")
     before = r.time()
-    assert lim.acquire("acct", EP, Limit(10, 150)) == 0.0
+    assert lim.acquire("acct", EP, RateLimit(10, 150)) == 0.0
     after = r.time()
     stamp = grant_time(r, lim, "acct", EP)
     assert before[0] + before[1] / 1e6 <= stamp <= after[0] + after[1] / 1e6
@@ -120,22 +121,22 @@ def test_without_a_clock_the_scripts_read_the_servers_time(r: fakeredis.FakeRedi
 
 def test_burst_cap(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     lim = make(r, clock)  # Klaviyo's 1 s burst window
-    results = [lim.acquire("acct", EP, Limit(10, 150)) for _ in range(20)]
+    results = [lim.acquire("acct", EP, RateLimit(10, 150)) for _ in range(20)]
     assert results[:10] == [0.0] * 10  # the whole published burst, at once
     # ...and then nothing until 1.05 s after the first: the guard, 50 ms for jitter.
     assert results[10:] == [exactly(1.05)] * 10
     # Refusals take nothing.
     assert lim.usage("acct", EP) == (10, 10)
     # Other accounts and endpoints have their own budget.
-    assert lim.acquire("other", EP, Limit(10, 150)) == 0.0
-    assert lim.acquire("acct", OTHER_EP, Limit(10, 150)) == 0.0
+    assert lim.acquire("other", EP, RateLimit(10, 150)) == 0.0
+    assert lim.acquire("acct", OTHER_EP, RateLimit(10, 150)) == 0.0
 
 
 def test_a_peek_answers_like_acquire_but_takes_nothing(
     r: fakeredis.FakeRedis, clock: FakeClock
 ) -> None:
     lim = make(r, clock)
-    limit = Limit(10, 150)
+    limit = RateLimit(10, 150)
     assert [lim.acquire("acct", EP, limit, peek=True) for _ in range(20)] == [0.0] * 20
     assert lim.usage("acct", EP) == (0, 0)  # twenty peeks, no slot taken
     assert [lim.acquire("acct", EP, limit) for _ in range(10)] == [0.0] * 10
@@ -159,7 +160,7 @@ def test_a_pace_spreads_a_burst_over_half_its_window(
     interval): all five within the first half of the window, never two closer than the gap,
     and no five again until the guarded window (0.2625 s) has passed."""
     lim = make(r, clock, time_scale=4, headroom=1.0)  # burst window 0.25 s, guarded 0.2625 s
-    limit = Limit(burst=5, steady=1000)
+    limit = RateLimit(burst=5, steady=1000)
     assert lim.acquire("acct", EP, limit, even=True) == 0.0
     assert lim.acquire("acct", EP, limit, even=True) == exactly(0.025)
     assert lim.acquire("acct", EP, limit, even=True, peek=True) == exactly(0.025)
@@ -180,7 +181,7 @@ def test_the_guard_keeps_one_a_second_more_than_a_second_apart(
     """Account lookups (1 a second): two grants 1.0 s apart, with jitter, can land in one of
     Klaviyo's seconds (that met a 429 in CI); the guard puts them 1.05 s apart."""
     lim = make(r, clock)
-    limit = Limit(burst=1, steady=15)
+    limit = RateLimit(burst=1, steady=15)
     assert lim.acquire("acct", EP, limit, even=True) == 0.0
     assert lim.acquire("acct", EP, limit, even=True) == exactly(1.05)
     assert lim.acquire("acct", OTHER_EP, limit) == 0.0
@@ -218,7 +219,7 @@ def test_a_session_paces_the_small_tiers_and_sleeps_out_the_gap(
 
 def test_steady_cap(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     lim = make(r, clock, headroom=1.0)  # steady window 60 s
-    limit = Limit(burst=100, steady=30)
+    limit = RateLimit(burst=100, steady=30)
     grants = hammer(r, clock, lim, limit, 36.0)
     assert len(grants) == 30 and set(grants) == {grants[0]}  # the steady cap, at once
     assert lim.usage("acct", EP)[1] == 30
@@ -228,7 +229,7 @@ def test_steady_cap(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
 
 def test_sliding_windows_never_exceed_caps(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     lim = make(r, clock, headroom=1.0)  # burst window 1.05 s (guarded), steady 60 s
-    limit = Limit(burst=5, steady=20)
+    limit = RateLimit(burst=5, steady=20)
     grants = hammer(r, clock, lim, limit, 150.0)
     assert max_in_window(grants, 1.05) == 5  # burst cap reached, never exceeded
     assert max_in_window(grants, 60.0) == 20  # steady cap reached, never exceeded
@@ -239,7 +240,7 @@ def test_sliding_windows_never_exceed_caps(r: fakeredis.FakeRedis, clock: FakeCl
 
 def test_wait_is_accurate_for_burst_window(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     lim = make(r, clock, time_scale=4, headroom=1.0)  # burst window 0.25 s, guarded 0.2625 s
-    limit = Limit(burst=3, steady=1000)
+    limit = RateLimit(burst=3, steady=1000)
     assert [lim.acquire("acct", EP, limit) for _ in range(3)] == [0.0] * 3
     assert lim.acquire("acct", EP, limit) == exactly(0.25 * 1.05)
     clock.advance(0.2)  # too early: still refused, told the remaining time
@@ -251,7 +252,7 @@ def test_wait_is_accurate_for_burst_window(r: fakeredis.FakeRedis, clock: FakeCl
 
 def test_wait_is_accurate_for_steady_window(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     lim = make(r, clock, headroom=1.0)  # steady window 60 s
-    limit = Limit(burst=1000, steady=5)
+    limit = RateLimit(burst=1000, steady=5)
     assert [lim.acquire("acct", EP, limit) for _ in range(5)] == [0.0] * 5
     clock.advance(10.0)
     wait = lim.acquire("acct", EP, limit)
@@ -266,7 +267,7 @@ def test_penalize_blocks_the_whole_fleet_for_that_account_and_endpoint(
     prefix = f"t:{uuid.uuid4().hex[:8]}"
     worker_a = AccountLimiter(r, prefix=prefix, clock=clock)
     worker_b = AccountLimiter(r, prefix=prefix, clock=clock)  # another process, same Redis
-    limit = Limit(75, 750)
+    limit = RateLimit(75, 750)
     assert worker_a.acquire("acct", EP, limit) == 0.0
     worker_a.penalize("acct", EP, 0.5)
     for worker in (worker_a, worker_b):
@@ -290,7 +291,7 @@ def test_observe_remaining_slows_down_before_a_429(
     r: fakeredis.FakeRedis, clock: FakeClock
 ) -> None:
     lim = make(r, clock)
-    limit = Limit(10, 150)  # threshold: 2 % of 150 = 3
+    limit = RateLimit(10, 150)  # threshold: 2 % of 150 = 3
     assert lim.acquire("acct", EP, limit) == 0.0
     lim.observe_remaining("acct", EP, remaining=100, reset=30)
     lim.observe_remaining("acct", EP, remaining=None, reset=30)
@@ -312,7 +313,7 @@ def test_after_a_429_back_off_one_probe_goes_first(
     prefix = f"t:{uuid.uuid4().hex[:8]}"
     worker_a = AccountLimiter(r, prefix=prefix, clock=clock)
     worker_b = AccountLimiter(r, prefix=prefix, clock=clock)  # another process, same Redis
-    limit = Limit(75, 750)
+    limit = RateLimit(75, 750)
     worker_a.penalize("acct", EP, 0.2)
     clock.advance(0.2)
     assert worker_a.acquire("acct", EP, limit) == 0.0  # the probe
@@ -346,7 +347,7 @@ def test_after_a_429_back_off_one_probe_goes_first(
 
 def test_fairness_small_claimant_gets_its_share(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     lim = make(r, clock, headroom=1.0)  # steady window 60 s, activity grace 5 s
-    limit = Limit(burst=100, steady=40)
+    limit = RateLimit(burst=100, steady=40)
     window = 60.0
     # Alone, the big claimant gets the whole budget.
     solo: list[float] = []
@@ -396,7 +397,7 @@ def test_claimant_none_and_a_lone_named_claimant_get_the_whole_budget(
     r: fakeredis.FakeRedis, clock: FakeClock
 ) -> None:
     lim = make(r, clock)
-    limit = Limit(10, 150)
+    limit = RateLimit(10, 150)
     assert sum(lim.acquire("a1", EP, limit) == 0.0 for _ in range(12)) == 10
     assert sum(lim.acquire("a2", EP, limit, claimant="conn-9") == 0.0 for _ in range(12)) == 10
 
@@ -405,7 +406,7 @@ def test_keys_expire_on_their_own(r: fakeredis.FakeRedis, clock: FakeClock) -> N
     """Every key carries a TTL of its window (Redis's own expiry, in Redis's time: this test
     reads TTLs and never waits one out)."""
     lim = make(r, clock, time_scale=60)  # steady window 1 s, activity grace 1/12 s
-    limit = Limit(10, 150)
+    limit = RateLimit(10, 150)
     for claimant in ("x", "y", None):
         lim.acquire("acct", EP, limit, claimant=claimant)
     keys = list(r.scan_iter(f"{lim.prefix}:*"))

@@ -28,13 +28,14 @@ from typing import Any, cast
 import pytest
 import redis
 
-from segops_sync.sync.fleet.limiter import AccountLimiter, Limit
+from segops_sync.klaviyo import RateLimit
+from segops_sync.sync.fleet.limiter import AccountLimiter
 from tests.fake_clock import START_US
 
 DEFAULT_URL = "redis://127.0.0.1:6379/15"
 ACCOUNT = "ACCT-PROC"
 EP = "POST /api/lists/{id}/relationships/profiles"
-LIMIT = Limit(burst=10, steady=150)  # caps: the whole burst (over 1.05 windows), 90 % = 135/min
+LIMIT = RateLimit(burst=10, steady=150)  # caps: the whole burst (over 1.05 windows), 90 % = 135/min
 BURST_W = 1.0  # Klaviyo's windows, uncompressed: the clock makes them free
 STEADY_W = 60.0
 RUN_SECONDS = 130.0  # two steady windows and a bit
