@@ -46,7 +46,7 @@ from segops_sync.db.queries import get_connector, list_connectors, list_runs
 from segops_sync.db.session import session_scope
 from segops_sync.errors import InputError, UnknownConnector
 from segops_sync.openapi import ApiSchema
-from segops_sync.shapes import connector_json, run_json
+from segops_sync.shapes import CONNECTOR_TYPES, connector_json, run_json
 from segops_sync.states import ConnectorStatus, Trigger
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def create(request: Request, settings: Settings) -> Response:
             segment_id=body["segment_id"],
             list_id=body["list_id"],
             api_key=body["api_key"],
-            connector_type=body.get("type", "klaviyo"),
+            connector_type=body.get("type", CONNECTOR_TYPES[0]),
             traits=body.get("traits"),
         )
         doc = connector_json(connector)

@@ -1,8 +1,9 @@
 """What the HTTP API accepts: body fields, size limit, and what PostgreSQL can hold.
 
 The field tables drive both the check of each request body and the request schemas of the
-OpenAPI document, so the two cannot drift. Meaning (a list id's shape, the live check) stays
-with the connector service; this module only checks shape and storability.
+OpenAPI document, so the two cannot drift. The fields' rules (a list id's pattern, a segment
+id's length, the settable statuses) come from shapes.py, whose rules the connector service
+checks; this module only checks JSON types and storability.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Any
 from starlette.requests import Request
 
 from segops_sync.errors import InputError, UnknownConnector
-from segops_sync.states import ConnectorStatus
+from segops_sync.shapes import (
+    API_KEY_PATTERN,
+    CONNECTOR_TYPES,
+    LIST_ID_PATTERN,
+    SEGMENT_ID_MAX,
+    SETTABLE_STATUSES,
+)
 
 MAX_BODY = 64 * 1024
 # Arrays and objects inside one another: a body needs 2 (an object holding the traits array).
@@ -41,23 +48,30 @@ class BodyField:
 LIST_ID = BodyField(
     {
         "type": "string",
-        "pattern": "^[A-Za-z0-9]{6}$",
+        "pattern": LIST_ID_PATTERN,
         "description": "Klaviyo list id: exactly 6 letters or digits, case-sensitive",
     }
 )
 API_KEY = BodyField(
     {
         "type": "string",
-        "pattern": "^pk_[A-Za-z0-9_]{8,}$",
+        "pattern": API_KEY_PATTERN,
         "writeOnly": True,
         "description": "Klaviyo private API key; stored encrypted, never shown again",
     }
 )
 
 CREATE_FIELDS: dict[str, BodyField] = {
-    "type": BodyField({"type": "string", "enum": ["klaviyo"], "default": "klaviyo"}),
+    "type": BodyField(
+        {"type": "string", "enum": list(CONNECTOR_TYPES), "default": CONNECTOR_TYPES[0]}
+    ),
     "segment_id": BodyField(
-        {"type": "string", "minLength": 1, "maxLength": 200, "description": "SegOps segment id"},
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": SEGMENT_ID_MAX,
+            "description": "SegOps segment id",
+        },
         required=True,
     ),
     "list_id": BodyField(LIST_ID.schema, required=True),
@@ -71,9 +85,7 @@ CREATE_FIELDS: dict[str, BodyField] = {
     ),
 }
 PATCH_FIELDS: dict[str, BodyField] = {
-    "status": BodyField(
-        {"type": "string", "enum": [ConnectorStatus.ACTIVE.value, ConnectorStatus.INACTIVE.value]}
-    ),
+    "status": BodyField({"type": "string", "enum": list(SETTABLE_STATUSES)}),
     "list_id": LIST_ID,
     "api_key": API_KEY,
     "traits": CREATE_FIELDS["traits"],

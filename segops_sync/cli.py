@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from segops_sync.config import ConfigError, Settings, get_settings
 from segops_sync.errors import InputError
-from segops_sync.shapes import connector_json, run_json
+from segops_sync.shapes import CONNECTOR_FIELDS, connector_json, run_json
 from segops_sync.states import ConnectorStatus, RunStatus, StartReason, Trigger
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -74,16 +74,11 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _show_connector(doc: dict[str, Any]) -> None:
-    for key in (
-        "id",
-        "type",
-        "segment_id",
-        "list_id",
-        "status",
-        "last_synced_at",
-        "last_error",
-        "api_key",
-    ):
+    """The fields of connector_json, one a line; traits and opt-in are said in words."""
+    for field in CONNECTOR_FIELDS:
+        key = field.name
+        if key in ("traits", "opt_in_process"):
+            continue
         print(f"{key:15} {doc[key] if doc[key] is not None else '-'}")
     print(f"{'traits':15} {', '.join(doc['traits']) or 'none but the email'}")
     opt_in = doc.get("opt_in_process")
@@ -345,106 +340,53 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.db.queries import get_connector
-    from segops_sync.db.session import session_scope
-    from segops_sync.klaviyo import KlaviyoError
-    from segops_sync.states import ConnectorStatus, RunStatus, StartReason
-    from segops_sync.sync.fleet.access import KlaviyoAccess
-    from segops_sync.sync.outcomes import describe_for_person
-    from segops_sync.sync.runs import finished_runs, wait_until_idle
-    from segops_sync.sync.verify import (
-        VerifyError,
-        is_running,
-        release_foreign,
-        verify_list,
-    )
+    from segops_sync.sync.repair import RepairFailed, verify_and_repair
     from segops_sync.tasks import trigger_verified_sync
 
     if args.remove_extra and not args.repair:
         raise InputError("--remove-extra removes while repairing: give --repair with it")
-    with session_scope() as s:
-        connector = get_connector(s, args.connector_id)
-        status, list_id = connector.status, connector.list_id
-    if args.repair and status == ConnectorStatus.INACTIVE:
-        raise InputError(f"connector {args.connector_id} is inactive: activate it before --repair")
-    settings.require_secret_key()
-    _wait_for_no_run(args.connector_id, is_running)
-    access = KlaviyoAccess(settings)
     try:
-        first = verify_list(
+        check = verify_and_repair(
             args.connector_id,
-            access,
             settings,
-            adopt_extra=args.remove_extra and args.repair,
-            # what our run history shows we added is ours to remove: no --remove-extra needed
-            adopt_ours=args.repair,
+            repair=args.repair,
+            remove_extra=args.remove_extra,
+            start_repair=trigger_verified_sync,
+            timeout=WAIT_TIMEOUT,
+            on_run_problem=None if args.json else _warn,
         )
-        final, added, removed = first, 0, 0
-        if args.repair and not first.matches:
-            with session_scope() as s:
-                done_before = finished_runs(s, args.connector_id)
-            outcome = trigger_verified_sync(args.connector_id, first)
-            expected = done_before + (2 if outcome.reason == StartReason.COALESCED else 1)
-            run = wait_until_idle(
-                args.connector_id, finished_at_least=expected, timeout=WAIT_TIMEOUT
-            )
-            if run is None:
-                raise Failure(f"the repair did not finish within {WAIT_TIMEOUT:.0f}s")
-            added, removed = run.added, run.removed
-            if run.status == RunStatus.HELD:
-                with session_scope() as s:
-                    release_foreign(s, args.connector_id)
-            if run.status != RunStatus.SUCCEEDED and run.error and not args.json:
-                _warn(f"repair sync {run.id}: {run.status}: {run.error}")
-            final = verify_list(args.connector_id, access, settings)
-    except VerifyError as exc:
+    except RepairFailed as exc:
         raise Failure(str(exc)) from None
-    except KlaviyoError as exc:
-        raise Failure(describe_for_person(exc, list_id)) from None
-    doc = {
-        "connector_id": args.connector_id,
-        "in_list": first.in_list,
-        "expected": first.expected,
-        "missing": first.missing,
-        "extra": first.extra,
-        "added": added,
-        "removed": removed,
-    }
+    first, final = check.first, check.final
     if args.json:
-        _print_json(doc)
+        _print_json(
+            {
+                "connector_id": args.connector_id,
+                "in_list": first.in_list,
+                "expected": first.expected,
+                "missing": first.missing,
+                "extra": first.extra,
+                "added": check.added,
+                "removed": check.removed,
+            }
+        )
     else:
         print(
-            f"Klaviyo list {list_id}: {first.in_list} profiles on the list, {first.expected} "
-            f"members in the segment; {first.missing} missing, {first.extra} extra "
-            f"({first.foreign} never added by this connector), {first.suppressed} suppressed"
+            f"Klaviyo list {check.list_id}: {first.in_list} profiles on the list, "
+            f"{first.expected} members in the segment; {first.missing} missing, {first.extra} "
+            f"extra ({first.foreign} never added by this connector), {first.suppressed} suppressed"
         )
         if first.forgotten:
             print(f"{first.forgotten} members the ledger counted leave it: the next sync adds them")
         if args.repair:
-            print(f"repaired: added {added}, removed {removed}")
+            print(f"repaired: added {check.added}, removed {check.removed}")
         print(
             "the list matches the segment"
             if final.matches
             else f"the list still differs: {final.missing} missing, {final.extra} extra"
             + ("" if args.repair else " (run with --repair to fix it)")
         )
-    return EXIT_OK if final.matches else EXIT_FAILED
-
-
-def _wait_for_no_run(connector_id: str, is_running: Callable[..., bool]) -> None:
-    """A list read while a run writes to it would count that run's members as missing."""
-    import time
-
-    from segops_sync.db.session import session_scope
-
-    deadline = time.monotonic() + WAIT_TIMEOUT
-    while True:
-        with session_scope() as s:
-            if not is_running(s, connector_id):
-                return
-        if time.monotonic() > deadline:
-            raise Failure("a sync has been running too long; verify after it")
-        time.sleep(0.5)
+    return EXIT_OK if check.matches else EXIT_FAILED
 
 
 def cmd_rejected(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,7 +1,8 @@
 """The connector service: validate, check live with Klaviyo, encrypt the key, then write.
 
 It sits on top of ``sync/`` (a new list id forgets the ledger) and below the faces (CLI, API).
-Lookups live in ``db/queries.py``, the JSON shapes in ``shapes.py``, the errors in ``errors.py``.
+Lookups live in ``db/queries.py``, the fields' rules and JSON shapes in ``shapes.py``, the
+errors in ``errors.py``.
 """
 
 from __future__ import annotations
@@ -26,14 +27,25 @@ from segops_sync.klaviyo import (
     scrub,
 )
 from segops_sync.secrets import decrypt_api_key, encrypt_api_key
+from segops_sync.shapes import (
+    API_KEY_PATTERN,
+    CONNECTOR_TYPES,
+    LIST_ID_PATTERN,
+    SEGMENT_ID_MAX,
+    SETTABLE_STATUSES,
+)
 from segops_sync.states import ConnectorStatus, Trigger
 from segops_sync.sync.inputs.traits import BadTraits, parse_trait_names
 from segops_sync.sync.ledger import forget_ledger
 from segops_sync.sync.outcomes import describe_for_person
 
-LIST_ID_RE = re.compile(r"^[A-Za-z0-9]{6}$")
-API_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_]{8,}$")
-SEGMENT_ID_MAX = 200
+# The rules are shapes.py's, which the API's request schemas publish; the checks are here.
+LIST_ID_RE = re.compile(LIST_ID_PATTERN)
+API_KEY_RE = re.compile(API_KEY_PATTERN)
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    return " or ".join(f"'{v}'" for v in values)
 
 
 def validate_list_id(list_id: str) -> str:
@@ -122,13 +134,13 @@ def create_connector(
     segment_id: str,
     list_id: str,
     api_key: str,
-    connector_type: str = "klaviyo",
+    connector_type: str = CONNECTOR_TYPES[0],
     verify: bool = True,
     traits: str | list[str] | None = None,
 ) -> tuple[Connector, str | None]:
     """Validate, check with Klaviyo, then write. Returns the connector and any warning."""
-    if connector_type != "klaviyo":
-        raise InputError("connector type is not supported: use 'klaviyo'")
+    if connector_type not in CONNECTOR_TYPES:
+        raise InputError(f"connector type is not supported: use {_one_of(CONNECTOR_TYPES)}")
     validate_segment_id(segment_id)
     validate_list_id(list_id)
     validate_api_key(api_key)
@@ -140,7 +152,7 @@ def create_connector(
         traits=names,
         opt_in_process=check.opt_in_process if check else None,
         id=str(uuid.uuid4()),
-        type="klaviyo",
+        type=connector_type,
         segment_id=segment_id,
         list_id=list_id,
         api_key_encrypted=encrypt_api_key(api_key, secret),
@@ -169,8 +181,8 @@ def update_connector(
         validate_list_id(list_id)
     if api_key is not None:
         validate_api_key(api_key)
-    if status is not None and status not in (ConnectorStatus.ACTIVE, ConnectorStatus.INACTIVE):
-        raise InputError("status is not allowed: use 'active' or 'inactive'")
+    if status is not None and status not in SETTABLE_STATUSES:
+        raise InputError(f"status is not allowed: use {_one_of(SETTABLE_STATUSES)}")
     connector = get_connector(session, connector_id, lock=True)
     warning = None
     if verify and (list_id is not None or api_key is not None):

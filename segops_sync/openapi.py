@@ -3,8 +3,8 @@
 Each endpoint's docstring carries its own operation in YAML (after ``---``), Starlette's
 SchemaGenerator collects them, and this module adds what every operation shares: the bearer
 security, the JSON error answers (401, 429, 404 for ``{id}`` paths, 413/422 for bodies), the
-``{id}`` parameter, and the component schemas, the request ones built from api_input's
-field tables.
+``{id}`` parameter, and the component schemas: the request ones built from api_input's
+field tables, the Connector and Run ones from the field tables of shapes.py that make their JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from segops_sync.api_input import (
     RESYNC_FIELDS,
     body_schema,
 )
-from segops_sync.states import ConnectorStatus, RunStatus, StartReason
+from segops_sync.shapes import CONNECTOR_FIELDS, RUN_FIELDS, shape_schema
+from segops_sync.states import StartReason
 
 ERROR = {
     "type": "object",
@@ -38,103 +39,8 @@ RESYNC = {
     },
     "required": ["run_id", "outcome"],
 }
-NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
-# Keep in step with shapes.connector_json / run_json: a test compares live answers' keys.
-CONNECTOR = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "type": {"type": "string", "enum": ["klaviyo"]},
-        "segment_id": {"type": "string"},
-        "list_id": {"type": "string"},
-        "status": {"type": "string", "enum": [s.value for s in ConnectorStatus]},
-        "last_synced_at": NULLABLE_TIME,
-        "last_error": {"type": "string", "nullable": True},
-        "api_key": {"type": "string", "description": "redacted hint, never the whole key"},
-        "traits": {"type": "array", "items": {"type": "string"}},
-        "opt_in_process": {
-            "type": "string",
-            "nullable": True,
-            "description": "as Klaviyo last reported it: double_opt_in or single_opt_in",
-        },
-    },
-    "required": [
-        "id",
-        "type",
-        "segment_id",
-        "list_id",
-        "status",
-        "last_synced_at",
-        "last_error",
-        "api_key",
-        "traits",
-        "opt_in_process",
-    ],
-}
-RUN = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string"},
-        "connector_id": {"type": "string"},
-        "trigger": {"type": "string"},
-        "started_at": {"type": "string", "format": "date-time"},
-        "finished_at": NULLABLE_TIME,
-        "status": {"type": "string", "enum": [s.value for s in RunStatus]},
-        "added": {"type": "integer"},
-        "removed": {"type": "integer"},
-        "rejected": {"type": "integer"},
-        "error": {"type": "string", "nullable": True},
-        "updated": {"type": "integer", "description": "members whose changed traits were resent"},
-        "traits_dropped": {"type": "integer", "description": "trait values Klaviyo would refuse"},
-        "suppressed": {"type": "integer", "description": "members whose email is suppressed"},
-        "rejected_members": {
-            "type": "string",
-            "nullable": True,
-            "description": "path listing this run's rejected members",
-        },
-        "verify": {
-            "type": "object",
-            "nullable": True,
-            "properties": {
-                k: {"type": "integer"} for k in ("in_list", "expected", "missing", "extra")
-            },
-        },
-        "approval": {
-            "type": "object",
-            "nullable": True,
-            "description": "the person's mass-removal approval this run took (null: none)",
-            "properties": {
-                "by": {"type": "string", "description": "who approved (api-token over the API)"},
-                "at": {"type": "string", "format": "date-time"},
-                "expires_at": {"type": "string", "format": "date-time"},
-                "held_run_id": {
-                    "type": "string",
-                    "nullable": True,
-                    "description": "the held run it approved (null: none was held)",
-                },
-            },
-            "required": ["by", "at", "expires_at", "held_run_id"],
-        },
-    },
-    "required": [
-        "id",
-        "connector_id",
-        "trigger",
-        "started_at",
-        "finished_at",
-        "status",
-        "added",
-        "removed",
-        "rejected",
-        "error",
-        "updated",
-        "traits_dropped",
-        "suppressed",
-        "rejected_members",
-        "verify",
-        "approval",
-    ],
-}
+CONNECTOR = shape_schema(CONNECTOR_FIELDS)
+RUN = shape_schema(RUN_FIELDS)
 REJECTED_MEMBER = {
     "type": "object",
     "properties": {

@@ -43,8 +43,9 @@ ALLOWED: dict[str, set[str]] = {
         "sync.fleet",
         "sync.inputs",
     },
-    "shapes": {"db", "states"},
-    "connectors": {"config", "states", "errors", "db", "klaviyo", "secrets", "sync"},
+    # the fields' rules and JSON shapes, spelled once; the models it reads are annotations only
+    "shapes": {"states"},
+    "connectors": {"config", "states", "errors", "db", "klaviyo", "secrets", "sync", "shapes"},
     "keys": {"config", "db", "secrets", "errors", "states"},
     # the worker refuses to start when no SEGOPS_SECRET_KEY decrypts the stored keys
     "celery": {"config", "states", "observability", "sync", "db", "keys"},
@@ -53,8 +54,8 @@ ALLOWED: dict[str, set[str]] = {
     "demo": {"config", "embedded", "klaviyo_sim", "sync", "states"},
     "web": set(),
     "follow": {"db", "sync"},  # the CLI's progress display
-    "api_input": {"errors", "states"},  # the API's body checks
-    "openapi": {"api_input", "states"},  # the API's published document
+    "api_input": {"errors", "shapes"},  # the API's body checks
+    "openapi": {"api_input", "shapes", "states"},  # the API's published document
 }
 # the faces may import every room below them (stack_demo: compose's demo, an entry point)
 FACES = {"cli", "api", "stack_demo", "__init__"}
