@@ -41,13 +41,12 @@ KLAVIYO_QUEUE = "segops.klaviyo"
 
 # Message priorities on the Redis broker, which takes 0 first (kombu keeps a list per step of 0,
 # 3, 6, 9). Work for Klaviyo waits at BATCH_PRIORITY; a batch that built its job body and lost
-# the race for a submission slot comes back at AHEAD_PRIORITY. A retry goes to the tail of its
-# queue: on a 1M first sync that batch waited 7.5 s behind the 88 batches not yet started and
-# was submitted last, 1.3 s after the others, on the run's critical path. (Everything a batch
-# re-queues for ahead of them was tried too, its jobs' polls and settling among it: those then
-# took the CPUs from the bodies being built, and the run took 22 s instead of 18.) RabbitMQ's
-# queues are not declared as priority queues (x-max-priority cannot be added to an existing
-# queue), so there the numbers are ignored.
+# the race for a submission slot comes back at AHEAD_PRIORITY: at the tail of its queue it would
+# wait behind every batch not yet started (7.5 s behind 88 on a 1M first sync) and be submitted
+# last, on the run's critical path. Only that batch goes ahead: its jobs' polls and settling
+# ahead too would take the CPUs from the bodies being built (a 1M first sync: 22 s, not 18).
+# RabbitMQ's queues are not declared as priority queues (x-max-priority cannot be added to an
+# existing queue), so there the numbers are ignored.
 BATCH_PRIORITY = 6
 AHEAD_PRIORITY = 0
 
@@ -128,7 +127,7 @@ def _survive_broker_loss() -> None:
     failed because Redis refused connections, the second one gives the unacked messages back
     through the detached transport, meets ``AttributeError`` (it has no broker address any
     more), and Celery takes that as unrecoverable: the worker exits and needs a manual restart
-    (issue 5, ``test_redis_restarted_mid_sync``). A detached channel cannot reach Redis: say so
+    (``test_redis_restarted_mid_sync``). A detached channel cannot reach Redis: say so
     with the connection error Celery already recovers from. Messages it could not give back stay
     in Redis's unacked set and are redelivered after the visibility timeout.
     """
@@ -351,8 +350,9 @@ def _fresh_connections(**_: Any) -> None:
 
     reset_engine()
     # What the pool process inherited (Celery, SQLAlchemy, our modules: ~100,000 objects) lives
-    # as long as the process: out of the collector's sight, a batch's 10,000 rows and profiles no
-    # longer make it walk them all (a third of building a job body, measured: 64 -> 41 ms).
+    # as long as the process: frozen out of the collector's sight, it is not walked again for
+    # every batch's 10,000 rows and profiles (that walk is a third of building a job body:
+    # 64 ms with it, 41 without).
     gc.freeze()
 
 

@@ -71,8 +71,8 @@ class Trigger(StrEnum):
     RECOMPUTE = "recompute"
     RESYNC = "resync"
     COALESCED = "coalesced"  # triggers that arrived during the previous run
-    # Before approvals were rows (sync/approvals.py), a queued resync that approved a mass
-    # removal; still read from older databases, never written, and it approves nothing.
+    # A queued resync that approved a mass removal, in databases older than approval rows
+    # (sync/approvals.py): read, never written, and it approves nothing.
     MASS_REMOVAL = "mass-removal"
     VERIFY = "verify"  # a read-back of the list found what this run repairs
 

@@ -26,8 +26,8 @@ def make_engine(url: str) -> Engine:
         # and errors end up in logs, task events and run errors.
         hide_parameters=True,
         # No server-side prepared statements: a generic plan cached while a table was empty
-        # (the ledger before a first sync) outlives its shape; one run later its anti-join
-        # seq-scanned a million ledger rows per member. Every statement is planned with the
+        # (the ledger before a first sync) outlives its shape: one run later its anti-join would
+        # seq-scan a million ledger rows per member. Every statement is planned with the
         # table as it is; planning costs microseconds next to statements over 10,000 rows.
         connect_args={"connect_timeout": 10, "prepare_threshold": None},
     )

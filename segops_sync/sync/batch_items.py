@@ -42,9 +42,9 @@ class BatchKey(Protocol):
 
 
 # A batch's own rows: every update of members names the batch, so its plan starts from the
-# batch's index (at most 10,000 rows) whatever the statistics say about the run. Found by the
-# benchmark: after an ANALYZE that knew only the previous run, "run_id = :r AND user_id = ANY"
-# chose a plan that read the whole run per lookup (250 ms instead of 2).
+# batch's index (at most 10,000 rows) whatever the statistics say about the run: with statistics
+# that know only the previous run, "run_id = :r AND user_id = ANY" can get a plan that reads the
+# whole run per lookup (250 ms instead of 2).
 _THIS_BATCH = "run_id = :r AND kind = :k AND seq = :q"
 
 

@@ -297,12 +297,12 @@ assert ADD_BATCH_SIZE % DIRECT_BATCH_SIZE == 0  # the add marks serve both batch
 
 # Each direction as one anti-join numbered in key order: a merge anti-join over the two primary
 # keys reads both in that order already, so nothing is sorted. A first sync of a million members
-# (an empty ledger): 0.58 s (the hash full join, then a sort of the million) -> 0.21 s. Against a
-# full ledger it reads each table twice and is slower than the full join (1M against 1M: 0.61 ->
-# 0.71 s, the freshness of every small change), so it serves only a connector with no ledger yet,
-# where no member has traits to compare either. Every row up to LISTED_DELTA comes back too, so a
-# small direction is listed without counting it first; the last row of each direction says its
-# total.
+# (an empty ledger): 0.21 s, against 0.58 s for the hash full join and its sort of the million.
+# Against a full ledger it reads each table twice and is slower than the full join (1M against
+# 1M: 0.71 s against 0.61, the freshness of every small change), so it serves only a connector
+# with no ledger yet, where no member has traits to compare either. Every row up to LISTED_DELTA
+# comes back too, so a small direction is listed without counting it first; the last row of each
+# direction says its total.
 _ORDERED_BOUNDS_SQL = """
     SELECT true AS joins, rn, user_id, last FROM (
       SELECT s.user_id, row_number() OVER w AS rn, lead(s.user_id) OVER w IS NULL AS last
@@ -396,8 +396,8 @@ def materialize_batch(
 
     # Both sides of each anti-join carry the range, although the join implies it: statistics
     # taken while the ledger was empty otherwise plan a sort of the connector's whole ledger
-    # per batch (found by the benchmark: 0.4 s a batch once 300,000 members were confirmed,
-    # growing with every batch of a first sync).
+    # per batch (0.4 s a batch at 300,000 confirmed members, growing with every batch of a
+    # first sync).
     def in_range(column: str) -> str:
         if batch.user_ids is not None:  # a small delta's batch: its members, by index probes
             return f" AND {column} = ANY(CAST(:ids AS text[]))"

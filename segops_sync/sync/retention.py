@@ -89,26 +89,49 @@ def purge_expired(
     return Purged(runs, items, purge_abandoned_snapshots(rows_per_statement))
 
 
+# A chunk of rows to delete, found by an index prefix (:n rows at most): the DELETE joins it on
+# the primary key, since PostgreSQL's DELETE takes no LIMIT.
+_RUN_ITEMS = (
+    "DELETE FROM sync_batch_items it USING ("
+    "  SELECT run_id, user_id FROM sync_batch_items WHERE run_id = :r LIMIT :n"
+    ") d WHERE it.run_id = d.run_id AND it.user_id = d.user_id"
+)
+_SNAPSHOT_ROWS = (
+    "DELETE FROM list_snapshots ls USING ("
+    "  SELECT verify_id, profile_id FROM list_snapshots WHERE verify_id = :v LIMIT :n"
+    ") d WHERE ls.verify_id = d.verify_id AND ls.profile_id = d.profile_id"
+)
+
+
+def _delete_in_chunks(
+    sql: str,
+    params: dict[str, object],
+    rows_per_statement: int,
+    *,
+    lock_timeout: str | None = None,
+) -> int:
+    """Run the chunk DELETE ``sql`` (``:n`` bound to ``rows_per_statement``), each chunk in its
+    own short transaction, until a chunk comes back short; rows deleted. With ``lock_timeout``
+    a held row raises OperationalError (55P03) instead of being waited for."""
+    deleted = 0
+    while True:
+        with session_scope() as s:
+            if lock_timeout is not None:
+                s.execute(text(f"SET LOCAL lock_timeout = '{lock_timeout}'"))
+            result = s.execute(text(sql), {**params, "n": rows_per_statement})
+        n = int(getattr(result, "rowcount", 0) or 0)
+        deleted += n
+        if n < rows_per_statement:
+            return deleted
+
+
 def purge_run(run_id: str, rows_per_statement: int = ROWS_PER_STATEMENT) -> int | None:
     """Delete one finished run's member details; the number of items deleted, or None when a
     row was held by someone else (the next pass tries again)."""
-    deleted = 0
     try:
-        while True:
-            with session_scope() as s:
-                s.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-                result = s.execute(
-                    text(
-                        "DELETE FROM sync_batch_items it USING ("
-                        "  SELECT run_id, user_id FROM sync_batch_items WHERE run_id = :r LIMIT :n"
-                        ") d WHERE it.run_id = d.run_id AND it.user_id = d.user_id"
-                    ),
-                    {"r": run_id, "n": rows_per_statement},
-                )
-            n = int(getattr(result, "rowcount", 0) or 0)
-            deleted += n
-            if n < rows_per_statement:
-                break
+        deleted = _delete_in_chunks(
+            _RUN_ITEMS, {"r": run_id}, rows_per_statement, lock_timeout=LOCK_TIMEOUT
+        )
         with session_scope() as s:
             s.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
             s.execute(
@@ -163,21 +186,7 @@ def purge_abandoned_snapshots(rows_per_statement: int = ROWS_PER_STATEMENT) -> i
             )
         if not free:
             continue
-        while True:
-            with session_scope() as s:
-                result = s.execute(
-                    text(
-                        "DELETE FROM list_snapshots ls USING ("
-                        "  SELECT verify_id, profile_id FROM list_snapshots WHERE verify_id = :v "
-                        "  LIMIT :n"
-                        ") d WHERE ls.verify_id = d.verify_id AND ls.profile_id = d.profile_id"
-                    ),
-                    {"v": verify_id, "n": rows_per_statement},
-                )
-            n = int(getattr(result, "rowcount", 0) or 0)
-            deleted += n
-            if n < rows_per_statement:
-                break
+        deleted += _delete_in_chunks(_SNAPSHOT_ROWS, {"v": verify_id}, rows_per_statement)
         log.info("list snapshot %s: its verification is gone; deleted", verify_id)
     return deleted
 

@@ -138,7 +138,7 @@ def _follow_up(session: Session, connector: Connector) -> StartOutcome | None:
     if not connector.resync_requested or connector.status == ConnectorStatus.INACTIVE:
         return None
     trigger = connector.resync_trigger or Trigger.COALESCED
-    # (a trigger queued as "mass-removal" before approvals were rows approves nothing now)
+    # a queued "mass-removal" trigger approves nothing (approvals are rows): a coalesced run
     return start_run(
         session,
         connector.id,
