@@ -1,4 +1,4 @@
-"""rediss:// URLs (issue 26 item 1): the TLS options Celery's broker and result backend get
+"""rediss:// URLs: the TLS options Celery's broker and result backend get
 from the URL, with the certificate checked unless the URL says otherwise."""
 
 from __future__ import annotations

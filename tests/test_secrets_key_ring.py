@@ -1,4 +1,4 @@
-"""SEGOPS_SECRET_KEY as a key ring (issue 11): the first key encrypts, every key decrypts."""
+"""SEGOPS_SECRET_KEY as a key ring: the first key encrypts, every key decrypts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""docker-compose.yml (issue 11): accepted by `docker-compose config`, with the services the
+"""docker-compose.yml is accepted by `docker-compose config`, with the services the
 docs/operations.md describes. No Docker engine runs here, so the file is checked, not started."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SECRET_VARS = (
     "SEGOPS_API_TOKEN",
     "FLOWER_BASIC_AUTH",
 )
-# The variables that carry a secret, and which services get each (issue 26): only what it uses.
+# The variables that carry a secret, and which services get each: only what it uses.
 SECRET_BEARING = (
     "SEGOPS_DATABASE_URL",
     "SEGOPS_BROKER_URL",

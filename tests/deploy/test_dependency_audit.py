@@ -1,4 +1,4 @@
-"""scripts/audit_deps.py (issue 26 item 9): pip-audit's report of deploy/requirements.lock
+"""scripts/audit_deps.py: pip-audit's report of deploy/requirements.lock
 fails the run on a known vulnerability that a release fixes, and only on those."""
 
 from __future__ import annotations

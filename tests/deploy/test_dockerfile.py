@@ -1,4 +1,4 @@
-"""deploy/Dockerfile (issue 11): multi-stage, non-root, pinned runtime dependencies only, no
+"""deploy/Dockerfile builds in stages and runs as non-root, with pinned runtime dependencies only, no
 secrets. No Docker engine runs here, so the file and its lock are read and checked."""
 
 from __future__ import annotations

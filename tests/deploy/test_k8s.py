@@ -1,4 +1,4 @@
-"""deploy/k8s (issue 11): valid against the Kubernetes schemas (`kubernetes-validate --strict`)
+"""deploy/k8s is valid against the Kubernetes schemas (`kubernetes-validate --strict`)
 and shaped as docs/operations.md describes."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ MANIFESTS = sorted(K8S.glob("*.yaml"))
 VALIDATE = str(Path(sys.executable).with_name("kubernetes-validate"))
 PING = "celery -A segops_sync inspect ping -d celery@$HOSTNAME"
 SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "AUTH", "DATABASE_URL")
-# The secrets each pod takes (issue 26): exactly what it uses. Beat only sends tasks; the API
+# The secrets each pod takes: exactly what it uses, so a leak from one pod exposes no more. Beat only sends tasks; the API
 # sends tasks and never reads results; Flower never sees the key ring nor the database.
 SECRETS_OF = {
     "segops-migrate": {"SEGOPS_DATABASE_URL"},

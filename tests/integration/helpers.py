@@ -1,17 +1,23 @@
 """Small tools for the integration tests: the CLI as a person runs it, waiting for syncs,
-and reading the Klaviyo simulator back."""
+reading the Klaviyo simulator back, serving processes, and reading Redis as text."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httpx
+import redis
 from sqlalchemy import func, select, text
 
 from segops_sync.db.models import Connector, SyncRun
@@ -196,3 +202,83 @@ def expected_identity(user_id: str, identified: dict[str, str]) -> tuple[str | N
     from segops_sync.sync.inputs.identity import identity_for
 
     return identity_for(user_id, identified.get(user_id))
+
+
+@contextlib.contextmanager
+def serving(
+    cmd: list[str], url: str, *, env: dict[str, str] | None = None, name: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``cmd`` started with ``env`` over ours, once ``url`` answers; terminated on leaving.
+
+    A process that exits, or does not answer within 60 s, fails with the end of its stderr."""
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url, timeout=2)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    what = name or str(cmd[:4])
+                    raise AssertionError(f"{what} did not start: {err[-2000:]}") from None
+                time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def _decoded(value: bytes | str) -> Iterator[str]:
+    """A Redis value as text, plus the base64 message bodies Celery and kombu wrap inside."""
+    textual = _text(value)
+    yield textual
+    try:
+        doc = json.loads(textual)
+    except ValueError:
+        return
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            body = item.get("body")
+            if isinstance(body, str):
+                decoded = None
+                with contextlib.suppress(ValueError):
+                    decoded = base64.b64decode(body, validate=True).decode(
+                        "utf-8", errors="replace"
+                    )
+                if decoded is not None:
+                    yield decoded
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def redis_texts(url: str, prefix: str) -> Iterator[str]:
+    """Every key under ``prefix`` in the Redis at ``url`` and every value it holds, as text,
+    message bodies decoded: what a search for data that must not be there reads."""
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        yield _text(key)
+        kind = _text(client.type(key))
+        values: Iterable[bytes | str] = []
+        if kind == "string":
+            values = [client.get(key) or b""]
+        elif kind == "list":
+            values = client.lrange(key, 0, -1)
+        elif kind == "hash":
+            values = [v for pair in client.hgetall(key).items() for v in pair]
+        elif kind == "zset":
+            values = cast(list[bytes], client.zrange(key, 0, -1))
+        elif kind == "set":
+            values = list(client.smembers(key))
+        for value in values:
+            yield from _decoded(value)

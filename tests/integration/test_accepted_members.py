@@ -1,4 +1,4 @@
-"""Issue 26, item 5: members Klaviyo accepted are ours even when recording them failed.
+"""Members Klaviyo accepted are ours even when recording them failed.
 
 Real worker processes, PostgreSQL, Redis and the Klaviyo simulator over HTTP, in a database and
 a key prefix of each test's own (the runs left failed on purpose must not meet another test's).

@@ -145,7 +145,7 @@ def test_patching_a_fixed_key_resyncs_and_clears_the_error(
     assert set(klaviyo.members()) == {"patch1@example.com"}
 
 
-# -- hard to misuse (issue 26) ---------------------------------------------------------------
+# -- hard to misuse ---------------------------------------------------------------
 
 NESTED = b"[" * 5000 + b"]" * 5000  # json.loads raised RecursionError on it: a 500
 

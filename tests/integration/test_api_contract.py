@@ -126,7 +126,7 @@ def test_openapi_document_needs_the_token_and_matches_the_answers(
         ("/v1/connectors/{id}", "delete"),
         ("/v1/connectors/{id}/resync", "post"),
         ("/v1/connectors/{id}/runs", "get"),
-        ("/v1/connectors/{id}/runs/{run}/rejected", "get"),  # issue 14
+        ("/v1/connectors/{id}/runs/{run}/rejected", "get"),  # rejected members, one by one
         ("/openapi.json", "get"),
     }
     # The hand-kept answer schemas agree with what the code answers, key for key.

@@ -1,4 +1,4 @@
-"""Issue 5, items 1-3: crashes and outages mid-sync, on the real stack.
+"""Syncs survive crashes and outages mid-sync, on the real stack.
 
 Every test starts its own Klaviyo simulator and its own worker process(es), in a database and
 a Redis key prefix of its own: the beat sweeper looks at every run in its database, so a
@@ -17,7 +17,7 @@ about Redis as the broker, PostgreSQL or Klaviyo, and run on Redis. What each te
 * ``test_redis_restarted_mid_sync``: our own Redis (broker, result backend, limiter) is stopped
   and started empty mid-sync: queued messages and chord state are gone; PostgreSQL state and
   the sweeper finish the run, and the same worker (never restarted) keeps serving new syncs.
-  ``test_detached_broker_channel_is_a_connection_error`` pins the step that used to kill it.
+  ``test_detached_broker_channel_is_a_connection_error`` pins the step that would otherwise kill it.
 * ``test_postgres_unreachable_30s_mid_sync``: a TCP proxy between the worker and PostgreSQL
   closes every live connection and refuses new ones for 30 s mid-sync; the same worker
   finishes the run once PostgreSQL is back, and keeps serving new syncs.

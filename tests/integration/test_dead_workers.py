@@ -1,4 +1,4 @@
-"""Issue 9: a dead worker costs seconds, not an hour, on Redis and on RabbitMQ, without beat.
+"""A dead worker costs seconds, not an hour, on Redis and on RabbitMQ, without beat.
 
 Every worker here runs with the production defaults (visibility timeout 1 h, sweeper after 15
 min, 10 s heartbeats, ...) and without beat: what recovers the work is the heartbeat scan of

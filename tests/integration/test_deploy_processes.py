@@ -1,4 +1,4 @@
-"""The processes as docker-compose.yml and deploy/k8s run them (issue 11): the API on the host
+"""The processes as docker-compose.yml and deploy/k8s run them: the API on the host
 it is told, Flower locked with basic auth taken from the environment."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from segops_sync.embedded import free_port
+from tests.integration.helpers import serving
 
 
 def _listening_on(port: int) -> set[str]:
@@ -28,28 +28,6 @@ def _listening_on(port: int) -> set[str]:
     return found
 
 
-@contextlib.contextmanager
-def _process(cmd: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url, timeout=2)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise AssertionError(f"{cmd[:4]} did not start: {err[-2000:]}") from None
-                time.sleep(0.3)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(20)
-
-
 @pytest.mark.parametrize(
     ("args", "address"), [((), "127.0.0.1"), (("--host", "0.0.0.0"), "0.0.0.0")]
 )
@@ -58,7 +36,7 @@ def test_api_binds_the_host_it_is_given(
 ) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "segops_sync.cli", "api", *args, "--port", str(port)]
-    with _process(cmd, {}, f"http://127.0.0.1:{port}/v1/connectors"):
+    with serving(cmd, f"http://127.0.0.1:{port}/v1/connectors"):
         assert _listening_on(port) == {address}
         answer = httpx.get(
             f"http://127.0.0.1:{port}/v1/connectors",
@@ -76,7 +54,7 @@ def test_flower_requires_the_basic_auth_from_the_environment(segops_env: dict[st
         "--address=127.0.0.1", f"--port={port}",
     ]  # fmt: skip
     base = f"http://127.0.0.1:{port}/flower"
-    with _process(cmd, env, f"{base}/healthcheck") as proc:
+    with serving(cmd, f"{base}/healthcheck", env=env) as proc:
         # the k8s probes' path answers without a login; nothing else does
         assert httpx.get(f"{base}/healthcheck").status_code == 200
         for path in ("/", "/tasks", "/api/workers"):
@@ -106,7 +84,7 @@ def test_a_bad_host_is_refused_in_one_line(command: str) -> None:
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "--host" in result.stderr
-    assert "no such host!" not in result.stderr  # a refused value is never echoed (issue 26)
+    assert "no such host!" not in result.stderr  # a refused value may be a secret: never echoed
 
 
 def test_the_worker_liveness_probe_of_the_manifest_pings_its_own_worker(

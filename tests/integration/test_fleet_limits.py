@@ -1,4 +1,4 @@
-"""Issue 4, "Must show": a fleet of workers keeps one Klaviyo account under its limits.
+"""A fleet of workers keeps one Klaviyo account under its limits.
 
 Three ``celery worker`` processes (two pool processes each, beat on one) share the fleet-wide
 limiter in Redis and sync into the Klaviyo simulator, which enforces Klaviyo's per-account,

@@ -1,4 +1,4 @@
-"""Keys out of sight (issue 11): --api-key-file, the SEGOPS_SECRET_KEY key ring, `keys
+"""Keys stay out of sight: --api-key-file, the SEGOPS_SECRET_KEY key ring, `keys
 reencrypt`, and workers and the API that refuse to start when no key decrypts the stored keys."""
 
 from __future__ import annotations

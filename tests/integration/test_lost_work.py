@@ -1,4 +1,4 @@
-"""Issue 26, item 6: nothing waits forever, on the real stack.
+"""Nothing waits forever, on the real stack.
 
 * ``test_redis_flushed_mid_sync_recovered_through_the_marker``: the Redis the stack uses (a
   redis-server of the test's own) is flushed (FLUSHALL) while a 40,000-member sync has bulk

@@ -1,4 +1,4 @@
-"""Issue 10 on the real stack: a worker of 4 processes with metrics, JSON logs and alerts on.
+"""Metrics, JSON logs and alerts of a worker of 4 processes, on the real stack.
 
 One worker serves the whole module (its log is checked at the end, line by line):
 metrics summed over processes, the signed alert sequence with a revoked and a restored key and a
@@ -335,7 +335,7 @@ def test_signed_alerts_failed_recovered_held_recovered(obs: Obs, tmp_path: Path)
     # the key is replaced while the receiver is down: the recovery alert waits for it
     obs.receiver.stop()
     fresh = obs.sim.create_key(k.account)
-    # the update itself starts the resync (issue 9): no recompute needed
+    # the update itself starts the resync: no recompute needed
     cli("connectors", "update", connector, "--api-key", fresh, check=True)
     assert wait_idle(connector, runs_at_least=3).status == "active"
     recovered_run = latest_run(connector).id

@@ -1,4 +1,4 @@
-"""Issue 26 item 4 on the real stack: personal data stays where it belongs, and leaves on time.
+"""Personal data stays where it belongs and leaves on time, on the real stack.
 
 One worker (and a Flower watching it) per log format serves the module: a ``context_identified``
 message from an outside producer, one whose row the database refuses (its error and traceback
@@ -35,8 +35,14 @@ from segops_sync.db.session import session_scope
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from tests.conftest import isolated_env
 from tests.integration.conftest import FlowerProcess, WorkerProcess
-from tests.integration.helpers import Klaviyo, create_connector, new_segment, recompute, wait_idle
-from tests.integration.test_no_key_in_clear import _redis_texts
+from tests.integration.helpers import (
+    Klaviyo,
+    create_connector,
+    new_segment,
+    recompute,
+    redis_texts,
+    wait_idle,
+)
 
 
 @dataclass
@@ -212,7 +218,7 @@ def test_context_identified_arguments_are_masked_in_flower_and_the_result_backen
 
     # nothing of them in the result backend, whatever the message asked for
     backend = list(
-        _redis_texts(stack.env["SEGOPS_RESULT_BACKEND"], stack.env["SEGOPS_REDIS_KEY_PREFIX"])
+        redis_texts(stack.env["SEGOPS_RESULT_BACKEND"], stack.env["SEGOPS_REDIS_KEY_PREFIX"])
     )
     assert _leaks(backend, stack.identifiers) == [], "member data in the result backend"
 

@@ -1,4 +1,4 @@
-"""Issue 3: recompute → delta → batches → chord → last_synced_at, on the real stack."""
+"""A recompute flows to a delta, batches, a chord and last_synced_at, on the real stack."""
 
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def test_manual_resync_with_celery_call_and_cli_wait(
     assert set(klaviyo.members()) == {"r1@example.com", "r2@example.com", "r3@example.com"}
     history = cli_json("connectors", "history", connector_id)
     assert [h["trigger"] for h in history] == ["resync", "resync", "recompute"]
-    # the contract's fields (issue 14 adds updated, traits_dropped, suppressed, verify, ...)
+    # the contract's fields, at least (updated, traits_dropped, suppressed, verify, ... come too)
     assert set(history[0]) >= {
         "id",
         "connector_id",

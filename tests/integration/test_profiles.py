@@ -1,4 +1,4 @@
-"""Issue 14 on the real stack: traits marketing can use, a list read back and repaired,
+"""On the real stack: traits marketing can use, a list read back and repaired,
 consent pre-flight, rejected members one by one (CLI processes, a worker, the simulator)."""
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def test_verify_finds_members_taken_off_behind_our_back_and_repairs_them(
     on_list = [p.id for p in klaviyo.sim.list_members(klaviyo.list_id)]
     klaviyo.sim.remove_from_list(klaviyo.list_id, on_list[:10])
 
-    # the issue: a resync alone cannot know (the ledger still counts them)
+    # a resync alone cannot know they are gone (the ledger still counts them)
     assert cli("connectors", "resync", connector_id, "--wait").returncode == 0
     assert len(klaviyo.members()) == 20
 

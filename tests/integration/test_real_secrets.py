@@ -1,4 +1,4 @@
-"""Real secrets only (issue 26): workers, beat, Flower and the API refuse to start on a
+"""Real secrets only: workers, beat, Flower and the API refuse to start on a
 placeholder secret or a short API token, in one line naming the variable; and failed API
 sign-ins from one client address are throttled (429 with Retry-After after 10 in a minute)."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from segops_sync.embedded import free_port
+from tests.integration.helpers import serving
 
 
 def _command(process: str, workdir: Path) -> list[str]:
@@ -108,28 +108,14 @@ def api_process(stack_env: dict[str, str]) -> Iterator[str]:
     """``segops-sync api`` as deployed (production throttle), with Redis keys of its own."""
     port = free_port()
     prefix = f"{stack_env['SEGOPS_REDIS_KEY_PREFIX']}throttle-{uuid.uuid4().hex[:8]}:"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "segops_sync.cli", "api", "--port", str(port)],
-        env={**os.environ, "SEGOPS_REDIS_KEY_PREFIX": prefix},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/activations", timeout=2)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise AssertionError(f"the API did not start: {err[-2000:]}") from None
-                time.sleep(0.2)
+    with serving(
+        [sys.executable, "-m", "segops_sync.cli", "api", "--port", str(port)],
+        f"{url}/activations",
+        env={"SEGOPS_REDIS_KEY_PREFIX": prefix},
+        name="the API",
+    ):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def _client(url: str, source: str) -> httpx.Client:

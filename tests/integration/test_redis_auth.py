@@ -1,4 +1,4 @@
-"""Issue 26 item 1: Redis with a password, and Redis over TLS, carry a whole sync.
+"""Redis with a password, and Redis over TLS, carry a whole sync.
 
 Each test starts Debian's ``redis-server`` of its own: one with ``requirepass``, one that speaks
 only TLS (``--port 0 --tls-port``, a throwaway CA made here) and also wants the password. The

@@ -1,4 +1,4 @@
-"""Issue 12, "Must show" 5: the request count per endpoint, at a small scale, against the formula.
+"""The request count per endpoint matches the cost formula, at a small scale.
 
 10,000 members on the real stack (a worker process, PostgreSQL, Redis) with Klaviyo's windows
 compressed 10x in the simulator and in the limiter. A first sync, a 10 % churn and a change of

@@ -1,5 +1,5 @@
-"""Issue 5 (items 4-7): duplicates and bursts of recomputes, hostile messages, the mass-removal
-guard, and bulk jobs that Klaviyo loses. Real worker, real PostgreSQL and Redis, simulator."""
+"""Syncs stay exact through duplicates and bursts of recomputes, hostile messages and bulk jobs
+that Klaviyo loses, and the mass-removal guard holds. Real worker, real PostgreSQL and Redis, simulator."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The demo of `docker compose --profile demo up` (issue 11), run as compose runs it: the
+"""The demo of `docker compose --profile demo up`, run as compose runs it: the
 simulator in a process of its own bound to 0.0.0.0, the demo's entry point beside it, on real
 PostgreSQL and Redis."""
 

@@ -26,7 +26,15 @@ from segops_sync.klaviyo import (
 from segops_sync.klaviyo.payloads import bulk_import_body, encode_body
 from segops_sync.klaviyo_sim import Simulator
 
-from .conftest import Env, make_env
+from .conftest import Env, FakeClock, make_env
+
+
+@pytest.fixture
+def timed_env(clock: FakeClock) -> Iterator[Env]:
+    """The simulator on a clock the test advances: job delays and Retry-After pass on its
+    word, not the machine's speed."""
+    yield from make_env(Simulator(time_scale=20, seed=7, clock=clock))
+
 
 # -- operations ----------------------------------------------------------------------------------
 
@@ -80,23 +88,17 @@ def test_bulk_import_job_end_to_end(env: Env) -> None:
     assert env.sim.list_member_ids(env.list_id) == {p.id for p in imported}
 
 
-def test_bulk_job_with_delay_reports_progress(sim: Simulator) -> None:
-    sim.job_delay = 0.3
-    for env in make_env(sim):
-        client = env.client()
-        job_id = client.create_bulk_import_job([ProfileInput(email="a@example.com")], env.list_id).id
-        assert client.get_bulk_import_job(job_id).status in ("queued", "processing")
-        assert env.sim.list_member_ids(env.list_id) == set()
-        assert list(client.iter_bulk_import_errors(job_id)) == []
-        sim_wait(0.35)
-        assert client.get_bulk_import_job(job_id).status == "complete"
-        assert len(env.sim.list_member_ids(env.list_id)) == 1
-
-
-def sim_wait(seconds: float) -> None:
-    import time
-
-    time.sleep(seconds)
+def test_bulk_job_with_delay_reports_progress(timed_env: Env, clock: FakeClock) -> None:
+    env = timed_env
+    env.sim.job_delay = 0.3
+    client = env.client()
+    job_id = client.create_bulk_import_job([ProfileInput(email="a@example.com")], env.list_id).id
+    assert client.get_bulk_import_job(job_id).status in ("queued", "processing")
+    assert env.sim.list_member_ids(env.list_id) == set()
+    assert list(client.iter_bulk_import_errors(job_id)) == []
+    clock.advance(0.35)
+    assert client.get_bulk_import_job(job_id).status == "complete"
+    assert len(env.sim.list_member_ids(env.list_id)) == 1
 
 
 def test_add_and_remove_are_idempotent_and_keep_the_profile(env: Env) -> None:
@@ -251,7 +253,8 @@ def test_cloudflare_challenge_is_transient(env: Env) -> None:
     assert "<html" not in str(caught.value).lower()
 
 
-def test_429_carries_retry_after_and_skips_after_response(env: Env) -> None:
+def test_429_carries_retry_after_and_skips_after_response(timed_env: Env, clock: FakeClock) -> None:
+    env = timed_env
     seen: list[tuple[Endpoint, RateLimitHeaders]] = []
     client = env.client(after_response=lambda e, h: seen.append((e, h)))
     env.sim.force_429(1, 0.35)
@@ -261,7 +264,7 @@ def test_429_carries_retry_after_and_skips_after_response(env: Env) -> None:
     assert caught.value.status == 429 and not caught.value.permanent
     assert caught.value.endpoint is Endpoint.GET_LIST
     assert seen == []
-    sim_wait(0.36)
+    clock.advance(0.36)
     client.get_list(env.list_id)
     assert env.sim.early_retries() == 0
     [(endpoint, headers)] = seen

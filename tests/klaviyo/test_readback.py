@@ -1,4 +1,4 @@
-"""The client and simulator parts of issue 14: the list read back, opt-in, traits, suppression."""
+"""The client and the simulator agree on the list read back, opt-in, traits and suppression."""
 
 from __future__ import annotations
 

@@ -594,19 +594,28 @@ def test_serve_prints_one_line_and_serves() -> None:
         process.wait(timeout=10)
 
 
-def test_a_request_is_stamped_on_arrival_not_when_its_turn_comes(
-    fake: Setup, clock: FakeClock
-) -> None:
+def test_a_request_is_stamped_on_arrival_not_when_its_turn_comes(clock: FakeClock) -> None:
     """A request queued behind a slow one (a due bulk job applied under the lock) keeps the time
     it arrived: it was not sent any later, so it cannot pass for an early retry."""
     import threading
 
+    test_thread = threading.current_thread()
+    read_by_caller = threading.Event()
+
+    def watched_clock() -> float:
+        now = clock()
+        if threading.current_thread() is not test_thread:
+            read_by_caller.set()  # after reading: the test moves time on only once it is read
+        return now
+
+    fake = Setup(Simulator(clock=watched_clock, seed=1))
     clock.advance(0.1)
     arrived = clock()
     with fake.sim._lock:  # the simulator is busy
         caller = threading.Thread(target=fake.get_list)
         caller.start()
-        time.sleep(0.1)
+        # The caller reads the clock while the lock is held, or never before it is released.
+        assert read_by_caller.wait(timeout=10), "the request was not stamped on arrival"
         clock.advance(0.3)
     caller.join()
     assert [r.time for r in fake.sim.requests()] == [arrived]

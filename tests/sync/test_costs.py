@@ -30,7 +30,7 @@ def test_request_times_follow_both_fixed_windows() -> None:
     assert request_time(999, L) == 60 + 3  # 750 in the first minute, then 75 a second
 
 
-def test_the_floor_of_the_issue_table() -> None:
+def test_the_time_floor_of_a_first_sync_and_of_a_churn() -> None:
     # first sync of 1M: 100 jobs in 9 s at 10/s, then one job of 5 s
     assert floor_seconds(Delta(1_000_000), job_seconds=5) == 14
     assert floor_seconds(Delta(200_000), job_seconds=5) == 6

@@ -1,4 +1,4 @@
-"""Issue 14 in the domain, without a broker: traits sent and re-sent, the list read back,
+"""Verification in the domain, without a broker: traits sent and re-sent, the list read back,
 the ledger corrected, foreign profiles removed through the mass-removal guard."""
 
 from __future__ import annotations

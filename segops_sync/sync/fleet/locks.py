@@ -33,6 +33,20 @@ return 0
 DEFAULT_TTL = 60.0
 
 
+def refresh_once(r: redis.Redis, key: str, token: str, *, ttl: float = DEFAULT_TTL) -> bool:
+    """One tick of a holder's refresh: ``key`` lives a full ``ttl`` again if ``token`` still
+    holds it. False once the lock is lost (the holder stops refreshing); a Redis error is not
+    a loss, the next tick tries again."""
+    try:
+        if r.eval(_EXTEND_IF_OURS, 1, key, token, max(1, int(ttl * 1000))):
+            return True
+    except redis.RedisError as exc:  # Redis away for a moment: try at the next tick
+        log.warning("lock %s not refreshed: %s", key, exc)
+        return True
+    log.warning("lock %s was lost (Redis lost its data?)", key)
+    return False
+
+
 @contextmanager
 def refreshed_lock(r: redis.Redis, key: str, *, ttl: float = DEFAULT_TTL) -> Iterator[bool]:
     """Yields whether this caller holds ``key``; while it does, the lock is refreshed every
@@ -46,12 +60,8 @@ def refreshed_lock(r: redis.Redis, key: str, *, ttl: float = DEFAULT_TTL) -> Ite
 
     def refresh() -> None:
         while not stop.wait(ttl / 3):
-            try:
-                if not r.eval(_EXTEND_IF_OURS, 1, key, token, ttl_ms):
-                    log.warning("lock %s was lost (Redis lost its data?)", key)
-                    return
-            except redis.RedisError as exc:  # Redis away for a moment: try at the next tick
-                log.warning("lock %s not refreshed: %s", key, exc)
+            if not refresh_once(r, key, token, ttl=ttl):
+                return
 
     keeper = threading.Thread(target=refresh, name="segops-lock", daemon=True)
     keeper.start()

@@ -1,22 +1,34 @@
-"""sync/fleet/liveness.py on fakeredis: heartbeats, held tasks, the scan, batch locks, poison pills."""
+"""sync/fleet/liveness.py on fakeredis: heartbeats, held tasks, the scan, batch locks, poison pills.
+
+fakeredis expires keys by a FakeClock the tests advance by hand: TTLs run out when a test says
+so, never because the machine was slow, and nothing sleeps.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
+import threading
 
 import fakeredis
 import pytest
 
-from segops_sync.sync.fleet import liveness
+from segops_sync.sync.fleet import liveness, locks
 from segops_sync.sync.fleet.liveness import Held, Keys
-from segops_sync.sync.fleet.locks import refreshed_lock
+from segops_sync.sync.fleet.locks import refresh_once, refreshed_lock
+from tests.fake_clock import FakeClock, expire_fakeredis_keys_by
 
 
 @pytest.fixture
-def r() -> fakeredis.FakeRedis:
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    clock = FakeClock()
+    expire_fakeredis_keys_by(clock, monkeypatch)
+    return clock
+
+
+@pytest.fixture
+def r(clock: FakeClock) -> fakeredis.FakeRedis:
     return fakeredis.FakeRedis()
 
 
@@ -38,10 +50,12 @@ def test_node_ids_differ_per_start_of_the_same_host() -> None:
     assert a != b and a.startswith("celery@h/") and "|" not in liveness.new_node_id("a|b")
 
 
-def test_heartbeat_expires_after_its_ttl(r: fakeredis.FakeRedis) -> None:
+def test_heartbeat_expires_after_its_ttl(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     liveness.beat(r, KEYS, "n1", ttl=0.3)
     assert liveness.alive(r, KEYS, ["n1", "n2"]) == {"n1"}
-    time.sleep(0.4)
+    clock.advance(0.29)
+    assert liveness.alive(r, KEYS, ["n1"]) == {"n1"}
+    clock.advance(0.02)
     assert liveness.alive(r, KEYS, ["n1"]) == set()
 
 
@@ -214,17 +228,64 @@ def test_a_failed_recovery_is_tried_again_at_the_next_scan(r: fakeredis.FakeRedi
     assert _node(r, lost).check_markers() == [0] and lost == [[0]]
 
 
-def test_a_refreshed_lock_outlives_its_ttl_and_is_released(r: fakeredis.FakeRedis) -> None:
-    with refreshed_lock(r, "t-lock", ttl=0.3) as held:
+def test_a_refreshed_lock_outlives_its_ttl_and_is_released(
+    r: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    # The TTL is long next to the test: the holder's own thread never ticks here; the test
+    # runs the refresh steps it would run, a third of the TTL apart.
+    with refreshed_lock(r, "t-lock", ttl=60) as held:
         assert held
-        time.sleep(1.0)  # three TTLs: the holder's thread kept it
-        with refreshed_lock(r, "t-lock", ttl=0.3) as second:
+        value = r.get("t-lock")
+        assert isinstance(value, bytes)
+        token = value.decode()
+        for _ in range(9):  # three TTLs
+            clock.advance(20)
+            assert refresh_once(r, "t-lock", token, ttl=60)
+        with refreshed_lock(r, "t-lock", ttl=60) as second:
             assert not second
     assert r.get("t-lock") is None
 
 
-def test_a_dead_holders_lock_expires(r: fakeredis.FakeRedis) -> None:
+def test_a_lock_left_unrefreshed_for_its_ttl_is_free_again(
+    r: fakeredis.FakeRedis, clock: FakeClock
+) -> None:
+    with refreshed_lock(r, "t-lock", ttl=60) as held:
+        assert held
+        clock.advance(59.9)
+        with refreshed_lock(r, "t-lock", ttl=60) as second:
+            assert not second
+        clock.advance(0.2)  # its holder stopped refreshing (a dead process): the TTL ran out
+        with refreshed_lock(r, "t-lock", ttl=60) as third:
+            assert third
+
+
+def test_a_dead_holders_lock_expires(r: fakeredis.FakeRedis, clock: FakeClock) -> None:
     r.set("t-lock", "someone-dead", px=200)
-    time.sleep(0.3)
+    clock.advance(0.3)
     with refreshed_lock(r, "t-lock", ttl=0.3) as held:
         assert held
+
+
+def test_a_lost_lock_is_not_refreshed_and_stops_its_keeper(r: fakeredis.FakeRedis) -> None:
+    r.set("t-lock", "someone-else", px=60_000)  # Redis lost ours, another holder took it
+    assert not refresh_once(r, "t-lock", "our-token", ttl=600)
+    assert 0 < r.pttl("t-lock") <= 60_000
+
+
+def test_the_holders_thread_runs_the_refresh_steps(
+    r: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticks: list[str] = []
+    three = threading.Event()
+
+    def counted(*args: object, **kwargs: float) -> bool:
+        ticks.append(str(args[1]))
+        if len(ticks) >= 3:
+            three.set()
+        return True
+
+    monkeypatch.setattr(locks, "refresh_once", counted)
+    with refreshed_lock(r, "t-lock", ttl=0.03) as held:
+        assert held
+        assert three.wait(timeout=30), "the holder's thread never refreshed the lock"
+    assert set(ticks) == {"t-lock"}

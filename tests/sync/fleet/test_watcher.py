@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import fakeredis
-import fakeredis._socket._base
 import pytest
 
 from segops_sync.klaviyo import Endpoint, KlaviyoClient, ProfileInput
 from segops_sync.klaviyo.models import BulkImportJob
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from segops_sync.sync.fleet.watcher import JobWatcher
-from tests.fake_clock import FakeClock
+from tests.fake_clock import FakeClock, expire_fakeredis_keys_by
 
 JOB_DELAY = 0.4
 # A poll looks for the jobs registered before it began: this much time passes in between.
@@ -28,8 +26,7 @@ TICK = 0.001
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     clock = FakeClock()
-    # fakeredis expires keys by its own module's time.time(): the gate's PX runs on this clock.
-    monkeypatch.setattr(fakeredis._socket._base, "time", SimpleNamespace(time=clock.seconds))
+    expire_fakeredis_keys_by(clock, monkeypatch)  # the gate's PX runs on this clock
     return clock
 
 
