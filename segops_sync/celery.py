@@ -2,7 +2,9 @@
 
 Queues: ``segops`` takes the external messages (docs/contract.md#messages) and the orchestration tasks;
 ``segops.klaviyo`` takes the rate-limited Klaviyo batches, so a backlog of batches never delays
-a recompute message. A worker started with no flags consumes both.
+a recompute message; ``segops.klaviyo.small`` takes the batches of small runs (sync/lanes.py),
+so a small change never waits behind a big run's batches. A worker started with no flags
+consumes all three.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ log = logging.getLogger("segops_sync.celery")
 
 SEGOPS_QUEUE = "segops"
 KLAVIYO_QUEUE = "segops.klaviyo"
+# The lane of small runs' batches (sync/lanes.py): the batch tasks' route is KLAVIYO_QUEUE,
+# dispatch() sends a small run's batches here, and their retries stay here (tasks._run_batch).
+SMALL_QUEUE = "segops.klaviyo.small"
+KLAVIYO_QUEUES = (KLAVIYO_QUEUE, SMALL_QUEUE)
 
 # Message priorities on the Redis broker, which takes 0 first (kombu keeps a list per step of 0,
 # 3, 6, 9). Work for Klaviyo waits at BATCH_PRIORITY; a batch that built its job body and lost
@@ -87,7 +93,7 @@ def configure(app: Celery, settings: Settings) -> None:
         result_serializer="json",
         accept_content=["json"],
         task_default_queue=SEGOPS_QUEUE,
-        task_queues=[Queue(SEGOPS_QUEUE), Queue(KLAVIYO_QUEUE)],
+        task_queues=[Queue(SEGOPS_QUEUE), Queue(KLAVIYO_QUEUE), Queue(SMALL_QUEUE)],
         task_create_missing_queues=False,
         task_routes=TASK_ROUTES,
         # A crash re-delivers the task; every task is idempotent on PostgreSQL state.

@@ -19,7 +19,15 @@ from celery import Signature, Task, chord
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from segops_sync.celery import AHEAD_PRIORITY, app, liveness_redis, node_id
+from segops_sync.celery import (
+    AHEAD_PRIORITY,
+    KLAVIYO_QUEUE,
+    KLAVIYO_QUEUES,
+    SMALL_QUEUE,
+    app,
+    liveness_redis,
+    node_id,
+)
 from segops_sync.config import ConfigError, get_settings
 from segops_sync.db.models import Connector, SegmentMember, SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
@@ -35,6 +43,7 @@ from segops_sync.sync.costs import removals_first
 from segops_sync.sync.fleet import liveness
 from segops_sync.sync.fleet.access import KlaviyoAccess
 from segops_sync.sync.inputs.identity import BadIdentity, record_identity
+from segops_sync.sync.lanes import small_run
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
 from segops_sync.sync.recovery import fail_crashing_batch, run_ready_to_close
 from segops_sync.sync.retention import purge_expired
@@ -242,14 +251,18 @@ def plan_run_task(run_id: str) -> None:
 
 
 def dispatch(run_id: str, remove_ids: list[int], add_ids: list[int]) -> None:
-    """Publish the chord; safe to repeat (batches are idempotent, finishing is too)."""
+    """Publish the chord; safe to repeat (batches are idempotent, finishing is too).
+
+    The planner and the sweeper's re-dispatch both come here, so a run's open batches take the
+    small-run lane by the same rule (sync/lanes.py) whoever sends them."""
     body = finish_run_task.si(run_id).on_error(run_failed.si(run_id))
     first = removals_first(len(remove_ids), get_settings().limiter_headroom)
-    chord(chord_header(remove_ids, add_ids, removals_go_first=first))(body)
+    small = small_run(len(add_ids), len(remove_ids))
+    chord(chord_header(remove_ids, add_ids, removals_go_first=first, small=small))(body)
 
 
 def chord_header(
-    remove_ids: list[int], add_ids: list[int], *, removals_go_first: bool
+    remove_ids: list[int], add_ids: list[int], *, removals_go_first: bool, small: bool = False
 ) -> list[Signature]:
     """The order the batches are queued in: the run's longer path first (sync/costs.py).
 
@@ -257,13 +270,17 @@ def chord_header(
     floor); a removal the limiter holds back goes back to the queue with a countdown, so the
     adds start as soon as the minute's lookups are spent. Otherwise adds and removals alternate
     and the first bulk jobs run at Klaviyo while the lookups go out (a 100k churn's floor is one
-    job)."""
+    job). A small run's batches go to the small-run lane, never behind a big run's."""
     adds = [add_batch.si(b) for b in add_ids]
     removes = [remove_batch.si(b) for b in remove_ids]
     if removals_go_first:
-        return removes + adds
-    pairs = itertools.zip_longest(adds, removes)
-    return [task for pair in pairs for task in pair if task is not None]
+        header = removes + adds
+    else:
+        pairs = itertools.zip_longest(adds, removes)
+        header = [task for pair in pairs for task in pair if task is not None]
+    if small:
+        header = [sig.set(queue=SMALL_QUEUE) for sig in header]
+    return header
 
 
 @app.task(base=SegopsTask, name="segops.finish_run")
@@ -348,7 +365,7 @@ def _run_batch(task: Task, batch_id: Any) -> dict[str, Any]:
     )
     if entry.outcome == "busy":  # another copy of it is running (a re-sent duplicate)
         _bind_batch(batch_id)  # Celery's retry line names the run too
-        raise task.retry(countdown=1.0 + random.uniform(0, 1))
+        raise task.retry(countdown=1.0 + random.uniform(0, 1), queue=_lane(task))
     try:
         if entry.outcome == "poisoned":
             log.error("batch %s killed its worker %d times: given up", batch_id, entry.crashes)
@@ -370,8 +387,19 @@ def _run_batch(task: Task, batch_id: Any) -> dict[str, Any]:
     )
     countdown = min(step.countdown, MAX_COUNTDOWN)
     if step.ahead:
-        raise task.retry(countdown=countdown, priority=AHEAD_PRIORITY)
-    raise task.retry(countdown=countdown)
+        raise task.retry(countdown=countdown, priority=AHEAD_PRIORITY, queue=_lane(task))
+    raise task.retry(countdown=countdown, queue=_lane(task))
+
+
+def _lane(task: Task) -> str:
+    """The Klaviyo queue this delivery came from: a batch's retries stay in its run's lane.
+
+    Celery's retry copies the delivery's routing key too (both brokers deliver ours through the
+    default exchange, the routing key naming the queue); said explicitly so that the lane never
+    depends on that copy, and a delivery from anywhere else goes to the batches' route."""
+    delivery = task.request.delivery_info or {}
+    queue = delivery.get("routing_key")
+    return queue if queue in KLAVIYO_QUEUES else KLAVIYO_QUEUE
 
 
 def _close_if_last(batch_id: int) -> None:

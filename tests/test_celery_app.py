@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import redis
@@ -13,6 +14,7 @@ from segops_sync.celery import (
     BATCH_PRIORITY,
     KLAVIYO_QUEUE,
     SEGOPS_QUEUE,
+    SMALL_QUEUE,
     TASK_ROUTES,
     app,
     configure,
@@ -36,9 +38,10 @@ def test_every_task_is_named_and_routed() -> None:
 
 def test_every_route_uses_a_declared_queue_and_every_queue_is_used() -> None:
     declared = {q.name for q in app.conf.task_queues}
-    used = {route["queue"] for route in TASK_ROUTES.values()}
+    # the small-run lane is no task's route: dispatch() sends a small run's batches there
+    used = {route["queue"] for route in TASK_ROUTES.values()} | {SMALL_QUEUE}
     assert used <= declared
-    assert declared == used == {SEGOPS_QUEUE, KLAVIYO_QUEUE}
+    assert declared == used == {SEGOPS_QUEUE, KLAVIYO_QUEUE, SMALL_QUEUE}
 
 
 def test_external_messages_arrive_on_the_segops_queue() -> None:
@@ -112,6 +115,51 @@ def test_the_chord_queues_the_runs_longer_path_first(
     header = chord_header([7, 8], [1, 2, 3], removals_go_first=removals_go_first)
     assert [(sig.task, *sig.args) for sig in header] == expected
     assert all(sig.immutable for sig in header)  # a batch never receives another's result
+
+
+def _dispatched_queues(
+    monkeypatch: pytest.MonkeyPatch, remove_ids: list[int], add_ids: list[int]
+) -> list[str | None]:
+    """The queue each batch of dispatch()'s chord is sent to (None: the task's route)."""
+    import segops_sync.tasks as tasks
+
+    published: list[list[Any]] = []
+
+    def fake_chord(header: list[Any]) -> Any:
+        published.append(header)
+        return lambda body: None
+
+    monkeypatch.setattr(tasks, "chord", fake_chord)
+    tasks.dispatch("run-1", remove_ids, add_ids)
+    (header,) = published
+    assert len(header) == len(remove_ids) + len(add_ids)
+    return [sig.options.get("queue") for sig in header]
+
+
+def test_a_small_runs_batches_go_to_the_small_run_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 5-out/5-in change (one add batch, one removal batch) never queues behind a big run."""
+    assert _dispatched_queues(monkeypatch, [7], [1]) == [SMALL_QUEUE, SMALL_QUEUE]
+
+
+def test_a_big_runs_batches_go_to_the_klaviyo_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    queues = _dispatched_queues(monkeypatch, [], list(range(1, 101)))  # a 1M first sync
+    assert set(queues) == {None}  # the route: KLAVIYO_QUEUE
+    assert TASK_ROUTES["segops.add_batch"]["queue"] == KLAVIYO_QUEUE
+
+
+@pytest.mark.parametrize("lane", [SMALL_QUEUE, KLAVIYO_QUEUE])
+def test_a_batch_retry_stays_in_the_lane_it_was_taken_from(lane: str) -> None:
+    """Both brokers deliver with the default exchange and the queue as routing key."""
+    from segops_sync.tasks import _lane, add_batch
+
+    add_batch.push_request(
+        args=[5], kwargs={}, delivery_info={"exchange": "", "routing_key": lane, "priority": 6}
+    )
+    try:
+        retry = add_batch.signature_from_request(queue=_lane(add_batch), countdown=1)
+    finally:
+        add_batch.pop_request()
+    assert retry.options["queue"] == lane
 
 
 def test_a_pool_process_freezes_what_it_inherited() -> None:
