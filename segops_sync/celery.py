@@ -44,6 +44,7 @@ KLAVIYO_QUEUE = "segops.klaviyo"
 # dispatch() sends a small run's batches here, and their retries stay here (tasks._run_batch).
 SMALL_QUEUE = "segops.klaviyo.small"
 KLAVIYO_QUEUES = (KLAVIYO_QUEUE, SMALL_QUEUE)
+DECLARED_QUEUES = (SEGOPS_QUEUE, *KLAVIYO_QUEUES)
 
 # Message priorities on the Redis broker, which takes 0 first (kombu keeps a list per step of 0,
 # 3, 6, 9). Work for Klaviyo waits at BATCH_PRIORITY; a batch that built its job body and lost
@@ -93,7 +94,7 @@ def configure(app: Celery, settings: Settings) -> None:
         result_serializer="json",
         accept_content=["json"],
         task_default_queue=SEGOPS_QUEUE,
-        task_queues=[Queue(SEGOPS_QUEUE), Queue(KLAVIYO_QUEUE), Queue(SMALL_QUEUE)],
+        task_queues=[Queue(name) for name in DECLARED_QUEUES],
         task_create_missing_queues=False,
         task_routes=TASK_ROUTES,
         # A crash re-delivers the task; every task is idempotent on PostgreSQL state.
@@ -388,7 +389,11 @@ def liveness_redis() -> tuple[redis.Redis, liveness.Keys]:
 
 
 def _resend(held: liveness.Held) -> None:
-    app.send_task(held.name, args=held.args, kwargs=held.kwargs)
+    # Back to the queue it was taken from (a small run's batch stays in its lane); a queue we do
+    # not declare, or none recorded, falls back to the task's route.
+    queue = held.queue if held.queue in DECLARED_QUEUES else None
+    options: dict[str, Any] = {"queue": queue} if queue is not None else {}
+    app.send_task(held.name, args=held.args, kwargs=held.kwargs, **options)
 
 
 def _marker_redis(settings: Settings) -> tuple[list[str], list[redis.Redis]]:
@@ -456,8 +461,15 @@ def _hold(request: Any = None, **_: Any) -> None:
         return
     try:
         r, keys = liveness_redis()
+        delivery = getattr(request, "delivery_info", None) or {}
+        queue = delivery.get("routing_key")
         held = liveness.Held(
-            request.id, NODE_ID, request.name, list(request.args), dict(request.kwargs)
+            request.id,
+            NODE_ID,
+            request.name,
+            list(request.args),
+            dict(request.kwargs),
+            queue if isinstance(queue, str) else None,
         )
         liveness.hold(r, keys, held)
     except (redis.RedisError, TypeError, ValueError) as exc:

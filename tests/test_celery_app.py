@@ -209,3 +209,19 @@ def test_a_batch_that_lost_its_slot_race_is_taken_before_the_batches_not_started
         for key in client.scan_iter(match=f"{prefix}*"):
             client.delete(key)
         probe.close()
+
+
+def test_a_dead_workers_task_is_resent_to_the_queue_it_was_taken_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from segops_sync import celery as celery_module
+    from segops_sync.sync.fleet.liveness import Held
+
+    sent: list[dict[str, object]] = []
+    monkeypatch.setattr(
+        celery_module.app, "send_task", lambda name, **options: sent.append(options)
+    )
+    celery_module._resend(Held("t1", "n1", "segops.add_batch", [7], {}, SMALL_QUEUE))
+    celery_module._resend(Held("t2", "n1", "segops.add_batch", [8], {}))  # none recorded
+    celery_module._resend(Held("t3", "n1", "segops.add_batch", [9], {}, "not.ours"))
+    assert [o.get("queue") for o in sent] == [SMALL_QUEUE, None, None]

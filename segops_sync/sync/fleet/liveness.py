@@ -123,22 +123,30 @@ class Held:
     name: str
     args: list[Any]
     kwargs: dict[str, Any]
+    # The queue it came from (a small run's batch waits in the small-run lane, not its route's
+    # queue); None when unknown (records written before it was kept): the task's route then.
+    queue: str | None = None
 
     def encode(self) -> str:
-        return json.dumps(
-            {"node": self.node, "name": self.name, "args": self.args, "kwargs": self.kwargs},
-            separators=(",", ":"),
-            sort_keys=True,
-        )
+        doc = {"node": self.node, "name": self.name, "args": self.args, "kwargs": self.kwargs}
+        if self.queue is not None:
+            doc["queue"] = self.queue
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def decode(cls, task_id: str, raw: str) -> Held | None:
         try:
             doc = json.loads(raw)
+            queue = doc.get("queue")
             return cls(
-                task_id, str(doc["node"]), str(doc["name"]), list(doc["args"]), dict(doc["kwargs"])
+                task_id,
+                str(doc["node"]),
+                str(doc["name"]),
+                list(doc["args"]),
+                dict(doc["kwargs"]),
+                str(queue) if queue is not None else None,
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
 

@@ -289,3 +289,12 @@ def test_the_holders_thread_runs_the_refresh_steps(
         assert held
         assert three.wait(timeout=30), "the holder's thread never refreshed the lock"
     assert set(ticks) == {"t-lock"}
+
+
+def test_a_held_task_keeps_the_queue_it_came_from() -> None:
+    """A small run's batch is re-sent to the small-run lane, not to its task's route."""
+    held = Held("t1", "n1", "segops.add_batch", [7], {}, "segops.klaviyo.small")
+    assert Held.decode("t1", held.encode()) == held
+    # records written without a queue still decode, with none (the route decides)
+    old = '{"args":[7],"kwargs":{},"name":"segops.add_batch","node":"n1"}'
+    assert Held.decode("t1", old) == Held("t1", "n1", "segops.add_batch", [7], {})
