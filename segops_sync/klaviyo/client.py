@@ -253,33 +253,17 @@ class KlaviyoClient:
         """
         if field not in ("email", "external_id"):
             raise ValueError("field must be 'email' or 'external_id'")
-        wanted: dict[str, list[str]] = {}
-        for value in values:
-            if value:
-                wanted.setdefault(_identity_key(field, value), []).append(value)
-        found: dict[str, str] = {}
-        # Ask for the normalized email and, when it differs, the spelling given: both Klaviyo
-        # behaviours (lower-cased storage, exact-match filter) then find the profile.
-        distinct = list(
-            dict.fromkeys(q for key, group in wanted.items() for q in (key, *group) if q)
-        )
         endpoint = Endpoint.GET_PROFILES
-        for start in range(0, len(distinct), MAX_FILTER_VALUES):
-            chunk = distinct[start : start + MAX_FILTER_VALUES]
-            params = {
-                "filter": any_filter(field, chunk),
-                "page[size]": str(MAX_PAGE_SIZE),
-                "fields[profile]": "email,external_id",
-            }
-            for item in self._paginate(endpoint, endpoint.path(), params):
-                attrs = obj(item, "attributes")
-                matched = attrs.get(field)
-                pid = item.get("id")
-                if not isinstance(matched, str) or not isinstance(pid, str):
-                    continue
-                for original in wanted.get(_identity_key(field, matched), ()):
-                    found.setdefault(original, pid)
-        return found
+        return self._find_ids(endpoint, endpoint.path(), field, values)
+
+    def find_list_profile_ids(self, list_id: str, emails: Sequence[str]) -> dict[str, str]:
+        """email -> profile id, for the emails whose profile is on the list: one L-tier call per
+        MAX_FILTER_VALUES emails (GET /api/lists/{id}/profiles filtered by email, which names
+        each profile's email; the relationships read answers ids alone). Keys are the emails as
+        given, matched case-insensitively. Klaviyo filters list members by email only, not by
+        external_id."""
+        endpoint = Endpoint.GET_LIST_MEMBERS
+        return self._find_ids(endpoint, endpoint.path(list_id), "email", emails)
 
     def upsert_profile(self, profile: ProfileInput) -> str:
         """POST /api/profile-import: creates or updates one profile, returns its id."""
@@ -334,6 +318,36 @@ class KlaviyoClient:
             yield page
 
     # -- plumbing ------------------------------------------------------------------------------
+
+    def _find_ids(
+        self, endpoint: Endpoint, path: str, field: str, values: Sequence[str]
+    ) -> dict[str, str]:
+        wanted: dict[str, list[str]] = {}
+        for value in values:
+            if value:
+                wanted.setdefault(_identity_key(field, value), []).append(value)
+        found: dict[str, str] = {}
+        # Ask for the normalized email and, when it differs, the spelling given: both Klaviyo
+        # behaviours (lower-cased storage, exact-match filter) then find the profile.
+        distinct = list(
+            dict.fromkeys(q for key, group in wanted.items() for q in (key, *group) if q)
+        )
+        for start in range(0, len(distinct), MAX_FILTER_VALUES):
+            chunk = distinct[start : start + MAX_FILTER_VALUES]
+            params = {
+                "filter": any_filter(field, chunk),
+                "page[size]": str(MAX_PAGE_SIZE),
+                "fields[profile]": "email,external_id",
+            }
+            for item in self._paginate(endpoint, path, params):
+                attrs = obj(item, "attributes")
+                matched = attrs.get(field)
+                pid = item.get("id")
+                if not isinstance(matched, str) or not isinstance(pid, str):
+                    continue
+                for original in wanted.get(_identity_key(field, matched), ()):
+                    found.setdefault(original, pid)
+        return found
 
     def _relationship(self, endpoint: Endpoint, list_id: str, profile_ids: Sequence[str]) -> None:
         if isinstance(profile_ids, str):

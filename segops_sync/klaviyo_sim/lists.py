@@ -22,7 +22,14 @@ from segops_sync.klaviyo_sim.responses import (
     query_filter,
     self_link,
 )
-from segops_sync.klaviyo_sim.state import Ctx, ListRecord, Reject, SimHttpResponse, SimProfile
+from segops_sync.klaviyo_sim.state import (
+    AccountRecord,
+    Ctx,
+    ListRecord,
+    Reject,
+    SimHttpResponse,
+    SimProfile,
+)
 
 MAX_RELATIONSHIP_IDS = 1_000
 
@@ -126,12 +133,9 @@ class ListsMixin(SimState):
         after = cursor_int(ctx)
         wanted: set[str] | None = None
         if "filter" in ctx.query:
-            filt = query_filter(ctx, {"email"})
             account = ctx.account
             assert account is not None
-            wanted = {
-                account.by_email[e] for e in map(norm_email, filt.values) if e in account.by_email
-            }
+            wanted = self._filtered_members(ctx, account)
         if ctx.query.get("sort") not in (None, "joined_group_at", "-joined_group_at"):
             raise Reject(error_response(400, detail="Invalid sort.", parameter="sort"))
         rows = sorted(
@@ -146,6 +150,13 @@ class ListsMixin(SimState):
         nxt = str(page[-1][0]) if len(rows) > size else None
         return ok_response({"data": data, "links": page_links(ctx, nxt)})
 
+    def _filtered_members(self, ctx: Ctx, account: AccountRecord) -> set[str]:
+        """The profiles a list read filtered by email may answer: Klaviyo filters on the same
+        index as GET /api/profiles, so a profile it has not indexed yet is not found."""
+        filt = query_filter(ctx, {"email"})
+        found = (account.by_email.get(e) for e in map(norm_email, filt.values))
+        return {pid for pid in found if pid and account.profiles[pid].visible_at <= ctx.now}
+
     def _h_list_members(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
         """GET /api/lists/{id}/profiles: full profiles in join order (cursor = join sequence)."""
         lst = self._owned_list(ctx, params["id"])
@@ -155,10 +166,7 @@ class ListsMixin(SimState):
         after = cursor_int(ctx)
         wanted: set[str] | None = None
         if "filter" in ctx.query:
-            filt = query_filter(ctx, {"email"})
-            wanted = {
-                account.by_email[e] for e in map(norm_email, filt.values) if e in account.by_email
-            }
+            wanted = self._filtered_members(ctx, account)
         if ctx.query.get("sort") not in (None, "joined_group_at", "-joined_group_at"):
             raise Reject(error_response(400, detail="Invalid sort.", parameter="sort"))
         extra = ctx.query.get("additional-fields[profile]")

@@ -64,6 +64,49 @@ class ProfilesMixin(SimState):
                 raise KeyError(f"unknown profile {profile_id}")
             found.suppressed = True
 
+    def merge_profile(self, profile_id: str) -> str:
+        """Klaviyo merges the profile into another (a merge in its UI): the id is unknown from
+        now on, and a new profile with the same identifiers, attributes and list memberships
+        takes its place. Returns the new id (no request, no rate limit)."""
+        with self._lock:
+            old = self._profile_index.get(profile_id)
+            if old is None:
+                raise KeyError(f"unknown profile {profile_id}")
+            account = self._account(old.account_id)
+            new = ProfileRecord(
+                self._ulid.new(),
+                account.id,
+                old.created_at,
+                datetime.now(UTC),
+                visible_at=self._clock(),
+                attrs=dict(old.attrs),
+                suppressed=old.suppressed,
+            )
+            self._drop_profile(account, old)
+            account.profiles[new.id] = new
+            self._profile_index[new.id] = new
+            self._index(account, new)
+            for lst in self._lists.values():
+                if old.id in lst.members:
+                    lst.members[new.id] = lst.members.pop(old.id)
+            return new.id
+
+    def delete_profile(self, profile_id: str) -> None:
+        """Someone deletes the profile in Klaviyo: its id is unknown from now on and it is on no
+        list (no request, no rate limit)."""
+        with self._lock:
+            found = self._profile_index.get(profile_id)
+            if found is None:
+                raise KeyError(f"unknown profile {profile_id}")
+            self._drop_profile(self._account(found.account_id), found)
+            for lst in self._lists.values():
+                lst.members.pop(profile_id, None)
+
+    def _drop_profile(self, account: AccountRecord, profile: ProfileRecord) -> None:
+        self._unindex(account, profile)
+        del account.profiles[profile.id]
+        del self._profile_index[profile.id]
+
     def add_profile(
         self,
         account_id: str,

@@ -70,7 +70,8 @@ def goes_direct(adds: int, settings: Settings | None = None) -> bool:
 
 # -- which half of a run goes first ----------------------------------------------------------
 #
-# A removal batch (1,000 members) looks up at most 10 pages of 100 (GET /api/profiles, L tier).
+# A removal batch (1,000 members) looks up at most 10 pages of 100 (GET /api/profiles for
+# external_ids, GET /api/lists/{id}/profiles for emails: both L tier), none for known ids.
 # When a run's lookups exceed what the limiter admits in one minute, its removals last over a
 # minute and are its critical path: its adds (a job per 10,000) have slack. Worse, the lookups of
 # the first minute are the budget of the second as they leave the limiter's sliding window, so
@@ -96,20 +97,23 @@ class Delta:
 
     adds: int
     removes: int = 0
-    lookup_calls: int = 0  # GET /api/profiles for removals whose profile id the ledger lacks
+    # Removals whose profile id the ledger lacks: external_ids are looked up account-wide
+    # (GET /api/profiles), emails on the list itself (GET /api/lists/{id}/profiles).
+    lookup_calls: int = 0
+    list_lookup_calls: int = 0
 
     @classmethod
     def of(cls, adds: int, removals: Sequence[tuple[str, RemovalKey]]) -> Delta:
         """From the removed members as (user_id, what identifies them): the planner sorts them by
         user_id and cuts batches of 1,000; each batch looks up its external_ids, then its emails,
-        100 values a call (one page each)."""
+        100 values a call (one page each). A member whose id is known ("id") costs no lookup."""
         ordered = sorted(removals)
-        calls = 0
+        calls = list_calls = 0
         for start in range(0, len(ordered), MAX_IDS_PER_RELATIONSHIP_CALL):
             batch = ordered[start : start + MAX_IDS_PER_RELATIONSHIP_CALL]
-            for key in ("external_id", "email"):
-                calls += math.ceil(sum(1 for _, k in batch if k == key) / MAX_FILTER_VALUES)
-        return cls(adds, len(ordered), calls)
+            calls += math.ceil(sum(1 for _, k in batch if k == "external_id") / MAX_FILTER_VALUES)
+            list_calls += math.ceil(sum(1 for _, k in batch if k == "email") / MAX_FILTER_VALUES)
+        return cls(adds, len(ordered), calls, list_calls)
 
 
 @dataclass
@@ -148,6 +152,7 @@ def expected_requests(
             Endpoint.REMOVE_LIST_PROFILES, math.ceil(delta.removes / MAX_IDS_PER_RELATIONSHIP_CALL)
         )
         out.add(Endpoint.GET_PROFILES, delta.lookup_calls)
+        out.add(Endpoint.GET_LIST_MEMBERS, delta.list_lookup_calls)
     return out
 
 
@@ -161,41 +166,62 @@ def request_time(k: int, limit: RateLimit) -> float:
     return float((k // limit.steady) * 60 + (k % limit.steady) // limit.burst)
 
 
-def last_request_time(n: int, endpoint: Endpoint) -> float:
-    return request_time(n - 1, ENDPOINT_LIMITS[endpoint]) if n > 0 else 0.0
+def floor_limit(endpoint: Endpoint, headroom: float | None = None) -> RateLimit:
+    """The limit a floor is computed at: Klaviyo's published one (``headroom`` None), or what
+    our limiter admits at ``headroom``: that share of the steady limit, the burst whole."""
+    published = ENDPOINT_LIMITS[endpoint]
+    if headroom is None:
+        return published
+    return RateLimit(burst=published.burst, steady=steady_cap(published, headroom))
+
+
+def last_request_time(n: int, endpoint: Endpoint, headroom: float | None = None) -> float:
+    return request_time(n - 1, floor_limit(endpoint, headroom)) if n > 0 else 0.0
 
 
 def floor_seconds(
-    delta: Delta, *, job_seconds: float, direct: bool | None = None, time_scale: float = 1.0
+    delta: Delta,
+    *,
+    job_seconds: float,
+    direct: bool | None = None,
+    time_scale: float = 1.0,
+    headroom: float | None = None,
 ) -> float:
-    """The shortest time Klaviyo's published limits allow for this delta.
+    """The shortest time Klaviyo's published limits allow for this delta (``headroom`` None), or
+    the limits our limiter admits at ``headroom`` (:func:`floor_limit`): the floor a run can
+    reach when the limiter is the only bound. The limiter's burst guard is left out of both.
 
     Adds (bulk): the last job is submitted at the burst rate, then runs ``job_seconds``; the
     poll that lists it finished (and its import errors, after failures) fit the same instant.
     Adds (synchronous): the last upsert, then the relationship write. Removals: the last lookup
     (L tier), then its DELETE; DELETEs themselves are spaced by the M tier. Adds and removals
     run side by side. ``time_scale`` compresses Klaviyo's windows (the simulator's); the job
-    time is real seconds already.
+    time is real seconds already. Headroom costs nothing while a run fits the first minute's
+    steady budget (a 1M first sync: both floors 14 s) and up to 1/headroom beyond it.
     """
     if direct is None:
         direct = goes_direct(delta.adds)
     adds = 0.0
     if delta.adds and direct:
         adds = max(
-            last_request_time(delta.adds, Endpoint.PROFILE_IMPORT),
+            last_request_time(delta.adds, Endpoint.PROFILE_IMPORT, headroom),
             last_request_time(
-                math.ceil(delta.adds / DIRECT_BATCH_SIZE), Endpoint.ADD_LIST_PROFILES
+                math.ceil(delta.adds / DIRECT_BATCH_SIZE), Endpoint.ADD_LIST_PROFILES, headroom
             ),
         )
     elif delta.adds:
         jobs = math.ceil(delta.adds / MAX_PROFILES_PER_JOB)
-        adds = last_request_time(jobs, Endpoint.CREATE_BULK_IMPORT_JOB) / time_scale + job_seconds
+        adds = (
+            last_request_time(jobs, Endpoint.CREATE_BULK_IMPORT_JOB, headroom) / time_scale
+            + job_seconds
+        )
     removes = 0.0
     if delta.removes:
         deletes = math.ceil(delta.removes / MAX_IDS_PER_RELATIONSHIP_CALL)
         removes = max(
-            last_request_time(delta.lookup_calls, Endpoint.GET_PROFILES),
-            last_request_time(deletes, Endpoint.REMOVE_LIST_PROFILES),
+            last_request_time(delta.lookup_calls, Endpoint.GET_PROFILES, headroom),
+            last_request_time(delta.list_lookup_calls, Endpoint.GET_LIST_MEMBERS, headroom),
+            last_request_time(deletes, Endpoint.REMOVE_LIST_PROFILES, headroom),
         )
     if direct and delta.adds:
         adds /= time_scale
@@ -210,6 +236,7 @@ __all__ = [
     "add_cutover",
     "direct_add_limit",
     "expected_requests",
+    "floor_limit",
     "floor_seconds",
     "goes_direct",
     "last_request_time",

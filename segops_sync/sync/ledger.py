@@ -229,6 +229,26 @@ def release_foreign(session: Session, connector_id: str, prefix: str) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def learn_profile_ids(
+    session: Session, connector_id: str, pairs_sql: str, params: dict[str, Any]
+) -> int:
+    """Keep the profile id the read-back paired with each member, so that its removal needs no
+    lookup. ``pairs_sql`` selects (user_id, profile_id); a member paired with two profiles (its
+    email on one, its external_id on another) is left as it is, since either could be it.
+    One statement, touching only rows whose id is unknown or differs."""
+    result = session.execute(
+        text(
+            "UPDATE connector_members cm SET profile_id = p.profile_id "
+            "FROM (SELECT user_id, min(profile_id) AS profile_id "
+            f"      FROM ({pairs_sql}) x GROUP BY user_id HAVING count(*) = 1) p "
+            "WHERE cm.connector_id = :c AND cm.user_id = p.user_id "
+            "AND cm.profile_id IS DISTINCT FROM p.profile_id"
+        ),
+        {**params, "c": connector_id},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 def mark_suppressed(
     session: Session, connector_id: str, suppressed_sql: str, params: dict[str, Any]
 ) -> None:

@@ -1,9 +1,12 @@
 """A remove batch: profile ids from the ledger or by lookup, then DELETE at most 1,000 at once.
 
-Members whose profile id the ledger does not know are looked up (external id first, then
-email); each answer is saved as it comes, so a retry never asks again. Members Klaviyo cannot
-find are waited for while it may still be indexing them, then left pending (or, added long
-ago, taken as deleted in Klaviyo and so off the list).
+A member whose profile id the ledger knows (the synchronous path, a read-back, an earlier
+lookup) costs the DELETE alone. The others are looked up: external ids account-wide (what we
+sent for opaque ids; the list cannot be filtered by them), then emails on the list itself (a
+leaver not on the list needs no DELETE); each answer is saved as it comes, so a retry never
+asks again. Members not found are waited for while Klaviyo may still be indexing them, then
+left pending (or, added long ago, taken as off the list). Ids Klaviyo refuses (merged or
+deleted profiles) are forgotten and looked up again.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Batc
     profile_ids = {u: p for u, _, _, p in rows if p}
     missing = [(u, e, x) for u, e, x, p in rows if not p]
     found: dict[str, str] = {}
-    # external_id first (it is what we sent for opaque ids), then email; each chunk of 100
-    # values is one call, saved as soon as it answers so a retry never asks again.
+    # external_id first (it is what we sent for opaque ids), then email on the list; each
+    # chunk of 100 values is one call, saved as soon as it answers so a retry never asks again.
     by_ext = {x: u for u, _, x in missing if x}
     for chunk in _chunks(list(by_ext), MAX_FILTER_VALUES):
         hits = {
@@ -55,7 +58,7 @@ def remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Batc
         found.update(hits)
     by_email = {e.lower(): u for u, e, _ in missing if e and u not in found}
     for chunk in _chunks(list(by_email), MAX_FILTER_VALUES):
-        answer = quick_retry(client.find_profile_ids, "email", chunk)
+        answer = quick_retry(client.find_list_profile_ids, ctx.list_id, chunk)
         hits = {by_email[v.lower()]: pid for v, pid in answer.items() if v.lower() in by_email}
         _record_found(ctx, hits)
         found.update(hits)
@@ -127,7 +130,7 @@ def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> Batc
     pending = [u for u in user_ids if u not in set(gone)]
     with session_scope() as s:
         batch_items.set_outcome(
-            s, ctx, gone, ItemOutcome.REMOVED, "no such profile in Klaviyo any more"
+            s, ctx, gone, ItemOutcome.REMOVED, "not on the list in Klaviyo any more"
         )
         confirm_removed(s, ctx.connector_id, gone)
         batch_items.set_outcome(

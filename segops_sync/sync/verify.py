@@ -52,6 +52,7 @@ from segops_sync.sync.ledger import (
     adopt_foreign,
     adopt_in_doubt,
     forget_missing,
+    learn_profile_ids,
     mark_suppressed,
 )
 from segops_sync.sync.ledger import release_foreign as ledger_release_foreign
@@ -308,7 +309,8 @@ def compare(
     adopt_ours: bool = False,
 ) -> Comparison:
     """Count what differs, and drop from the ledger the members Klaviyo no longer has on the
-    list (only rows confirmed before the read began: a run may have added others since).
+    list (only rows confirmed before the read began: a run may have added others since). Each
+    member the read-back pairs with a profile keeps that profile's id in the ledger.
 
     With ``adopt_ours`` the extra profiles our run history shows we added enter the ledger
     (``--repair``), with ``adopt_extra`` the foreign ones too (``--remove-extra``), so that
@@ -350,6 +352,8 @@ def compare(
             connector.list_id,
         )
     mark_suppressed(session, connector_id, _SUPPRESSED, params)
+    # The read-back names each member's profile: a later removal of it is then one DELETE.
+    learn_profile_ids(session, connector_id, "SELECT user_id, profile_id FROM v_pairs", params)
     adopted = (
         _UNLEDGERED
         if adopt_extra and unledgered

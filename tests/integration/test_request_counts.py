@@ -2,7 +2,8 @@
 
 10,000 members on the real stack (a worker process, PostgreSQL, Redis) with Klaviyo's windows
 compressed 10x in the simulator and in the limiter. A first sync, a 10 % churn and a change of
-5 out + 5 in must each send exactly what ``sync/costs.py`` says (bulk jobs, lookups, DELETEs,
+5 out + 5 in, and a churn after a read-back of the list (no lookups: every profile id known),
+must each send exactly what ``sync/costs.py`` says (bulk jobs, lookups, DELETEs,
 profile-imports, list writes), with no 429, and the job watcher's polls must stay within their
 stated share of the list endpoint's budget. Counts only: no wall-clock time is asserted.
 """
@@ -25,7 +26,14 @@ from segops_sync.sync.fleet.watcher import POLL_SHARE
 from segops_sync.sync.inputs.identity import is_email
 from tests.conftest import isolated_env
 from tests.integration.conftest import WorkerProcess
-from tests.integration.helpers import Klaviyo, create_connector, latest_run, recompute, wait_idle
+from tests.integration.helpers import (
+    Klaviyo,
+    cli,
+    create_connector,
+    latest_run,
+    recompute,
+    wait_idle,
+)
 
 TIME_SCALE = 10.0  # burst window 0.1 s, steady window 6 s
 JOB_DELAY = 1.0
@@ -112,8 +120,10 @@ def test_requests_per_endpoint_match_the_formula(stack: Stack, tmp_path: Path) -
     delta = Delta.of(churn, [(m, key(m)) for m in first[:churn]])
     assert not goes_direct(churn)
     check(sent, delta, direct=False)
-    # 1,000 leavers, one DELETE: 334 external_ids (4 lookups of <= 100) and 666 emails (7)
-    assert sent[Endpoint.REMOVE_LIST_PROFILES] == 1 and sent[Endpoint.GET_PROFILES] == 4 + 7
+    # 1,000 leavers, one DELETE: 334 external_ids (4 lookups of <= 100, account-wide) and 666
+    # emails (7, on the list)
+    assert sent[Endpoint.REMOVE_LIST_PROFILES] == 1
+    assert (sent[Endpoint.GET_PROFILES], sent[Endpoint.GET_LIST_MEMBERS]) == (4, 7)
 
     small = churned[5:] + members(SIZE + churn, SIZE + churn + 5)
     sent = sync(stack, k, connector_id, segment, small, tmp_path, runs=3)
@@ -132,3 +142,13 @@ def test_requests_per_endpoint_match_the_formula(stack: Stack, tmp_path: Path) -
     assert burst <= 2
     latest = latest_run(connector_id)
     assert (latest.status, latest.added, latest.removed) == ("succeeded", 5, 5)
+
+    # After one read-back the ledger knows every member's profile id: a churn sends its
+    # DELETEs alone, no lookup.
+    assert cli("connectors", "verify", connector_id).returncode == 0
+    fresh = SIZE + churn + 5
+    known = small[churn:] + members(fresh, fresh + churn)
+    sent = sync(stack, k, connector_id, segment, known, tmp_path, runs=4)
+    check(sent, Delta.of(churn, [(m, "id") for m in small[:churn]]), direct=False)
+    assert sent[Endpoint.GET_PROFILES] == sent[Endpoint.GET_LIST_MEMBERS] == 0
+    assert sent[Endpoint.REMOVE_LIST_PROFILES] == 1

@@ -158,6 +158,34 @@ def test_lookup_by_external_id_in_chunks(env: Env) -> None:
     assert len([s for s in recorder.sent if s.path == "/api/profiles"]) == 2
 
 
+def test_list_lookup_finds_only_profiles_on_the_list_100_emails_a_call(env: Env) -> None:
+    on_list = {
+        f"l{i}@example.com": env.sim.add_profile(env.account_id, email=f"l{i}@example.com")
+        for i in range(150)
+    }
+    env.sim.add_to_list(env.list_id, on_list.values())
+    env.sim.add_profile(env.account_id, email="elsewhere@example.com")  # a profile, not a member
+    client, recorder = env.recording_client()
+    asked = [*on_list, "elsewhere@example.com", "nobody@example.com", "L7@Example.com"]
+    found = client.find_list_profile_ids(env.list_id, asked)
+    assert found == {**on_list, "L7@Example.com": on_list["l7@example.com"]}
+    calls = [s for s in recorder.sent if s.path == f"/api/lists/{env.list_id}/profiles"]
+    assert len(calls) == 2 and len(recorder.sent) == 2
+    for sent in calls:
+        params = dict(sent.params)
+        assert params["filter"].startswith("any(email,[") and params["filter"].count('"') <= 200
+        assert params["page[size]"] == "100"
+
+
+def test_list_lookup_misses_a_member_klaviyo_has_not_indexed_yet(env: Env) -> None:
+    env.sim.indexing_delay = 60.0
+    pid = env.sim.add_profile(env.account_id, email="new@example.com", visible=False)
+    env.sim.add_to_list(env.list_id, [pid])
+    client = env.client()
+    assert client.find_list_profile_ids(env.list_id, ["new@example.com"]) == {}
+    assert list(client.iter_list_profile_ids(env.list_id)) == [pid]  # a whole read sees it
+
+
 def test_iter_list_profile_ids_reads_every_member(env: Env) -> None:
     client = env.client()
     ids = [env.sim.add_profile(env.account_id, email=f"l{i}@example.com") for i in range(250)]

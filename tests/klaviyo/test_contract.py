@@ -124,6 +124,7 @@ def exercise_every_operation(env: Env) -> list[Sent]:
     client.find_profile_ids("external_id", ["ext-1", "u-0"])
     list(client.iter_list_profile_ids(env.list_id))
     list(client.iter_list_members(env.list_id))
+    client.find_list_profile_ids(env.list_id, ["p0@example.com", 'we"ird\\@example.com'])
     return recorder.sent
 
 
@@ -250,6 +251,16 @@ def test_lookups_use_quoted_escaped_any_filters(traffic: list[Sent]) -> None:
             assert params["fields[profile]"] == "email,external_id"
 
 
+def test_list_lookup_filters_the_list_members_by_email(traffic: list[Sent]) -> None:
+    [lookup] = [s for s in traffic if "/lists/" in s.path and "filter" in dict(s.params)]
+    assert operation_for(lookup.method, lookup.path).name == "get_profiles_for_list"
+    assert dict(lookup.params) == {
+        "filter": 'any(email,["p0@example.com","we\\"ird\\\\@example.com"])',
+        "page[size]": "100",
+        "fields[profile]": "email,external_id",
+    }
+
+
 def test_traits_go_as_profile_fields_and_custom_properties(traffic: list[Sent]) -> None:
     [job] = [s for s in traffic if s.method == "POST" and s.path == "/api/profile-bulk-import-jobs"]
     profiles = job.json()["data"]["attributes"]["profiles"]["data"]
@@ -276,6 +287,7 @@ def test_list_read_back_asks_for_identifiers_100_a_page(traffic: list[Sent]) -> 
         and s.path.endswith("/profiles")
         and "/lists/" in s.path
         and "/relationships/" not in s.path
+        and "filter" not in dict(s.params)
     ]
     assert operation_for(read.method, read.path).name == "get_profiles_for_list"
     params = dict(read.params)

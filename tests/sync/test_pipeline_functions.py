@@ -538,22 +538,25 @@ def test_a_batch_waiting_for_a_submission_slot_builds_its_job_body_once(
     assert _on_list(world) == set(members)
 
 
+LOOKUPS = (Endpoint.GET_PROFILES, Endpoint.GET_LIST_MEMBERS)
+
+
 def test_removals_look_up_ids_once_then_use_the_ledger(world: World) -> None:
     segment = f"rm-{uuid.uuid4().hex[:6]}"
     members = [f"r{i}@example.com" for i in range(150)] + [f"ext-{i}" for i in range(150)]
     connector_id = _connector(world, segment, members)
     assert _sync(world, connector_id).status == "succeeded"
     lookups_before = len(world.sim.requests(endpoint=None))
-    _set_members(segment, members[100:])  # 100 emails leave: found by lookup
+    _set_members(segment, members[100:])  # 100 emails leave: found by lookup on the list
     run = _sync(world, connector_id)
     assert (run.status, run.removed) == ("succeeded", 100)
     assert _on_list(world) == set(members[100:])
-    profile_lookups = [
-        r
+    sent = Counter(
+        r.endpoint
         for r in world.sim.requests()[lookups_before:]
-        if r.path == "/api/profiles" and r.account == world.account
-    ]
-    assert len(profile_lookups) == 1, "100 emails are one lookup call"
+        if r.account == world.account and r.endpoint in LOOKUPS
+    )
+    assert sent == {Endpoint.GET_LIST_MEMBERS: 1}, "100 emails are one lookup call, on the list"
     with session_scope() as s:
         known = s.scalar(
             select(func.count())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from segops_sync.config import get_settings
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatchItem
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint
+from segops_sync.sync.costs import Delta, expected_requests
 from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.planner import preview
 from segops_sync.sync.verify import FOREIGN_PREFIX, release_foreign, verify_list
@@ -253,3 +255,92 @@ def test_a_changed_trait_goes_through_the_bulk_path_too(
     assert len(world.sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB)) == jobs + 1
     assert _profile(world, members[2]).attributes["properties"]["plan"] == "team"
     assert _sync(world, connector_id).updated == 0
+
+
+def _ledger_ids(connector_id: str) -> dict[str, str | None]:
+    with session_scope() as s:
+        rows = s.execute(
+            select(LedgerEntry.user_id, LedgerEntry.profile_id).where(
+                LedgerEntry.connector_id == connector_id
+            )
+        ).all()
+    return {user_id: profile_id for user_id, profile_id in rows}
+
+
+def _list_ids(w: World) -> dict[str, str]:
+    return {p.external_id or p.email or "": p.id for p in w.sim.list_members(w.list_id)}
+
+
+def test_the_read_back_keeps_each_members_profile_id_in_the_ledger(world: World) -> None:
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-{i}@x.example" for i in range(20)] + [f"{tag}-u{i}" for i in range(10)]
+    connector_id = _connector(world, f"ids-{tag}", members)
+    assert _sync(world, connector_id).added == 30
+    assert verify_list(connector_id, world.access, get_settings()).matches
+    assert _ledger_ids(connector_id) == _list_ids(world)
+    # a merged profile: the next read-back replaces the id it stored
+    merged = world.sim.merge_profile(_list_ids(world)[members[3]])
+    assert verify_list(connector_id, world.access, get_settings()).matches
+    assert _ledger_ids(connector_id)[members[3]] == merged
+    assert _ledger_ids(connector_id) == _list_ids(world)
+
+
+def test_a_churn_after_a_read_back_sends_only_the_deletes(world: World) -> None:
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-{i}@x.example" for i in range(150)] + [f"{tag}-u{i}" for i in range(150)]
+    connector_id = _connector(world, f"churn-{tag}", members)
+    assert _sync(world, connector_id).added == 300
+    assert verify_list(connector_id, world.access, get_settings()).matches
+    leavers = members[:50] + members[150:200]  # 50 emails, 50 external_ids, every id known
+    joiners = [f"{tag}-j{i}@x.example" for i in range(100)]
+    before = len(world.sim.requests())
+    _set_members(f"churn-{tag}", [m for m in members if m not in leavers] + joiners)
+    run = _sync(world, connector_id)
+    assert (run.status, run.added, run.removed) == ("succeeded", 100, 100)
+    assert set(_list_ids(world)) == set(members + joiners) - set(leavers)
+    sent = Counter(r.endpoint for r in world.sim.requests()[before:] if r.account == world.account)
+    assert sent[Endpoint.GET_PROFILES] == sent[Endpoint.GET_LIST_MEMBERS] == 0, "no lookup"
+    expected = expected_requests(Delta.of(100, [(u, "id") for u in leavers]), direct=False)
+    assert {e: sent[e] for e in expected.by_endpoint} == expected.by_endpoint
+    assert expected.by_endpoint[Endpoint.REMOVE_LIST_PROFILES] == 1
+
+
+def test_a_stale_profile_id_is_looked_up_again_and_nothing_of_ours_stays_on_the_list(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import _reset_settings
+
+    # a member Klaviyo cannot find at all is taken as off the list at once
+    monkeypatch.setenv("SEGOPS_INDEXING_WAIT", "0")
+    monkeypatch.setenv("SEGOPS_PROFILE_GONE_AFTER", "0")
+    _reset_settings()
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-{i}@x.example" for i in range(20)] + [f"{tag}-u{i}" for i in range(20)]
+    connector_id = _connector(world, f"stale-{tag}", members)
+    assert _sync(world, connector_id).added == 40
+    assert verify_list(connector_id, world.access, get_settings()).matches
+    ids = _ledger_ids(connector_id)
+    # Klaviyo forgets three of the ids the ledger holds: two profiles merged (a new id, still
+    # on the list), one deleted (on no list any more)
+    merged_email = world.sim.merge_profile(str(ids[members[0]]))
+    merged_ext = world.sim.merge_profile(str(ids[members[20]]))
+    world.sim.delete_profile(str(ids[members[1]]))
+    leavers = [members[0], members[1], members[2], members[20], members[21]]
+    before = len(world.sim.requests())
+    _set_members(f"stale-{tag}", [m for m in members if m not in leavers])
+    run = _sync(world, connector_id)
+    assert (run.status, run.removed) == ("succeeded", 5)
+    assert set(_list_ids(world)) == set(members) - set(leavers)
+    assert {merged_email, merged_ext}.isdisjoint(world.sim.list_member_ids(world.list_id))
+    sent = [
+        (r.endpoint, r.status)
+        for r in world.sim.requests()[before:]
+        if r.account == world.account and r.endpoint != Endpoint.GET_ACCOUNTS
+    ]
+    assert sent == [
+        (Endpoint.REMOVE_LIST_PROFILES, 400),  # refused: three ids Klaviyo no longer knows
+        (Endpoint.GET_PROFILES, 200),  # the merged external_id, account-wide
+        (Endpoint.GET_LIST_MEMBERS, 200),  # both emails, on the list: one merged, one gone
+        (Endpoint.REMOVE_LIST_PROFILES, 204),
+    ]
+    assert set(_ledger_ids(connector_id)) == set(members) - set(leavers)
