@@ -66,6 +66,10 @@ def open_members(path: str) -> tuple[IO[bytes], str]:
         raise InputError(f"cannot read members file {path!r}: {exc.strerror}") from None
 
 
+# For the sort of a recompute's newcomers (10M ids: ~250 MB of keys) in one pass in memory.
+_SORT_WORK_MEM = "SET LOCAL work_mem = '256MB'"
+
+
 def replace_membership(session: Session, segment_id: str, path: str) -> int:
     """Stream the file into the segment. A bad line aborts the transaction: nothing is written.
 
@@ -96,13 +100,17 @@ def replace_membership(session: Session, segment_id: str, path: str) -> int:
                 params,
             )
         )
+        # Newcomers in key order: each lands beside the last in the primary key's B-tree
+        # instead of on a random page of it. A first recompute of 10M ids took 94 s to insert
+        # in hash order and 26-38 s sorted (sorted or shuffled file); the sort needs the memory.
+        session.execute(text(_SORT_WORK_MEM))
         joined = _rowcount(
             session.execute(
                 text(
                     "INSERT INTO segment_members (segment_id, user_id) "
                     "SELECT DISTINCT :s, i.user_id FROM incoming_members i WHERE NOT EXISTS "
                     "(SELECT 1 FROM segment_members sm "
-                    "WHERE sm.segment_id = :s AND sm.user_id = i.user_id)"
+                    "WHERE sm.segment_id = :s AND sm.user_id = i.user_id) ORDER BY 2"
                 ),
                 params,
             )
