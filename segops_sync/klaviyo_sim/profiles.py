@@ -89,6 +89,7 @@ class ProfilesMixin(SimState):
             for lst in self._lists.values():
                 if old.id in lst.members:
                     lst.members[new.id] = lst.members.pop(old.id)
+                    lst.changes += 1
             return new.id
 
     def delete_profile(self, profile_id: str) -> None:
@@ -100,7 +101,8 @@ class ProfilesMixin(SimState):
                 raise KeyError(f"unknown profile {profile_id}")
             self._drop_profile(self._account(found.account_id), found)
             for lst in self._lists.values():
-                lst.members.pop(profile_id, None)
+                if lst.members.pop(profile_id, None) is not None:
+                    lst.changes += 1
 
     def _drop_profile(self, account: AccountRecord, profile: ProfileRecord) -> None:
         self._unindex(account, profile)

@@ -3,6 +3,7 @@ response) and the records it keeps per account, key, list, profile and bulk impo
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -101,6 +102,24 @@ class ListRecord:
     members: dict[str, int] = field(default_factory=dict)  # profile id -> join sequence
     # Klaviyo's default for new lists; settable only in Klaviyo's UI (and the simulator's setup).
     opt_in_process: str = "double_opt_in"
+    # Bumped by every change of ``members``: the join-ordered view is rebuilt only then, so a
+    # read-back of a million members pages through one sorted copy instead of sorting the list
+    # again for every page of 100.
+    changes: int = 0
+    _ordered: tuple[int, list[int], list[str]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def joined_after(self, after: int, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` (join sequence, profile id) of members joined after ``after``."""
+        cached = self._ordered
+        if cached is None or cached[0] != self.changes:
+            pairs = sorted((seq, pid) for pid, seq in self.members.items())
+            cached = (self.changes, [seq for seq, _ in pairs], [pid for _, pid in pairs])
+            self._ordered = cached
+        _, seqs, pids = cached
+        start = bisect.bisect_right(seqs, after)
+        return list(zip(seqs[start : start + limit], pids[start : start + limit], strict=True))
 
 
 @dataclass
