@@ -42,9 +42,10 @@ def profile_attributes(profile: ProfileInput) -> dict[str, Any]:
         attrs["email"] = profile.email
     if profile.external_id:
         attrs["external_id"] = profile.external_id
-    for name, value in profile.fields.items():
-        if value is not None:
-            attrs[name] = value
+    if profile.fields:  # most profiles have none: no iterator to build
+        for name, value in profile.fields.items():
+            if value is not None:
+                attrs[name] = value
     if profile.properties:
         attrs["properties"] = dict(profile.properties)
     return attrs

@@ -289,9 +289,10 @@ def trait_profiles(
     refused values are set on the rows (set, not added: a resumed batch counts them once)."""
     members: list[tuple[str, ProfileInput]] = []
     dropped: dict[str, list[str]] = {}
+    identified = ProfileInput.identified
     for user_id, email, external_id, traits in rows:
         if not traits:  # the common case: no traits to check, no wrapper to build
-            members.append((user_id, ProfileInput(email=email, external_id=external_id)))
+            members.append((user_id, identified(email, external_id)))
             continue
         built = klaviyo_profile(email, external_id, traits)
         members.append((user_id, built.profile))

@@ -99,12 +99,19 @@ def add_in_bulk(
                 start += len(chunk)
 
     with session_scope() as s:
-        job_ids = batch_items.job_ids(s, ctx)
         # read again: this very step may have submitted it
-        whole = s.scalar(select(SyncBatch.whole_job_id).where(SyncBatch.id == ctx.batch_id))
-    if whole is not None:
-        job_ids.append(whole)
-        ctx = replace(ctx, whole_job_id=whole)
+        row = s.execute(
+            select(SyncBatch.whole_job_id, SyncBatch.job_ids).where(SyncBatch.id == ctx.batch_id)
+        ).one()
+        whole_job: str | None = row.whole_job_id
+        # A job of its own is marked on its members in the transaction that adds it to the
+        # batch's jobs: a batch that never submitted another job than its whole one has no
+        # marks, and skips reading its 10,000 rows for them (twice for each batch of a sync).
+        marked = set(row.job_ids or ()) - {whole_job}
+        job_ids = batch_items.job_ids(s, ctx) if marked else []
+    if whole_job is not None:
+        job_ids.append(whole_job)
+        ctx = replace(ctx, whole_job_id=whole_job)
     # One poll of the account's recent jobs answers for every batch (sync/fleet/watcher.py), with
     # each finished job's failed_count; only a job the poll could not find is read on its own.
     view = jobs.view(job_ids)

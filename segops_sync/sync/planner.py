@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -34,7 +35,13 @@ from segops_sync.states import (
 )
 from segops_sync.sync.approvals import take_approval
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, goes_direct
-from segops_sync.sync.inputs.identity import SQL_EMAIL, SQL_EXTERNAL_ID
+from segops_sync.sync.inputs.identity import (
+    SQL_EMAIL,
+    SQL_EMAIL_ONCE,
+    SQL_EXTERNAL_ID,
+    SQL_EXTERNAL_ID_ONCE,
+    SQL_IS_EMAIL,
+)
 from segops_sync.sync.inputs.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 from segops_sync.sync.ledger import adopt_in_doubt
 
@@ -422,10 +429,10 @@ def materialize_batch(
             traits = f"{SELECTED_TRAITS_SQL}, {TRAITS_HASH_SQL}"
         sql = (
             "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, email, external_id, "
-            f"traits, traits_hash, refresh) SELECT :run, sm.user_id, :kind, :seq, {SQL_EMAIL}, "
-            f"{SQL_EXTERNAL_ID}, {traits}, sm.refresh FROM (SELECT user_id, refresh FROM "
-            f"({joiners}) j ORDER BY user_id LIMIT :size) sm "
-            "LEFT JOIN identities i ON i.user_id = sm.user_id"
+            "traits, traits_hash, refresh) SELECT :run, sm.user_id, :kind, :seq, "
+            f"{SQL_EMAIL_ONCE}, {SQL_EXTERNAL_ID_ONCE}, {traits}, sm.refresh FROM "
+            f"(SELECT user_id, refresh FROM ({joiners}) j ORDER BY user_id LIMIT :size) sm "
+            f"{SQL_IS_EMAIL} LEFT JOIN identities i ON i.user_id = sm.user_id"
         )
         returning = " RETURNING user_id, email, external_id, traits"
     else:
@@ -450,7 +457,7 @@ def materialize_batch(
         returning=True,
     )
     batch.materialized = True
-    return sorted((tuple(row) for row in written), key=lambda row: str(row[0]))
+    return sorted(map(tuple, written), key=itemgetter(0))  # user_id: text, never NULL
 
 
 def _text_array(values: list[str] | None) -> str | None:

@@ -122,6 +122,20 @@ def test_profile_input_needs_an_identifier() -> None:
         ProfileInput()
     with pytest.raises(ValueError):
         ProfileInput(email="", external_id="")
+    with pytest.raises(ValueError):
+        ProfileInput.identified(None, "")
+
+
+@pytest.mark.parametrize(
+    ("email", "external_id"), [("a@example.com", None), (None, "cust-1"), ("b@x.io", "c-2")]
+)
+def test_an_identified_profile_is_the_same_profile_as_one_built_by_its_fields(
+    email: str | None, external_id: str | None
+) -> None:
+    quick = ProfileInput.identified(email, external_id)
+    built = ProfileInput(email=email, external_id=external_id)
+    assert quick == built and repr(quick) == repr(built)
+    assert encode_body(profile_import_body(quick)) == encode_body(profile_import_body(built))
 
 
 @pytest.mark.parametrize(

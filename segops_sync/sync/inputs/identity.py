@@ -34,6 +34,13 @@ def identity_for(user_id: str, identified_email: str | None) -> tuple[str | None
 # The SQL twin of identity_for, used where the delta is computed.
 SQL_EMAIL = f"CASE WHEN sm.user_id ~ '{EMAIL_PATTERN}' THEN sm.user_id ELSE i.email END"
 SQL_EXTERNAL_ID = f"CASE WHEN sm.user_id ~ '{EMAIL_PATTERN}' THEN NULL ELSE sm.user_id END"
+# The same two columns from one match of the pattern per member instead of two, where every
+# member of a batch is written: the pattern costs about 0.45 µs a row, a fifth of writing a
+# first sync's members. SQL_IS_EMAIL joins after ``sm`` (OFFSET 0 keeps PostgreSQL from
+# inlining the match into both columns again).
+SQL_IS_EMAIL = f"CROSS JOIN LATERAL (SELECT sm.user_id ~ '{EMAIL_PATTERN}' AS is_email OFFSET 0) k"
+SQL_EMAIL_ONCE = "CASE WHEN k.is_email THEN sm.user_id ELSE i.email END"
+SQL_EXTERNAL_ID_ONCE = "CASE WHEN k.is_email THEN NULL ELSE sm.user_id END"
 
 
 class BadIdentity(ValueError):
