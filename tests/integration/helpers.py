@@ -282,3 +282,44 @@ def redis_texts(url: str, prefix: str) -> Iterator[str]:
             values = list(client.smembers(key))
         for value in values:
             yield from _decoded(value)
+
+
+@contextlib.contextmanager
+def simulated_fleet(
+    sim: Simulator,
+    segops_env: dict[str, str],
+    pg_server_url: str,
+    workdir: Path,
+    label: str,
+    *,
+    workers: int = 1,
+    overrides: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """The simulator served over HTTP and ``workers`` worker processes of 2 (the first with
+    beat) in an environment of their own that points at it, time-scaled as the simulator is;
+    yields the simulator's base URL and stops everything afterwards."""
+    from segops_sync.klaviyo_sim import SimulatorServer
+    from tests.conftest import isolated_env
+    from tests.integration.conftest import WorkerProcess
+
+    server = SimulatorServer(sim)
+    server.start()
+    settings = {
+        "SEGOPS_KLAVIYO_BASE_URL": server.base_url,
+        "SEGOPS_KLAVIYO_TIME_SCALE": str(sim.time_scale),
+        **(overrides or {}),
+    }
+    try:
+        with isolated_env(segops_env, pg_server_url, label, **settings) as env:
+            started = [
+                WorkerProcess(env, workdir, concurrency=2, beat=i == 0) for i in range(workers)
+            ]
+            try:
+                for worker in started:
+                    worker.start()
+                yield server.base_url
+            finally:
+                for worker in started:
+                    worker.stop()
+    finally:
+        server.stop()

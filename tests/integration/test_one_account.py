@@ -23,13 +23,17 @@ import pytest
 
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import MAX_PROFILES_PER_JOB, Endpoint
-from segops_sync.klaviyo_sim import SimRequest, Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import SimRequest, Simulator
 from segops_sync.klaviyo_sim.ids import key_fingerprint
 from segops_sync.sync.costs import Delta, expected_requests, goes_direct
 from segops_sync.sync.inputs.membership import replace_membership
-from tests.conftest import isolated_env
-from tests.integration.conftest import WorkerProcess
-from tests.integration.helpers import Klaviyo, create_connector, latest_run, wait_idle
+from tests.integration.helpers import (
+    Klaviyo,
+    create_connector,
+    latest_run,
+    simulated_fleet,
+    wait_idle,
+)
 
 TIME_SCALE = 10.0  # burst window 0.1 s, steady window 6 s
 JOB_DELAY = 1.0
@@ -52,24 +56,12 @@ def stack(
     segops_env: dict[str, str], pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     sim = Simulator(time_scale=TIME_SCALE, job_delay=JOB_DELAY, indexing_delay=0.0)
-    server = SimulatorServer(sim)
-    server.start()
-    overrides = {
-        "SEGOPS_KLAVIYO_BASE_URL": server.base_url,
-        "SEGOPS_KLAVIYO_TIME_SCALE": str(TIME_SCALE),
-        "SEGOPS_JOB_POLL_INTERVAL": str(POLL_INTERVAL),
-    }
-    with isolated_env(segops_env, pg_server_url, "one-account", **overrides) as env:
-        workdir = tmp_path_factory.mktemp("one-account")
-        workers = [WorkerProcess(env, workdir, concurrency=2, beat=i == 0) for i in range(2)]
-        try:
-            for worker in workers:
-                worker.start()
-            yield Stack(sim, server.base_url)
-        finally:
-            for worker in workers:
-                worker.stop()
-            server.stop()
+    workdir = tmp_path_factory.mktemp("one-account")
+    poll = {"SEGOPS_JOB_POLL_INTERVAL": str(POLL_INTERVAL)}
+    with simulated_fleet(
+        sim, segops_env, pg_server_url, workdir, "one-account", workers=2, overrides=poll
+    ) as base_url:
+        yield Stack(sim, base_url)
 
 
 def members(connector: int) -> list[str]:

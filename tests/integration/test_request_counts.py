@@ -20,18 +20,17 @@ from pathlib import Path
 import pytest
 
 from segops_sync.klaviyo import ENDPOINT_LIMITS, Endpoint
-from segops_sync.klaviyo_sim import Simulator, SimulatorServer
+from segops_sync.klaviyo_sim import Simulator
 from segops_sync.sync.costs import Delta, RemovalKey, expected_requests, goes_direct
 from segops_sync.sync.fleet.watcher import POLL_SHARE
 from segops_sync.sync.inputs.identity import is_email
-from tests.conftest import isolated_env
-from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import (
     Klaviyo,
     cli,
     create_connector,
     latest_run,
     recompute,
+    simulated_fleet,
     wait_idle,
 )
 
@@ -54,21 +53,12 @@ def stack(
     segops_env: dict[str, str], pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     sim = Simulator(time_scale=TIME_SCALE, job_delay=JOB_DELAY, indexing_delay=0.0)
-    server = SimulatorServer(sim)
-    server.start()
-    overrides = {
-        "SEGOPS_KLAVIYO_BASE_URL": server.base_url,
-        "SEGOPS_KLAVIYO_TIME_SCALE": str(TIME_SCALE),
-        "SEGOPS_JOB_POLL_INTERVAL": str(POLL_INTERVAL),
-    }
-    with isolated_env(segops_env, pg_server_url, "counts", **overrides) as env:
-        worker = WorkerProcess(env, tmp_path_factory.mktemp("counts"), concurrency=2)
-        try:
-            worker.start()
-            yield Stack(sim, server.base_url)
-        finally:
-            worker.stop()
-            server.stop()
+    workdir = tmp_path_factory.mktemp("counts")
+    poll = {"SEGOPS_JOB_POLL_INTERVAL": str(POLL_INTERVAL)}
+    with simulated_fleet(
+        sim, segops_env, pg_server_url, workdir, "counts", overrides=poll
+    ) as base_url:
+        yield Stack(sim, base_url)
 
 
 def members(start: int, stop: int) -> list[str]:
