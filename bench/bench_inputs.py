@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from segops_sync.db.models import Connector
     from segops_sync.db.session import reset_engine, session_scope
     from segops_sync.secrets import encrypt_api_key
-    from segops_sync.sync.planner import plan_run, start_run
     from segops_sync.states import ConnectorStatus, Trigger
+    from segops_sync.sync.planner import plan_run, start_run
 
     n, changes = args.members, args.changes
     with tempfile.TemporaryDirectory(prefix="segops-bench-inputs-") as tmp:
