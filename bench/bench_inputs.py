@@ -45,7 +45,13 @@ def recompute(env: dict[str, str], path: Path) -> float:
     """The real command, timed from outside as a recompute service would see it."""
     started = time.perf_counter()
     subprocess.run(
-        [str(Path(sys.executable).parent / "segops-sync"), "recompute", SEGMENT, "--members", str(path)],
+        [
+            str(Path(sys.executable).parent / "segops-sync"),
+            "recompute",
+            SEGMENT,
+            "--members",
+            str(path),
+        ],
         env={**os.environ, **env},
         check=True,
         stdout=subprocess.DEVNULL,
