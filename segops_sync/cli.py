@@ -311,6 +311,53 @@ def cmd_preview(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.session import session_scope
+    from segops_sync.sync.plan_report import plan_report
+
+    with session_scope() as s:
+        report = plan_report(s, args.connector_id, settings)
+    doc = report.as_json()
+    if args.json:
+        _print_json(doc)
+        return EXIT_OK
+    g, d, u = doc["guard"], doc["duration"], doc["unknown"]
+    print(f"plan of connector {doc['connector_id']} (Klaviyo list {doc['list_id']}), dry run:")
+    print(
+        f"  members in:  {doc['joiners']} to add, {doc['updates']} to update (traits); "
+        f"{doc['adds']} sent by the {doc['path']} path"
+    )
+    print(f"  members out: {doc['leavers']} to remove")
+    if g["verdict"] == "passes":
+        guard = f"passes (threshold {g['threshold']:.0%})"
+    elif g["verdict"] == "approved":
+        approval = g["approval"]
+        guard = (
+            f"would hold, but the approval by {approval['by']} (until {approval['expires_at']}) "
+            "lifts it for the next sync"
+        )
+    else:
+        guard = f"held: {g['reason']}"
+    print(f"  mass-removal guard: {guard}")
+    print(f"  requests to Klaviyo ({doc['requests_total']}, job polls excluded):")
+    for endpoint, n in doc["requests"].items():
+        print(f"    {endpoint:55} {n}")
+    print(
+        f"  expected duration: at least {d['seconds_at_headroom']:g} s at the limiter's headroom "
+        f"({d['headroom']:.0%} of Klaviyo's limits), {d['seconds_at_published_limits']:g} s at "
+        f"the published limits; assumes Klaviyo runs a bulk import job in "
+        f"{d['job_seconds_assumed']:g} s (its best; minutes under load)"
+    )
+    print(
+        f"  cannot know: which of the {doc['adds']} profiles Klaviyo will reject; "
+        f"{u['leaver_ids_unknown']} leavers' profile ids are not known yet "
+        f"({u['leavers_by_external_id']} looked up by external id, {u['leavers_by_email']} by "
+        f"email on the list, {u['leavers_unfindable']} with nothing to look up by), and whether "
+        "those lookups find them"
+    )
+    return EXIT_OK
+
+
 def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.queries import list_runs
     from segops_sync.db.session import session_scope
@@ -580,7 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = conn.add_parser(name)
         p.add_argument("connector_id")
         p.set_defaults(func=_set_status(status))
-    for name, func in (("show", cmd_show), ("history", cmd_history), ("preview", cmd_preview)):
+    for name, func in (
+        ("show", cmd_show),
+        ("history", cmd_history),
+        ("preview", cmd_preview),
+        ("plan", cmd_plan),
+    ):
         p = conn.add_parser(name)
         p.add_argument("connector_id")
         p.add_argument("--json", action="store_true")

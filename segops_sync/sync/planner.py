@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
@@ -34,7 +34,7 @@ from segops_sync.states import (
     Trigger,
 )
 from segops_sync.sync.approvals import take_approval
-from segops_sync.sync.costs import DIRECT_BATCH_SIZE, goes_direct
+from segops_sync.sync.costs import DIRECT_BATCH_SIZE, RemovalKey, goes_direct
 from segops_sync.sync.inputs.identity import (
     SQL_EMAIL,
     SQL_EMAIL_ONCE,
@@ -519,15 +519,7 @@ def preview(session: Session, connector_id: str, sample: int = 20) -> Preview:
     connector = get_connector(session, connector_id)
     params = {"seg": connector.segment_id, "c": connector.id}
     adds, removes = delta_sizes(session, connector)
-    updates = (
-        session.scalar(
-            text(f"SELECT count(*) FROM ({_CHANGED_SQL}) d"),
-            {**params, "names": list(connector.traits)},
-        )
-        or 0
-        if connector.traits
-        else 0
-    )
+    updates = trait_updates(session, connector)
     sample_adds = [
         dict(r._mapping)
         for r in session.execute(
@@ -554,3 +546,43 @@ def delta_sizes(session: Session, connector: Connector) -> tuple[int, int]:
         {"seg": connector.segment_id, "c": connector.id},
     ).one()
     return int(row[0]), int(row[1])
+
+
+def trait_updates(session: Session, connector: Connector) -> int:
+    """Members on the list whose named traits changed: the run sends them again as adds."""
+    if not connector.traits:
+        return 0
+    return int(
+        session.scalar(
+            text(f"SELECT count(*) FROM ({_CHANGED_SQL}) d"),
+            {"seg": connector.segment_id, "c": connector.id, "names": list(connector.traits)},
+        )
+        or 0
+    )
+
+
+def leaver_keys(session: Session, connector: Connector) -> list[tuple[str, RemovalKey | None]]:
+    """Each leaver of the planner's one-pass delta as (user_id, what a removal finds it by):
+    ``id`` (the ledger holds its profile id: no lookup), ``external_id`` (an account-wide
+    lookup), ``email`` (a lookup on the list), or None (nothing to find it by). The order of
+    preference is sync/removal.py's."""
+    session.execute(text(_DELTA_WORK_MEM))
+    rows = session.execute(
+        text(
+            # NULLIF: removal.py skips an empty value as it skips a missing one
+            "SELECT user_id, CASE WHEN NULLIF(profile_id, '') IS NOT NULL THEN 'id' "
+            "WHEN NULLIF(external_id, '') IS NOT NULL THEN 'external_id' "
+            "WHEN NULLIF(email, '') IS NOT NULL THEN 'email' END "
+            f"FROM ({_DELTA_SQL}) d WHERE NOT joins"
+        ),
+        {"seg": connector.segment_id, "c": connector.id},
+    )
+    return [(str(u), cast(RemovalKey | None, k)) for u, k in rows]
+
+
+def mass_removal_reason(
+    session: Session, connector: Connector, removes: int, settings: Settings
+) -> str | None:
+    """Why the mass-removal guard would hold a run removing ``removes`` members (None: it
+    would not), as the planner decides it before any approval is taken."""
+    return _mass_removal_reason(session, connector, removes, settings)

@@ -49,6 +49,8 @@ def _bad(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = No
         ("connectors", "update", UNKNOWN, "--list-id", "AbC123", "--no-verify"),
         ("connectors", "resync", UNKNOWN),
         ("connectors", "preview", UNKNOWN),
+        ("connectors", "plan", UNKNOWN),
+        ("connectors", "plan", UNKNOWN, "--json"),
         ("connectors", "history", UNKNOWN),
         ("connectors", "verify", UNKNOWN),
         ("connectors", "verify", UNKNOWN, "--repair", "--json"),
