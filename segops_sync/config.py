@@ -138,6 +138,13 @@ class Settings(BaseSettings):
     alert_webhook_url: str | None = None
     # SecretStr: repr() and Flower's config dump show a mask, never the secret.
     alert_webhook_secret: SecretStr | None = None
+    # sync.degraded (sync/alerts.py): a succeeded run that rejected more than this share of the
+    # members it sent to join the list, or took more than slow_factor x its expected time.
+    alert_rejected_share: float = Field(default=0.05, gt=0, le=1)
+    alert_slow_factor: float = Field(default=3.0, gt=1)
+    # Internal knob (not contract): a run is never "slow" under this many seconds, so a tiny
+    # run whose expected time is ~0 does not alert for a second of network latency.
+    alert_slow_min_seconds: float = Field(default=60.0, ge=0)
     # Seconds between progress lines of `connectors resync --wait` off a terminal.
     progress_interval: float = Field(default=5.0, gt=0)
     # Days a finished run's member details (its batch items, rejected members included, and the

@@ -99,4 +99,5 @@ class AlertEvent(StrEnum):
 
     FAILED = "sync.failed"  # a run ended in error
     HELD = "sync.held"  # the mass-removal guard held a run
-    RECOVERED = "sync.recovered"  # the first success after either
+    RECOVERED = "sync.recovered"  # the first clean success after any of the others
+    DEGRADED = "sync.degraded"  # a success that rejected too many members or ran too slowly

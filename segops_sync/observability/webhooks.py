@@ -1,7 +1,7 @@
 """Signed alert webhooks (docs/contract.md): the body, its signature, one delivery attempt.
 
-What to send and when (``sync.failed``, ``sync.held``, ``sync.recovered``) is decided by
-``sync.alerts`` with the run's state in PostgreSQL; this module only turns an alert into bytes
+What to send and when (``sync.failed``, ``sync.held``, ``sync.degraded``, ``sync.recovered``)
+is decided by ``sync.alerts`` with the run's state in PostgreSQL; this module only turns an alert into bytes
 and puts them on the wire. The body is built once and stored, so every retry sends (and signs)
 exactly the same bytes.
 
@@ -19,6 +19,7 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -39,11 +40,20 @@ TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 
 def alert_body(
-    event: str, *, connector_id: str, run_id: str, status: str, error: str | None, at: datetime
+    event: str,
+    *,
+    connector_id: str,
+    run_id: str,
+    status: str,
+    error: str | None,
+    at: datetime,
+    degraded: Mapping[str, object] | None = None,
 ) -> bytes:
+    """``degraded`` (sync.degraded only): which threshold the run crossed and its figures,
+    counts and seconds only (never a member). Other events' bodies are unchanged."""
     if event not in EVENTS:
         raise ValueError(f"unknown alert event {event!r}")
-    doc = {
+    doc: dict[str, object] = {
         "event": str(event),
         "connector_id": connector_id,
         "run_id": run_id,
@@ -52,6 +62,8 @@ def alert_body(
         "error": scrub(error) if error else None,
         "at": at.isoformat(),
     }
+    if degraded is not None:
+        doc["degraded"] = dict(degraded)
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -1,9 +1,10 @@
 """Which alert a closed run deserves, recorded once; and one delivery attempt of a recorded alert.
 
 ``sync.failed`` for a run that ends in ``failed``, ``sync.held`` for a run the mass-removal guard
-held, ``sync.recovered`` for the first success after either. The decision is made in the
-transaction that closes the run (the connector's runs are serialised, so "the previous alert" is
-well defined) and written as an ``alert_deliveries`` row whose unique (run, event) key makes a
+held, ``sync.degraded`` for a success that rejected too large a share of its members or took
+far longer than expected (:func:`degradation`), ``sync.recovered`` for the first clean success
+after any of them. The decision is made in the transaction that closes the run (the connector's
+runs are serialised, so "the previous alert" is well defined) and written as an ``alert_deliveries`` row whose unique (run, event) key makes a
 redelivered task unable to alert twice. The caller enqueues ``segops.deliver_alert`` only when
 the insert won, after commit.
 """
@@ -11,8 +12,10 @@ the insert won, after commit.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
@@ -21,8 +24,10 @@ from sqlalchemy.orm import Session
 from segops_sync.config import Settings
 from segops_sync.db.models import AlertDelivery, SyncRun
 from segops_sync.db.session import session_scope
+from segops_sync.klaviyo.payloads import MAX_FILTER_VALUES
 from segops_sync.observability.webhooks import alert_body, alert_delivery_id, send
 from segops_sync.states import AlertEvent, RunStatus
+from segops_sync.sync.costs import Delta, floor_seconds, goes_direct
 from segops_sync.sync.retry import backoff, countdown_cap
 
 log = logging.getLogger(__name__)
@@ -31,14 +36,102 @@ log = logging.getLogger(__name__)
 GIVE_UP_AFTER = timedelta(hours=24)
 
 
-def next_event(run_status: str, last_event: str | None) -> AlertEvent | None:
-    """The table: the run's final status and the connector's previous alert decide."""
+# The bulk import job time the expected duration assumes (Klaviyo's own processing, which no
+# limit of ours bounds): 5 s at the very best, typically well under a minute for a light account.
+# Taken generously, so an ordinary slow job is not "degraded"; the factor does the rest.
+EXPECTED_JOB_SECONDS = 30.0
+
+_NEEDS_RECOVERY = (AlertEvent.FAILED, AlertEvent.HELD, AlertEvent.DEGRADED)
+
+
+def next_event(
+    run_status: str, last_event: str | None, degraded: bool = False
+) -> AlertEvent | None:
+    """The table: the run's final status, whether a succeeded run was degraded
+    (:func:`degradation`) and the connector's previous alert decide."""
     if run_status == RunStatus.FAILED:
         return AlertEvent.FAILED
     if run_status == RunStatus.HELD:
         return AlertEvent.HELD
-    if run_status == RunStatus.SUCCEEDED and last_event in (AlertEvent.FAILED, AlertEvent.HELD):
+    if run_status != RunStatus.SUCCEEDED:
+        return None
+    if degraded:
+        return AlertEvent.DEGRADED
+    if last_event in _NEEDS_RECOVERY:
         return AlertEvent.RECOVERED
+    return None
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """Why a succeeded run is degraded: the threshold it crossed and the figures (counts and
+    seconds only: the body never names a member)."""
+
+    reason: Literal["rejected_share", "slow"]
+    summary: str
+    figures: dict[str, float | int]
+
+    def body(self) -> dict[str, object]:
+        return {"reason": self.reason, **self.figures}
+
+
+def expected_seconds(planned_adds: int, planned_removes: int, settings: Settings) -> float:
+    """The run's expected time: the floor our limiter allows for its planned work
+    (sync/costs.py), with :data:`EXPECTED_JOB_SECONDS` per bulk job. The run row keeps counts,
+    not which removals have known profile ids, so every removal is taken as needing an
+    account-wide lookup (one page per 100): the longest removals can take, never a false alarm."""
+    delta = Delta(
+        planned_adds,
+        planned_removes,
+        lookup_calls=math.ceil(planned_removes / MAX_FILTER_VALUES),
+    )
+    return floor_seconds(
+        delta,
+        job_seconds=EXPECTED_JOB_SECONDS,
+        direct=goes_direct(planned_adds, settings),
+        time_scale=settings.klaviyo_time_scale,
+        headroom=settings.limiter_headroom,
+    )
+
+
+def degradation(run: SyncRun, settings: Settings) -> Degradation | None:
+    """A succeeded run is degraded when Klaviyo rejected more than SEGOPS_ALERT_REJECTED_SHARE
+    of the members it sent to join (added + rejected: removals cannot be rejected), or when it
+    took more than SEGOPS_ALERT_SLOW_FACTOR x :func:`expected_seconds` and at least
+    ``alert_slow_min_seconds`` (a run expected to take ~0 s is not slow for a second of latency).
+    Failed and held runs have their own alerts."""
+    if run.status != RunStatus.SUCCEEDED:
+        return None
+    handled = run.added + run.rejected
+    share = settings.alert_rejected_share
+    if run.rejected and run.rejected > share * handled:
+        return Degradation(
+            "rejected_share",
+            f"{run.rejected} of {handled} members rejected by Klaviyo "
+            f"({run.rejected / handled:.1%}, above {share:.1%})",
+            {
+                "rejected": run.rejected,
+                "handled": handled,
+                "share": round(run.rejected / handled, 4),
+                "threshold": share,
+            },
+        )
+    if run.finished_at is None or run.started_at is None:
+        return None
+    seconds = (run.finished_at - run.started_at).total_seconds()
+    expected = expected_seconds(run.planned_adds, run.planned_removes, settings)
+    factor = settings.alert_slow_factor
+    if seconds > max(factor * expected, settings.alert_slow_min_seconds):
+        return Degradation(
+            "slow",
+            f"the run took {seconds:.0f}s, more than {factor:g} x its expected {expected:.0f}s",
+            {
+                "seconds": round(seconds, 1),
+                "expected_seconds": round(expected, 1),
+                "factor": factor,
+                "min_seconds": settings.alert_slow_min_seconds,
+            },
+        )
     return None
 
 
@@ -55,16 +148,21 @@ def record_alert(session: Session, run_id: str, settings: Settings) -> int | Non
         .order_by(AlertDelivery.id.desc())
         .limit(1)
     )
-    event = next_event(run.status, last_event)
+    degraded = degradation(run, settings)
+    event = next_event(run.status, last_event, degraded is not None)
     if event is None:
         return None
+    error = run.error if event != AlertEvent.RECOVERED else None
+    if degraded is not None:
+        error = degraded.summary  # why, in words; the figures are in "degraded"
     body = alert_body(
         event,
         connector_id=run.connector_id,
         run_id=run.id,
         status=run.status,
-        error=run.error if event != AlertEvent.RECOVERED else None,
+        error=error,
         at=run.finished_at or datetime.now(UTC),
+        degraded=degraded.body() if degraded is not None else None,
     )
     delivery_id = session.scalar(
         insert(AlertDelivery)

@@ -156,10 +156,26 @@ def test_alert_body_and_signature() -> None:
         ("succeeded", "sync.recovered", None),
         ("succeeded", "sync.failed", "sync.recovered"),
         ("succeeded", "sync.held", "sync.recovered"),
+        ("succeeded", "sync.degraded", "sync.recovered"),
     ],
 )
 def test_which_alert_a_closed_run_sends(status: str, last: str | None, event: str | None) -> None:
     assert next_event(status, last) == event
+
+
+@pytest.mark.parametrize(
+    ("status", "last", "event"),
+    [
+        ("succeeded", None, "sync.degraded"),
+        ("succeeded", "sync.recovered", "sync.degraded"),
+        ("succeeded", "sync.failed", "sync.degraded"),  # said once: recovered comes when clean
+        ("succeeded", "sync.degraded", "sync.degraded"),  # every degraded run, like failed ones
+    ],
+)
+def test_a_degraded_success_sends_degraded_whatever_came_before(
+    status: str, last: str | None, event: str
+) -> None:
+    assert next_event(status, last, degraded=True) == event
 
 
 def _child_work(n: int) -> None:
