@@ -79,6 +79,7 @@ def stack(
             flower = FlowerProcess(env, tmp_path_factory.mktemp("pd-flower"))
             try:
                 flower.start()
+                _until_flower_follows_events(flower)
                 yield Stack(log_format, env, sim, server.base_url, worker, flower)
             finally:
                 flower.stop()
@@ -98,6 +99,28 @@ def _send(task: str, *, kwargs: dict[str, Any], **options: Any) -> str:
         return str(producer.send_task(task, kwargs=kwargs, queue=SEGOPS_QUEUE, **options).id)
     finally:
         producer.close()
+
+
+def _until_flower_follows_events(flower: FlowerProcess) -> None:
+    """Flower answers HTTP before it has joined the event stream: a task sent before then is
+    seen in part (its success without its name and arguments). Send a task that carries no data
+    until Flower shows one whole."""
+
+    def shown(task_id: str) -> None:
+        response = httpx.get(f"{flower.url}/api/task/info/{task_id}", timeout=10)
+        response.raise_for_status()
+        doc = response.json()
+        assert (doc.get("name"), doc.get("state")) == ("segops.sweep_runs", "SUCCESS"), doc
+
+    deadline = time.monotonic() + 60
+    while True:
+        task_id = _send("segops.sweep_runs", kwargs={})
+        try:
+            _eventually(lambda sent=task_id: shown(sent), timeout=5)
+            return
+        except (AssertionError, httpx.HTTPError):
+            if time.monotonic() > deadline:
+                raise
 
 
 def _eventually(check: Any, timeout: float = 60.0) -> Any:
