@@ -82,9 +82,12 @@ def approve_mass_removal(session: Session, connector_id: str, *, by: str) -> Mas
     return approval
 
 
-def take_approval(session: Session, connector_id: str, run_id: str) -> MassRemovalApproval | None:
-    """In the transaction that plans a run: the connector's waiting approval, now this run's."""
-    approval = session.scalars(
+def waiting_approval(
+    session: Session, connector_id: str, *, lock: bool = False
+) -> MassRemovalApproval | None:
+    """The approval the connector's next planned run would take: its latest unexpired one not
+    taken yet. ``lock`` to take it (``take_approval``); without, a plan only reads it."""
+    query = (
         select(MassRemovalApproval)
         .where(
             MassRemovalApproval.connector_id == connector_id,
@@ -93,8 +96,13 @@ def take_approval(session: Session, connector_id: str, run_id: str) -> MassRemov
         )
         .order_by(MassRemovalApproval.id.desc())
         .limit(1)
-        .with_for_update()
-    ).one_or_none()
+    )
+    return session.scalars(query.with_for_update() if lock else query).one_or_none()
+
+
+def take_approval(session: Session, connector_id: str, run_id: str) -> MassRemovalApproval | None:
+    """In the transaction that plans a run: the connector's waiting approval, now this run's."""
+    approval = waiting_approval(session, connector_id, lock=True)
     if approval is not None:
         approval.run_id = run_id
     return approval

@@ -12,16 +12,15 @@ find nobody, job time) are unknown until it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from segops_sync.config import Settings
-from segops_sync.db.models import MassRemovalApproval
 from segops_sync.db.queries import get_connector
 from segops_sync.sync import planner
+from segops_sync.sync.approvals import waiting_approval
 from segops_sync.sync.costs import (
     Delta,
     RemovalKey,
@@ -134,21 +133,6 @@ class PlanReport:
         }
 
 
-def _waiting_approval(session: Session, connector_id: str) -> MassRemovalApproval | None:
-    """The approval the next planned run would take (as approvals.take_approval selects it),
-    read without taking or locking it: a plan must leave it for the run."""
-    return session.scalars(
-        select(MassRemovalApproval)
-        .where(
-            MassRemovalApproval.connector_id == connector_id,
-            MassRemovalApproval.run_id.is_(None),
-            MassRemovalApproval.expires_at > datetime.now(UTC),
-        )
-        .order_by(MassRemovalApproval.id.desc())
-        .limit(1)
-    ).one_or_none()
-
-
 def plan_report(session: Session, connector_id: str, settings: Settings) -> PlanReport:
     """The plan of the connector's next sync as of now, without writing or calling Klaviyo.
 
@@ -176,7 +160,7 @@ def plan_report(session: Session, connector_id: str, settings: Settings) -> Plan
     direct = goes_direct(adds, settings)
 
     reason = planner.mass_removal_reason(session, connector, leavers, settings)
-    approval = _waiting_approval(session, connector.id)
+    approval = waiting_approval(session, connector.id)
     guard = GuardVerdict(
         would_hold=reason is not None,
         reason=reason,
