@@ -24,10 +24,15 @@ from sqlalchemy import text
 
 from segops_sync.db.session import session_scope
 from segops_sync.embedded import free_port
-from segops_sync.klaviyo_sim import Simulator, SimulatorServer
-from tests.conftest import isolated_env
-from tests.integration.conftest import WorkerProcess
-from tests.integration.helpers import Klaviyo, create_connector, new_segment, recompute, wait_idle
+from segops_sync.klaviyo_sim import Simulator
+from tests.integration.helpers import (
+    Klaviyo,
+    create_connector,
+    new_segment,
+    recompute,
+    simulated_fleet,
+    wait_idle,
+)
 from tests.integration.test_observability import Received, Receiver
 
 # Every Klaviyo answer takes LATENCY s; a direct add is at least two requests in sequence (the
@@ -50,28 +55,22 @@ def stack(
     segops_env: dict[str, str], pg_server_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     sim = Simulator(job_delay=0.2, indexing_delay=0.0)
-    server = SimulatorServer(sim)
-    server.start()
     receiver = Receiver(free_port())
     receiver.start()
     secret = secrets.token_hex(16)
     overrides = {
-        "SEGOPS_KLAVIYO_BASE_URL": server.base_url,
         "SEGOPS_ALERT_WEBHOOK_URL": receiver.url,
         "SEGOPS_ALERT_WEBHOOK_SECRET": secret,
         "SEGOPS_ALERT_SLOW_MIN_SECONDS": str(SLOW_FLOOR),
     }
+    workdir = tmp_path_factory.mktemp("degraded-worker")
     try:
-        with isolated_env(segops_env, pg_server_url, "degraded", **overrides) as env:
-            worker = WorkerProcess(env, tmp_path_factory.mktemp("degraded-worker"), concurrency=2)
-            worker.start()
-            try:
-                yield Stack(sim, server.base_url, receiver, secret)
-            finally:
-                worker.stop()
+        with simulated_fleet(
+            sim, segops_env, pg_server_url, workdir, "degraded", overrides=overrides
+        ) as base_url:
+            yield Stack(sim, base_url, receiver, secret)
     finally:
         receiver.stop()
-        server.stop()
 
 
 def _verified(stack: Stack, got: Received) -> dict[str, Any]:
