@@ -21,6 +21,7 @@ import redis
 import redis.asyncio
 from sqlalchemy.exc import DataError
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -32,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from segops_sync import web
 from segops_sync.api_input import (
     CREATE_FIELDS,
+    KLAVIYO_KEY_FIELDS,
     PATCH_FIELDS,
     RESYNC_FIELDS,
     BodyTooLarge,
@@ -41,12 +43,18 @@ from segops_sync.api_input import (
     storable,
 )
 from segops_sync.config import Settings, get_settings
-from segops_sync.connectors import create_connector, delete_connector, update_connector
+from segops_sync.connectors import (
+    KlaviyoUnavailable,
+    create_connector,
+    delete_connector,
+    key_lists,
+    update_connector,
+)
 from segops_sync.db.queries import get_connector, list_connectors, list_runs
 from segops_sync.db.session import session_scope
 from segops_sync.errors import InputError, UnknownConnector
 from segops_sync.openapi import ApiSchema
-from segops_sync.shapes import CONNECTOR_TYPES, connector_json, run_json
+from segops_sync.shapes import CONNECTOR_TYPES, connector_json, klaviyo_list_json, run_json
 from segops_sync.states import ConnectorStatus, Trigger
 
 log = logging.getLogger(__name__)
@@ -369,18 +377,73 @@ def resync(request: Request, settings: Settings) -> Response:
           schema: {$ref: '#/components/schemas/ResyncRequest'}
     """
     from segops_sync.sync.approvals import approve_mass_removal
+    from segops_sync.sync.pause import refuse_if_paused
     from segops_sync.tasks import trigger_sync
 
     connector_id = path_id(request)
     body = parse_body(_read(request), RESYNC_FIELDS)
     with session_scope() as s:
-        if get_connector(s, connector_id).status == ConnectorStatus.INACTIVE:
+        connector = get_connector(s, connector_id)
+        if connector.status == ConnectorStatus.INACTIVE:
             raise InputError("connector is inactive: activate it first")
+        refuse_if_paused(connector)
         if body.get("allow_mass_removal"):
             # a row the run reads from PostgreSQL, committed before the sync is asked for
             approve_mass_removal(s, connector_id, by=API_APPROVER)
     outcome = trigger_sync(connector_id, trigger=Trigger.RESYNC)
     return JSONResponse({"run_id": outcome.run_id, "outcome": outcome.reason}, status_code=202)
+
+
+def pause(request: Request, settings: Settings) -> Response:
+    """Pause a connector.
+    ---
+    operationId: pauseConnector
+    summary: Stop syncing an active connector (or one in error); its running sync stops
+    description: >-
+      The connector becomes paused. A running sync stops at its next batch boundary and ends
+      cancelled; what Klaviyo confirmed before stays in the ledger. Recomputes and the beat's
+      read-back leave a paused connector alone until it is resumed. Pausing a paused connector
+      changes nothing; an inactive one is refused (422).
+    responses:
+      200:
+        description: the connector, paused
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Connector'}
+      422:
+        $ref: '#/components/responses/Invalid'
+    """
+    from segops_sync.sync.pause import pause_connector
+
+    with session_scope() as s:
+        return JSONResponse(connector_json(pause_connector(s, path_id(request)).connector))
+
+
+def resume(request: Request, settings: Settings) -> Response:
+    """Resume a paused connector.
+    ---
+    operationId: resumeConnector
+    summary: Sync a paused connector again, starting one sync (trigger resume) to catch up
+    description: >-
+      The connector becomes active and a sync with trigger resume starts (after the cancelled
+      one, if that is still stopping). A connector that is not paused is refused (422).
+    responses:
+      200:
+        description: the connector, active again
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Connector'}
+      422:
+        $ref: '#/components/responses/Invalid'
+    """
+    from segops_sync.sync.pause import resume_connector
+    from segops_sync.tasks import trigger_sync
+
+    connector_id = path_id(request)
+    with session_scope() as s:
+        doc = connector_json(resume_connector(s, connector_id))
+    trigger_sync(connector_id, trigger=Trigger.RESUME)
+    return JSONResponse(doc)
 
 
 def runs(request: Request, settings: Settings) -> Response:
@@ -440,6 +503,56 @@ def rejected(request: Request, settings: Settings) -> Response:
         return JSONResponse({"rejected_members": [m.as_json() for m in found]})
 
 
+class AnyText(Convertor[str]):
+    """The rest of the path, whatever it holds ("/", control characters): the handler judges a
+    user id (422), where Starlette's ``path`` would answer a newline with 404 "no such route"."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("any_text", AnyText())
+
+
+def member(request: Request, settings: Settings) -> Response:
+    """Trace one member across every connector.
+    ---
+    operationId: traceMember
+    summary: One member across every connector (as `segops-sync members trace USER_ID --json`)
+    description: >-
+      For each connector whose segment, ledger, rejections or kept runs name the member: whether
+      it is in the segment and on the list (the ledger, with its profile id), a rejection that
+      stands, and what each run of the last SEGOPS_RETENTION_DAYS did to it, newest first. An
+      unknown member answers 200 with no connectors.
+    parameters:
+      - name: user_id
+        in: path
+        required: true
+        schema: {type: string, minLength: 1, maxLength: 1000, pattern: '^[^\\x00-\\x1f\\x7f]+$'}
+        description: the member's user_id, percent-encoded
+    responses:
+      200:
+        description: the member's trace
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/MemberTrace'}
+      422:
+        $ref: '#/components/responses/Invalid'
+    """
+    from segops_sync.shapes import member_trace_json
+    from segops_sync.sync.member_trace import trace_member
+
+    user_id = str(request.path_params["user_id"])
+    with session_scope() as s:
+        trace = trace_member(s, user_id, retention_days=settings.retention_days)
+        return JSONResponse(member_trace_json(trace))
+
+
 def remove(request: Request, settings: Settings) -> Response:
     """Delete a connector.
     ---
@@ -452,6 +565,44 @@ def remove(request: Request, settings: Settings) -> Response:
     with session_scope() as s:
         delete_connector(s, path_id(request))
     return Response(status_code=204)
+
+
+def klaviyo_lists(request: Request, settings: Settings) -> Response:
+    """The lists of a Klaviyo key.
+    ---
+    operationId: listKlaviyoLists
+    summary: The lists of a Klaviyo private key, to pick a connector's list from
+    description: >-
+      The key goes in the body (never in a URL) and is neither stored nor logged. The lists
+      come sorted by name (GET /api/lists, every page). profile_count is counted for the first
+      10 lists only, each with one GET /api/lists/{id} in Klaviyo's 1/s tier, and is null for
+      the others and for any Klaviyo would not count within a few seconds. A malformed key, or
+      one Klaviyo rejects, is a 422 that says which.
+    requestBody:
+      required: true
+      content:
+        application/json:
+          schema: {$ref: '#/components/schemas/KlaviyoKey'}
+    responses:
+      200:
+        description: the key's lists
+        content:
+          application/json:
+            schema:
+              type: object
+              properties:
+                lists:
+                  type: array
+                  items: {$ref: '#/components/schemas/KlaviyoList'}
+              required: [lists]
+      502: {$ref: '#/components/responses/KlaviyoUnavailable'}
+    """
+    body = parse_body(_read(request), KLAVIYO_KEY_FIELDS)
+    try:
+        lists = key_lists(body["api_key"], settings.klaviyo_base_url)
+    except KlaviyoUnavailable as exc:
+        return _error(502, str(exc))
+    return JSONResponse({"lists": [klaviyo_list_json(found) for found in lists]})
 
 
 def openapi(request: Request, settings: Settings) -> Response:
@@ -510,8 +661,12 @@ def create_app(token: str, *, throttle: SignInThrottle | None = None) -> Starlet
             Route("/v1/connectors/{id}", _guard(patch), methods=["PATCH"]),
             Route("/v1/connectors/{id}", _guard(remove), methods=["DELETE"]),
             Route("/v1/connectors/{id}/resync", _guard(resync), methods=["POST"]),
+            Route("/v1/connectors/{id}/pause", _guard(pause), methods=["POST"]),
+            Route("/v1/connectors/{id}/resume", _guard(resume), methods=["POST"]),
             Route("/v1/connectors/{id}/runs", _guard(runs), methods=["GET"]),
             Route("/v1/connectors/{id}/runs/{run}/rejected", _guard(rejected), methods=["GET"]),
+            Route("/v1/members/{user_id:any_text}", _guard(member), methods=["GET"]),
+            Route("/v1/klaviyo/lists", _guard(klaviyo_lists), methods=["POST"]),
             Route("/openapi.json", _guard(openapi), methods=["GET"]),
             *web.routes(),
         ],

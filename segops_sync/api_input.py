@@ -91,6 +91,19 @@ PATCH_FIELDS: dict[str, BodyField] = {
     "traits": CREATE_FIELDS["traits"],
 }
 
+# POST /v1/klaviyo/lists: the key travels in the body, never in a URL that logs would keep
+KLAVIYO_KEY_FIELDS: dict[str, BodyField] = {
+    "api_key": BodyField(
+        {
+            "type": "string",
+            "pattern": API_KEY_PATTERN,
+            "writeOnly": True,
+            "description": "Klaviyo private API key; used for this call only, never stored",
+        },
+        required=True,
+    ),
+}
+
 RESYNC_FIELDS: dict[str, BodyField] = {
     "allow_mass_removal": BodyField(
         {

@@ -61,6 +61,8 @@ AHEAD_PRIORITY = 0
 TASK_ROUTES: dict[str, dict[str, str | int]] = {
     "segops.recompute_finished": {"queue": SEGOPS_QUEUE},
     "segops.context_identified": {"queue": SEGOPS_QUEUE},
+    # the platform's deletion pipeline sends it to `segops`, as it sends the other messages
+    "segops.forget_user": {"queue": SEGOPS_QUEUE},
     "segops.sync_connector": {"queue": SEGOPS_QUEUE},
     "segops.plan_run": {"queue": SEGOPS_QUEUE},
     "segops.finish_run": {"queue": SEGOPS_QUEUE},

@@ -12,7 +12,7 @@ import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -20,6 +20,9 @@ from segops_sync.config import ConfigError, Settings, get_settings
 from segops_sync.errors import InputError
 from segops_sync.shapes import CONNECTOR_FIELDS, connector_json, run_json
 from segops_sync.states import ConnectorStatus, RunStatus, StartReason, Trigger
+
+if TYPE_CHECKING:  # the client loads with the commands that call Klaviyo
+    from segops_sync.klaviyo import KlaviyoList
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 WAIT_TIMEOUT = 6 * 3600.0
@@ -101,30 +104,113 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
-    from segops_sync.connectors import create_connector
+    from segops_sync.connectors import (
+        KlaviyoUnavailable,
+        create_connector,
+        create_klaviyo_list,
+        validate_new_connector,
+    )
     from segops_sync.db.session import session_scope
 
-    with session_scope() as s:
-        connector, warning = create_connector(
-            s,
+    api_key = _api_key(args) or ""  # the parser requires one of the two
+    list_id: str | None = args.list_id
+    made = None
+    if list_id is None:
+        # everything else is refused first: no list is made, and no one asked, for bad input
+        validate_new_connector(
             settings,
             segment_id=args.segment,
-            list_id=args.list_id,
-            api_key=_api_key(args) or "",  # the parser requires one of the two
+            list_id=None,
+            api_key=api_key,
             connector_type=args.type,
-            verify=not args.no_verify,
             traits=args.traits,
         )
-        doc = connector_json(connector)
+        try:
+            if args.create_list is not None:
+                made = create_klaviyo_list(api_key, args.create_list, settings.klaviyo_base_url)
+                list_id = made.id
+            else:
+                list_id = _pick_list(api_key, settings)
+        except KlaviyoUnavailable as exc:
+            raise Failure(str(exc)) from None
+    try:
+        with session_scope() as s:
+            connector, warning = create_connector(
+                s,
+                settings,
+                segment_id=args.segment,
+                list_id=list_id,
+                api_key=api_key,
+                connector_type=args.type,
+                verify=not args.no_verify,
+                traits=args.traits,
+            )
+            doc = connector_json(connector)
+    except Exception as exc:
+        if made is None:
+            raise
+        # the list stays in Klaviyo (we never delete one): say so, and how to use it
+        kept = f"the Klaviyo list {made.name!r} ({made.id}) was created and stays"
+        retry = f"run again with --list-id {made.id}"
+        if isinstance(exc, InputError):
+            raise InputError(f"{exc}; {kept}: {retry}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise Failure(f"the connector was not created ({first}); {kept}: {retry}") from None
     if warning:
         _warn(warning)
     if args.json:
         _print_json(doc)
     else:
+        if made is not None:
+            print(f"created Klaviyo list {made.name!r} ({made.id})")
         print(
             f"created connector {doc['id']} (inactive: run `segops-sync connectors activate {doc['id']}`)"
         )
     return EXIT_OK
+
+
+# Off a terminal, the error names at most this many lists.
+NAMED_LISTS = 20
+
+
+def _list_choice(found: KlaviyoList) -> str:
+    """``"Newsletter" (AbC123, 120 members)``; a list whose members were not counted: its id."""
+    count = found.profile_count
+    members = "" if count is None else f", {count} member{'' if count == 1 else 's'}"
+    return f"{json.dumps(found.name, ensure_ascii=False)} ({found.id}{members})"
+
+
+def _pick_list(api_key: str, settings: Settings) -> str:
+    """``connectors create`` without --list-id: the key's lists, picked by number or id on a
+    terminal (standard input and standard error, so that --json keeps standard output clean)."""
+    from segops_sync.connectors import key_lists
+
+    lists = key_lists(api_key, settings.klaviyo_base_url)
+    if not lists:
+        raise InputError(
+            "--list-id is required: the key has no lists in Klaviyo "
+            "(make one with --create-list NAME)"
+        )
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        named = ", ".join(_list_choice(found) for found in lists[:NAMED_LISTS])
+        more = f" and {len(lists) - NAMED_LISTS} more" if len(lists) > NAMED_LISTS else ""
+        raise InputError(f"--list-id is required off a terminal; the key's lists: {named}{more}")
+    _warn("The key's lists in Klaviyo:")
+    for number, found in enumerate(lists, 1):
+        _warn(f"  {number:>3}. {_list_choice(found)}")
+    for _ in range(3):
+        sys.stderr.write(f"List for this connector (1-{len(lists)}, or its id): ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            raise InputError("no list picked (end of input): give --list-id")
+        answer = line.strip()
+        if answer.isdigit() and 1 <= int(answer) <= len(lists):
+            return lists[int(answer) - 1].id
+        if any(found.id == answer for found in lists):
+            return answer
+        _warn(f"  not a number from 1 to {len(lists)} nor an id above")
+    raise InputError("no list picked: give --list-id, or a number from the list")
 
 
 def cmd_update(args: argparse.Namespace, settings: Settings) -> int:
@@ -178,6 +264,41 @@ def _set_status(status: ConnectorStatus) -> Callable[[argparse.Namespace, Settin
         return EXIT_OK
 
     return run
+
+
+def cmd_pause(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.session import session_scope
+    from segops_sync.sync.pause import pause_connector
+
+    with session_scope() as s:
+        paused = pause_connector(s, args.connector_id)
+    if paused.already:
+        print(f"connector {args.connector_id} is already paused")
+    elif paused.stopping_run_id is not None:
+        print(
+            f"connector {args.connector_id} is paused; sync {paused.stopping_run_id} stops at "
+            "its next batch boundary"
+        )
+    else:
+        print(f"connector {args.connector_id} is paused; recomputes are ignored until it resumes")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.session import session_scope
+    from segops_sync.sync.pause import resume_connector
+    from segops_sync.tasks import trigger_sync
+
+    with session_scope() as s:
+        resume_connector(s, args.connector_id)
+    outcome = trigger_sync(args.connector_id, trigger=Trigger.RESUME)
+    caught_up = (
+        f"sync {outcome.run_id} catches up"
+        if outcome.reason == StartReason.STARTED
+        else "a sync catches up after the one stopping now"
+    )
+    print(f"connector {args.connector_id} is active; {caught_up}")
+    return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -235,6 +356,7 @@ def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.session import session_scope
     from segops_sync.follow import Follower
     from segops_sync.sync.approvals import approve_mass_removal, approver_name
+    from segops_sync.sync.pause import refuse_if_paused
     from segops_sync.sync.runs import finished_runs, wait_until_idle
     from segops_sync.tasks import trigger_sync
 
@@ -247,6 +369,7 @@ def cmd_resync(args: argparse.Namespace, settings: Settings) -> int:
         connector = get_connector(s, args.connector_id)
         if connector.status == ConnectorStatus.INACTIVE:
             raise InputError(f"connector {args.connector_id} is inactive: activate it first")
+        refuse_if_paused(connector)
         done_before = finished_runs(s, args.connector_id)
         # The approval is a row, committed before the sync is asked for: the run reads it
         # from PostgreSQL, never from the message (sync/approvals.py).
@@ -462,7 +585,7 @@ def cmd_rejected(args: argparse.Namespace, settings: Settings) -> int:
     for m in found:
         print(
             f"{m.run_id}  {m.user_id}  email={m.email or '-'}  "
-            f"external_id={m.external_id or '-'}  {m.reason or '-'}"
+            f"external_id={m.external_id or '-'}  retry={m.retry or '-'}  {m.reason or '-'}"
         )
     return EXIT_OK
 
@@ -526,14 +649,101 @@ def publish(task: str, kwargs: dict[str, Any]) -> None:
 def cmd_identify(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.session import session_scope
     from segops_sync.sync.inputs.identity import BadIdentity, record_identity
+    from segops_sync.sync.rejected import data_changed
 
     try:
         with session_scope() as s:
-            record_identity(s, args.user_id, args.email)
+            if record_identity(s, args.user_id, args.email):
+                data_changed(s, args.user_id)
     except BadIdentity as exc:
         raise InputError(str(exc)) from None
     print(f"{args.user_id} is identified as {args.email}")
     return EXIT_OK
+
+
+def cmd_members_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.db.session import session_scope
+    from segops_sync.shapes import member_trace_json
+    from segops_sync.sync.member_trace import check_user_id, trace_member
+
+    check_user_id(args.user_id)  # before any connection: a bad id is exit 2 without a database
+    with session_scope() as s:
+        doc = member_trace_json(
+            trace_member(s, args.user_id, retention_days=settings.retention_days)
+        )
+    if args.json:
+        _print_json(doc)
+        return EXIT_OK
+    if not doc["connectors"]:
+        print(f"no trace of {args.user_id}")
+        return EXIT_OK
+    for c in doc["connectors"]:
+        print(
+            f"connector {c['connector_id']} ({c['status']}): segment {c['segment_id']}, "
+            f"Klaviyo list {c['list_id']}"
+        )
+        print(f"  in segment  {'yes' if c['in_segment'] else 'no'}")
+        ledger = c["ledger"]
+        if ledger is None:
+            print("  on list     no")
+        else:
+            state = "yes" if ledger["confirmed"] else "maybe (sent, Klaviyo's answer not recorded)"
+            suppressed = ", email suppressed" if ledger["suppressed"] else ""
+            print(
+                f"  on list     {state}: profile {ledger['profile_id'] or 'id unknown'}, "
+                f"since {ledger['added_at']}{suppressed}"
+            )
+        rejection = c["rejection"]
+        if rejection is not None:
+            waits = (
+                "waits for its data to change"
+                if rejection["retry"] == "waiting"
+                else "sent again at the next run"
+            )
+            print(
+                f"  rejected    {rejection['reason'] or '-'} (run {rejection['run_id'] or '-'}, "
+                f"{rejection['rejected_at']}); {waits}"
+            )
+        if not c["runs"]:
+            print(f"  runs        none in the last {doc['retention_days']} days")
+        else:
+            print(f"  runs        newest first, last {doc['retention_days']} days:")
+        for r in c["runs"]:
+            reason = f": {r['reason']}" if r["reason"] else ""
+            dropped = (
+                f" (left out: {', '.join(r['dropped_traits'])})" if r["dropped_traits"] else ""
+            )
+            print(
+                f"    {r['started_at']}  {r['run_id']}  {r['status']:9}  "
+                f"{r['action']}{reason}{dropped}"
+            )
+    return EXIT_OK
+
+
+def cmd_members_forget(args: argparse.Namespace, settings: Settings) -> int:
+    from segops_sync.sync.forget import ForgetSource, check_user_id, forget_member
+
+    check_user_id(args.user_id)  # before any connection: a bad id is exit 2, nothing written
+    outcome = forget_member(
+        args.user_id,
+        source=ForgetSource.CLI,
+        klaviyo_delete=args.klaviyo_delete,
+        settings=settings,
+        on_wait=print,
+    )
+    # the member's identifiers are not repeated: the terminal's scrollback is a copy too
+    deletions = (
+        f", {outcome.klaviyo_deletions} Klaviyo profile deletion(s) requested"
+        if args.klaviyo_delete
+        else ""
+    )
+    print(
+        f"member forgotten (forget record {outcome.record_id}): removed from "
+        f"{outcome.lists_removed} Klaviyo list(s){deletions}"
+    )
+    for problem in outcome.problems:
+        _warn(f"segops-sync: {problem}")
+    return EXIT_FAILED if outcome.problems else EXIT_OK
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -612,7 +822,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = conn.add_parser("create", help="create a connector (inactive)")
     p.add_argument("--type", required=True)
     p.add_argument("--segment", required=True)
-    p.add_argument("--list-id", required=True)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--list-id", help="the Klaviyo list; without it (nor --create-list), pick one on a terminal"
+    )
+    target.add_argument(
+        "--create-list", metavar="NAME", help="create a Klaviyo list of this name and use it"
+    )
     key = p.add_mutually_exclusive_group(required=True)
     key.add_argument("--api-key")
     key.add_argument("--api-key-file", metavar="FILE", help="read the key from FILE ('-': stdin)")
@@ -627,6 +843,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = conn.add_parser(name)
         p.add_argument("connector_id")
         p.set_defaults(func=_set_status(status))
+    for name, func, text in (
+        ("pause", cmd_pause, "stop syncing: a running sync stops at its next batch boundary"),
+        ("resume", cmd_resume, "sync a paused connector again, once now to catch up"),
+    ):
+        p = conn.add_parser(name, help=text)
+        p.add_argument("connector_id")
+        p.set_defaults(func=func)
     for name, func in (
         ("show", cmd_show),
         ("history", cmd_history),
@@ -692,6 +915,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user_id")
     p.add_argument("--email", required=True)
     p.set_defaults(func=cmd_identify)
+    members = sub.add_parser("members", help="one member across every connector").add_subparsers(
+        dest="members_command", required=True, parser_class=OneLineParser
+    )
+    # members trace (sync/member_trace.py) and members forget (sync/forget.py)
+    p = members.add_parser("trace", help="where one member stands with every connector")
+    p.add_argument("user_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_members_trace)
+    p = members.add_parser(
+        "forget", help="remove a member from every list and delete all we keep of it"
+    )
+    p.add_argument("user_id")
+    p.add_argument(
+        "--klaviyo-delete",
+        action="store_true",
+        help="also ask Klaviyo to delete the profile (its data-privacy deletion)",
+    )
+    p.set_defaults(func=cmd_members_forget)
     sub.add_parser("demo", help="the whole flow on embedded defaults").set_defaults(func=cmd_demo)
     p = sub.add_parser("klaviyo-sim", help="the Klaviyo simulator (default on 127.0.0.1)")
     p.add_argument(

@@ -8,8 +8,10 @@ errors in ``errors.py``.
 from __future__ import annotations
 
 import re
+import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from sqlalchemy.orm import Session
 
@@ -21,8 +23,10 @@ from segops_sync.klaviyo import (
     CredentialsRejected,
     KlaviyoClient,
     KlaviyoError,
+    KlaviyoList,
     NotFound,
     PermissionDenied,
+    RateLimited,
     redact_key,
     scrub,
 )
@@ -42,6 +46,18 @@ from segops_sync.sync.outcomes import describe_for_person
 # The rules are shapes.py's, which the API's request schemas publish; the checks are here.
 LIST_ID_RE = re.compile(LIST_ID_PATTERN)
 API_KEY_RE = re.compile(API_KEY_PATTERN)
+# The list picker counts the members of this many lists at most: a count is one call in
+# Klaviyo's XS tier (1/s, 15/m), so ten stay within a minute's budget.
+COUNTED_LISTS = 10
+# A count Klaviyo would make us wait longer for is left out (shown as not counted).
+MAX_COUNT_WAIT = 5.0
+# our own bound for --create-list (Klaviyo documents none)
+LIST_NAME_MAX = 255
+
+
+class KlaviyoUnavailable(Exception):
+    """Klaviyo did not answer a call the person is waiting on (network, 5xx, rate limit): not
+    their input. The message never holds the key."""
 
 
 def _one_of(values: tuple[str, ...]) -> str:
@@ -123,8 +139,116 @@ def live_check(api_key: str, list_id: str, base_url: str) -> CheckResult:
     )
 
 
+def validate_list_name(name: str) -> str:
+    if not name or not name.strip() or len(name) > LIST_NAME_MAX or not name.isprintable():
+        raise InputError(
+            f"list name is malformed: 1 to {LIST_NAME_MAX} printable characters, not only spaces"
+        )
+    return name
+
+
+def _key_refused(exc: KlaviyoError, api_key: str) -> InputError:
+    if isinstance(exc, CredentialsRejected):
+        return InputError("Klaviyo rejected the API key (401): it is invalid or was revoked")
+    return InputError(
+        scrub(
+            f"Klaviyo refused the API key (HTTP {exc.status}: {exc.detail}): it needs Lists "
+            "read/write and Profiles read/write",
+            api_key,
+        )
+    )
+
+
+def _unavailable(what: str, exc: KlaviyoError, api_key: str) -> KlaviyoUnavailable:
+    return KlaviyoUnavailable(scrub(f"could not {what} in Klaviyo: {exc}", api_key))
+
+
+def key_lists(
+    api_key: str,
+    base_url: str,
+    *,
+    counted: int = COUNTED_LISTS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[KlaviyoList]:
+    """The key's lists by name (GET /api/lists, every page), the first ``counted`` with their
+    member count (one GET /api/lists/{id}?additional-fields[list]=profile_count each: GET
+    /api/lists has no count). A count Klaviyo will not give soon stays None, as do the rest."""
+    validate_api_key(api_key)
+    try:
+        with KlaviyoClient(api_key, base_url) as client:
+            lists = list(client.iter_lists())
+            for index, found in enumerate(lists[:counted]):
+                count = _profile_count(client, found.id, sleep)
+                if count is None:
+                    break  # out of budget: the others would wait as long
+                lists[index] = replace(found, profile_count=count)
+    except (CredentialsRejected, PermissionDenied) as exc:
+        raise _key_refused(exc, api_key) from None
+    except KlaviyoError as exc:
+        raise _unavailable("list the key's lists", exc, api_key) from None
+    return lists
+
+
+def _profile_count(
+    client: KlaviyoClient, list_id: str, sleep: Callable[[float], None]
+) -> int | None:
+    for _ in range(3):
+        try:
+            return client.get_list(list_id, profile_count=True).profile_count
+        except RateLimited as exc:
+            if exc.retry_after is None or exc.retry_after > MAX_COUNT_WAIT:
+                return None
+            sleep(exc.retry_after)
+        except KlaviyoError:
+            return None  # a count is a courtesy: a list deleted meanwhile, a 5xx: not counted
+    return None
+
+
+def create_klaviyo_list(api_key: str, name: str, base_url: str) -> KlaviyoList:
+    """A new list in the key's account (POST /api/lists). A name one of the key's lists already
+    has is refused: Klaviyo would make a second list of that name, which nobody tells apart."""
+    validate_api_key(api_key)
+    validate_list_name(name)
+    try:
+        with KlaviyoClient(api_key, base_url) as client:
+            taken = next((found for found in client.iter_lists() if found.name == name), None)
+            if taken is not None:
+                raise InputError(
+                    f"the key already has a list named {name!r} ({taken.id}): "
+                    f"use --list-id {taken.id}"
+                )
+            return client.create_list(name)
+    except (CredentialsRejected, PermissionDenied) as exc:
+        raise _key_refused(exc, api_key) from None
+    except KlaviyoError as exc:
+        raise _unavailable(f"create the list {name!r}", exc, api_key) from None
+
+
 def api_key_of(connector: Connector, settings: Settings) -> str:
     return decrypt_api_key(connector.api_key_encrypted, settings.require_secret_key())
+
+
+def validate_new_connector(
+    settings: Settings,
+    *,
+    segment_id: str,
+    list_id: str | None,
+    api_key: str,
+    connector_type: str = CONNECTOR_TYPES[0],
+    traits: str | list[str] | None = None,
+) -> list[str]:
+    """Every check of a new connector that needs no Klaviyo; ``list_id`` None: the list is yet
+    to be made (--create-list) or picked, so nothing is made or asked for before these pass.
+    Returns the trait names."""
+    if connector_type not in CONNECTOR_TYPES:
+        raise InputError(f"connector type is not supported: use {_one_of(CONNECTOR_TYPES)}")
+    validate_segment_id(segment_id)
+    if list_id is not None:
+        validate_list_id(list_id)
+    validate_api_key(api_key)
+    names = validate_traits(traits) if traits is not None else []
+    settings.require_secret_key()
+    return names
 
 
 def create_connector(
@@ -139,12 +263,14 @@ def create_connector(
     traits: str | list[str] | None = None,
 ) -> tuple[Connector, str | None]:
     """Validate, check with Klaviyo, then write. Returns the connector and any warning."""
-    if connector_type not in CONNECTOR_TYPES:
-        raise InputError(f"connector type is not supported: use {_one_of(CONNECTOR_TYPES)}")
-    validate_segment_id(segment_id)
-    validate_list_id(list_id)
-    validate_api_key(api_key)
-    names = validate_traits(traits) if traits is not None else []
+    names = validate_new_connector(
+        settings,
+        segment_id=segment_id,
+        list_id=list_id,
+        api_key=api_key,
+        connector_type=connector_type,
+        traits=traits,
+    )
     secret = settings.require_secret_key()
     check = live_check(api_key, list_id, settings.klaviyo_base_url) if verify else None
     warning = check.warning if check else None
@@ -232,6 +358,12 @@ def set_status(session: Session, connector_id: str, status: ConnectorStatus) -> 
 
 
 def _set(connector: Connector, status: ConnectorStatus) -> None:
+    if connector.status == ConnectorStatus.PAUSED and status == ConnectorStatus.ACTIVE:
+        # activating would skip the catch-up run that resuming starts (sync/pause.py)
+        raise InputError(
+            f"connector {connector.id} is paused: resume it instead "
+            f"(`segops-sync connectors resume {connector.id}`)"
+        )
     connector.status = status
     if status == ConnectorStatus.INACTIVE:
         connector.resync_requested = False  # an inactive connector is never synced

@@ -18,12 +18,19 @@ from starlette.schemas import SchemaGenerator
 
 from segops_sync.api_input import (
     CREATE_FIELDS,
+    KLAVIYO_KEY_FIELDS,
     MAX_BODY,
     PATCH_FIELDS,
     RESYNC_FIELDS,
     body_schema,
 )
-from segops_sync.shapes import CONNECTOR_FIELDS, RUN_FIELDS, shape_schema
+from segops_sync.shapes import (
+    CONNECTOR_FIELDS,
+    KLAVIYO_LIST_FIELDS,
+    MEMBER_TRACE_FIELDS,
+    RUN_FIELDS,
+    shape_schema,
+)
 from segops_sync.states import StartReason
 
 ERROR = {
@@ -40,7 +47,9 @@ RESYNC = {
     "required": ["run_id", "outcome"],
 }
 CONNECTOR = shape_schema(CONNECTOR_FIELDS)
+KLAVIYO_LIST = shape_schema(KLAVIYO_LIST_FIELDS)
 RUN = shape_schema(RUN_FIELDS)
+MEMBER_TRACE = shape_schema(MEMBER_TRACE_FIELDS)
 REJECTED_MEMBER = {
     "type": "object",
     "properties": {
@@ -50,8 +59,15 @@ REJECTED_MEMBER = {
         "email": {"type": "string", "nullable": True},
         "external_id": {"type": "string", "nullable": True},
         "reason": {"type": "string", "nullable": True, "description": "Klaviyo's reason"},
+        "retry": {
+            "type": "string",
+            "nullable": True,
+            "enum": ["waiting", "due", None],
+            "description": "waiting: until a context_identified event changes the member's "
+            "data; due: the next run sends it again; null: accepted since, or left the segment",
+        },
     },
-    "required": ["run_id", "run_started_at", "user_id", "email", "external_id", "reason"],
+    "required": ["run_id", "run_started_at", "user_id", "email", "external_id", "reason", "retry"],
 }
 
 
@@ -87,9 +103,12 @@ def _base_schema() -> dict[str, Any]:
                 "Run": RUN,
                 "Resync": RESYNC,
                 "RejectedMember": REJECTED_MEMBER,
+                "MemberTrace": MEMBER_TRACE,
                 "NewConnector": body_schema(CREATE_FIELDS),
                 "ConnectorChange": body_schema(PATCH_FIELDS),
                 "ResyncRequest": body_schema(RESYNC_FIELDS),
+                "KlaviyoKey": body_schema(KLAVIYO_KEY_FIELDS),
+                "KlaviyoList": KLAVIYO_LIST,
             },
             "responses": {
                 "Unauthorized": _error_response(
@@ -104,6 +123,9 @@ def _base_schema() -> dict[str, Any]:
                 "NotFound": _error_response("unknown connector"),
                 "Invalid": _error_response("the input is refused; the message says why"),
                 "TooLarge": _error_response(f"the body is over {MAX_BODY} bytes"),
+                "KlaviyoUnavailable": _error_response(
+                    "Klaviyo did not answer (network, 5xx, its rate limit): try again later"
+                ),
                 "Error": _error_response("any other error"),
             },
         },

@@ -13,10 +13,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from segops_sync.states import ConnectorStatus, RunStatus
+from segops_sync.states import ConnectorStatus, MemberAction, RejectionRetry, RunStatus
 
 if TYPE_CHECKING:  # read through attributes only: the API's input checks load no database
     from segops_sync.db.models import Connector, MassRemovalApproval, SyncRun
+    from segops_sync.klaviyo import KlaviyoList
+    from segops_sync.sync.member_trace import (
+        ConnectorTrace,
+        LedgerState,
+        MemberTrace,
+        RejectionState,
+        TracedRun,
+    )
 
 # -- what a connector accepts --------------------------------------------------------------
 
@@ -194,9 +202,160 @@ RUN_FIELDS: tuple[JsonField[SyncRun], ...] = (
 )
 
 
+# a list of POST /v1/klaviyo/lists (docs/contract.md "List picker")
+KLAVIYO_LIST_FIELDS: tuple[JsonField[KlaviyoList], ...] = (
+    JsonField("id", STRING, lambda k: k.id),
+    JsonField("name", STRING, lambda k: k.name),
+    JsonField(
+        "profile_count",
+        {
+            "type": "integer",
+            "nullable": True,
+            "description": "members on the list; null when not counted (only the first lists are)",
+        },
+        lambda k: k.profile_count,
+    ),
+)
+
+
+def klaviyo_list_json(found: KlaviyoList) -> dict[str, Any]:
+    return shape_json(KLAVIYO_LIST_FIELDS, found)
+
+
 def connector_json(connector: Connector) -> dict[str, Any]:
     return shape_json(CONNECTOR_FIELDS, connector)
 
 
 def run_json(run: SyncRun) -> dict[str, Any]:
     return shape_json(RUN_FIELDS, run)
+
+
+# -- one member across every connector (members trace, GET /v1/members/{user_id}) -------------
+
+BOOLEAN: dict[str, Any] = {"type": "boolean"}
+
+TRACE_LEDGER_FIELDS: tuple[JsonField[LedgerState], ...] = (
+    JsonField(
+        "confirmed",
+        {**BOOLEAN, "description": "false: sent, Klaviyo's answer never recorded (maybe on it)"},
+        lambda e: e.confirmed,
+    ),
+    JsonField("profile_id", NULLABLE_STRING, lambda e: e.profile_id),
+    JsonField("added_at", TIME, lambda e: iso(e.added_at)),
+    JsonField(
+        "suppressed",
+        {**BOOLEAN, "description": "Klaviyo suppresses its email (the last read-back saw it)"},
+        lambda e: e.suppressed,
+    ),
+)
+
+TRACE_REJECTION_FIELDS: tuple[JsonField[RejectionState], ...] = (
+    JsonField("reason", {**NULLABLE_STRING, "description": "Klaviyo's reason"}, lambda r: r.reason),
+    JsonField("run_id", NULLABLE_STRING, lambda r: r.run_id),
+    JsonField("rejected_at", TIME, lambda r: iso(r.rejected_at)),
+    JsonField(
+        "retry",
+        {
+            "type": "string",
+            "enum": [v.value for v in RejectionRetry],
+            "description": "waiting: not sent again until its data changes; due: sent next run",
+        },
+        lambda r: r.retry,
+    ),
+)
+
+TRACE_RUN_FIELDS: tuple[JsonField[TracedRun], ...] = (
+    JsonField("run_id", STRING, lambda r: r.run_id),
+    JsonField("trigger", STRING, lambda r: r.trigger),
+    JsonField(
+        "status", {"type": "string", "enum": [s.value for s in RunStatus]}, lambda r: r.status
+    ),
+    JsonField("started_at", TIME, lambda r: iso(r.started_at)),
+    JsonField("finished_at", NULLABLE_TIME, lambda r: iso(r.finished_at)),
+    JsonField(
+        "action",
+        {"type": "string", "enum": [a.value for a in MemberAction]},
+        lambda r: r.action,
+    ),
+    JsonField(
+        "reason",
+        {
+            **NULLABLE_STRING,
+            "description": "Klaviyo's reason of a rejection; why a removal is pending or a "
+            "member unsettled",
+        },
+        lambda r: r.reason,
+    ),
+    JsonField(
+        "dropped_traits",
+        {
+            "type": "array",
+            "items": STRING,
+            "description": "traits left out of what was sent: Klaviyo would refuse their values",
+        },
+        lambda r: list(r.dropped_traits),
+    ),
+)
+
+TRACE_CONNECTOR_FIELDS: tuple[JsonField[ConnectorTrace], ...] = (
+    JsonField("connector_id", STRING, lambda c: c.connector_id),
+    JsonField("segment_id", STRING, lambda c: c.segment_id),
+    JsonField("list_id", STRING, lambda c: c.list_id),
+    JsonField(
+        "status",
+        {"type": "string", "enum": [s.value for s in ConnectorStatus]},
+        lambda c: c.status,
+    ),
+    JsonField("in_segment", BOOLEAN, lambda c: c.in_segment),
+    JsonField(
+        "on_list",
+        {**BOOLEAN, "description": "the ledger has the member on the connector's list"},
+        lambda c: c.on_list,
+    ),
+    JsonField(
+        "ledger",
+        shape_schema(TRACE_LEDGER_FIELDS, nullable=True, description="null: not on the list"),
+        lambda c: shape_json(TRACE_LEDGER_FIELDS, c.ledger) if c.ledger else None,
+    ),
+    JsonField(
+        "rejection",
+        shape_schema(
+            TRACE_REJECTION_FIELDS,
+            nullable=True,
+            description="Klaviyo rejected the member's data (null: no rejection stands)",
+        ),
+        lambda c: shape_json(TRACE_REJECTION_FIELDS, c.rejection) if c.rejection else None,
+    ),
+    JsonField(
+        "runs",
+        {
+            "type": "array",
+            "items": shape_schema(TRACE_RUN_FIELDS),
+            "description": "what each kept run did to the member, newest first (at most 500)",
+        },
+        lambda c: [shape_json(TRACE_RUN_FIELDS, r) for r in c.runs],
+    ),
+)
+
+MEMBER_TRACE_FIELDS: tuple[JsonField[MemberTrace], ...] = (
+    JsonField("user_id", STRING, lambda t: t.user_id),
+    JsonField(
+        "retention_days",
+        {**INTEGER, "description": "runs older than this are not traced (SEGOPS_RETENTION_DAYS)"},
+        lambda t: t.retention_days,
+    ),
+    JsonField(
+        "connectors",
+        {
+            "type": "array",
+            "items": shape_schema(TRACE_CONNECTOR_FIELDS),
+            "description": "connectors whose segment, ledger, rejections or kept runs name "
+            "the member (empty: none does)",
+        },
+        lambda t: [shape_json(TRACE_CONNECTOR_FIELDS, c) for c in t.connectors],
+    ),
+)
+
+
+def member_trace_json(trace: MemberTrace) -> dict[str, Any]:
+    return shape_json(MEMBER_TRACE_FIELDS, trace)

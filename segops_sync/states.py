@@ -14,6 +14,7 @@ class ConnectorStatus(StrEnum):
     INACTIVE = "inactive"  # never synced
     ACTIVE = "active"
     ERROR = "error"  # the last run failed; still synced at the next trigger
+    PAUSED = "paused"  # a person paused it: recomputes are ignored until it is resumed
 
 
 class RunStatus(StrEnum):
@@ -21,6 +22,7 @@ class RunStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     HELD = "held"  # the mass-removal guard stopped it before Klaviyo was touched
+    CANCELLED = "cancelled"  # the connector was paused: it stopped at a batch boundary
 
 
 class RunPhase(StrEnum):
@@ -63,6 +65,7 @@ class StartReason(StrEnum):
     COALESCED = "coalesced"  # a run is going; one more follows it
     INACTIVE = "inactive"
     DUPLICATE = "duplicate"  # this recompute was already served
+    PAUSED = "paused"  # the connector is paused: nothing runs until it is resumed
 
 
 class Trigger(StrEnum):
@@ -75,6 +78,7 @@ class Trigger(StrEnum):
     # (sync/approvals.py): read, never written, and it approves nothing.
     MASS_REMOVAL = "mass-removal"
     VERIFY = "verify"  # a read-back of the list found what this run repairs
+    RESUME = "resume"  # a paused connector was resumed: one run catches up
 
 
 class PlanStatus(StrEnum):
@@ -92,6 +96,7 @@ class CloseOutcome(StrEnum):
     HELD = "held"  # closed by the planner: the mass-removal guard (for logs, metrics, alerts)
     STILL_OPEN = "still-open"  # a batch is still open: a duplicate chord fired early
     ALREADY_CLOSED = "already-closed"
+    CANCELLED = "cancelled"  # the connector was paused mid-run
 
 
 class AlertEvent(StrEnum):
@@ -101,3 +106,23 @@ class AlertEvent(StrEnum):
     HELD = "sync.held"  # the mass-removal guard held a run
     RECOVERED = "sync.recovered"  # the first clean success after any of the others
     DEGRADED = "sync.degraded"  # a success that rejected too many members or ran too slowly
+
+
+class RejectionRetry(StrEnum):
+    """When a member Klaviyo rejected for its data is sent again (``member_rejections``)."""
+
+    WAITING = "waiting"  # not before a context_identified event changes its data
+    DUE = "due"  # its data changed: the next run sends it again
+
+
+class MemberAction(StrEnum):
+    """What one run did to one member (``members trace``): an ``ItemOutcome``, or why it has none."""
+
+    ADDED = "added"
+    UPDATED = "updated"  # already on the list: its changed traits were sent again
+    REMOVED = "removed"
+    REJECTED = "rejected"  # Klaviyo refused its data (the reason says why)
+    PENDING = "pending"  # a removal Klaviyo could not find yet: the next sync retries it
+    IN_FLIGHT = "in-flight"  # its batch is running: sent, or about to be
+    QUEUED = "queued"  # in a batch of the running run that has not started yet
+    UNSETTLED = "unsettled"  # its batch ended (failed, cancelled) before Klaviyo's answer was kept

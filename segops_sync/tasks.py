@@ -35,13 +35,14 @@ from segops_sync.errors import UnknownConnector
 from segops_sync.observability import logging as obs_log
 from segops_sync.observability.run_log import run_ended, run_started
 from segops_sync.states import CloseOutcome, ConnectorStatus, PlanStatus, StartReason, Trigger
-from segops_sync.sync import retry
+from segops_sync.sync import rejected, retry
 from segops_sync.sync.alerts import deliver, lost_alerts, record_alert
 from segops_sync.sync.batch_step import Finished, Later
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.costs import removals_first
 from segops_sync.sync.fleet import liveness
 from segops_sync.sync.fleet.access import KlaviyoAccess
+from segops_sync.sync.forget import BadUserId, ForgetSource, forget_member
 from segops_sync.sync.inputs.identity import BadIdentity, record_identity
 from segops_sync.sync.lanes import small_run
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
@@ -64,7 +65,12 @@ INFRA_ERRORS = (OperationalError, redis.ConnectionError, redis.TimeoutError)
 MAX_COUNTDOWN = retry.MAX_DELAY
 MAX_ID_LENGTH = 255
 # What closing a run reports on: the call that closed it (or held it), never a repeat.
-CLOSED_BY_THIS_CALL = (CloseOutcome.SUCCEEDED, CloseOutcome.FAILED, CloseOutcome.HELD)
+CLOSED_BY_THIS_CALL = (
+    CloseOutcome.SUCCEEDED,
+    CloseOutcome.FAILED,
+    CloseOutcome.HELD,
+    CloseOutcome.CANCELLED,  # paused: sync/pause.py
+)
 
 
 class SegopsTask(Task):  # type: ignore[misc]
@@ -170,7 +176,8 @@ def context_identified(*args: Any, **kwargs: Any) -> None:
             raise Malformed("traits.email must be a string")
         with session_scope() as s:
             # every trait is kept; connectors choose the ones they send (sync/inputs/traits.py)
-            record_identity(s, user_id, email, traits)
+            if record_identity(s, user_id, email, traits):
+                rejected.data_changed(s, user_id)  # members rejected for their data: retried
     except (Malformed, BadIdentity) as exc:
         _drop("segops.context_identified", str(exc))
 
@@ -196,6 +203,49 @@ def sync_connector(*args: Any, **kwargs: Any) -> None:
             "`segops-sync connectors resync %s --allow-mass-removal` does)",
             connector_id,
         )
+
+
+@app.task(base=SegopsTask, name="segops.forget_user")
+def forget_user(*args: Any, **kwargs: Any) -> None:
+    """The platform's deletion pipeline: forget one member everywhere (sync/forget.py). Its
+    arguments are member data: masked wherever Celery shows them, its result never stored, and
+    nothing here logs them."""
+    try:
+        user_id, klaviyo_delete = _forget_arguments(args, kwargs)
+        outcome = forget_member(
+            user_id,
+            source=ForgetSource.MESSAGE,
+            klaviyo_delete=klaviyo_delete,
+            settings=get_settings(),
+            access=klaviyo_access(),
+        )
+    except (Malformed, BadUserId) as exc:
+        _drop("segops.forget_user", str(exc))
+        return
+    log.info(
+        "forget %d: removed from %d Klaviyo lists, %d Klaviyo deletions requested",
+        outcome.record_id,
+        outcome.lists_removed,
+        outcome.klaviyo_deletions,
+    )
+    for problem in outcome.problems:
+        log.warning("forget %d: %s", outcome.record_id, problem)
+
+
+def _forget_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
+    """(user_id, klaviyo_delete) from ``(user_id, klaviyo_delete=False)``, given by position or
+    by name; the user id is checked by the forget itself."""
+    names = ("user_id", "klaviyo_delete")
+    unknown = set(kwargs) - set(names)
+    if len(args) > len(names) or unknown or any(n in kwargs for n in names[: len(args)]):
+        raise Malformed("arguments must be user_id and, optionally, klaviyo_delete")
+    given = dict(zip(names, args, strict=False)) | kwargs
+    if "user_id" not in given:
+        raise Malformed("user_id is missing")
+    klaviyo_delete = given.get("klaviyo_delete", False)
+    if not isinstance(klaviyo_delete, bool):
+        raise Malformed("klaviyo_delete must be true or false")
+    return given["user_id"], klaviyo_delete
 
 
 def trigger_sync(

@@ -31,6 +31,7 @@ from segops_sync.states import (
     BatchStatus,
     ConnectorStatus,
     ItemOutcome,
+    RejectionRetry,
     RunPhase,
     RunStatus,
     Trigger,
@@ -254,7 +255,9 @@ class MassRemovalApproval(Base):
         Text, ForeignKey("sync_runs.id", ondelete="SET NULL")
     )
     approved_by: Mapped[str] = mapped_column(Text)
-    approved_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    approved_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     __table_args__ = (
         CheckConstraint("length(approved_by) BETWEEN 1 AND 100", name="approved_by"),
@@ -338,6 +341,52 @@ class SyncBatchItem(Base):
     outcome: Mapped[ItemOutcome | None] = mapped_column(StateText(ItemOutcome))  # NULL in flight
     reason: Mapped[str | None] = mapped_column(Text)
     __table_args__ = (Index("ix_sync_batch_items_batch", "run_id", "kind", "seq"),)
+
+
+class MemberRejection(Base):
+    """A member Klaviyo rejected for its data, per connector: it is not sent again until a
+    ``context_identified`` event changes that data (``retry`` becomes ``due``), and the row goes
+    when Klaviyo accepts the member, the member leaves the segment, or is forgotten."""
+
+    __tablename__ = "member_rejections"
+    connector_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("connectors.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    # Klaviyo's reason, as the batch item recorded it
+    reason: Mapped[str | None] = mapped_column(Text)
+    # the run whose batch recorded the rejection (its items may be purged before this row goes)
+    run_id: Mapped[str | None] = mapped_column(Text)
+    rejected_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    retry: Mapped[RejectionRetry] = mapped_column(
+        StateText(RejectionRetry), default=RejectionRetry.WAITING, server_default="waiting"
+    )
+    __table_args__ = (
+        CheckConstraint(f"retry IN ({_values(RejectionRetry)})", name="retry"),
+        # the identity writer marks one user's rejections due
+        Index("ix_member_rejections_user_id", "user_id"),
+    )
+
+
+class ForgetRecord(Base):
+    """That a member was forgotten (``members forget``, ``segops.forget_user``): the one trace a
+    forget leaves, and it holds nothing personal, not even a hash of the user id."""
+
+    __tablename__ = "forget_records"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    requested_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    # cli | message | api
+    source: Mapped[str] = mapped_column(Text)
+    klaviyo_delete: Mapped[bool] = mapped_column(Boolean, default=False)
+    # lists the member was removed from, and data-privacy deletions requested of Klaviyo
+    lists_removed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    klaviyo_deletions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class AlertDelivery(Base):

@@ -7,6 +7,7 @@ from segops_sync.klaviyo.client import DEFAULT_TIMEOUT, KlaviyoClient
 from segops_sync.klaviyo.endpoints import (
     ENDPOINT_LIMITS,
     ENDPOINT_SCOPES,
+    PROFILE_COUNT_LIMIT,
     REVISION,
     Endpoint,
     RateLimit,
@@ -53,6 +54,7 @@ __all__ = [
     "MAX_IDS_PER_RELATIONSHIP_CALL",
     "MAX_JOB_BYTES",
     "MAX_PROFILES_PER_JOB",
+    "PROFILE_COUNT_LIMIT",
     "PROFILE_FIELDS",
     "REVISION",
     "UNFINISHED_JOB_STATES",

@@ -44,11 +44,14 @@ from segops_sync.klaviyo.payloads import (
     MAX_FILTER_VALUES,
     MAX_IDS_PER_RELATIONSHIP_CALL,
     MAX_JOB_BYTES,
+    MAX_LISTS_PAGE_SIZE,
     MAX_PAGE_SIZE,
     MAX_PROFILES_PER_JOB,
     any_filter,
     bulk_import_body,
+    deletion_job_body,
     encode_body,
+    list_create_body,
     profile_import_body,
     relationship_body,
 )
@@ -146,26 +149,40 @@ class KlaviyoClient:
             raise _malformed(Endpoint.GET_ACCOUNTS, "no account in data")
         return _str_field(data[0], "id", Endpoint.GET_ACCOUNTS)
 
-    def get_list(self, list_id: str) -> KlaviyoList:
-        """Checks key and list together in one L-tier call."""
+    def get_list(self, list_id: str, *, profile_count: bool = False) -> KlaviyoList:
+        """Checks key and list together in one L-tier call. With ``profile_count`` the answer
+        also counts the list's members, but Klaviyo then bills the call to its XS tier
+        (PROFILE_COUNT_LIMIT: 1/s, 15/m): ask for a few lists only."""
         endpoint = Endpoint.GET_LIST
-        doc = self._json(self._request(endpoint, endpoint.path(list_id)))
-        data = _dict_field(doc, "data", endpoint)
-        found = _str_field(data, "id", endpoint)
-        if found != list_id:
+        params = {"additional-fields[list]": "profile_count"} if profile_count else None
+        doc = self._json(self._request(endpoint, endpoint.path(list_id), params=params))
+        found = _klaviyo_list(_dict_field(doc, "data", endpoint), endpoint)
+        if found.id != list_id:
             # list ids are case-sensitive: a different id back means the one we asked for is unknown
             raise NotFound(
-                f"asked for list {list_id!r}, Klaviyo answered with {found!r}",
+                f"asked for list {list_id!r}, Klaviyo answered with {found.id!r}",
                 status=200,
                 endpoint=endpoint,
             )
-        attrs = obj(data, "attributes")
-        name, opt_in = attrs.get("name"), attrs.get("opt_in_process")
-        return KlaviyoList(
-            id=found,
-            name=name if isinstance(name, str) else "",
-            opt_in_process=opt_in if isinstance(opt_in, str) else None,
-        )
+        return found
+
+    def iter_lists(self) -> Iterator[KlaviyoList]:
+        """Every list of the key's account, by name, all pages (10 lists a page, Klaviyo's
+        maximum for this call; L tier). Without member counts: GET /api/lists has none."""
+        endpoint = Endpoint.GET_LISTS
+        params = {"page[size]": str(MAX_LISTS_PAGE_SIZE), "sort": "name"}
+        for item in self._paginate(endpoint, endpoint.path(), params):
+            yield _klaviyo_list(item, endpoint)
+
+    def create_list(self, name: str) -> KlaviyoList:
+        """POST /api/lists: a new list with the account's default opt-in process (M tier, and
+        at most 150 a day). Raises ValueError for a blank name."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("a list needs a name")
+        endpoint = Endpoint.CREATE_LIST
+        body = encode_body(list_create_body(name))
+        doc = self._json(self._request(endpoint, endpoint.path(), body=body))
+        return _klaviyo_list(_dict_field(doc, "data", endpoint), endpoint)
 
     def create_bulk_import_job(
         self, profiles: Sequence[ProfileInput], list_id: str
@@ -242,6 +259,15 @@ class KlaviyoClient:
     def remove_profiles_from_list(self, list_id: str, profile_ids: Sequence[str]) -> None:
         """Idempotent; the profiles and their consent stay as they are."""
         self._relationship(Endpoint.REMOVE_LIST_PROFILES, list_id, profile_ids)
+
+    def request_profile_deletion(
+        self, *, profile_id: str | None = None, email: str | None = None
+    ) -> None:
+        """POST /api/data-privacy-deletion-jobs: Klaviyo deletes the profile (by id), or every
+        profile with the email, asynchronously (202). Give exactly one of the two."""
+        endpoint = Endpoint.REQUEST_PROFILE_DELETION
+        body = encode_body(deletion_job_body(profile_id=profile_id, email=email))
+        self._request(endpoint, endpoint.path(), body=body)
 
     def find_profile_ids(
         self, field: Literal["email", "external_id"], values: Sequence[str]
@@ -501,6 +527,17 @@ def _list_member(item: dict[str, Any], endpoint: Endpoint) -> ListMember:
         email=email if isinstance(email, str) else None,
         external_id=ext if isinstance(ext, str) else None,
         suppressed=isinstance(suppression, list) and bool(suppression),
+    )
+
+
+def _klaviyo_list(data: dict[str, Any], endpoint: Endpoint) -> KlaviyoList:
+    attrs = obj(data, "attributes")
+    name, opt_in, count = attrs.get("name"), attrs.get("opt_in_process"), attrs.get("profile_count")
+    return KlaviyoList(
+        id=_str_field(data, "id", endpoint),
+        name=name if isinstance(name, str) else "",
+        opt_in_process=opt_in if isinstance(opt_in, str) else None,
+        profile_count=count if isinstance(count, int) and not isinstance(count, bool) else None,
     )
 
 

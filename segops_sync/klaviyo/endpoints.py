@@ -22,6 +22,10 @@ class Endpoint(StrEnum):
 
     GET_ACCOUNTS = "GET /api/accounts"
     GET_LIST = "GET /api/lists/{id}"
+    # the list picker (connectors create without --list-id, POST /v1/klaviyo/lists)
+    GET_LISTS = "GET /api/lists"
+    # connectors create --create-list
+    CREATE_LIST = "POST /api/lists"
     # ids only: cheaper than /profiles and all reconciliation needs
     GET_LIST_PROFILES = "GET /api/lists/{id}/relationships/profiles"
     # with email and external_id: what verification matches segment members on
@@ -36,6 +40,8 @@ class Endpoint(StrEnum):
     GET_BULK_IMPORT_JOB = "GET /api/profile-bulk-import-jobs/{id}"
     GET_BULK_IMPORT_ERRORS = "GET /api/profile-bulk-import-jobs/{id}/import-errors"
     GET_BULK_IMPORT_PROFILES = "GET /api/profile-bulk-import-jobs/{id}/profiles"
+    # members forget --klaviyo-delete: Klaviyo deletes the profile (asynchronously)
+    REQUEST_PROFILE_DELETION = "POST /api/data-privacy-deletion-jobs"
 
     @property
     def method(self) -> str:
@@ -70,12 +76,15 @@ class RateLimit:
 
 
 XS = RateLimit(burst=1, steady=15)
+S = RateLimit(burst=3, steady=60)
 M = RateLimit(burst=10, steady=150)
 L = RateLimit(burst=75, steady=750)
 
 ENDPOINT_LIMITS: dict[Endpoint, RateLimit] = {
     Endpoint.GET_ACCOUNTS: XS,
     Endpoint.GET_LIST: L,
+    Endpoint.GET_LISTS: L,
+    Endpoint.CREATE_LIST: M,  # and 150 a day, which no limiter here counts
     Endpoint.GET_LIST_PROFILES: L,
     Endpoint.GET_LIST_MEMBERS: L,
     Endpoint.ADD_LIST_PROFILES: M,
@@ -87,11 +96,18 @@ ENDPOINT_LIMITS: dict[Endpoint, RateLimit] = {
     Endpoint.GET_BULK_IMPORT_JOB: M,
     Endpoint.GET_BULK_IMPORT_ERRORS: M,
     Endpoint.GET_BULK_IMPORT_PROFILES: M,
+    Endpoint.REQUEST_PROFILE_DELETION: S,
 }
+
+# GET /api/lists/{id} with additional-fields[list]=profile_count: Klaviyo's XS tier, not L. Only
+# the list picker asks for it, for a few lists at a time (connectors.key_lists).
+PROFILE_COUNT_LIMIT = XS
 
 ENDPOINT_SCOPES: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_ACCOUNTS: frozenset({"accounts:read"}),
     Endpoint.GET_LIST: frozenset({"lists:read"}),
+    Endpoint.GET_LISTS: frozenset({"lists:read"}),
+    Endpoint.CREATE_LIST: frozenset({"lists:write"}),
     Endpoint.GET_LIST_PROFILES: frozenset({"lists:read", "profiles:read"}),
     Endpoint.GET_LIST_MEMBERS: frozenset({"lists:read", "profiles:read"}),
     Endpoint.ADD_LIST_PROFILES: frozenset({"lists:write", "profiles:write"}),
@@ -103,6 +119,7 @@ ENDPOINT_SCOPES: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_BULK_IMPORT_JOB: frozenset({"lists:read", "profiles:read"}),
     Endpoint.GET_BULK_IMPORT_ERRORS: frozenset({"profiles:read"}),
     Endpoint.GET_BULK_IMPORT_PROFILES: frozenset({"profiles:read"}),
+    Endpoint.REQUEST_PROFILE_DELETION: frozenset({"data-privacy:write"}),
 }
 
 

@@ -80,6 +80,8 @@ class KlaviyoList:
     # double_opt_in | single_opt_in (None when Klaviyo did not say): API list membership never
     # subscribes anyone, whatever this says; double opt-in makes that visible to marketers.
     opt_in_process: str | None = None
+    # members on the list; None unless asked for (Klaviyo serves it in its XS tier only)
+    profile_count: int | None = None
 
 
 class JobStatus(StrEnum):

@@ -19,6 +19,8 @@ MAX_JOB_BYTES = 5 * 1024 * 1024
 MAX_IDS_PER_RELATIONSHIP_CALL = 1_000
 MAX_FILTER_VALUES = 100
 MAX_PAGE_SIZE = 100
+# GET /api/lists pages at most 10 lists (the spec's page[size] maximum for it)
+MAX_LISTS_PAGE_SIZE = 10
 # split_into_jobs does not know the list id; it budgets for an id this long (Klaviyo's are 6).
 LIST_ID_RESERVE = 64
 
@@ -55,6 +57,11 @@ def profile_resource(profile: ProfileInput) -> dict[str, Any]:
     return {"type": "profile", "attributes": profile_attributes(profile)}
 
 
+def list_create_body(name: str) -> dict[str, Any]:
+    """ListCreateQuery: the name only, so the account's default opt-in process applies."""
+    return {"data": {"type": "list", "attributes": {"name": name}}}
+
+
 def bulk_import_body(profiles: Sequence[ProfileInput], list_id: str) -> dict[str, Any]:
     """ProfileImportJobCreateQuery with the list attached via data.relationships.lists."""
     return {
@@ -69,6 +76,24 @@ def bulk_import_body(profiles: Sequence[ProfileInput], list_id: str) -> dict[str
 def profile_import_body(profile: ProfileInput) -> dict[str, Any]:
     """ProfileUpsertQuery for POST /api/profile-import."""
     return {"data": profile_resource(profile)}
+
+
+def deletion_job_body(*, profile_id: str | None = None, email: str | None = None) -> dict[str, Any]:
+    """DataPrivacyCreateDeletionJobQuery: the profile named by exactly one identifier (Klaviyo
+    refuses several); by email, every profile with that email goes."""
+    if (profile_id is None) == (email is None):
+        raise ValueError("name the profile by exactly one of profile_id and email")
+    profile: dict[str, Any] = {"type": "profile", "attributes": {}}
+    if profile_id is not None:
+        profile["id"] = profile_id
+    else:
+        profile["attributes"]["email"] = email
+    return {
+        "data": {
+            "type": "data-privacy-deletion-job",
+            "attributes": {"profile": {"data": profile}},
+        }
+    }
 
 
 def relationship_body(profile_ids: Sequence[str]) -> dict[str, Any]:

@@ -10,8 +10,16 @@ from segops_sync.klaviyo_sim.ids import key_fingerprint, private_key, short_id
 from segops_sync.klaviyo_sim.responses import ok_response, self_link
 from segops_sync.klaviyo_sim.state import AccountRecord, Ctx, KeyRecord, SimHttpResponse
 
+# data-privacy:write: `members forget --klaviyo-delete` (a key without it gets Klaviyo's 403)
 DEFAULT_SCOPES: frozenset[str] = frozenset(
-    {"accounts:read", "lists:read", "lists:write", "profiles:read", "profiles:write"}
+    {
+        "accounts:read",
+        "lists:read",
+        "lists:write",
+        "profiles:read",
+        "profiles:write",
+        "data-privacy:write",
+    }
 )
 
 

@@ -81,6 +81,8 @@ class SimState:
         # Profiles accepted in bulk import jobs, per account and identifier (external_id, else
         # email): how many times a sync sent each member.
         self._submitted: dict[str, dict[str, int]] = {}
+        # Profiles a data-privacy deletion job will delete: (when, profile id) (privacy.py).
+        self._pending_deletions: list[tuple[float, str]] = []
 
     def now(self) -> float:
         return self._clock()

@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from segops_sync.klaviyo_sim.lists import ListsMixin
+from segops_sync.klaviyo_sim.privacy import PrivacyMixin
 from segops_sync.klaviyo_sim.profiles import (
     PHONE_RE,
-    ProfilesMixin,
     import_error,
     profile_rejection,
     profile_resource,
@@ -39,7 +39,7 @@ JOB_RETENTION = timedelta(days=7)  # choice: expires_at exists, its duration is 
 _JOB_STATES = frozenset({"queued", "processing", "complete", "cancelled"})
 
 
-class JobsMixin(ProfilesMixin, ListsMixin):
+class JobsMixin(PrivacyMixin, ListsMixin):
     """A job applies profiles (ProfilesMixin) and adds them to its lists (ListsMixin)."""
 
     # The job runner applies this many profiles per turn of the lock, then pauses this long.
@@ -142,6 +142,7 @@ class JobsMixin(ProfilesMixin, ListsMixin):
 
     def _advance(self, now: float) -> None:
         """Completes due jobs lazily: every entry point calls this first."""
+        self._apply_due_deletions(now)  # and due data-privacy deletions (privacy.py)
         if not self._pending_jobs:
             return
         still: list[str] = []

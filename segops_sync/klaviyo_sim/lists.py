@@ -1,5 +1,5 @@
-"""Lists and their members: setup, GET /api/lists/{id}, the member reads and the
-relationship writes (add and remove, which never touch a profile or its consent)."""
+"""Lists and their members: setup, GET and POST /api/lists, GET /api/lists/{id}, the member
+reads and the relationship writes (add and remove, which never touch a profile or its consent)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ from segops_sync.klaviyo_sim.state import (
 )
 
 MAX_RELATIONSHIP_IDS = 1_000
+# GET /api/lists: "Default: 10. Min: 1. Max: 10." (the spec's page[size])
+LISTS_PAGE_SIZE = 10
+_LISTS_SORTS = {"created", "id", "name", "updated"}
 
 
 class ListsMixin(SimState):
@@ -111,23 +114,77 @@ class ListsMixin(SimState):
 
     def _h_get_list(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
         lst = self._owned_list(ctx, params["id"])
-        base = f"{ctx.req.base_url}/api/lists/{lst.id}"
-        resource = {
-            "type": "list",
-            "id": lst.id,
-            "attributes": {
-                "name": lst.name,
-                "created": iso(lst.created),
-                "updated": iso(lst.created),
-                "opt_in_process": lst.opt_in_process,
-            },
-            "relationships": {
-                rel: {"links": {"self": f"{base}/relationships/{rel}", "related": f"{base}/{rel}"}}
-                for rel in ("profiles", "tags", "flow-triggers")
-            },
-            "links": {"self": base},
-        }
+        extra = ctx.query.get("additional-fields[list]")
+        if extra is not None and set(extra.split(",")) != {"profile_count"}:
+            raise Reject(
+                error_response(
+                    400, detail="Invalid additional-fields.", parameter="additional-fields[list]"
+                )
+            )
+        resource = _list_resource(ctx, lst)
+        if extra is not None:  # billed to the XS tier (throttling._bucket)
+            resource["attributes"]["profile_count"] = len(lst.members)
         return ok_response({"data": resource, "links": {"self": self_link(ctx)}})
+
+    def _h_get_lists(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
+        """GET /api/lists: the account's lists, 10 a page at most, filtered by id or name."""
+        account = ctx.account
+        assert account is not None
+        raw = ctx.query.get("page[size]", str(LISTS_PAGE_SIZE))
+        size = int(raw) if raw.isdigit() else 0
+        if not 1 <= size <= LISTS_PAGE_SIZE:
+            raise Reject(
+                error_response(
+                    400,
+                    detail=f"page[size] must be an integer from 1 to {LISTS_PAGE_SIZE}.",
+                    parameter="page[size]",
+                )
+            )
+        size = min(size, self.page_size_cap) if self.page_size_cap else size
+        sort = ctx.query.get("sort", "id")
+        if sort.removeprefix("-") not in _LISTS_SORTS:
+            raise Reject(error_response(400, detail="Invalid sort.", parameter="sort"))
+        lists = [lst for lst in self._lists.values() if lst.account_id == account.id]
+        if "filter" in ctx.query:
+            filt = query_filter(ctx, {"id", "name"})
+            wanted = set(filt.values)
+            lists = [lst for lst in lists if getattr(lst, filt.field) in wanted]
+        key = sort.removeprefix("-")
+        lists.sort(
+            key=lambda lst: (
+                (lst.created, lst.id)
+                if key in ("created", "updated")
+                else (
+                    getattr(lst, key),
+                    lst.id,
+                )
+            ),
+            reverse=sort.startswith("-"),
+        )
+        start = cursor_int(ctx)  # choice: an offset; Klaviyo's cursors are opaque
+        page = lists[start : start + size]
+        nxt = str(start + size) if start + size < len(lists) else None
+        data = [_list_resource(ctx, lst) for lst in page]
+        return ok_response({"data": data, "links": page_links(ctx, nxt)})
+
+    def _h_create_list(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
+        """POST /api/lists (the body passed ListCreateQuery). choice: a name already taken is
+        accepted, as Klaviyo's UI lets two lists share a name (not confirmed for the API)."""
+        account = ctx.account
+        assert account is not None
+        attrs = body["data"]["attributes"]
+        name = attrs["name"]
+        if not name.strip():
+            raise Reject(
+                error_response(
+                    400, detail="The list name may not be blank.", pointer="/data/attributes/name"
+                )
+            )
+        list_id = self.create_list(
+            account.id, name, opt_in_process=attrs.get("opt_in_process") or "double_opt_in"
+        )
+        resource = _list_resource(ctx, self._lists[list_id])
+        return ok_response({"data": resource, "links": {"self": resource["links"]["self"]}}, 201)
 
     def _h_list_member_ids(self, ctx: Ctx, params: dict[str, str], body: Any) -> SimHttpResponse:
         lst = self._owned_list(ctx, params["id"])
@@ -214,6 +271,25 @@ class ListsMixin(SimState):
                 lst.members.pop(pid, None)  # the profile itself (and its consent) stays
             lst.changes += 1
         return SimHttpResponse(204, {})
+
+
+def _list_resource(ctx: Ctx, lst: ListRecord) -> dict[str, Any]:
+    base = f"{ctx.req.base_url}/api/lists/{lst.id}"
+    return {
+        "type": "list",
+        "id": lst.id,
+        "attributes": {
+            "name": lst.name,
+            "created": iso(lst.created),
+            "updated": iso(lst.created),
+            "opt_in_process": lst.opt_in_process,
+        },
+        "relationships": {
+            rel: {"links": {"self": f"{base}/relationships/{rel}", "related": f"{base}/{rel}"}}
+            for rel in ("profiles", "tags", "flow-triggers")
+        },
+        "links": {"self": base},
+    }
 
 
 def _in_join_order(

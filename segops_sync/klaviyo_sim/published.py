@@ -38,6 +38,8 @@ XL = RateLimit(burst=350, steady=3500)
 ENDPOINT_LIMITS: dict[Endpoint, RateLimit] = {
     Endpoint.GET_ACCOUNTS: XS,
     Endpoint.GET_LIST: L,  # without additional-fields[list]=profile_count (then XS)
+    Endpoint.GET_LISTS: L,
+    Endpoint.CREATE_LIST: M,  # the spec adds 150/d, which the simulator does not count
     Endpoint.GET_LIST_PROFILES: L,
     Endpoint.GET_LIST_MEMBERS: L,
     Endpoint.ADD_LIST_PROFILES: M,
@@ -49,13 +51,19 @@ ENDPOINT_LIMITS: dict[Endpoint, RateLimit] = {
     Endpoint.GET_BULK_IMPORT_JOB: M,
     Endpoint.GET_BULK_IMPORT_ERRORS: M,
     Endpoint.GET_BULK_IMPORT_PROFILES: M,
+    Endpoint.REQUEST_PROFILE_DELETION: S,  # request_profile_deletion: 3/s, 60/m
 }
+
+# GET /api/lists/{id} with additional-fields[list]=profile_count (the spec's description of get_list)
+PROFILE_COUNT = XS
 
 _LISTS_READ = frozenset({"lists:read", "profiles:read"})
 _LISTS_WRITE = frozenset({"lists:write", "profiles:write"})
 ENDPOINT_SCOPES: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_ACCOUNTS: frozenset({"accounts:read"}),
     Endpoint.GET_LIST: frozenset({"lists:read"}),
+    Endpoint.GET_LISTS: frozenset({"lists:read"}),
+    Endpoint.CREATE_LIST: frozenset({"lists:write"}),
     Endpoint.GET_LIST_PROFILES: _LISTS_READ,
     Endpoint.GET_LIST_MEMBERS: _LISTS_READ,
     Endpoint.ADD_LIST_PROFILES: _LISTS_WRITE,
@@ -67,4 +75,5 @@ ENDPOINT_SCOPES: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_BULK_IMPORT_JOB: _LISTS_READ,
     Endpoint.GET_BULK_IMPORT_ERRORS: frozenset({"profiles:read"}),
     Endpoint.GET_BULK_IMPORT_PROFILES: frozenset({"profiles:read"}),
+    Endpoint.REQUEST_PROFILE_DELETION: frozenset({"data-privacy:write"}),
 }

@@ -309,6 +309,8 @@ class Simulator(JobsMixin, AccountsMixin, RateLimitsMixin):
 _ROUTES: list[tuple[str, re.Pattern[str], Endpoint, Handler]] = [
     ("GET", re.compile(r"^/api/accounts$"), Endpoint.GET_ACCOUNTS, Simulator._h_accounts),
     ("GET", re.compile(r"^/api/lists/(?P<id>[^/]+)$"), Endpoint.GET_LIST, Simulator._h_get_list),
+    ("GET", re.compile(r"^/api/lists$"), Endpoint.GET_LISTS, Simulator._h_get_lists),
+    ("POST", re.compile(r"^/api/lists$"), Endpoint.CREATE_LIST, Simulator._h_create_list),
     (
         "GET",
         re.compile(r"^/api/lists/(?P<id>[^/]+)/relationships/profiles$"),
@@ -370,13 +372,21 @@ _ROUTES: list[tuple[str, re.Pattern[str], Endpoint, Handler]] = [
         Endpoint.GET_BULK_IMPORT_PROFILES,
         Simulator._h_job_profiles,
     ),
+    (
+        "POST",
+        re.compile(r"^/api/data-privacy-deletion-jobs$"),
+        Endpoint.REQUEST_PROFILE_DELETION,
+        Simulator._h_request_deletion,
+    ),
 ]
 
 _BODY_KINDS: dict[Endpoint, BodyKind] = {
+    Endpoint.CREATE_LIST: "list_create",
     Endpoint.ADD_LIST_PROFILES: "list_members_add",
     Endpoint.REMOVE_LIST_PROFILES: "list_members_delete",
     Endpoint.PROFILE_IMPORT: "profile_import",
     Endpoint.CREATE_BULK_IMPORT_JOB: "bulk_import",
+    Endpoint.REQUEST_PROFILE_DELETION: "deletion_job",
 }
 
 # From the spec's parameters for each operation; anything else is a 400, as Klaviyo does.
@@ -385,6 +395,19 @@ _ALLOWED_PARAMS: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_LIST: frozenset(
         {"additional-fields[list]", "fields[flow]", "fields[list]", "fields[tag]", "include"}
     ),
+    Endpoint.GET_LISTS: frozenset(
+        {
+            "fields[flow]",
+            "fields[list]",
+            "fields[tag]",
+            "filter",
+            "include",
+            "page[cursor]",
+            "page[size]",
+            "sort",
+        }
+    ),
+    Endpoint.CREATE_LIST: frozenset({"fields[list]"}),
     Endpoint.GET_LIST_PROFILES: frozenset({"filter", "page[cursor]", "page[size]", "sort"}),
     Endpoint.GET_LIST_MEMBERS: frozenset(
         {
@@ -425,6 +448,7 @@ _ALLOWED_PARAMS: dict[Endpoint, frozenset[str]] = {
     Endpoint.GET_BULK_IMPORT_PROFILES: frozenset(
         {"additional-fields[profile]", "fields[profile]", "page[cursor]", "page[size]"}
     ),
+    Endpoint.REQUEST_PROFILE_DELETION: frozenset(),
 }
 
 

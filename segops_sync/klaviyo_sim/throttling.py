@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from segops_sync.klaviyo.endpoints import Endpoint
 from segops_sync.klaviyo_sim.base import SimState
-from segops_sync.klaviyo_sim.published import ENDPOINT_LIMITS
+from segops_sync.klaviyo_sim.published import ENDPOINT_LIMITS, PROFILE_COUNT, RateLimit
 from segops_sync.klaviyo_sim.ratelimit import Decision, format_seconds
 from segops_sync.klaviyo_sim.responses import error_response
 from segops_sync.klaviyo_sim.state import Ctx, SimHttpResponse
@@ -52,9 +52,10 @@ class RateLimitsMixin(SimState):
         assert ctx.account is not None and ctx.endpoint is not None
         if self._forced_429:
             return self._throttle(ctx, self._forced_429.pop(0))
+        bucket, limit = _bucket(ctx)
         decision = self._limiter.acquire(
-            (ctx.account.id, ctx.endpoint.value),
-            ENDPOINT_LIMITS[ctx.endpoint],
+            (ctx.account.id, bucket),
+            limit,
             ctx.now,
             enforce=self.enforce_rate_limits,
         )
@@ -83,10 +84,20 @@ class RateLimitsMixin(SimState):
     def _with_limits(self, ctx: Ctx, response: SimHttpResponse) -> SimHttpResponse:
         if ctx.account is None or ctx.endpoint is None:
             return response
-        state: Decision = self._limiter.peek(
-            (ctx.account.id, ctx.endpoint.value), ENDPOINT_LIMITS[ctx.endpoint], ctx.now
-        )
+        bucket, limit = _bucket(ctx)
+        state: Decision = self._limiter.peek((ctx.account.id, bucket), limit, ctx.now)
         response.headers["ratelimit-limit"] = str(state.steady_limit)
         response.headers["ratelimit-remaining"] = str(state.steady_remaining)
         response.headers["ratelimit-reset"] = format_seconds(state.steady_reset)
         return response
+
+
+def _bucket(ctx: Ctx) -> tuple[str, RateLimit]:
+    """The limit a request counts against: its endpoint's, except that a list read asking for
+    profile_count is billed to a tier of its own (XS), as Klaviyo's spec says."""
+    assert ctx.endpoint is not None
+    if ctx.endpoint == Endpoint.GET_LIST and "profile_count" in ctx.query.get(
+        "additional-fields[list]", ""
+    ):
+        return f"{ctx.endpoint.value} profile_count", PROFILE_COUNT
+    return ctx.endpoint.value, ENDPOINT_LIMITS[ctx.endpoint]

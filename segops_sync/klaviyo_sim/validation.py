@@ -2,7 +2,7 @@
 
 ``openapi_client`` ships with the ``klaviyo-api`` package, a test dependency only, so it is
 imported lazily. The fallback checks the same structure (types, required members, enum values)
-for the four bodies the client sends.
+for the bodies the client sends.
 """
 
 from __future__ import annotations
@@ -11,13 +11,25 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
-BodyKind = Literal["bulk_import", "profile_import", "list_members_add", "list_members_delete"]
+BodyKind = Literal[
+    "bulk_import",
+    "profile_import",
+    "list_members_add",
+    "list_members_delete",
+    "list_create",
+    "deletion_job",
+]
 
 _MODELS: dict[str, tuple[str, str]] = {
     "bulk_import": ("profile_import_job_create_query", "ProfileImportJobCreateQuery"),
     "profile_import": ("profile_upsert_query", "ProfileUpsertQuery"),
     "list_members_add": ("list_members_add_query", "ListMembersAddQuery"),
     "list_members_delete": ("list_members_delete_query", "ListMembersDeleteQuery"),
+    "list_create": ("list_create_query", "ListCreateQuery"),
+    "deletion_job": (
+        "data_privacy_create_deletion_job_query",
+        "DataPrivacyCreateDeletionJobQuery",
+    ),
 }
 _PROFILE_STRINGS = (
     "email",
@@ -136,6 +148,44 @@ def _check_members(body: Any) -> list[Problem]:
     return problems
 
 
+def _check_list_create(body: Any) -> list[Problem]:
+    problems: list[Problem] = []
+    data = _object(body, "data", "", problems)
+    if data is None:
+        return problems
+    _enum(data, "type", "list", "/data", problems)
+    attrs = _object(data, "attributes", "/data", problems)
+    if attrs is not None:
+        _string(attrs, "name", "/data/attributes", problems, required=True)
+        opt_in = attrs.get("opt_in_process")
+        if opt_in is not None and opt_in not in ("double_opt_in", "single_opt_in"):
+            where = "/data/attributes/opt_in_process"
+            problems.append(Problem(where, "Input should be 'double_opt_in' or 'single_opt_in'"))
+    return problems
+
+
+def _check_deletion_job(body: Any) -> list[Problem]:
+    problems: list[Problem] = []
+    data = _object(body, "data", "", problems)
+    if data is None:
+        return problems
+    _enum(data, "type", "data-privacy-deletion-job", "/data", problems)
+    attrs = _object(data, "attributes", "/data", problems)
+    profile = None if attrs is None else _object(attrs, "profile", "/data/attributes", problems)
+    where = "/data/attributes/profile"
+    item = None if profile is None else _object(profile, "data", where, problems)
+    if item is None:
+        return problems
+    where += "/data"
+    _enum(item, "type", "profile", where, problems)
+    _string(item, "id", where, problems, required=False)
+    item_attrs = _object(item, "attributes", where, problems)
+    if item_attrs is not None:
+        for name in ("email", "phone_number"):
+            _string(item_attrs, name, f"{where}/attributes", problems, required=False)
+    return problems
+
+
 def _check_profile(item: Any, where: str, problems: list[Problem]) -> None:
     if not isinstance(item, dict):
         problems.append(Problem(where, "Input should be an object"))
@@ -208,4 +258,6 @@ _FALLBACK = {
     "profile_import": _check_upsert,
     "list_members_add": _check_members,
     "list_members_delete": _check_members,
+    "list_create": _check_list_create,
+    "deletion_job": _check_deletion_job,
 }

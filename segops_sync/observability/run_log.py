@@ -42,7 +42,8 @@ def run_ended(
     metrics.count_run(
         connector_id, status, seconds=seconds, added=added, removed=removed, rejected=rejected
     )
-    level = logging.INFO if status == "succeeded" else logging.WARNING
+    # a run cancelled by a pause did what a person asked: no warning
+    level = logging.INFO if status in ("succeeded", "cancelled") else logging.WARNING
     log.log(
         level,
         "run %s in %s: added %d, removed %d, rejected %d%s",

@@ -24,6 +24,7 @@ from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import TransientError
 from segops_sync.states import OPEN_BATCH, BatchKind, BatchStatus, ItemOutcome
 from segops_sync.sync import batch_items
+from segops_sync.sync.pause import PAUSE_REASON, run_paused, stops_for_pause
 from segops_sync.sync.planner import materialize_batch
 from segops_sync.sync.retry import backoff
 
@@ -73,6 +74,11 @@ class BatchContext:
     whole_job_id: str | None = None
     # The members this very step wrote (materialize_batch), in key order: read without a query.
     fresh_members: tuple[tuple[Any, ...], ...] | None = None
+
+    @property
+    def paused(self) -> bool:
+        """The connector was paused when this step began: send nothing new."""
+        return stops_for_pause(self.abort_reason)
 
 
 class BatchStore(Protocol):
@@ -239,3 +245,37 @@ def mark_sending(ctx: BatchContext) -> None:
             .where(SyncBatch.id == ctx.batch_id)
             .values(in_doubt=True, sent_at=func.coalesce(SyncBatch.sent_at, func.now()))
         )
+
+
+def pause_requested(ctx: BatchContext) -> bool:
+    """Asked before the next request that would change the list: the connector may have been
+    paused since this step began (sync/pause.py)."""
+    if ctx.paused:
+        return True
+    with session_scope() as s:
+        return run_paused(s, ctx.run_id)
+
+
+def stop_for_pause(ctx: BatchContext) -> Finished:
+    """End a batch of a paused connector without sending the rest: it closes failed with the
+    pause as its error, counting what Klaviyo confirmed of it. Called only with nothing of it
+    left at Klaviyo unsettled, so its run closes ``cancelled`` with exact counts; ``in_doubt``
+    stays as it is (a send whose answer was lost is still adopted by the next run)."""
+    with session_scope() as s:
+        counts, dropped = batch_items.outcome_counts(s, ctx)
+        s.execute(
+            update(SyncBatch)
+            .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(OPEN_BATCH))
+            .values(
+                status=BatchStatus.FAILED,
+                error=PAUSE_REASON,
+                permanent=False,
+                added=counts.get(ItemOutcome.ADDED, 0),
+                removed=counts.get(ItemOutcome.REMOVED, 0),
+                rejected=counts.get(ItemOutcome.REJECTED, 0),
+                pending=counts.get(ItemOutcome.PENDING, 0),
+                updated=counts.get(ItemOutcome.UPDATED, 0),
+                traits_dropped=dropped,
+            )
+        )
+    return Finished(ctx.batch_id, False)

@@ -31,13 +31,15 @@ from segops_sync.sync.batch_step import (
     PostgresBatchStore,
     finish,
     mark_sending,
+    pause_requested,
     quick_retry,
     record_progress,
+    stop_for_pause,
     transient,
 )
 from segops_sync.sync.bulk_add import add_in_bulk
 from segops_sync.sync.costs import goes_direct
-from segops_sync.sync.direct import add_directly
+from segops_sync.sync.direct import PAUSED, add_directly
 from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.removal import remove
@@ -65,7 +67,11 @@ def run_batch(
     obs_log.bind(run_id=ctx.run_id, connector_id=ctx.connector_id)
     if ctx.status not in OPEN_BATCH:
         return Finished(batch_id, ctx.status == BatchStatus.DONE)
-    if ctx.abort_reason:
+    if ctx.paused and ctx.status == BatchStatus.PENDING:
+        # The batch boundary: nothing of it is at Klaviyo awaiting an answer. (A submitted bulk
+        # batch still settles its jobs, then stops before sending more: sync/bulk_add.py.)
+        return stop_for_pause(ctx)
+    if ctx.abort_reason and not ctx.paused:
         store.fail(ctx, ctx.abort_reason, permanent=True)
         return Finished(batch_id, False)
     try:
@@ -118,7 +124,10 @@ def _add_direct(ctx: BatchContext, client: KlaviyoClient) -> BatchStep:
         retry=quick_retry,
         on_progress=progress,
         on_sending=lambda: mark_sending(ctx),
+        stop=lambda: pause_requested(ctx),
     )
+    if again is PAUSED:
+        return stop_for_pause(ctx)
     if again is not None:
         return Later(0.1, again)
     return finish(ctx)

@@ -39,8 +39,10 @@ from segops_sync.sync.batch_step import (
     Later,
     finish,
     mark_sending,
+    pause_requested,
     quick_retry,
     record_progress,
+    stop_for_pause,
     transient,
 )
 from segops_sync.sync.fleet.access import LimitedSession
@@ -87,7 +89,9 @@ def add_in_bulk(
         unsent: Sequence[Any] = ctx.fresh_members
     else:
         unsent = _unsent(ctx)
-    if unsent:
+    # A paused connector's batch sends no new job; the jobs it has out are still settled.
+    held_back = bool(unsent) and pause_requested(ctx)
+    if unsent and not held_back:
         members = trait_profiles(ctx.run_id, unsent)
         mark_sending(ctx)
         start = 0
@@ -95,6 +99,9 @@ def add_in_bulk(
         with limited.patient(SUBMIT_PATIENCE):
             whole = len(chunks) == 1
             for chunk in chunks:
+                if start and pause_requested(ctx):
+                    held_back = True
+                    break
                 _submit(ctx, client, members[start : start + len(chunk)], jobs, whole=whole)
                 start += len(chunk)
 
@@ -158,7 +165,7 @@ def add_in_bulk(
     if running:
         return Later(view.wait or settings.job_poll_interval, "bulk import job still running")
     jobs.forget(ctx.job_ids)  # nothing of this batch is watched any more
-    return finish(ctx)
+    return stop_for_pause(ctx) if held_back else finish(ctx)
 
 
 def _unsent(ctx: BatchContext) -> Sequence[Any]:

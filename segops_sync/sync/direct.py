@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Profile ids are written back every this many upserts (and whenever the step stops).
 SAVE_EVERY = 25
+# What add_directly returns when the connector was paused before a list write (sync/pause.py).
+PAUSED = "paused before the list write"
 
 
 def member_problem(exc: InvalidRequest) -> str | None:
@@ -52,6 +54,7 @@ def add_directly(
     retry: Callable[..., Any],
     on_progress: Callable[[], None],
     on_sending: Callable[[], None] = lambda: None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> str | None:
     """Drive one synchronous add batch as far as it goes.
 
@@ -59,7 +62,9 @@ def add_directly(
     back (stale profile ids to upsert again). Raises what the client raises (Throttled, 429s,
     transient and permanent errors); the caller maps those exactly as for bulk batches.
     ``retry`` wraps each call (quick in-process retries of transient failures);
-    ``on_sending`` is called (and commits) before the first list write.
+    ``on_sending`` is called (and commits) before the first list write. ``stop`` is asked
+    before each list write (the batch boundary of a pause: upserts put nobody on the list);
+    when it says so, :data:`PAUSED` comes back and nothing more is sent.
     """
     run_id = batch.run_id
     with session_scope() as s:
@@ -86,9 +91,13 @@ def add_directly(
 
     with session_scope() as s:
         pairs = batch_items.unsettled_profile_ids(s, batch)
+    if pairs and stop():  # asked before in_doubt is set: nothing of this batch was sent
+        return PAUSED
     if pairs:  # from here Klaviyo may put them on the list before we record it
         on_sending()
     for start in range(0, len(pairs), MAX_IDS_PER_RELATIONSHIP_CALL):
+        if start and stop():
+            return PAUSED
         chunk = pairs[start : start + MAX_IDS_PER_RELATIONSHIP_CALL]
         users = [u for u, _ in chunk]
         try:

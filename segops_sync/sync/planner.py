@@ -44,6 +44,8 @@ from segops_sync.sync.inputs.identity import (
 )
 from segops_sync.sync.inputs.traits import SELECTED_TRAITS_SQL, TRAITS_HASH_SQL
 from segops_sync.sync.ledger import adopt_in_doubt
+from segops_sync.sync.pause import stops_for_pause
+from segops_sync.sync.rejected import WAITING_SQL, has_waiting
 
 # One bulk import job takes up to 10,000 profiles; the client splits further by the 5 MB cap.
 # (A run with few adds sends them synchronously instead, DIRECT_BATCH_SIZE to a batch.)
@@ -57,6 +59,7 @@ _ADDED_SQL = f"""
     WHERE sm.segment_id = :seg
       AND NOT EXISTS (SELECT 1 FROM connector_members cm
                       WHERE cm.connector_id = :c AND cm.user_id = sm.user_id AND cm.confirmed)
+      AND NOT {WAITING_SQL.format(user="sm.user_id")}
 """
 _REMOVED_SQL = """
     SELECT cm.user_id, cm.email, cm.external_id, cm.profile_id
@@ -87,8 +90,24 @@ _DELTA_SQL = """
     FROM (SELECT user_id FROM segment_members WHERE segment_id = :seg) s
     FULL JOIN (SELECT user_id, email, external_id, profile_id, confirmed FROM connector_members
                WHERE connector_id = :c) cm ON cm.user_id = s.user_id
-    WHERE s.user_id IS NULL OR cm.user_id IS NULL OR NOT cm.confirmed
+    WHERE (s.user_id IS NULL OR cm.user_id IS NULL OR NOT cm.confirmed){waiting}
 """
+
+
+def _delta_sql(waiting: bool) -> str:
+    """The delta; with ``waiting``, without the joiners that wait for new data after Klaviyo
+    rejected them (sync/rejected.py): only connectors that have such members pay for the check."""
+    clause = f" AND NOT (cm.user_id IS NULL AND {WAITING_SQL.format(user='s.user_id')})"
+    return _DELTA_SQL.format(waiting=clause if waiting else "")
+
+
+def _waiting_clause(session: Session, connector_id: str, user: str) -> str:
+    """`` AND NOT <waiting>`` for a joiners' statement of a connector with waiting members."""
+    if not has_waiting(session, connector_id):
+        return ""
+    return f" AND NOT {WAITING_SQL.format(user=user)}"
+
+
 # Enough for the hash of a few million ids in one batch instead of spilling to disk in eight.
 _DELTA_WORK_MEM = "SET LOCAL work_mem = '128MB'"
 
@@ -115,6 +134,9 @@ def start_run(
     connector = get_connector(session, connector_id, lock=True)
     if connector.status == ConnectorStatus.INACTIVE:
         return StartOutcome(None, StartReason.INACTIVE)
+    if connector.status == ConnectorStatus.PAUSED:
+        # ignored, not queued: the resume's own run catches up (sync/pause.py)
+        return StartOutcome(None, StartReason.PAUSED)
     if recompute_id is not None:
         seen = session.scalar(
             select(SyncRun.id).where(
@@ -175,6 +197,9 @@ def plan_run(session: Session, run_id: str, settings: Settings) -> Plan:
         return Plan(run_id, PlanStatus.FINISHED)
     if run.phase != RunPhase.PLANNING:
         return _open_batches(session, run)
+    if stops_for_pause(run.abort_reason):  # paused before it was planned: no batch at all
+        run.phase = RunPhase.DISPATCHED
+        return Plan(run_id, PlanStatus.EMPTY)
     connector = session.get_one(Connector, run.connector_id)
     run.list_id = connector.list_id
     # Members an ended run sent without recording Klaviyo's answer may be on the list: the
@@ -316,7 +341,7 @@ _ORDERED_BOUNDS_SQL = """
       FROM segment_members s
       WHERE s.segment_id = :seg
         AND NOT EXISTS (SELECT 1 FROM connector_members cm
-                        WHERE cm.connector_id = :c AND cm.user_id = s.user_id)
+                        WHERE cm.connector_id = :c AND cm.user_id = s.user_id){waiting}
       WINDOW w AS (ORDER BY s.user_id)) j
     WHERE rn % :add_step IN (0, 1) OR last OR rn <= :listed
     UNION ALL
@@ -337,7 +362,8 @@ def _delta_bounds(session: Session, params: dict[str, Any], *, traits: bool) -> 
     )
     if not ledger:  # a first sync
         return _ordered_delta_bounds(session, params)
-    delta = f"SELECT user_id, joins FROM ({_DELTA_SQL}) x"
+    waiting = has_waiting(session, params["c"])
+    delta = f"SELECT user_id, joins FROM ({_delta_sql(waiting)}) x"
     if traits:  # members whose named traits changed go with the adds
         delta += f" UNION ALL SELECT c.user_id, true FROM ({_CHANGED_SQL}) c"
     marks: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
@@ -363,7 +389,9 @@ def _ordered_delta_bounds(session: Session, params: dict[str, Any]) -> DeltaBoun
     rows: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
     totals: dict[bool, int] = {}
     for joins, rn, user_id, last in session.execute(
-        text(_ORDERED_BOUNDS_SQL),
+        text(
+            _ORDERED_BOUNDS_SQL.format(waiting=_waiting_clause(session, params["c"], "s.user_id"))
+        ),
         {**params, "add_step": steps[True], "remove_step": steps[False], "listed": LISTED_DELTA},
     ):
         rows[bool(joins)].append((int(rn), user_id))
@@ -419,6 +447,7 @@ def materialize_batch(
             f"WHERE s.segment_id = :seg{in_range('s.user_id')} AND NOT EXISTS "
             "(SELECT 1 FROM connector_members cm WHERE cm.connector_id = :c "
             f"AND cm.user_id = s.user_id{in_range('cm.user_id')} AND cm.confirmed)"
+            + _waiting_clause(session, connector.id, "s.user_id")
         )
         traits = "NULL, NULL"
         if connector.traits:
@@ -541,7 +570,7 @@ def delta_sizes(session: Session, connector: Connector) -> tuple[int, int]:
     row = session.execute(
         text(
             "SELECT count(*) FILTER (WHERE joins), count(*) FILTER (WHERE NOT joins) "
-            f"FROM ({_DELTA_SQL}) d"
+            f"FROM ({_delta_sql(has_waiting(session, connector.id))}) d"
         ),
         {"seg": connector.segment_id, "c": connector.id},
     ).one()
@@ -573,7 +602,7 @@ def leaver_keys(session: Session, connector: Connector) -> list[tuple[str, Remov
             "SELECT user_id, CASE WHEN NULLIF(profile_id, '') IS NOT NULL THEN 'id' "
             "WHEN NULLIF(external_id, '') IS NOT NULL THEN 'external_id' "
             "WHEN NULLIF(email, '') IS NOT NULL THEN 'email' END "
-            f"FROM ({_DELTA_SQL}) d WHERE NOT joins"
+            f"FROM ({_delta_sql(False)}) d WHERE NOT joins"
         ),
         {"seg": connector.segment_id, "c": connector.id},
     )

@@ -28,6 +28,10 @@ class RejectedMember:
     email: str | None
     external_id: str | None
     reason: str | None
+    # the member's retry state now (member_rejections): waiting (for a context_identified event
+    # that changes its data), due (its data changed: the next run sends it), or None (accepted
+    # since, or no longer in the segment)
+    retry: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -37,6 +41,7 @@ class RejectedMember:
             "email": self.email,
             "external_id": self.external_id,
             "reason": self.reason,
+            "retry": self.retry,
         }
 
 
@@ -51,8 +56,10 @@ def rejected_members(
             raise UnknownRun(connector_id, run_id)
     rows = session.execute(
         text(
-            "SELECT it.run_id, r.started_at, it.user_id, it.email, it.external_id, it.reason "
-            "FROM sync_batch_items it JOIN sync_runs r ON r.id = it.run_id "
+            "SELECT it.run_id, r.started_at, it.user_id, it.email, it.external_id, it.reason, "
+            "mr.retry FROM sync_batch_items it JOIN sync_runs r ON r.id = it.run_id "
+            "LEFT JOIN member_rejections mr ON mr.connector_id = r.connector_id "
+            "AND mr.user_id = it.user_id "
             "WHERE r.connector_id = :c AND it.outcome = 'rejected' "
             "AND (CAST(:r AS text) IS NULL OR it.run_id = :r) "
             "ORDER BY r.started_at DESC, it.run_id, it.user_id LIMIT :n"
@@ -60,3 +67,68 @@ def rejected_members(
         {"c": connector_id, "r": run_id, "n": max(0, min(limit, MAX_REJECTED))},
     ).all()
     return [RejectedMember(*row) for row in rows]
+
+
+# -- the retry state (member_rejections): a member rejected for its data waits for new data --
+
+# A joiner this connector does not send: Klaviyo rejected it, and no context_identified event
+# has changed its data since. ``{user}`` is the joiner's user_id column; ``:c`` the connector.
+WAITING_SQL = (
+    "EXISTS (SELECT 1 FROM member_rejections mr WHERE mr.connector_id = :c "
+    "AND mr.user_id = {user} AND mr.retry = 'waiting')"
+)
+
+
+def has_waiting(session: Session, connector_id: str) -> bool:
+    """Whether any joiner of the connector waits for new data: only then do the planner's
+    statements carry the extra anti-join (the common case keeps its measured plans)."""
+    return bool(
+        session.scalar(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM member_rejections "
+                "WHERE connector_id = :c AND retry = 'waiting')"
+            ),
+            {"c": connector_id},
+        )
+    )
+
+
+def record_rejections(session: Session, run: SyncRun) -> None:
+    """When a run closes: each member it saw rejected waits for new data, and each rejected
+    member now confirmed on the list, or gone from the segment, waits no more.
+
+    A context_identified event that arrived after the run started may already hold the fix the
+    run did not send: such a member is due at once rather than waiting for another event."""
+    session.execute(
+        text(
+            "INSERT INTO member_rejections AS mr (connector_id, user_id, reason, run_id, "
+            "rejected_at, retry) "
+            "SELECT :c, it.user_id, it.reason, it.run_id, now(), "
+            "CASE WHEN i.identified_at > :started THEN 'due' ELSE 'waiting' END "
+            "FROM sync_batch_items it LEFT JOIN identities i ON i.user_id = it.user_id "
+            "WHERE it.run_id = :r AND it.outcome = 'rejected' "
+            "ON CONFLICT (connector_id, user_id) DO UPDATE SET reason = EXCLUDED.reason, "
+            "run_id = EXCLUDED.run_id, rejected_at = EXCLUDED.rejected_at, retry = EXCLUDED.retry"
+        ),
+        {"c": run.connector_id, "r": run.id, "started": run.started_at},
+    )
+    session.execute(
+        text(
+            "DELETE FROM member_rejections mr WHERE mr.connector_id = :c AND ("
+            "EXISTS (SELECT 1 FROM connector_members cm WHERE cm.connector_id = :c "
+            "AND cm.user_id = mr.user_id AND cm.confirmed) OR NOT EXISTS (SELECT 1 FROM "
+            "segment_members sm JOIN connectors k ON k.segment_id = sm.segment_id "
+            "WHERE k.id = :c AND sm.user_id = mr.user_id))"
+        ),
+        {"c": run.connector_id},
+    )
+
+
+def data_changed(session: Session, user_id: str) -> int:
+    """A context_identified event changed the member's email or traits: every connector that
+    rejected it sends it again at its next run. Returns the rejections made due."""
+    result = session.execute(
+        text("UPDATE member_rejections SET retry = 'due' WHERE user_id = :u AND retry = 'waiting'"),
+        {"u": user_id},
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -27,8 +27,10 @@ from segops_sync.sync.batch_step import (
     BatchStep,
     Later,
     finish,
+    pause_requested,
     quick_retry,
     record_progress,
+    stop_for_pause,
 )
 from segops_sync.sync.ledger import added_times, confirm_removed, forget_profile_ids
 from segops_sync.sync.outcomes import Action, decide
@@ -64,6 +66,8 @@ def remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Batc
         found.update(hits)
     profile_ids.update(found)
 
+    if profile_ids and pause_requested(ctx):  # paused: no DELETE; the lookups changed nothing
+        return stop_for_pause(ctx)
     if profile_ids:
         pairs = sorted(profile_ids.items())
         try:

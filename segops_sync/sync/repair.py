@@ -72,13 +72,15 @@ def verify_and_repair(
     ours to remove); ``remove_extra`` adopts the foreign ones too. ``on_run_problem`` hears
     "repair sync <run id>: <status>: <error>" when the repair run did not succeed and said why,
     before the second read-back (which may fail in turn). Raises InputError for an
-    unknown connector or a repair of an inactive one, RepairFailed when Klaviyo or the run
-    fails us."""
+    unknown connector or a repair of an inactive or paused one, RepairFailed when Klaviyo or
+    the run fails us."""
     with session_scope() as s:
         connector = get_connector(s, connector_id)
         status, list_id = connector.status, connector.list_id
     if repair and status == ConnectorStatus.INACTIVE:
         raise InputError(f"connector {connector_id} is inactive: activate it before --repair")
+    if repair and status == ConnectorStatus.PAUSED:
+        raise InputError(f"connector {connector_id} is paused: resume it before --repair")
     settings.require_secret_key()
     _wait_for_no_run(connector_id, timeout=timeout, sleep=sleep)
     access = KlaviyoAccess(settings)

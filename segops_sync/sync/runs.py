@@ -23,7 +23,9 @@ from segops_sync.states import (
     Trigger,
 )
 from segops_sync.sync.ledger import suppressed_count
+from segops_sync.sync.pause import PAUSE_REASON, stops_for_pause
 from segops_sync.sync.planner import StartOutcome, start_run
+from segops_sync.sync.rejected import record_rejections
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ class RunClosed:
     run_id: str
     status: CloseOutcome
     next_run: StartOutcome | None = None
-    # Set when this call closed the run (succeeded | failed): what the logs and metrics report.
+    # Set when this call closed the run (succeeded | failed | cancelled): what the logs and
+    # metrics report.
     connector_id: str | None = None
     seconds: float | None = None
     added: int = 0
@@ -43,7 +46,7 @@ class RunClosed:
 
     @property
     def closed_now(self) -> bool:
-        return self.status in (CloseOutcome.SUCCEEDED, CloseOutcome.FAILED)
+        return self.status in (CloseOutcome.SUCCEEDED, CloseOutcome.FAILED, CloseOutcome.CANCELLED)
 
 
 def _closed(run: SyncRun, outcome: CloseOutcome, next_run: StartOutcome | None) -> RunClosed:
@@ -87,17 +90,28 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     if failed:
         permanent = next((b for b in failed if b.permanent), None)
         error = (permanent or failed[0]).error or "a batch failed"
-    elif run.rejected:
-        error = _rejections(session, run)
+    # Members Klaviyo rejected for their data do not fail the run: they wait for new data
+    # (sync/rejected.py), `connectors rejected` names them, and a large share is sync.degraded.
+    record_rejections(session, run)
     now = datetime.now(UTC)
     run.finished_at, run.phase = now, RunPhase.FINISHED
+    if stops_for_pause(run.abort_reason):
+        # Not a failure: no alert, and the connector keeps its status (paused, or active if it
+        # was resumed meanwhile), its last_error and its last_synced_at (the sync is not done).
+        run.status = RunStatus.CANCELLED
+        run.error = _cancelled(batches)
+        return _closed(run, CloseOutcome.CANCELLED, _follow_up(session, connector))
     if error is None:
         run.status = RunStatus.SUCCEEDED
+        notes = []
+        if run.rejected:
+            notes.append(_rejections(session, run))
         if run.pending:
-            run.error = (
+            notes.append(
                 f"{run.pending} removals wait for Klaviyo to index the profiles; "
                 "the next sync retries them"
             )
+        run.error = "; ".join(notes) or None
         connector.last_synced_at = now
         connector.last_error = run.error
         if connector.status == ConnectorStatus.ERROR:
@@ -105,7 +119,7 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
         closed = CloseOutcome.SUCCEEDED
     else:
         run.status, run.error = RunStatus.FAILED, error
-        if connector.status != ConnectorStatus.INACTIVE:
+        if connector.status not in _KEPT_ON_FAILURE:
             connector.status = ConnectorStatus.ERROR
         connector.last_error = error
         closed = CloseOutcome.FAILED
@@ -125,12 +139,25 @@ def fail_run(session: Session, run_id: str, reason: str) -> RunClosed:
     run.added = sum(b.added for b in batches)
     run.removed = sum(b.removed for b in batches)
     run.rejected = sum(b.rejected for b in batches)
+    record_rejections(session, run)
     run.status, run.phase, run.error = RunStatus.FAILED, RunPhase.FINISHED, reason
     run.finished_at = datetime.now(UTC)
-    if connector.status != ConnectorStatus.INACTIVE:
+    if connector.status not in _KEPT_ON_FAILURE:
         connector.status = ConnectorStatus.ERROR
     connector.last_error = reason
     return _closed(run, CloseOutcome.FAILED, _follow_up(session, connector))
+
+
+# A person's choice outlives a failed run: inactive stays inactive, paused stays paused.
+_KEPT_ON_FAILURE = (ConnectorStatus.INACTIVE, ConnectorStatus.PAUSED)
+
+
+def _cancelled(batches: list[SyncBatch]) -> str:
+    stopped = sum(1 for b in batches if b.status == BatchStatus.FAILED and b.error == PAUSE_REASON)
+    return (
+        f"{PAUSE_REASON} ({stopped} of {len(batches)} batches stopped early); "
+        "resuming the connector syncs the rest"
+    )
 
 
 def _follow_up(session: Session, connector: Connector) -> StartOutcome | None:
@@ -217,8 +244,8 @@ def _rejections(session: Session, run: SyncRun) -> str:
     ).all()
     summary = "; ".join(f"{n}x {reason}" for reason, n in reasons)
     return (
-        f"{run.rejected} members rejected by Klaviyo ({summary}); fix them in the segment's data "
-        "(the others were synced)"
+        f"{run.rejected} members rejected by Klaviyo ({summary}); the others were synced, and "
+        "these are sent again when a context_identified event changes their data"
     )
 
 

@@ -438,13 +438,18 @@ def start_verified_run(session: Session, connector_id: str, result: Comparison) 
     return outcome
 
 
+# The beat's read-back skips connectors nobody syncs now.
+_NOT_VERIFIED = (ConnectorStatus.INACTIVE, ConnectorStatus.PAUSED)
+
+
 def verifiable_connectors(session: Session) -> list[str]:
     """Active connectors (and those in error: a repair may be what they need) with no run going:
-    a list read while a run writes to it would count its members as missing."""
+    a list read while a run writes to it would count its members as missing. A paused one is
+    left alone until it is resumed (its catch-up run follows)."""
     return list(
         session.scalars(
             select(Connector.id)
-            .where(Connector.status != ConnectorStatus.INACTIVE)
+            .where(Connector.status.not_in(_NOT_VERIFIED))
             .where(
                 ~select(SyncRun.id)
                 .where(SyncRun.connector_id == Connector.id, SyncRun.status == RunStatus.RUNNING)
@@ -470,15 +475,11 @@ def verify_for_beat(
     connector_id: str, access: KlaviyoAccess, settings: Settings, *, sleep: Sleep = time.sleep
 ) -> Comparison | None:
     """The beat's verification of one connector: None when there is nothing to do (gone,
-    inactive, a run writing to the list) or the list could not be read (logged, retried at the
+    inactive or paused, a run writing to the list) or the list could not be read (logged, retried at the
     next tick). Extra profiles are reported, never removed from here."""
     with session_scope() as s:
         connector = s.get(Connector, connector_id)
-        if (
-            connector is None
-            or connector.status == ConnectorStatus.INACTIVE
-            or is_running(s, connector_id)
-        ):
+        if connector is None or connector.status in _NOT_VERIFIED or is_running(s, connector_id):
             return None
         list_id = connector.list_id
     try:

@@ -230,15 +230,22 @@
     });
     const resync = el("button", { type: "button", className: "small ghost", textContent: "Resync" });
     resync.addEventListener("click", () => startResync(c, resync));
+    // Pause or Resume, as the connector's status says (hidden while inactive).
+    const hold = el("button", { type: "button", className: "small ghost" });
+    hold.addEventListener("click", () => {
+      const current = connectors.find((x) => x.id === c.id);
+      pauseOrResume(current || c, hold);
+    });
     tr.append(
       el("td", { className: "segment" }),
       el("td", { className: "list" }),
       el("td", { className: "status" }),
       el("td", { className: "synced" }),
       el("td", { className: "error" }),
-      el("td", { className: "actions" }, toggle, resync),
+      el("td", { className: "actions" }, toggle, hold, resync),
     );
     tr._toggle = toggle;
+    tr._hold = hold;
     return tr;
   }
 
@@ -257,6 +264,8 @@
       runNote = el("span", { className: "badge syncing", textContent: "syncing…" });
     } else if (run && run.status === "held") {
       runNote = el("small", { className: "muted block", textContent: "last run held: needs approval" });
+    } else if (run && run.status === "cancelled") {
+      runNote = el("small", { className: "muted block", textContent: "last run cancelled by a pause" });
     }
     put(status, badge, runNote);
 
@@ -277,6 +286,10 @@
     } else {
       error.replaceChildren(el("span", { className: "muted", textContent: "—" }));
     }
+
+    const hold = tr._hold;
+    hold.textContent = c.status === "paused" ? "Resume" : "Pause";
+    hold.hidden = c.status === "inactive";
 
     const toggle = tr._toggle;
     const activate = c.status === "inactive";
@@ -332,7 +345,30 @@
     coalesced: "a sync is already running; it will run once more when it ends",
     duplicate: "this sync was already requested",
     inactive: "the connector is inactive: activate it first",
+    paused: "the connector is paused: resume it first",
   };
+
+  async function pauseOrResume(c, button) {
+    const action = c.status === "paused" ? "resume" : "pause";
+    button.disabled = true;
+    try {
+      await api("POST", `/v1/connectors/${encodeURIComponent(c.id)}/${action}`);
+      pageAlert("");
+      say(
+        `${c.segment_id}: ` +
+          (action === "pause"
+            ? "paused; a running sync stops at its next batch boundary."
+            : "resumed; a sync catches up now."),
+      );
+      busyUntil = Date.now() + BUSY_AFTER_ACTION_MS;
+      await tick();
+    } catch (err) {
+      if (err.status === 401) return signOut("The API token was refused: sign in again.");
+      pageAlert(`${c.segment_id}: ${err.message}`);
+    } finally {
+      button.disabled = false;
+    }
+  }
 
   async function startResync(c, button) {
     button.disabled = true;
@@ -357,7 +393,61 @@
     $("new-connector").setAttribute("aria-expanded", String(open));
     show($("create-alert"), "");
     if (open) $("segment").focus();
-    else $("create-form").reset();
+    else {
+      $("create-form").reset();
+      forgetLists();
+    }
+  }
+
+  // -- list picker: once a key is pasted, the List ID field offers that key's lists ------------
+
+  const LIST_HINT = $("list-id-hint").textContent;
+  let listsAskedFor = ""; // the key whose lists are offered (or being fetched)
+  let listsAlertShown = false; // the form's alert holds a lookup error, not a refused Create
+
+  function offerLists(lists) {
+    $("key-lists").replaceChildren(
+      ...lists.map((l) => {
+        const members = l.profile_count === null ? "" : ` · ${l.profile_count} member${l.profile_count === 1 ? "" : "s"}`;
+        // the value is what the field gets; the label is what a person recognises
+        return el("option", { value: l.id, label: `${l.name} (${l.id}${members})` });
+      }),
+    );
+  }
+
+  async function fetchLists() {
+    const key = $("api-key").value.trim();
+    if (!key || key === listsAskedFor) return;
+    listsAskedFor = key;
+    offerLists([]);
+    $("list-id-hint").textContent = "Looking up the key's lists in Klaviyo…";
+    try {
+      const { doc } = await api("POST", "/v1/klaviyo/lists", { api_key: key });
+      if (listsAskedFor !== key) return; // another key was pasted meanwhile
+      offerLists(doc.lists);
+      if (listsAlertShown) show($("create-alert"), "");
+      listsAlertShown = false;
+      $("list-id-hint").textContent = doc.lists.length
+        ? `${doc.lists.length} list${doc.lists.length === 1 ? "" : "s"} of this key: pick one in List ID (or type an id).`
+        : "This key has no lists in Klaviyo: create one there first.";
+    } catch (err) {
+      if (listsAskedFor !== key) return;
+      listsAskedFor = ""; // a fixed key (or a second try) asks again
+      $("list-id-hint").textContent = LIST_HINT;
+      if (err.status === 401) return signOut("The API token was refused: sign in again.");
+      show($("create-alert"), `Cannot list the key's lists: ${err.message}`);
+      listsAlertShown = true;
+    }
+  }
+
+  $("api-key").addEventListener("change", fetchLists);
+  // a paste changes the value only after the event: read it on the next turn
+  $("api-key").addEventListener("paste", () => setTimeout(fetchLists, 0));
+
+  function forgetLists() {
+    listsAskedFor = "";
+    offerLists([]);
+    $("list-id-hint").textContent = LIST_HINT;
   }
 
   $("new-connector").addEventListener("click", () => openCreate($("create-panel").hidden));
@@ -393,6 +483,7 @@
       if (err.status === 401) return signOut("The API token was refused: sign in again.");
       // say so: the key field was emptied above, and must be filled again before a retry
       show($("create-alert"), `${err.message} (the API key field was emptied: enter the key again)`);
+      listsAlertShown = false;
     } finally {
       button.disabled = false;
     }

@@ -166,6 +166,34 @@ def test_creation_refuses_what_the_api_refuses_and_creates_an_inactive_connector
     assert row_counts()["connectors"] == before["connectors"] + 1
 
 
+def test_a_pasted_key_offers_its_lists_by_name_in_the_list_id_field(
+    page: Any, stack_env: dict[str, str], klaviyo: Klaviyo
+) -> None:
+    from playwright.sync_api import expect
+
+    news = klaviyo.sim.create_list(klaviyo.account, "Newsletter")
+    sign_in(page, stack_env["SEGOPS_API_TOKEN"])
+    page.get_by_role("button", name="New connector").click()
+    form_alert = page.locator("#create-panel").get_by_role("alert")
+    key = page.get_by_label("API key")
+    key.fill("pk_" + "q" * 34)
+    key.press("Tab")  # leaving the field is a change, as a paste is
+    expect(form_alert).to_contain_text("Klaviyo rejected the API key")
+
+    key.fill(klaviyo.api_key)
+    key.press("Tab")
+    field = page.get_by_label("List ID")  # still found by its name, with the lists beside it
+    offered = page.locator(f"datalist#{field.get_attribute('list')} option")
+    expect(offered).to_have_count(2)
+    assert offered.evaluate_all("os => os.map(o => [o.value, o.label])") == [
+        [news, f"Newsletter ({news} · 0 members)"],
+        [klaviyo.list_id, f"Synced ({klaviyo.list_id} · 0 members)"],
+    ]
+    expect(form_alert).to_be_hidden()  # the refusal is gone once a key is taken
+    field.fill(news)  # an offered id, or any typed by hand, is the field's value
+    expect(field).to_have_value(news)
+
+
 def test_activate_sync_resync_and_deactivate_from_the_page(
     page: Any, stack_env: dict[str, str], klaviyo: Klaviyo, worker: Any, tmp_path: Path
 ) -> None:
@@ -202,6 +230,19 @@ def test_activate_sync_resync_and_deactivate_from_the_page(
     assert run_count(cid) == runs_before + 1
     assert latest_run(cid).trigger == "resync"
     wait_idle(cid, runs_at_least=runs_before + 1)
+
+    # Pause: the status says so, a resync is refused, and Resume syncs once to catch up.
+    row.get_by_role("button", name="Pause").click()
+    expect(row.locator(".badge-status")).to_have_text("paused")
+    assert status_in_db(cid) == "paused"
+    row.get_by_role("button", name="Resync").click()
+    expect(page.get_by_role("alert")).to_contain_text("is paused: resume it first")
+    row.get_by_role("button", name="Resume").click()
+    expect(page.get_by_role("status")).to_contain_text("resumed; a sync catches up")
+    expect(row.locator(".badge-status")).to_have_text("active")
+    expect(row.get_by_role("button", name="Pause")).to_be_visible()
+    wait_idle(cid, runs_at_least=runs_before + 2)
+    assert (latest_run(cid).trigger, latest_run(cid).status) == ("resume", "succeeded")
 
     # A key revoked in Klaviyo: the next sync that has work fails, and status and last error
     # show it by themselves.

@@ -95,6 +95,34 @@ def test_unknown_connector_is_404(api: httpx.Client) -> None:
     assert api.get("/v1/connectors/nope").status_code == 404
     assert api.patch("/v1/connectors/nope", json={"status": "active"}).status_code == 404
     assert api.delete("/v1/connectors/nope").status_code == 404
+    assert api.post("/v1/connectors/nope/pause").status_code == 404
+    assert api.post("/v1/connectors/nope/resume").status_code == 404
+
+
+def test_pause_and_resume_over_http(
+    api: httpx.Client, klaviyo: Klaviyo, worker: WorkerProcess
+) -> None:
+    """Each answers the connector; what cannot be done is a 422 that changes nothing."""
+    cid = create_connector(klaviyo, new_segment(), activate=False)
+    refused = api.post(f"/v1/connectors/{cid}/pause")
+    assert refused.status_code == 422 and "inactive" in refused.json()["error"]
+    assert api.patch(f"/v1/connectors/{cid}", json={"status": "active"}).status_code == 200
+    assert api.post(f"/v1/connectors/{cid}/resume").status_code == 422  # not paused
+    for _ in range(2):  # a second pause changes nothing
+        paused = api.post(f"/v1/connectors/{cid}/pause")
+        assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    for answer in (
+        api.post(f"/v1/connectors/{cid}/resync"),
+        api.patch(f"/v1/connectors/{cid}", json={"status": "active"}),
+    ):
+        assert answer.status_code == 422 and "paused" in answer.json()["error"]
+    assert api.get(f"/v1/connectors/{cid}/runs").json()["runs"] == []
+    resumed = api.post(f"/v1/connectors/{cid}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] == "active"
+    wait_idle(cid)  # the catch-up run, of an empty segment
+    [run] = api.get(f"/v1/connectors/{cid}/runs").json()["runs"]
+    assert (run["trigger"], run["status"]) == ("resume", "succeeded")
+    assert api.delete(f"/v1/connectors/{cid}").status_code == 204
 
 
 def test_a_resync_approves_a_held_mass_removal_in_the_tokens_name(

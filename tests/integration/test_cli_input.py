@@ -48,6 +48,8 @@ def _bad(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = No
         ("connectors", "deactivate", UNKNOWN),
         ("connectors", "update", UNKNOWN, "--list-id", "AbC123", "--no-verify"),
         ("connectors", "resync", UNKNOWN),
+        ("connectors", "pause", UNKNOWN),
+        ("connectors", "resume", UNKNOWN),
         ("connectors", "preview", UNKNOWN),
         ("connectors", "plan", UNKNOWN),
         ("connectors", "plan", UNKNOWN, "--json"),

@@ -1,4 +1,5 @@
-"""``sync.degraded`` on the real stack: a run far slower than its expected time is delivered as
+"""``sync.degraded`` on the real stack: a run far slower than its expected time, or one that had
+Klaviyo reject more than the share of its members, is delivered as
 a signed ``sync.degraded`` alert, once, and the next clean run as ``sync.recovered``.
 
 A worker of its own: the slow floor (``SEGOPS_ALERT_SLOW_MIN_SECONDS``, an internal knob) is
@@ -133,3 +134,33 @@ def test_a_slow_run_sends_degraded_then_a_clean_run_sends_recovered(
             {"c": connector_id},
         ).all()
     assert [tuple(r) for r in rows] == [("sync.degraded", 1), ("sync.recovered", 1)]
+
+
+def test_a_run_rejecting_too_large_a_share_sends_degraded_then_recovered(
+    stack: Stack, tmp_path: Path
+) -> None:
+    k = Klaviyo.new(stack.sim, stack.base_url)
+    segment = new_segment()
+    tag = uuid.uuid4().hex[:6]
+    connector_id = create_connector(k, segment)
+    good = [f"ok{i}.{tag}@example.com" for i in range(9)]
+    bad = f"bad,{tag}@example.com"  # our pattern lets it through; Klaviyo refuses it
+    recompute(segment, [*good, bad], tmp_path)
+    wait_idle(connector_id)
+    [degraded] = _alerts(stack, connector_id, 1)
+    assert (degraded["event"], degraded["status"]) == ("sync.degraded", "succeeded")
+    assert degraded["degraded"] == {
+        "reason": "rejected_share",
+        "rejected": 1,
+        "handled": 10,
+        "share": 0.1,
+        "threshold": 0.05,
+    }
+    assert tag not in degraded["error"]  # counts only, never a member
+
+    # the rejected member waits for new data; a clean run follows and recovers
+    recompute(segment, [*good, bad, f"ok9.{tag}@example.com"], tmp_path)
+    wait_idle(connector_id, runs_at_least=2)
+    alerts = _alerts(stack, connector_id, 2)
+    assert [a["event"] for a in alerts] == ["sync.degraded", "sync.recovered"]
+    assert k.members().keys() == {*good, f"ok9.{tag}@example.com"}

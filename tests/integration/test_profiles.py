@@ -356,9 +356,11 @@ def test_rejected_members_are_listed_one_by_one(
     with session_scope() as s:
         for m in [*good, *long_ids]:
             s.execute(text("INSERT INTO segment_members VALUES (:s, :u)"), {"s": segment, "u": m})
-    assert cli("connectors", "resync", connector_id, "--wait").returncode == 1
+    # rejected members do not fail the run: it succeeds, and its error names them
+    assert cli("connectors", "resync", connector_id, "--wait").returncode == 0
     [run] = cli_json("connectors", "history", connector_id)
-    assert run["rejected"] == 2
+    assert (run["status"], run["rejected"]) == ("succeeded", 2)
+    assert "2 members rejected by Klaviyo" in run["error"]
     assert run["rejected_members"] == f"/v1/connectors/{connector_id}/runs/{run['id']}/rejected"
 
     doc = cli_json("connectors", "rejected", connector_id, "--run", run["id"])
@@ -366,8 +368,9 @@ def test_rejected_members_are_listed_one_by_one(
     assert sorted(m["user_id"] for m in listed) == sorted(long_ids)
     assert all("external_id" in (m["reason"] or "") for m in listed)
     assert all(m["run_id"] == run["id"] for m in listed)
+    assert all(m["retry"] == "waiting" for m in listed)
     text_out = cli("connectors", "rejected", connector_id, check=True).stdout
-    assert long_ids[0] in text_out
+    assert long_ids[0] in text_out and "retry=waiting" in text_out
     bad_run = cli("connectors", "rejected", connector_id, "--run", "no-such-run")
     assert bad_run.returncode == 2
 
@@ -436,3 +439,42 @@ def test_the_beat_verifies_at_the_configured_interval(
             assert [(r["added"], r["verify"]["missing"]) for r in repairs] == [(3, 3)]
         finally:
             worker.stop()
+
+
+def test_a_rejected_member_is_sent_again_once_a_context_identified_event_fixes_its_email(
+    worker: WorkerProcess, klaviyo: Klaviyo, producer: Celery, tmp_path: Path
+) -> None:
+    segment = new_segment()
+    tag = uuid.uuid4().hex[:6]
+    fixable, others = f"fix-{tag}", [f"ok{i}-{tag}" for i in range(3)]
+    _identify(producer, fixable, {"email": f"bad,{tag}@example.com"})  # Klaviyo refuses it
+    _wait_traits(fixable, {"email": f"bad,{tag}@example.com"})
+    connector_id = create_connector(klaviyo, segment)
+    recompute(segment, [*others, fixable], tmp_path)
+    wait_idle(connector_id)
+    [first] = cli_json("connectors", "history", connector_id)
+    assert (first["status"], first["added"], first["rejected"]) == ("succeeded", 3, 1)
+
+    # a recompute alone does not send it again: its data has not changed
+    recompute(segment, [*others, fixable, f"new-{tag}"], tmp_path)
+    wait_idle(connector_id, runs_at_least=2)
+    second = cli_json("connectors", "history", connector_id)[0]
+    assert (second["added"], second["rejected"]) == (1, 0)
+    [row] = cli_json("connectors", "rejected", connector_id)["rejected_members"]
+    assert (row["user_id"], row["retry"]) == (fixable, "waiting")
+
+    # the platform's event with a corrected email makes it due; the next run sends it
+    _identify(producer, fixable, {"email": f"fixed-{tag}@example.com"})
+    _wait_traits(fixable, {"email": f"fixed-{tag}@example.com"})
+    [row] = cli_json("connectors", "rejected", connector_id)["rejected_members"]
+    assert row["retry"] == "due"
+    cli("connectors", "resync", connector_id, check=True)
+    wait_idle(connector_id, runs_at_least=3)
+    third = cli_json("connectors", "history", connector_id)[0]
+    assert (third["status"], third["added"], third["rejected"], third["error"]) == (
+        "succeeded",
+        1,
+        0,
+        None,
+    )
+    assert fixable in klaviyo.members()

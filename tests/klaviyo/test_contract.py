@@ -101,6 +101,9 @@ def exercise_every_operation(env: Env) -> list[Sent]:
     client, recorder = env.recording_client()
     client.get_account_id()
     client.get_list(env.list_id)
+    client.get_list(env.list_id, profile_count=True)
+    client.create_list("Picked")
+    list(client.iter_lists())
     profile_id = client.upsert_profile(ProfileInput(email="solo@example.com", external_id="u-0"))
     client.upsert_profile(ProfileInput(external_id="only-external"))
     client.upsert_profile(ProfileInput(external_id="u-t", fields=TRAIT_FIELDS, properties=PROPS))
@@ -125,6 +128,9 @@ def exercise_every_operation(env: Env) -> list[Sent]:
     list(client.iter_list_profile_ids(env.list_id))
     list(client.iter_list_members(env.list_id))
     client.find_list_profile_ids(env.list_id, ["p0@example.com", 'we"ird\\@example.com'])
+    # last: the profiles are gone once Klaviyo has run the deletions
+    client.request_profile_deletion(profile_id=profile_id)
+    client.request_profile_deletion(email="p1@example.com")
     return recorder.sent
 
 
@@ -172,6 +178,8 @@ def test_every_body_round_trips_through_the_official_model(traffic: list[Sent]) 
         "create_or_update_profile",
         "add_profiles_to_list",
         "remove_profiles_from_list",
+        "create_list",
+        "request_profile_deletion",
     }
     for sent in bodies:
         op = operation_for(sent.method, sent.path)
@@ -324,6 +332,7 @@ def _job(mutate: Any) -> dict[str, Any]:
     return body
 
 
+_PROFILE_BY_ID = {"data": {"type": "profile", "id": "01ABC", "attributes": {}}}
 BAD_BODIES: list[tuple[str, str, dict[str, Any], str]] = [
     (
         "bulk_import",
@@ -403,12 +412,43 @@ BAD_BODIES: list[tuple[str, str, dict[str, Any], str]] = [
         {"data": {"type": "profile", "attributes": {"external_id": 12}}},
         "/data/attributes/external_id",
     ),
+    (
+        "list_create",
+        "name missing",
+        {"data": {"type": "list", "attributes": {}}},
+        "/data/attributes/name",
+    ),
+    (
+        "list_create",
+        "unknown opt-in process",
+        {"data": {"type": "list", "attributes": {"name": "N", "opt_in_process": "none"}}},
+        "/data/attributes/opt_in_process",
+    ),
+    (
+        "deletion_job",
+        "wrong deletion type",
+        {"data": {"type": "profile-deletion-job", "attributes": {"profile": _PROFILE_BY_ID}}},
+        "/data/type",
+    ),
+    (
+        "deletion_job",
+        "profile not wrapped in data",
+        {
+            "data": {
+                "type": "data-privacy-deletion-job",
+                "attributes": {"profile": {"type": "profile", "id": "01ABC"}},
+            }
+        },
+        "/data/attributes/profile/data",
+    ),
 ]
 _MODELS = {
     "bulk_import": "ProfileImportJobCreateQuery",
     "profile_import": "ProfileUpsertQuery",
     "list_members_add": "ListMembersAddQuery",
     "list_members_delete": "ListMembersDeleteQuery",
+    "list_create": "ListCreateQuery",
+    "deletion_job": "DataPrivacyCreateDeletionJobQuery",
 }
 
 
@@ -435,6 +475,8 @@ def test_both_validators_accept_what_the_client_sends(
         "create_or_update_profile": "profile_import",
         "add_profiles_to_list": "list_members_add",
         "remove_profiles_from_list": "list_members_delete",
+        "create_list": "list_create",
+        "request_profile_deletion": "deletion_job",
     }
     for sent in (s for s in traffic if s.body):
         kind: Any = kinds[operation_for(sent.method, sent.path).name]
@@ -504,3 +546,44 @@ def test_simulator_validates_without_the_sdk_installed(monkeypatch: pytest.Monke
     good = _job(lambda b: None)
     good["data"]["relationships"]["lists"]["data"][0]["id"] = list_id
     assert sim.call("POST", "/api/profile-bulk-import-jobs", key=key, json_body=good).status == 202
+
+
+def test_simulator_list_answers_parse_with_the_official_response_models(env: Env) -> None:
+    """GET /api/lists (every page), POST /api/lists and GET /api/lists/{id} with profile_count
+    answer what the SDK's response models accept, links.next included."""
+    for name in ("B list", "A list"):
+        env.sim.create_list(env.account_id, name)
+    headers = {"revision": REVISION, "content-type": "application/vnd.api+json"}
+    created = env.sim.call(
+        "POST",
+        "/api/lists",
+        key=env.key,
+        headers=headers,
+        json_body={"data": {"type": "list", "attributes": {"name": "C list"}}},
+    )
+    assert created.status == 201
+    model_class("PostListCreateResponse").model_validate(created.json())
+    page = env.sim.call(
+        "GET", "/api/lists", key=env.key, params={"page[size]": "2", "sort": "name"}
+    )
+    doc = page.json()
+    model_class("GetListListResponseCollectionCompoundDocument").model_validate(doc)
+    assert [d["attributes"]["name"] for d in doc["data"]] == ["A list", "B list"]
+    assert "page%5Bcursor%5D=" in doc["links"]["next"]
+    counted = env.sim.call(
+        "GET",
+        f"/api/lists/{env.list_id}",
+        key=env.key,
+        params={"additional-fields[list]": "profile_count"},
+    )
+    doc = counted.json()
+    model_class("GetListRetrieveResponseCompoundDocument").model_validate(doc)
+    assert doc["data"]["attributes"]["profile_count"] == 0
+
+
+def test_deletion_requests_name_the_profile_by_one_identifier(traffic: list[Sent]) -> None:
+    deletions = [s.json() for s in traffic if s.path == "/api/data-privacy-deletion-jobs"]
+    profiles = [d["data"]["attributes"]["profile"]["data"] for d in deletions]
+    assert [d["data"]["type"] for d in deletions] == ["data-privacy-deletion-job"] * 2
+    assert profiles[0]["type"] == "profile" and profiles[0]["attributes"] == {}
+    assert profiles[1] == {"type": "profile", "attributes": {"email": "p1@example.com"}}

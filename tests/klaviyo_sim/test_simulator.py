@@ -633,3 +633,125 @@ def test_profiles_submitted_in_bulk_jobs_are_counted_per_identifier(fake: Setup)
     assert fake.sim.call("POST", JOB_PATH, key=fake.key, json_body=refused).status == 400
     assert fake.sim.submitted_counts(fake.account) == {"c1@example.com": 2, "u2": 2}
     assert fake.sim.submitted_counts("other-account") == {}
+
+
+# -- the list picker's calls: GET and POST /api/lists, profile_count ------------------------------
+
+
+def test_lists_page_by_ten_at_most_and_refuse_bad_queries(fake: Setup) -> None:
+    for i in range(11):
+        fake.sim.create_list(fake.account, f"N{i:02d}")
+    other = fake.sim.create_account()
+    fake.sim.create_list(other, "not this account's")
+    first = fake.sim.call("GET", "/api/lists", key=fake.key, params={"sort": "-name"})
+    assert first.status == 200
+    page = first.json()
+    assert len(page["data"]) == 10
+    cursor = re.search(r"page%5Bcursor%5D=([^&]+)", page["links"]["next"])
+    assert cursor is not None
+    rest = fake.sim.call(
+        "GET", "/api/lists", key=fake.key, params={"sort": "-name", "page[cursor]": cursor[1]}
+    ).json()
+    names = [d["attributes"]["name"] for d in page["data"] + rest["data"]]
+    assert names == [
+        "N10",
+        "N09",
+        "N08",
+        "N07",
+        "N06",
+        "N05",
+        "N04",
+        "N03",
+        "N02",
+        "N01",
+        "N00",
+        "L",
+    ]
+    assert "next" not in rest["links"]
+    named = fake.sim.call(
+        "GET", "/api/lists", key=fake.key, params={"filter": 'equals(name,"N03")'}
+    )
+    assert [d["attributes"]["name"] for d in named.json()["data"]] == ["N03"]
+    for params in ({"page[size]": "11"}, {"sort": "members"}, {"filter": 'equals(opt_in,"x")'}):
+        assert fake.sim.call("GET", "/api/lists", key=fake.key, params=params).status == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"data": {"type": "list", "attributes": {"name": "  "}}},
+        {"data": {"type": "list", "attributes": {"name": 5}}},
+        {"data": {"type": "segment", "attributes": {"name": "N"}}},
+        {"data": {"type": "list"}},
+    ],
+)
+def test_a_bad_new_list_is_400_and_makes_nothing(fake: Setup, body: dict[str, Any]) -> None:
+    before = fake.sim.call("GET", "/api/lists", key=fake.key).json()["data"]
+    answer = fake.sim.call("POST", "/api/lists", key=fake.key, json_body=body)
+    assert answer.status == 400 and answer.json()["errors"][0]["source"]["pointer"]
+    assert fake.sim.call("GET", "/api/lists", key=fake.key).json()["data"] == before
+
+
+def test_a_new_list_is_201_and_a_read_only_key_is_403(fake: Setup) -> None:
+    body = {"data": {"type": "list", "attributes": {"name": "Fresh"}}}
+    answer = fake.sim.call("POST", "/api/lists", key=fake.key, json_body=body)
+    assert answer.status == 201
+    made = answer.json()["data"]
+    assert made["attributes"]["name"] == "Fresh"
+    assert fake.get_list().status == 200
+    reader = fake.sim.create_key(fake.account, scopes=["lists:read"])
+    assert fake.sim.call("POST", "/api/lists", key=reader, json_body=body).status == 403
+
+
+def test_profile_count_is_billed_to_the_xs_tier(fake: Setup, clock: FakeClock) -> None:
+    fake.add(fake.sim.add_profile(fake.account, email="a@example.com"))
+    counted = {"additional-fields[list]": "profile_count"}
+    path = f"/api/lists/{fake.list_id}"
+    first = fake.sim.call("GET", path, key=fake.key, params=counted)
+    assert first.json()["data"]["attributes"]["profile_count"] == 1
+    assert first.headers["ratelimit-limit"] == "15"
+    assert fake.sim.call("GET", path, key=fake.key, params=counted).status == 429
+    # the plain read keeps its own L budget, without the count
+    plain = fake.get_list()
+    assert plain.status == 200 and "profile_count" not in plain.json()["data"]["attributes"]
+    clock.advance(1.0)
+    assert fake.sim.call("GET", path, key=fake.key, params=counted).status == 200
+    refused = {"additional-fields[list]": "members"}
+    assert fake.sim.call("GET", path, key=fake.key, params=refused).status == 400
+
+
+def test_a_deletion_job_deletes_the_one_profile_it_names_after_answering_202() -> None:
+    sim = Simulator(job_delay=0.0, enforce_rate_limits=False)  # 4 calls: over the S tier's 3/s
+    account = sim.create_account()
+    key = sim.create_key(account)
+    list_id = sim.create_list(account)
+    by_id, by_email = (sim.add_profile(account, email=f"d{i}@example.com") for i in range(2))
+    sim.add_to_list(list_id, [by_id, by_email])
+
+    def deletion(profile: dict[str, Any]) -> SimHttpResponse:
+        body = {"data": {"type": "data-privacy-deletion-job", "attributes": {"profile": profile}}}
+        return sim.call("POST", "/api/data-privacy-deletion-jobs", key=key, json_body=body)
+
+    both = {"type": "profile", "id": by_id, "attributes": {"email": "d1@example.com"}}
+    assert deletion({"data": both}).status == 400  # several identifiers: refused
+    assert deletion({"data": {"type": "profile", "id": by_id, "attributes": {}}}).status == 202
+    email = {"type": "profile", "attributes": {"email": "D1@example.com"}}
+    assert deletion({"data": email}).status == 202
+    assert (sim.profile(by_id), sim.profile(by_email), sim.list_members(list_id)) == (
+        None,
+        None,
+        [],
+    )
+    scoped = sim.create_key(account, scopes={"profiles:write"})
+    refused = sim.call(
+        "POST",
+        "/api/data-privacy-deletion-jobs",
+        key=scoped,
+        json_body={
+            "data": {
+                "type": "data-privacy-deletion-job",
+                "attributes": {"profile": {"data": {"type": "profile", "attributes": {}}}},
+            }
+        },
+    )
+    assert refused.status == 403

@@ -65,6 +65,13 @@ def test_messages_our_processes_publish_carry_masked_argument_copies() -> None:
     assert ids.headers["argsrepr"] == "('run-1',)"
 
 
+def test_forget_user_shows_its_argument_names_only() -> None:
+    argsrepr, kwargsrepr = masked_reprs(
+        "segops.forget_user", ("cust-77",), {"klaviyo_delete": True}
+    )
+    assert (argsrepr, kwargsrepr) == ("['[redacted]']", "{'klaviyo_delete': '[redacted]'}")
+
+
 def test_sql_errors_carry_no_parameter_values() -> None:
     from segops_sync.db.session import make_engine
 

@@ -20,6 +20,7 @@ from segops_sync.db.models import (
     Connector,
     LedgerEntry,
     MassRemovalApproval,
+    MemberRejection,
     SyncBatch,
     SyncBatchItem,
     SyncRun,
@@ -28,12 +29,13 @@ from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint, ProfileInput
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
 from segops_sync.states import BatchStatus, ConnectorStatus, Trigger
-from segops_sync.sync import batch_items, bulk_add, planner
+from segops_sync.sync import batch_items, bulk_add, planner, rejected
 from segops_sync.sync.approvals import APPROVAL_LIFETIME, approve_mass_removal
 from segops_sync.sync.batch_step import Finished, Later, PostgresBatchStore
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, Delta, expected_requests
 from segops_sync.sync.fleet.access import KlaviyoAccess, Throttled
+from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.planner import (
     ADD_BATCH_SIZE,
     REMOVE_BATCH_SIZE,
@@ -217,7 +219,7 @@ def test_the_ordered_bounds_agree_with_the_full_join(
     params = {"seg": segment, "c": connector_id}
     with session_scope() as s:
         ordered = planner._ordered_delta_bounds(s, params)
-        delta = f"SELECT user_id, joins FROM ({planner._DELTA_SQL}) x"
+        delta = f"SELECT user_id, joins FROM ({planner._delta_sql(False)}) x"
         marks: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
         totals: dict[bool, int] = {}
         for joins, rn, user_id, total in s.execute(
@@ -446,11 +448,17 @@ def test_a_whole_job_rejection_drops_the_named_member_and_sends_the_rest(world: 
     connector_id = _connector(world, segment, members)
     run = _sync(world, connector_id)
     assert _on_list(world) == set(members[:-1])
-    assert (run.status, run.added, run.rejected) == ("failed", 20, 1)
+    # rejected members do not fail the run: they wait for new data, and the error says so
+    assert (run.status, run.added, run.rejected) == ("succeeded", 20, 1)
     assert run.error and "1 members rejected by Klaviyo" in run.error
     with session_scope() as s:
         connector = s.get_one(Connector, connector_id)
-        assert connector.status == "error" and connector.last_error == run.error
+        assert connector.status == "active" and connector.last_error == run.error
+        assert s.execute(
+            select(MemberRejection.user_id, MemberRejection.retry, MemberRejection.run_id).where(
+                MemberRejection.connector_id == connector_id
+            )
+        ).all() == [("bad,address@example.com", "waiting", run.id)]
         reason = s.scalar(
             select(SyncBatchItem.reason).where(
                 SyncBatchItem.run_id == run.id, SyncBatchItem.outcome == "rejected"
@@ -473,15 +481,57 @@ def test_per_profile_import_errors_are_reported_and_the_rest_synced(world: World
     connector_id = _connector(world, segment, members)
     run = _sync(world, connector_id)
     assert _on_list(world) == set(members[:-1])
-    assert (run.status, run.added, run.rejected) == ("failed", 10, 1)
+    assert (run.status, run.added, run.rejected) == ("succeeded", 10, 1)
     with session_scope() as s:
         states = s.execute(
             select(SyncRun.id, SyncRun.status).where(SyncRun.connector_id == connector_id)
         ).all()
-    assert len(states) == 1 and states[0][1] == "failed", states
-    # the next run tries the rejected member again and nobody else
+    assert len(states) == 1 and states[0][1] == "succeeded", states
+    # the next run does not send the rejected member again: no new data, nothing to try
     run2 = _sync(world, connector_id)
-    assert (run2.added, run2.removed, run2.rejected) == (0, 0, 1)
+    assert (run2.planned_adds, run2.added, run2.removed, run2.rejected) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("world", ["bulk", "direct"], indirect=True)
+def test_a_member_rejected_for_its_data_is_retried_when_its_data_changes_and_not_before(
+    world: World,
+) -> None:
+    segment = f"fix-{uuid.uuid4().hex[:6]}"
+    fixable, leaving = f"{segment}-fix", f"{segment}-gone"
+    members = [f"{segment}-{i}" for i in range(5)] + [fixable, leaving]
+    connector_id = _connector(world, segment, members)
+    with session_scope() as s:  # emails Klaviyo refuses (our own pattern lets them through)
+        record_identity(s, fixable, "bad,address@example.com")
+        record_identity(s, leaving, "also,bad@example.com")
+    run = _sync(world, connector_id)
+    assert (run.status, run.added, run.rejected) == ("succeeded", 5, 2)
+    retry = select(MemberRejection.user_id, MemberRejection.retry).where(
+        MemberRejection.connector_id == connector_id
+    )
+    with session_scope() as s:
+        assert sorted(s.execute(retry).all()) == [(fixable, "waiting"), (leaving, "waiting")]
+        # the same event again is no new data
+        assert record_identity(s, fixable, "bad,address@example.com") is False
+    assert _sync(world, connector_id).planned_adds == 0  # not sent again: nothing changed
+    with session_scope() as s:
+        assert record_identity(s, fixable, "fixed@example.com") is True
+        assert rejected.data_changed(s, fixable) == 1
+        assert rejected.data_changed(s, fixable) == 0  # already due
+        listed = {m.user_id: m.retry for m in rejected.rejected_members(s, connector_id)}
+        assert listed == {fixable: "due", leaving: "waiting"}
+        s.execute(
+            text("DELETE FROM segment_members WHERE segment_id = :s AND user_id = :u"),
+            {"s": segment, "u": leaving},
+        )
+    run3 = _sync(world, connector_id)
+    assert (run3.status, run3.planned_adds, run3.added, run3.rejected) == ("succeeded", 1, 1, 0)
+    assert run3.error is None
+    assert fixable in _on_list(world)
+    with session_scope() as s:
+        # accepted: it waits no more; gone from the segment: neither
+        assert s.execute(retry).all() == []
+        listed = {m.user_id: m.retry for m in rejected.rejected_members(s, connector_id)}
+        assert listed == {fixable: None, leaving: None}  # the history stays, retry state gone
 
 
 def test_a_batch_waiting_for_a_submission_slot_builds_its_job_body_once(

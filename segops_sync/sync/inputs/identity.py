@@ -18,6 +18,11 @@ from sqlalchemy.orm import Session
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 _EMAIL_RE = re.compile(EMAIL_PATTERN)
 MAX_USER_ID = 255
+# The longest user id a look-up by id accepts (members trace, members forget): the member-list
+# input caps ids at MAX_USER_ID, but the recompute service writes segment_members itself, and an
+# id Klaviyo rejected for its length is exactly one a person wants to trace, or must forget.
+# (Below the 2,704 bytes a PostgreSQL primary-key index holds.)
+MAX_KNOWN_USER_ID = 1_000
 
 
 def is_email(value: str) -> bool:
@@ -53,9 +58,10 @@ MAX_TRAITS_BYTES = 64 * 1024
 
 def record_identity(
     session: Session, user_id: str, email: str | None, traits: Mapping[str, Any] | None = None
-) -> None:
+) -> bool:
     """Store the latest ``context_identified`` event of a user: all its traits, as received,
-    and its email (an event without an email keeps the one seen before)."""
+    and its email (an event without an email keeps the one seen before). Returns whether the
+    stored email or traits changed (a member Klaviyo rejected is sent again only then)."""
     if not user_id or len(user_id) > MAX_USER_ID:
         raise BadIdentity(f"user_id must be 1 to {MAX_USER_ID} characters")
     if email is not None and not is_email(email):
@@ -69,12 +75,17 @@ def record_identity(
         raise BadIdentity(f"traits exceed {MAX_TRAITS_BYTES} bytes")
     if "\\u0000" in encoded or "\x00" in encoded:
         raise BadIdentity("traits contain a NUL character, which PostgreSQL cannot store")
-    session.execute(
+    # ``before`` reads the row as it was when the statement began (one snapshot for both parts).
+    changed = session.scalar(
         text(
-            "INSERT INTO identities (user_id, email, traits, identified_at) "
+            "WITH before AS (SELECT email, traits FROM identities WHERE user_id = :u) "
+            "INSERT INTO identities AS i (user_id, email, traits, identified_at) "
             "VALUES (:u, :e, CAST(:t AS jsonb), now()) "
-            "ON CONFLICT (user_id) DO UPDATE SET email = COALESCE(EXCLUDED.email, identities.email), "
-            "traits = EXCLUDED.traits, identified_at = now()"
+            "ON CONFLICT (user_id) DO UPDATE SET email = COALESCE(EXCLUDED.email, i.email), "
+            "traits = EXCLUDED.traits, identified_at = now() "
+            "RETURNING NOT EXISTS (SELECT 1 FROM before b WHERE b.email IS NOT DISTINCT FROM "
+            "i.email AND b.traits = i.traits)"
         ),
         {"u": user_id, "e": email, "t": encoded},
     )
+    return bool(changed)

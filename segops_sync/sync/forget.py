@@ -1,0 +1,641 @@
+"""Forget a member (``members forget``, ``segops.forget_user``): off every Klaviyo list, out of
+every table, and (asked for) deleted in Klaviyo.
+
+1. A ``forget_records`` row says a forget began (source, whether Klaviyo deletes too): nothing
+   personal, not even a hash of the user id.
+2. One transaction deletes what we keep of the member: its ``segment_members`` rows (in every
+   segment: no plan includes it again), ``identities``, ``connector_members``,
+   ``sync_batch_items``, ``member_rejections``, the ``list_snapshots`` rows of its email or
+   external id; its user id leaves the member lists and key bounds of ``sync_batches``. It first
+   locks the open batches of the running runs of every connector that knows the member, then those
+   connectors' rows (``FOR UPDATE``, the order a batch step takes them): no materialization or
+   ledger write (sync/ledger.py, which holds the connector row per statement) interleaves, so
+   nothing written from the member's rows survives the transaction. What the member's
+   identifiers were (emails, external ids, profile ids per list) is kept in memory only.
+3. Each list that knew the member (its ledger, a batch of a run, a list read back) is asked to
+   drop it: the profile ids we knew, and those Klaviyo finds by external id (account-wide) and
+   by email on the list, in one DELETE per list and account.
+4. A batch that had already sent the member and not yet recorded Klaviyo's answer may still add
+   it: its run is waited for (``run_wait`` at most), then its list is asked again.
+5. ``klaviyo_delete``: one data-privacy deletion request per profile found, per Klaviyo account
+   (by email when no profile was found but an email is known).
+
+The record is closed with its counts and, if something failed, what in words without the
+member's identifiers (and how to repair the list). A forget of an unknown user deletes nothing
+and is not an error; running it again does no harm: nothing is left to delete, and nothing is
+left to ask Klaviyo with, so a list that may have kept the member is repaired by a read-back
+(``connectors verify --repair --remove-extra``: the member is in no segment any more).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import redis
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from segops_sync.config import ConfigError, Settings
+from segops_sync.db.models import ForgetRecord
+from segops_sync.db.session import session_scope
+from segops_sync.errors import InputError
+from segops_sync.klaviyo import InvalidRequest, KlaviyoClient, KlaviyoError
+from segops_sync.secrets import decrypt_api_key
+from segops_sync.states import BatchKind, RunStatus
+from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttled
+from segops_sync.sync.inputs.identity import MAX_KNOWN_USER_ID, is_email
+from segops_sync.sync.outcomes import Action, decide
+from segops_sync.sync.retry import backoff, jitter, wait_or_backoff
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Sleep = Callable[[float], None]
+
+# How long a forget waits for a run that was sending the member when its rows were deleted.
+RUN_WAIT = 600.0
+RUN_POLL = 1.0
+# The purge transaction is retried when PostgreSQL breaks a lock cycle with a batch step.
+PURGE_ATTEMPTS = 3
+_RETRYABLE = ("40P01", "40001")  # deadlock_detected, serialization_failure
+
+
+class ForgetSource(StrEnum):
+    CLI = "cli"
+    MESSAGE = "message"
+
+
+class BadUserId(InputError):
+    pass
+
+
+def check_user_id(user_id: object) -> str:
+    """The user id as given, or BadUserId saying what is wrong (never echoing it)."""
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise BadUserId("the user id is empty")
+    if len(user_id) > MAX_KNOWN_USER_ID:  # as members trace: longer ids than recompute takes
+        raise BadUserId(f"the user id is longer than {MAX_KNOWN_USER_ID} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in user_id):
+        raise BadUserId("the user id contains a control character")
+    return user_id
+
+
+@dataclass(frozen=True)
+class KnownList:
+    """One connector's list that knew the member, and how Klaviyo knows the member there."""
+
+    connector_id: str
+    list_id: str
+    api_key_encrypted: bytes
+    profile_ids: frozenset[str]
+    # running runs whose batch sent the member without recording Klaviyo's answer yet
+    in_flight_runs: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the deleted rows said of the member: held in memory while Klaviyo is asked."""
+
+    emails: tuple[str, ...]
+    external_ids: tuple[str, ...]
+    lists: tuple[KnownList, ...]
+
+
+@dataclass
+class ForgetOutcome:
+    record_id: int
+    lists_removed: int = 0
+    klaviyo_deletions: int = 0
+    # what failed, in words without the member's identifiers (also the record's ``error``)
+    problems: list[str] = field(default_factory=list)
+
+
+def forget_member(
+    user_id: str,
+    *,
+    source: ForgetSource,
+    klaviyo_delete: bool,
+    settings: Settings,
+    access: KlaviyoAccess | None = None,
+    run_wait: float = RUN_WAIT,
+    sleep: Sleep = time.sleep,
+    on_wait: Callable[[str], None] | None = None,
+) -> ForgetOutcome:
+    """Forget one member everywhere (see the module); BadUserId before anything is written."""
+    user_id = check_user_id(user_id)
+    outcome = ForgetOutcome(_open_record(source, klaviyo_delete))
+    try:
+        known = purge_member(user_id)
+        if known.lists:
+            _forget_in_klaviyo(
+                known,
+                outcome,
+                settings,
+                access or KlaviyoAccess(settings),
+                klaviyo_delete=klaviyo_delete,
+                run_wait=run_wait,
+                sleep=sleep,
+                on_wait=on_wait,
+            )
+    except Exception as exc:
+        outcome.problems.append(f"the forget stopped on an error ({type(exc).__name__})")
+        with contextlib.suppress(Exception):  # the failure to report is the one above
+            _close_record(outcome)
+        raise
+    _close_record(outcome)
+    return outcome
+
+
+def _open_record(source: ForgetSource, klaviyo_delete: bool) -> int:
+    with session_scope() as s:
+        record = ForgetRecord(source=str(source), klaviyo_delete=klaviyo_delete)
+        s.add(record)
+        s.flush()
+        return record.id
+
+
+def _close_record(outcome: ForgetOutcome) -> None:
+    with session_scope() as s:
+        record = s.get_one(ForgetRecord, outcome.record_id)
+        record.lists_removed = outcome.lists_removed
+        record.klaviyo_deletions = outcome.klaviyo_deletions
+        record.error = "; ".join(outcome.problems) or None
+        record.finished_at = datetime.now(UTC)
+
+
+# -- the database ------------------------------------------------------------------------------
+
+
+def purge_member(user_id: str) -> Known:
+    """Delete every row of the member in one transaction (see the module); what they said."""
+    for attempt in range(1, PURGE_ATTEMPTS + 1):
+        try:
+            with session_scope() as s:
+                return _purge(s, user_id)
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in _RETRYABLE or attempt == PURGE_ATTEMPTS:
+                raise
+            log.info("forget: a lock cycle with a running sync broke the purge; again")
+    raise AssertionError("unreachable")
+
+
+# Items live under their run's primary key (run_id, user_id): one index probe per run whose
+# details the retention purge has not deleted yet, never a scan of every run's members.
+_ITEMS = (
+    "FROM sync_runs r JOIN sync_batch_items it ON it.run_id = r.id AND it.user_id = :u "
+    "WHERE r.purged_at IS NULL"
+)
+# Each segment id once, one index probe each (a skip scan of segment_members' primary key).
+_SEGMENT_IDS = """
+WITH RECURSIVE g AS (
+    (SELECT segment_id FROM segment_members ORDER BY segment_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT s.segment_id FROM segment_members s WHERE s.segment_id > g.segment_id
+            ORDER BY s.segment_id LIMIT 1)
+    FROM g WHERE g.segment_id IS NOT NULL
+)
+SELECT segment_id FROM g WHERE segment_id IS NOT NULL
+"""
+
+
+def _purge(s: Session, u: str) -> Known:
+    p = {"u": u}
+    connectors = {
+        row.id: row
+        for row in s.execute(
+            text("SELECT id, segment_id, list_id, api_key_encrypted FROM connectors")
+        )
+    }
+    everyone = sorted(connectors)
+    ledger_sql = (
+        "SELECT cm.connector_id, cm.email, cm.external_id, cm.profile_id FROM connector_members cm "
+        "WHERE cm.connector_id = ANY(:all) AND cm.user_id = :u"
+    )
+    items_sql = (
+        "SELECT r.connector_id, r.id AS run_id, r.status, it.kind, it.outcome, it.email, "
+        f"it.external_id, it.profile_id {_ITEMS}"
+    )
+
+    def knowing() -> set[str]:
+        return (
+            {r.connector_id for r in s.execute(text(ledger_sql), {**p, "all": everyone})}
+            | {r.connector_id for r in s.execute(text(items_sql), p)}
+            | set(
+                s.scalars(
+                    text(
+                        "SELECT c.id FROM connectors c WHERE EXISTS (SELECT 1 FROM "
+                        "segment_members sm WHERE sm.segment_id = c.segment_id AND sm.user_id = :u)"
+                    ),
+                    p,
+                )
+            )
+        ) & set(connectors)
+
+    # Lock before reading what to delete: batch rows first, then connector rows, the order a
+    # batch step takes them (its materialization holds its batch row, its ledger write then
+    # the connector row).
+    locked = sorted(knowing())
+    if locked:
+        s.execute(
+            text(
+                "SELECT b.id FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
+                f"WHERE r.status = '{RunStatus.RUNNING}' AND r.connector_id = ANY(:c) "
+                "AND b.status IN ('pending', 'submitted') ORDER BY b.id FOR UPDATE OF b"
+            ),
+            {"c": locked},
+        )
+        s.execute(
+            text("SELECT id FROM connectors WHERE id = ANY(:c) ORDER BY id FOR UPDATE"),
+            {"c": locked},
+        )
+
+    ledger = list(s.execute(text(ledger_sql), {**p, "all": everyone}).all())
+    items = list(s.execute(text(items_sql), p).all())
+    identity_email = s.scalar(text("SELECT email FROM identities WHERE user_id = :u"), p)
+    emails = _distinct_emails(
+        [u if is_email(u) else None, identity_email]
+        + [r.email for r in ledger]
+        + [r.email for r in items]
+    )
+    external_ids = sorted(
+        {x for x in [None if is_email(u) else u] + [r.external_id for r in ledger + items] if x}
+    )
+    snapshots = s.execute(
+        text(
+            "DELETE FROM list_snapshots WHERE lower(email) = ANY(:emails) "
+            "OR external_id = ANY(:exts) RETURNING connector_id, profile_id"
+        ),
+        {"emails": [e.lower() for e in emails], "exts": external_ids},
+    ).all()
+
+    profile_ids: dict[str, set[str]] = {}
+    in_flight: dict[str, set[str]] = {}
+    for row in [*ledger, *snapshots]:
+        profile_ids.setdefault(row.connector_id, set())
+        if row.profile_id:
+            profile_ids[row.connector_id].add(row.profile_id)
+    for item in items:
+        profile_ids.setdefault(item.connector_id, set())
+        if item.profile_id:
+            profile_ids[item.connector_id].add(item.profile_id)
+        if item.status == RunStatus.RUNNING and item.kind == BatchKind.ADD and item.outcome is None:
+            in_flight.setdefault(item.connector_id, set()).add(item.run_id)
+
+    segments = list(s.scalars(text(_SEGMENT_IDS)))
+    s.execute(
+        text("DELETE FROM segment_members WHERE segment_id = ANY(:g) AND user_id = :u"),
+        {**p, "g": segments},
+    )
+    s.execute(text("DELETE FROM identities WHERE user_id = :u"), p)
+    s.execute(
+        text("DELETE FROM connector_members WHERE connector_id = ANY(:all) AND user_id = :u"),
+        {**p, "all": everyone},
+    )
+    s.execute(
+        text(
+            "DELETE FROM sync_batch_items it USING sync_runs r WHERE it.run_id = r.id "
+            "AND it.user_id = :u AND r.purged_at IS NULL"
+        ),
+        p,
+    )
+    s.execute(text("DELETE FROM member_rejections WHERE user_id = :u"), p)
+    s.execute(
+        text(
+            "UPDATE sync_batches b SET user_ids = array_remove(b.user_ids, :u) FROM sync_runs r "
+            "WHERE r.id = b.run_id AND r.purged_at IS NULL AND :u = ANY(b.user_ids)"
+        ),
+        p,
+    )
+    _clear_bounds(s, u)
+
+    lists = tuple(
+        KnownList(
+            connector_id=cid,
+            list_id=connectors[cid].list_id,
+            api_key_encrypted=bytes(connectors[cid].api_key_encrypted),
+            profile_ids=frozenset(ids),
+            in_flight_runs=frozenset(in_flight.get(cid, ())),
+        )
+        for cid, ids in sorted(profile_ids.items())
+        if cid in connectors
+    )
+    return Known(tuple(emails), tuple(external_ids), lists)
+
+
+def _distinct_emails(values: Iterable[str | None]) -> list[str]:
+    seen: dict[str, str] = {}
+    for value in values:
+        if value:
+            seen.setdefault(value.strip().lower(), value)
+    return sorted(seen.values())
+
+
+def _clear_bounds(s: Session, u: str) -> None:
+    """A batch whose key range starts or ends at the member: the range is only used to write
+    the members of a batch not run yet (sync/planner.py materialize_batch), so elsewhere the
+    bound goes (as the retention purge does). For a batch still to be written, the bound becomes
+    the nearest other member inside the range (the member itself is in neither table any more,
+    so the range covers the same members); a range left with nobody becomes an empty list."""
+    batches = s.execute(
+        text(
+            "SELECT b.id, b.lo_user_id, b.hi_user_id, c.segment_id, r.connector_id, "
+            f"(r.status = '{RunStatus.RUNNING}' AND NOT b.materialized "
+            "AND b.status IN ('pending', 'submitted')) AS to_write "
+            "FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
+            "LEFT JOIN connectors c ON c.id = r.connector_id "
+            "WHERE r.purged_at IS NULL AND (b.lo_user_id = :u OR b.hi_user_id = :u)"
+        ),
+        {"u": u},
+    ).all()
+    for b in batches:
+        lo = None if b.lo_user_id == u else b.lo_user_id
+        hi = None if b.hi_user_id == u else b.hi_user_id
+        empty = False
+        if b.to_write and b.segment_id is not None:
+            near = {"u": u, "g": b.segment_id, "c": b.connector_id}
+            if b.lo_user_id == u:
+                lo = s.scalar(
+                    text(
+                        "SELECT min(x) FROM (SELECT min(user_id) AS x FROM segment_members "
+                        "WHERE segment_id = :g AND user_id > :u UNION ALL SELECT min(user_id) "
+                        "FROM connector_members WHERE connector_id = :c AND user_id > :u) n"
+                    ),
+                    near,
+                )
+                empty = lo is None
+            if b.hi_user_id == u and not empty:
+                hi = s.scalar(
+                    text(
+                        "SELECT max(x) FROM (SELECT max(user_id) AS x FROM segment_members "
+                        "WHERE segment_id = :g AND user_id < :u UNION ALL SELECT max(user_id) "
+                        "FROM connector_members WHERE connector_id = :c AND user_id < :u) n"
+                    ),
+                    near,
+                )
+                empty = hi is None
+            if not empty and lo is not None and hi is not None:
+                empty = bool(
+                    s.scalar(
+                        text("SELECT CAST(:lo AS text) > CAST(:hi AS text)"), {"lo": lo, "hi": hi}
+                    )
+                )
+        if empty:  # nobody left in the range: the batch lists its members, none
+            s.execute(
+                text(
+                    "UPDATE sync_batches SET lo_user_id = NULL, hi_user_id = NULL, "
+                    "user_ids = CAST('{}' AS text[]) WHERE id = :b"
+                ),
+                {"b": b.id},
+            )
+        else:
+            s.execute(
+                text("UPDATE sync_batches SET lo_user_id = :lo, hi_user_id = :hi WHERE id = :b"),
+                {"b": b.id, "lo": lo, "hi": hi},
+            )
+
+
+# -- Klaviyo -----------------------------------------------------------------------------------
+
+# Nothing of the member is left to ask Klaviyo with again: a list that may still hold it is
+# repaired by a read-back, which removes what is in no segment (the member is in none now).
+_REPAIR = "`segops-sync connectors verify {} --repair --remove-extra` removes it once fixed"
+
+
+@dataclass
+class _Account:
+    """The lists of one Klaviyo account (one budget), reached with the first key that knew it."""
+
+    client: KlaviyoClient
+    limited: LimitedSession
+    profile_ids: set[str] = field(default_factory=set)
+    lists_done: set[str] = field(default_factory=set)  # asked in this pass
+    lists_removed: set[str] = field(default_factory=set)  # sent a removal (counted once)
+
+
+def _forget_in_klaviyo(
+    known: Known,
+    outcome: ForgetOutcome,
+    settings: Settings,
+    access: KlaviyoAccess,
+    *,
+    klaviyo_delete: bool,
+    run_wait: float,
+    sleep: Sleep,
+    on_wait: Callable[[str], None] | None,
+) -> None:
+    accounts: dict[str, _Account] = {}
+    by_connector: dict[str, str] = {}
+    try:
+        for known_list in known.lists:
+            name = _account_for(known_list, settings, access, accounts, outcome, sleep)
+            if name is None:
+                continue
+            by_connector[known_list.connector_id] = name
+            _remove(known_list, accounts[name], known, settings, sleep, outcome)
+        in_flight = [k for k in known.lists if k.in_flight_runs and k.connector_id in by_connector]
+        if in_flight:
+            runs = sorted({r for k in in_flight for r in k.in_flight_runs})
+            if on_wait is not None:
+                on_wait(f"waiting for {len(runs)} running sync(s) that sent the member to end")
+            still = _wait_for_runs(runs, run_wait, sleep)
+            for known_list in in_flight:
+                if still & known_list.in_flight_runs:
+                    outcome.problems.append(
+                        f"connector {known_list.connector_id}: a sync that sent the member was "
+                        f"still running after {run_wait:.0f}s, so the member may be added to "
+                        f"Klaviyo list {known_list.list_id} after it was removed; "
+                        + _REPAIR.format(known_list.connector_id)
+                    )
+                again = accounts[by_connector[known_list.connector_id]]
+                again.lists_done.discard(known_list.list_id)  # ask that list again
+                _remove(known_list, again, known, settings, sleep, outcome)
+        if klaviyo_delete:
+            for account in accounts.values():
+                _request_deletions(account, known, settings, sleep, outcome)
+    finally:
+        for account in accounts.values():
+            account.client.close()
+
+
+def _account_for(
+    known_list: KnownList,
+    settings: Settings,
+    access: KlaviyoAccess,
+    accounts: dict[str, _Account],
+    outcome: ForgetOutcome,
+    sleep: Sleep,
+) -> str | None:
+    try:
+        api_key = decrypt_api_key(known_list.api_key_encrypted, settings.require_secret_key())
+        account = _patiently(None, settings, sleep, access.account_of, api_key)
+        if account not in accounts:
+            client, limited = access.client(api_key, claimant="forget")
+            accounts[account] = _Account(client, limited)
+    except (KlaviyoError, ConfigError, ValueError, redis.RedisError) as exc:
+        outcome.problems.append(
+            f"connector {known_list.connector_id}: the member may still be on Klaviyo list "
+            f"{known_list.list_id} ({_said(exc)}); " + _REPAIR.format(known_list.connector_id)
+        )
+        return None
+    return account
+
+
+def _remove(
+    known_list: KnownList,
+    account: _Account,
+    known: Known,
+    settings: Settings,
+    sleep: Sleep,
+    outcome: ForgetOutcome,
+) -> None:
+    list_id = known_list.list_id
+    if list_id in account.lists_done:
+        return  # another connector of the same account and list asked already
+    account.lists_done.add(list_id)
+    try:
+        ids = set(known_list.profile_ids) | _look_up(account, list_id, known, settings, sleep)
+        if not ids:
+            return
+        try:
+            _patiently(
+                account.limited,
+                settings,
+                sleep,
+                account.client.remove_profiles_from_list,
+                list_id,
+                sorted(ids),
+            )
+        except InvalidRequest:
+            # ids Klaviyo no longer knows (merged or deleted profiles): what it finds now
+            ids = _look_up(account, list_id, known, settings, sleep)
+            if not ids:
+                return
+            _patiently(
+                account.limited,
+                settings,
+                sleep,
+                account.client.remove_profiles_from_list,
+                list_id,
+                sorted(ids),
+            )
+        account.profile_ids |= ids
+        if list_id not in account.lists_removed:
+            account.lists_removed.add(list_id)
+            outcome.lists_removed += 1
+    except (KlaviyoError, redis.RedisError) as exc:  # Redis: the fleet limiter
+        outcome.problems.append(
+            f"connector {known_list.connector_id}: the member may still be on Klaviyo list "
+            f"{list_id} ({_said(exc)}); " + _REPAIR.format(known_list.connector_id)
+        )
+
+
+def _look_up(
+    account: _Account, list_id: str, known: Known, settings: Settings, sleep: Sleep
+) -> set[str]:
+    found: set[str] = set()
+    client = account.client
+    if known.external_ids:
+        hits = _patiently(
+            account.limited,
+            settings,
+            sleep,
+            client.find_profile_ids,
+            "external_id",
+            list(known.external_ids),
+        )
+        found |= set(hits.values())
+    if known.emails:
+        hits = _patiently(
+            account.limited,
+            settings,
+            sleep,
+            client.find_list_profile_ids,
+            list_id,
+            list(known.emails),
+        )
+        found |= set(hits.values())
+    return found
+
+
+def _request_deletions(
+    account: _Account, known: Known, settings: Settings, sleep: Sleep, outcome: ForgetOutcome
+) -> None:
+    """One deletion per profile found in the account; by email when none was found."""
+    requests: list[dict[str, str]] = [{"profile_id": p} for p in sorted(account.profile_ids)]
+    if not requests:
+        requests = [{"email": e} for e in known.emails]
+    for request in requests:
+        try:
+            _patiently(
+                account.limited, settings, sleep, account.client.request_profile_deletion, **request
+            )
+        except (KlaviyoError, redis.RedisError) as exc:
+            outcome.problems.append(
+                f"a profile deletion was not requested of Klaviyo: {_said(exc)}"
+            )
+            continue
+        outcome.klaviyo_deletions += 1
+
+
+def _patiently(
+    limited: LimitedSession | None,
+    settings: Settings,
+    sleep: Sleep,
+    call: Callable[..., T],
+    *args: Any,
+    **kwargs: Any,
+) -> T:
+    """``call``, waiting when the fleet limiter or a 429 says so and retrying transient failures
+    within the transient budget; any other failure propagates."""
+    failures = 0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except (Throttled, KlaviyoError) as exc:
+            decision = decide(exc, list_id="")
+            if decision.action is Action.WAIT:
+                wait = wait_or_backoff(decision.wait, 1, settings)
+                if limited is not None and not isinstance(exc, Throttled):
+                    limited.rate_limited(wait)  # a 429 backs off the whole fleet
+                sleep(wait + jitter(wait))
+            elif decision.action is Action.RETRY and isinstance(exc, KlaviyoError):
+                failures += 1
+                if failures > settings.transient_retry_budget:
+                    raise
+                sleep(backoff(failures, settings))
+            else:
+                raise
+
+
+def _said(exc: Exception) -> str:
+    """What failed, without Klaviyo's detail (it may quote the member's identifiers)."""
+    if isinstance(exc, KlaviyoError):
+        status = f" (HTTP {exc.status})" if exc.status is not None else ""
+        return f"{exc.summary}{status}"
+    return type(exc).__name__
+
+
+def _wait_for_runs(run_ids: list[str], timeout: float, sleep: Sleep) -> set[str]:
+    """Wait until none of these runs is running; those still running at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope() as s:
+            running = set(
+                s.scalars(
+                    text(
+                        f"SELECT id FROM sync_runs WHERE id = ANY(:r) AND status = '{RunStatus.RUNNING}'"
+                    ),
+                    {"r": run_ids},
+                )
+            )
+        if not running or time.monotonic() >= deadline:
+            return running
+        sleep(RUN_POLL)

@@ -1,0 +1,299 @@
+"""Forgetting a member (sync/forget.py) as plain functions: the real PostgreSQL, the real Redis
+(limiter) and the simulator over HTTP."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import text
+
+from segops_sync.config import get_settings
+from segops_sync.connectors import create_connector
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo_sim import Simulator, SimulatorServer
+from segops_sync.states import ConnectorStatus, Trigger
+from segops_sync.sync.batch_step import Finished
+from segops_sync.sync.batches import run_batch
+from segops_sync.sync.fleet.access import KlaviyoAccess
+from segops_sync.sync.forget import (
+    BadUserId,
+    ForgetOutcome,
+    ForgetSource,
+    check_user_id,
+    forget_member,
+)
+from segops_sync.sync.inputs.identity import record_identity
+from segops_sync.sync.planner import plan_run, start_run
+from segops_sync.sync.runs import finish_run
+
+
+@dataclass
+class World:
+    sim: Simulator
+    access: KlaviyoAccess
+    account: str
+    key: str
+    list_id: str
+
+
+@pytest.fixture(scope="module")
+def server(segops_env: dict[str, str]) -> Iterator[tuple[Simulator, str]]:
+    sim = Simulator(job_delay=0.05)
+    with SimulatorServer(sim) as srv:
+        yield sim, srv.base_url
+
+
+@pytest.fixture
+def world(server: tuple[Simulator, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    from tests.conftest import _reset_settings
+
+    sim, base_url = server
+    monkeypatch.setenv("SEGOPS_KLAVIYO_BASE_URL", base_url)
+    monkeypatch.setenv("SEGOPS_JOB_POLL_INTERVAL", "0.05")
+    _reset_settings()
+    account = sim.create_account()
+    key = sim.create_key(account)
+    access = KlaviyoAccess(get_settings())
+    access.resolver.resolve(key, lambda: account)  # no account lookup per test (XS tier)
+    yield World(sim, access, account, key, sim.create_list(account))
+    _reset_settings()
+
+
+def _connector(w: World, segment: str, members: list[str]) -> str:
+    with session_scope() as s:
+        connector, _ = create_connector(
+            s, get_settings(), segment_id=segment, list_id=w.list_id, api_key=w.key, verify=False
+        )
+        connector.status = ConnectorStatus.ACTIVE
+        s.execute(
+            text("INSERT INTO segment_members SELECT :s, unnest(CAST(:m AS text[]))"),
+            {"s": segment, "m": members},
+        )
+        return connector.id
+
+
+def _sync(w: World, connector_id: str) -> str:
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
+    assert run_id
+    with session_scope() as s:
+        plan = plan_run(s, run_id, get_settings())
+    for batch_id in plan.batch_ids:
+        deadline = time.monotonic() + 60
+        while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):
+            assert time.monotonic() < deadline, step.reason
+            time.sleep(min(step.countdown, 0.2))
+    with session_scope() as s:
+        finish_run(s, run_id)
+    return run_id
+
+
+def _rows_naming(*values: str) -> dict[str, int]:
+    """Rows of the member's tables that hold any of ``values`` (user id, email)."""
+    checks = {
+        "segment_members": "user_id = ANY(:v)",
+        "identities": "user_id = ANY(:v) OR email = ANY(:v)",
+        "connector_members": "user_id = ANY(:v) OR email = ANY(:v) OR external_id = ANY(:v)",
+        "sync_batch_items": "user_id = ANY(:v) OR email = ANY(:v) OR external_id = ANY(:v)",
+        "member_rejections": "user_id = ANY(:v)",
+        "list_snapshots": "email = ANY(:v) OR external_id = ANY(:v)",
+        "sync_batches": "user_ids && CAST(:v AS text[]) OR lo_user_id = ANY(:v) "
+        "OR hi_user_id = ANY(:v)",
+    }
+    with session_scope() as s:
+        found = {
+            table: int(
+                s.scalar(text(f"SELECT count(*) FROM {table} WHERE {where}"), {"v": list(values)})
+                or 0
+            )
+            for table, where in checks.items()
+        }
+    return {t: n for t, n in found.items() if n}
+
+
+def _forget(
+    w: World,
+    user_id: str,
+    *,
+    klaviyo_delete: bool = False,
+    on_wait: Callable[[str], None] | None = None,
+) -> ForgetOutcome:
+    return forget_member(
+        user_id,
+        source=ForgetSource.CLI,
+        klaviyo_delete=klaviyo_delete,
+        settings=get_settings(),
+        access=w.access,
+        on_wait=on_wait,
+    )
+
+
+def test_a_forgotten_member_leaves_the_list_klaviyo_and_every_table(world: World) -> None:
+    token = uuid.uuid4().hex[:8]
+    user, email = f"cust-{token}", f"forget.{token}@example.com"
+    others = [f"stay.{token}.{i}@example.com" for i in range(3)]
+    segment = f"forget-{token}"
+    connector_id = _connector(world, segment, [user, *others])
+    with session_scope() as s:
+        record_identity(s, user, email, {"email": email, "first_name": f"Zed{token}"})
+    run_id = _sync(world, connector_id)
+    [profile] = [p for p in world.sim.list_members(world.list_id) if p.external_id == user]
+    with session_scope() as s:  # what a rejection, a read-back and a batch list keep of it
+        s.execute(
+            text(
+                "INSERT INTO member_rejections (connector_id, user_id, reason) "
+                "VALUES (:c, :u, 'refused')"
+            ),
+            {"c": connector_id, "u": user},
+        )
+        s.execute(
+            text(
+                "INSERT INTO list_snapshots (verify_id, profile_id, connector_id, email) "
+                "VALUES ('v-forget', :p, :c, :e)"
+            ),
+            {"p": profile.id, "c": connector_id, "e": email},
+        )
+        s.execute(
+            text(
+                "UPDATE sync_batches SET user_ids = ARRAY[:u, :o], lo_user_id = :u "
+                "WHERE run_id = :r"
+            ),
+            {"u": user, "o": others[0], "r": run_id},
+        )
+    assert set(_rows_naming(user, email)) == {
+        "segment_members",
+        "identities",
+        "connector_members",
+        "sync_batch_items",
+        "member_rejections",
+        "list_snapshots",
+        "sync_batches",
+    }
+
+    outcome = _forget(world, user, klaviyo_delete=True)
+
+    assert (outcome.lists_removed, outcome.klaviyo_deletions, outcome.problems) == (1, 1, [])
+    assert _rows_naming(user, email) == {}
+    on_list = {p.external_id or p.email for p in world.sim.list_members(world.list_id)}
+    assert on_list == set(others)
+    deadline = time.monotonic() + 10  # Klaviyo deletes shortly after it accepted (202)
+    while world.sim.profile(profile.id) is not None:
+        assert time.monotonic() < deadline, "the data-privacy deletion never ran"
+        time.sleep(0.05)
+    with session_scope() as s:
+        record = s.execute(
+            text("SELECT * FROM forget_records WHERE id = :i"), {"i": outcome.record_id}
+        ).one()
+        kept = s.scalar(text("SELECT user_ids FROM sync_batches WHERE run_id = :r"), {"r": run_id})
+    assert (record.source, record.klaviyo_delete, record.lists_removed) == ("cli", True, 1)
+    assert (record.klaviyo_deletions, record.error) == (1, None)
+    assert record.finished_at is not None
+    assert kept == [others[0]]  # the other members of the batch stay
+
+    # again: nothing left to delete, nothing asked of Klaviyo, and not an error
+    requests = len(world.sim.requests())
+    again = _forget(world, user, klaviyo_delete=True)
+    assert (again.lists_removed, again.klaviyo_deletions, again.problems) == (0, 0, [])
+    assert len(world.sim.requests()) == requests
+
+
+def test_a_member_a_running_sync_was_sending_is_removed_again_after_it(world: World) -> None:
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"inflight-{token}", [user])
+    run_id = str(uuid.uuid4())
+    with session_scope() as s:  # a batch sent the member; Klaviyo's answer is not recorded yet
+        s.execute(
+            text(
+                "INSERT INTO sync_runs (id, connector_id, trigger, status) "
+                "VALUES (:r, :c, 'resync', 'running')"
+            ),
+            {"r": run_id, "c": connector_id},
+        )
+        s.execute(
+            text(
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
+                "VALUES (:r, :u, 'add', 0, :u)"
+            ),
+            {"r": run_id, "u": user},
+        )
+
+    def the_job_lands_and_the_run_ends(_: str) -> None:
+        profile_id = world.sim.add_profile(world.account, external_id=user)
+        world.sim.add_to_list(world.list_id, [profile_id])
+        with session_scope() as s:
+            s.execute(
+                text("UPDATE sync_runs SET status = 'failed', finished_at = now() WHERE id = :r"),
+                {"r": run_id},
+            )
+
+    outcome = _forget(world, user, on_wait=the_job_lands_and_the_run_ends)
+
+    assert (outcome.lists_removed, outcome.problems) == (1, [])
+    assert world.sim.list_members(world.list_id) == []
+    assert _rows_naming(user) == {}
+
+
+def test_the_key_range_of_a_batch_still_to_be_written_skips_the_member(world: World) -> None:
+    token = uuid.uuid4().hex[:6]
+    m = [f"k{token}-{i}" for i in range(5)]  # in key order; m[2] is forgotten
+    connector_id = _connector(world, f"range-{token}", m)
+    running, finished = str(uuid.uuid4()), str(uuid.uuid4())
+    with session_scope() as s:
+        s.execute(
+            text(
+                "INSERT INTO sync_runs (id, connector_id, trigger, status, finished_at) VALUES "
+                "(:a, :c, 'resync', 'running', NULL), (:b, :c, 'resync', 'succeeded', now())"
+            ),
+            {"a": running, "b": finished, "c": connector_id},
+        )
+        s.execute(
+            text(
+                "INSERT INTO sync_batches (run_id, kind, seq, status, lo_user_id, hi_user_id, "
+                "materialized) VALUES (:a, 'add', 0, 'pending', :m2, :m4, false), "
+                "(:a, 'add', 1, 'pending', :m0, :m2, false), "
+                "(:a, 'add', 2, 'pending', :m2, :m2, false), "
+                "(:b, 'add', 0, 'done', :m2, :m4, true)"
+            ),
+            {"a": running, "b": finished, "m0": m[0], "m2": m[2], "m4": m[4]},
+        )
+
+    assert _forget(world, m[2]).problems == []
+
+    with session_scope() as s:
+        rows = s.execute(
+            text(
+                "SELECT run_id = :a AS running, seq, lo_user_id, hi_user_id, user_ids "
+                "FROM sync_batches WHERE run_id IN (:a, :b) ORDER BY 1 DESC, seq"
+            ),
+            {"a": running, "b": finished},
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (True, 0, m[3], m[4], None),  # the nearest member after it
+        (True, 1, m[0], m[1], None),  # ... and before it
+        (True, 2, None, None, []),  # nobody left: an empty list of members
+        (False, 0, None, m[4], None),  # a finished run's bound just goes
+    ]
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "a\x00b", "tab\there", "x" * 1001])
+def test_a_malformed_user_id_is_refused_before_anything_is_written(world: World, bad: str) -> None:
+    with session_scope() as s:
+        before = s.scalar(text("SELECT count(*) FROM forget_records"))
+    with pytest.raises(BadUserId) as refused:
+        _forget(world, bad)
+    assert bad.strip() == "" or bad not in str(refused.value)  # never echoed
+    with pytest.raises(BadUserId):
+        check_user_id(bad)
+    with session_scope() as s:
+        assert s.scalar(text("SELECT count(*) FROM forget_records")) == before
+
+
+def test_an_id_longer_than_recompute_takes_can_still_be_forgotten() -> None:
+    """The recompute service writes segment_members itself: an id of 300 characters (one
+    Klaviyo rejects as external_id) is a member like any other, and must be forgettable."""
+    assert check_user_id("x" * 300) == "x" * 300

@@ -1,0 +1,145 @@
+"""Pause and resume as plain functions: batches driven in this process against the real
+PostgreSQL and the simulator over HTTP (the broker-driven test is tests/integration/test_pause.py)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from sqlalchemy import select
+
+from segops_sync.config import get_settings
+from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncRun
+from segops_sync.db.session import session_scope
+from segops_sync.errors import InputError
+from segops_sync.states import BatchStatus, ConnectorStatus, StartReason, Trigger
+from segops_sync.sync import planner
+from segops_sync.sync.batch_step import Finished, Later
+from segops_sync.sync.batches import run_batch
+from segops_sync.sync.pause import PAUSE_REASON, pause_connector, resume_connector
+from segops_sync.sync.planner import plan_run, start_run
+from segops_sync.sync.runs import finish_run
+from segops_sync.sync.verify import verifiable_connectors
+from tests.sync.test_pipeline_functions import World, _connector, _on_list, server, world
+
+__all__ = ["server", "world"]  # the fixtures, shared with the pipeline's tests
+
+
+def _drive(w: World, batch_id: int) -> Finished:
+    deadline = time.monotonic() + 30
+    while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):
+        assert time.monotonic() < deadline, step.reason
+        time.sleep(min(step.countdown, 0.2))
+    return step
+
+
+def _confirmed(connector_id: str) -> set[str]:
+    with session_scope() as s:
+        return set(
+            s.scalars(
+                select(LedgerEntry.user_id).where(
+                    LedgerEntry.connector_id == connector_id, LedgerEntry.confirmed
+                )
+            )
+        )
+
+
+def test_a_paused_run_settles_what_was_sent_and_sends_nothing_more(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three bulk batches of 10: the first done, the second's job out at Klaviyo when the
+    connector is paused, the third not started. The second settles its job, the third stops
+    unsent; the run closes cancelled with exact counts, and the ledger equals the list."""
+    monkeypatch.setattr(planner, "ADD_BATCH_SIZE", 10)  # a listed delta: any batch size works
+    members = [f"p{i:03d}-{uuid.uuid4().hex[:4]}@example.com" for i in range(25)]
+    connector_id = _connector(world, f"pause-{uuid.uuid4().hex[:6]}", members)
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RECOMPUTE).run_id
+    assert run_id
+    with session_scope() as s:
+        first, second, third = plan_run(s, run_id, get_settings()).add_batch_ids
+    assert _drive(world, first).ok
+    world.sim.job_delay = 2.0  # the second batch's job is still running when the pause lands
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # a step the limiter defers goes again
+            step = run_batch(second, world.access, get_settings())
+            assert isinstance(step, Later) and time.monotonic() < deadline
+            with session_scope() as s:
+                if s.get_one(SyncBatch, second).status == BatchStatus.SUBMITTED:
+                    break
+            time.sleep(min(step.countdown, 0.2))
+        with session_scope() as s:
+            paused = pause_connector(s, connector_id)
+        assert (paused.stopping_run_id, paused.already) == (run_id, False)
+    finally:
+        world.sim.job_delay = 0.05
+    assert _drive(world, second).ok  # what it sent is settled
+    assert not _drive(world, third).ok
+    with session_scope() as s:
+        closed = finish_run(s, run_id)
+    assert closed.status == "cancelled" and closed.closed_now and closed.next_run is None
+    with session_scope() as s:
+        run = s.get_one(SyncRun, run_id)
+        connector = s.get_one(Connector, connector_id)
+        stopped = s.get_one(SyncBatch, third)
+        assert (run.status, run.added, connector.status) == ("cancelled", 20, "paused")
+        assert run.error and run.error.startswith(PAUSE_REASON)
+        assert (connector.last_error, connector.last_synced_at) == (None, None)
+        assert (stopped.status, stopped.error, list(stopped.job_ids)) == (
+            "failed",
+            PAUSE_REASON,
+            [],
+        )
+    assert _confirmed(connector_id) == _on_list(world) == set(members[:20])
+
+    with session_scope() as s:  # while paused, a trigger starts nothing
+        assert start_run(s, connector_id, trigger=Trigger.RECOMPUTE).reason == StartReason.PAUSED
+        assert not s.get_one(Connector, connector_id).resync_requested
+    with session_scope() as s:
+        resume_connector(s, connector_id)
+        started = start_run(s, connector_id, trigger=Trigger.RESUME)
+    assert started.reason == StartReason.STARTED and started.run_id
+    with session_scope() as s:
+        plan = plan_run(s, started.run_id, get_settings())
+    assert all(_drive(world, b).ok for b in plan.batch_ids)
+    with session_scope() as s:
+        assert finish_run(s, started.run_id).status == "succeeded"
+        assert s.get_one(SyncRun, started.run_id).trigger == "resume"
+    assert _confirmed(connector_id) == _on_list(world) == set(members)
+
+
+def test_a_run_paused_before_it_was_planned_closes_cancelled_without_batches(
+    world: World,
+) -> None:
+    connector_id = _connector(world, f"early-{uuid.uuid4().hex[:6]}", ["early@example.com"])
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RECOMPUTE).run_id
+    assert run_id
+    with session_scope() as s:
+        pause_connector(s, connector_id)
+    with session_scope() as s:
+        plan = plan_run(s, run_id, get_settings())
+        assert (plan.status, plan.batch_ids) == ("empty", [])
+        assert finish_run(s, run_id).status == "cancelled"
+    assert _on_list(world) == set()
+
+
+def test_bad_pause_and_resume_change_nothing(world: World) -> None:
+    connector_id = _connector(world, f"bad-{uuid.uuid4().hex[:6]}", [])
+    with session_scope() as s:
+        with pytest.raises(InputError, match="not paused"):
+            resume_connector(s, connector_id)
+        s.get_one(Connector, connector_id).status = ConnectorStatus.INACTIVE
+    with session_scope() as s, pytest.raises(InputError, match="inactive"):
+        pause_connector(s, connector_id)
+    with session_scope() as s:
+        assert s.get_one(Connector, connector_id).status == "inactive"
+        s.get_one(Connector, connector_id).status = ConnectorStatus.ACTIVE
+    with session_scope() as s:
+        assert connector_id in verifiable_connectors(s)
+        assert pause_connector(s, connector_id).stopping_run_id is None
+    with session_scope() as s:
+        assert pause_connector(s, connector_id).already  # again: nothing changes
+        assert connector_id not in verifiable_connectors(s)  # the beat's read-back skips it
