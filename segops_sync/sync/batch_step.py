@@ -216,23 +216,30 @@ def quick_retry(call: Callable[..., T], *args: Any) -> T:
 
 
 def finish(ctx: BatchContext) -> Finished:
+    # in_doubt=False: every member it sent has its outcome.
+    _close_batch(ctx, BatchStatus.DONE, in_doubt=False)
+    return Finished(ctx.batch_id, True)
+
+
+def _close_batch(ctx: BatchContext, status: BatchStatus, **extra: Any) -> None:
+    """An open batch closes with ``status`` and what Klaviyo confirmed of it, counted from its
+    items; ``extra`` are the other columns its path sets."""
     with session_scope() as s:
         counts, dropped = batch_items.outcome_counts(s, ctx)
         s.execute(
             update(SyncBatch)
             .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(OPEN_BATCH))
             .values(
-                status=BatchStatus.DONE,
+                status=status,
                 added=counts.get(ItemOutcome.ADDED, 0),
                 removed=counts.get(ItemOutcome.REMOVED, 0),
                 rejected=counts.get(ItemOutcome.REJECTED, 0),
                 pending=counts.get(ItemOutcome.PENDING, 0),
                 updated=counts.get(ItemOutcome.UPDATED, 0),
                 traits_dropped=dropped,
-                in_doubt=False,  # every member it sent has its outcome
+                **extra,
             )
         )
-    return Finished(ctx.batch_id, True)
 
 
 def mark_sending(ctx: BatchContext) -> None:
@@ -261,21 +268,5 @@ def stop_for_pause(ctx: BatchContext) -> Finished:
     pause as its error, counting what Klaviyo confirmed of it. Called only with nothing of it
     left at Klaviyo unsettled, so its run closes ``cancelled`` with exact counts; ``in_doubt``
     stays as it is (a send whose answer was lost is still adopted by the next run)."""
-    with session_scope() as s:
-        counts, dropped = batch_items.outcome_counts(s, ctx)
-        s.execute(
-            update(SyncBatch)
-            .where(SyncBatch.id == ctx.batch_id, SyncBatch.status.in_(OPEN_BATCH))
-            .values(
-                status=BatchStatus.FAILED,
-                error=PAUSE_REASON,
-                permanent=False,
-                added=counts.get(ItemOutcome.ADDED, 0),
-                removed=counts.get(ItemOutcome.REMOVED, 0),
-                rejected=counts.get(ItemOutcome.REJECTED, 0),
-                pending=counts.get(ItemOutcome.PENDING, 0),
-                updated=counts.get(ItemOutcome.UPDATED, 0),
-                traits_dropped=dropped,
-            )
-        )
+    _close_batch(ctx, BatchStatus.FAILED, error=PAUSE_REASON, permanent=False)
     return Finished(ctx.batch_id, False)

@@ -51,7 +51,7 @@ from segops_sync.klaviyo import InvalidRequest, KlaviyoClient, KlaviyoError
 from segops_sync.secrets import decrypt_api_key
 from segops_sync.states import BatchKind, RunStatus
 from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttled
-from segops_sync.sync.inputs.identity import MAX_KNOWN_USER_ID, is_email
+from segops_sync.sync.inputs.identity import is_email, known_user_id_problem
 from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.retry import backoff, jitter, wait_or_backoff
 
@@ -78,13 +78,14 @@ class BadUserId(InputError):
 
 
 def check_user_id(user_id: object) -> str:
-    """The user id as given, or BadUserId saying what is wrong (never echoing it)."""
-    if not isinstance(user_id, str) or not user_id.strip():
-        raise BadUserId("the user id is empty")
-    if len(user_id) > MAX_KNOWN_USER_ID:  # as members trace: longer ids than recompute takes
-        raise BadUserId(f"the user id is longer than {MAX_KNOWN_USER_ID} characters")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in user_id):
-        raise BadUserId("the user id contains a control character")
+    """The user id as given, or BadUserId saying what is wrong (never echoing it). A blank id
+    is refused too: forgetting "   " is surely a mistake in the caller."""
+    problem = known_user_id_problem(user_id)
+    if problem is None and isinstance(user_id, str) and not user_id.strip():
+        problem = "the user id is empty"
+    if problem is not None:
+        raise BadUserId(problem)
+    assert isinstance(user_id, str)
     return user_id
 
 

@@ -35,7 +35,7 @@ from segops_sync.states import (
     RejectionRetry,
     RunStatus,
 )
-from segops_sync.sync.inputs.identity import MAX_KNOWN_USER_ID
+from segops_sync.sync.inputs.identity import MAX_KNOWN_USER_ID, known_user_id_problem
 
 MAX_TRACED_USER_ID = MAX_KNOWN_USER_ID
 # Runs listed per connector, newest first: a member rejected at every run of a 5-minute
@@ -104,25 +104,12 @@ class MemberTrace:
 
 def check_user_id(user_id: str) -> str:
     """The user id as given, or InputError (the id is not echoed: it may be an email)."""
-    if (
-        not user_id
-        or len(user_id) > MAX_TRACED_USER_ID
-        or any(c < " " or c == "\x7f" for c in user_id)
-        or not _encodable(user_id)
-    ):
+    if known_user_id_problem(user_id) is not None:
         raise InputError(
             f"user_id must be 1 to {MAX_TRACED_USER_ID} characters, none of them a control "
             "character"
         )
     return user_id
-
-
-def _encodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")  # an unpaired surrogate is no text PostgreSQL holds
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # Each LATERAL ... LIMIT 1 stays a probe of its primary key per connector: a plain join could be

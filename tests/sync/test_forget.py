@@ -280,7 +280,7 @@ def test_the_key_range_of_a_batch_still_to_be_written_skips_the_member(world: Wo
     ]
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "a\x00b", "tab\there", "x" * 1001])
+@pytest.mark.parametrize("bad", ["", "   ", "a\x00b", "tab\there", "x" * 1001, "a\ud800b"])
 def test_a_malformed_user_id_is_refused_before_anything_is_written(world: World, bad: str) -> None:
     with session_scope() as s:
         before = s.scalar(text("SELECT count(*) FROM forget_records"))

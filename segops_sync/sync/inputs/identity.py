@@ -25,6 +25,22 @@ MAX_USER_ID = 255
 MAX_KNOWN_USER_ID = 1_000
 
 
+def known_user_id_problem(user_id: object) -> str | None:
+    """What keeps ``user_id`` from being looked up by id (members trace, members forget), or
+    None. The reason never echoes the id: it may be an email."""
+    if not isinstance(user_id, str) or not user_id:
+        return "the user id is empty"
+    if len(user_id) > MAX_KNOWN_USER_ID:
+        return f"the user id is longer than {MAX_KNOWN_USER_ID} characters"
+    if any(ch < " " or ch == "\x7f" for ch in user_id):
+        return "the user id contains a control character"
+    try:
+        user_id.encode("utf-8")  # an unpaired surrogate is no text PostgreSQL holds
+    except UnicodeEncodeError:
+        return "the user id is not valid text"
+    return None
+
+
 def is_email(value: str) -> bool:
     return bool(_EMAIL_RE.fullmatch(value))
 
