@@ -323,13 +323,14 @@
 
   // -- actions --------------------------------------------------------------------------
 
-  async function setStatus(c, button) {
-    const status = c.status === "inactive" ? "active" : "inactive";
+  // One connector action from its row's button: the button waits for the answer, the answer
+  // is said in the live region, and the table refreshes at once.
+  async function rowAction(c, button, method, path, body, saying) {
     button.disabled = true;
     try {
-      await api("PATCH", `/v1/connectors/${encodeURIComponent(c.id)}`, { status });
+      const { doc } = await api(method, `/v1/connectors/${encodeURIComponent(c.id)}${path}`, body);
       pageAlert("");
-      say(`${c.segment_id}: ${status === "active" ? "activated; the next recompute syncs it" : "deactivated"}.`);
+      say(`${c.segment_id}: ${saying(doc)}.`);
       busyUntil = Date.now() + BUSY_AFTER_ACTION_MS;
       await tick();
     } catch (err) {
@@ -338,6 +339,13 @@
     } finally {
       button.disabled = false;
     }
+  }
+
+  function setStatus(c, button) {
+    const status = c.status === "inactive" ? "active" : "inactive";
+    return rowAction(c, button, "PATCH", "", { status }, () =>
+      status === "active" ? "activated; the next recompute syncs it" : "deactivated",
+    );
   }
 
   const OUTCOMES = {
@@ -348,42 +356,17 @@
     paused: "the connector is paused: resume it first",
   };
 
-  async function pauseOrResume(c, button) {
+  function pauseOrResume(c, button) {
     const action = c.status === "paused" ? "resume" : "pause";
-    button.disabled = true;
-    try {
-      await api("POST", `/v1/connectors/${encodeURIComponent(c.id)}/${action}`);
-      pageAlert("");
-      say(
-        `${c.segment_id}: ` +
-          (action === "pause"
-            ? "paused; a running sync stops at its next batch boundary."
-            : "resumed; a sync catches up now."),
-      );
-      busyUntil = Date.now() + BUSY_AFTER_ACTION_MS;
-      await tick();
-    } catch (err) {
-      if (err.status === 401) return signOut("The API token was refused: sign in again.");
-      pageAlert(`${c.segment_id}: ${err.message}`);
-    } finally {
-      button.disabled = false;
-    }
+    return rowAction(c, button, "POST", `/${action}`, undefined, () =>
+      action === "pause"
+        ? "paused; a running sync stops at its next batch boundary"
+        : "resumed; a sync catches up now",
+    );
   }
 
-  async function startResync(c, button) {
-    button.disabled = true;
-    try {
-      const { doc } = await api("POST", `/v1/connectors/${encodeURIComponent(c.id)}/resync`);
-      pageAlert("");
-      say(`${c.segment_id}: ${OUTCOMES[doc && doc.outcome] || "resync requested"}.`);
-      busyUntil = Date.now() + BUSY_AFTER_ACTION_MS;
-      await tick();
-    } catch (err) {
-      if (err.status === 401) return signOut("The API token was refused: sign in again.");
-      pageAlert(`${c.segment_id}: ${err.message}`);
-    } finally {
-      button.disabled = false;
-    }
+  function startResync(c, button) {
+    return rowAction(c, button, "POST", "/resync", undefined, (doc) => OUTCOMES[doc && doc.outcome] || "resync requested");
   }
 
   // -- creation -------------------------------------------------------------------------

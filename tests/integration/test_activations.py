@@ -273,11 +273,13 @@ def test_a_fleet_reads_at_a_glance(
     screenshot."""
     from playwright.sync_api import expect
 
-    synced, failing, idle = (Klaviyo.new(*sim_server) for _ in range(3))
+    synced, failing, idle, held = (Klaviyo.new(*sim_server) for _ in range(4))
     ok_segment, bad_segment, idle_segment = "vip-customers", "cart-abandoners", "churn-risk"
+    held_segment = "win-back"
     ok_id = create_connector(synced, ok_segment)
     bad_id = create_connector(failing, bad_segment)
     create_connector(idle, idle_segment, activate=False)
+    create_connector(held, held_segment)
     recompute(ok_segment, [f"user-{n}" for n in range(12)] + ["ada@example.com"], tmp_path)
     failing.sim.revoke_key(failing.api_key)
     recompute(bad_segment, ["user-1", "user-2"], tmp_path)
@@ -295,7 +297,11 @@ def test_a_fleet_reads_at_a_glance(
     expect(bad_row.get_by_role("button", name="Deactivate")).to_be_visible()
     expect(idle_row.locator(".badge-status")).to_have_text("inactive")
     expect(idle_row.locator("td.synced")).to_have_text("never")
-    for k in (synced, failing, idle):
+    held_row = row_of(page, held_segment)
+    held_row.get_by_role("button", name="Pause").click()
+    expect(held_row.locator(".badge-status")).to_have_text("paused")
+    expect(held_row.get_by_role("button", name="Resume")).to_be_visible()
+    for k in (synced, failing, idle, held):
         assert k.api_key not in page.content()
 
     shot = tmp_path / "activations.png"
