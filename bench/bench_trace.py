@@ -36,12 +36,9 @@ import secrets
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -269,34 +266,6 @@ def build(conn: Any, connector_id: str, others: list[str], n: int, kept_runs: in
     run("DROP TABLE live_plan")
 
 
-@contextmanager
-def api_server(token: str, redis_url: str, prefix: str) -> Iterator[str]:
-    import uvicorn
-
-    from segops_sync.api import SignInThrottle, create_app
-    from segops_sync.embedded import free_port
-
-    throttle = SignInThrottle(redis_url, prefix, limit=1_000_000)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(token, throttle=throttle), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise SystemExit("bench: the API server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def seq_scans(s: Any, user_id: str) -> list[str]:
     """The big tables any statement of the trace reads sequentially (EXPLAIN, no execution)."""
     from datetime import UTC, datetime, timedelta
@@ -337,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench_sync import database, services
     from sqlalchemy import text
 
+    from segops_sync.api import serve_in_thread
     from segops_sync.config import get_settings
     from segops_sync.connectors import create_connector
     from segops_sync.db.migrate import upgrade
@@ -409,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             shown.update(r.action.value for c in trace.connectors for r in c.runs)
         api_ms: list[float] = []
         with (
-            api_server(token, f"{redis_url}/14", prefix) as url,
+            serve_in_thread(token, f"{redis_url}/14", prefix) as url,
             httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
             ) as client,

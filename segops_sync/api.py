@@ -10,11 +10,14 @@ unexpected (500). Every JSON answer carries ``X-Content-Type-Options: nosniff`` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import redis
@@ -687,3 +690,34 @@ def serve(port: int, host: str = "127.0.0.1") -> None:
         port=port,
         log_level="info",
     )
+
+
+@contextlib.contextmanager
+def serve_in_thread(token: str, redis_url: str, prefix: str) -> Iterator[str]:
+    """The app served by uvicorn on a free port of 127.0.0.1 in a thread of this process, for
+    tests and benchmarks; yields its base URL. Their clients all come from 127.0.0.1, some with
+    wrong tokens on purpose, so the sign-in throttle (counting in ``redis_url`` as in
+    production) has a limit none of them reaches; the real limit is tested on a process."""
+    import uvicorn
+
+    from segops_sync.embedded import free_port
+
+    throttle = SignInThrottle(redis_url, prefix, limit=1_000_000)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(token, throttle=throttle), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -208,44 +208,19 @@ def worker(broker: str, stack_env: dict[str, str], request: pytest.FixtureReques
 
 @pytest.fixture(scope="session")
 def api_url(redis_stack_env: dict[str, str]) -> Iterator[str]:
-    """The HTTP API (``segops-sync api``'s app) served by uvicorn on 127.0.0.1, in this process."""
-    import threading
+    """The HTTP API (``segops-sync api``'s app) served by uvicorn on 127.0.0.1, in this process.
+    Every test of the session reaches it, some with wrong tokens on purpose (schemathesis alone,
+    two per operation): the production limit of 10 a minute would lock the later tests out, so
+    the throttle's limit is out of reach here; it is tested on a `segops-sync api` process
+    (test_real_secrets.py)."""
+    from segops_sync.api import serve_in_thread
 
-    import uvicorn
-
-    from segops_sync.api import SignInThrottle, create_app
-    from segops_sync.embedded import free_port
-
-    # Every test of the session reaches this server from 127.0.0.1, and some send wrong tokens
-    # on purpose (schemathesis alone, two per operation): with the production limit of 10 a
-    # minute, they would lock the later tests out. The throttle counts in the session's Redis as
-    # in production; its limit is tested on a `segops-sync api` process (test_real_secrets.py).
-    throttle = SignInThrottle(
+    with serve_in_thread(
+        redis_stack_env["SEGOPS_API_TOKEN"],
         redis_stack_env["SEGOPS_LIMITER_REDIS_URL"],
         redis_stack_env["SEGOPS_REDIS_KEY_PREFIX"],
-        limit=1_000_000,
-    )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(redis_stack_env["SEGOPS_API_TOKEN"], throttle=throttle),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the API server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    ) as url:
+        yield url
 
 
 @pytest.fixture
