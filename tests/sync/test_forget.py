@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import text
 
 from segops_sync.config import get_settings
-from segops_sync.connectors import create_connector
 from segops_sync.db.session import session_scope
-from segops_sync.klaviyo_sim import Simulator, SimulatorServer
-from segops_sync.states import ConnectorStatus, Trigger
+from segops_sync.states import Trigger
 from segops_sync.sync.batch_step import Finished
 from segops_sync.sync.batches import run_batch
-from segops_sync.sync.fleet.access import KlaviyoAccess
 from segops_sync.sync.forget import (
     BadUserId,
     ForgetOutcome,
@@ -29,54 +25,13 @@ from segops_sync.sync.forget import (
 from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
-
-
-@dataclass
-class World:
-    sim: Simulator
-    access: KlaviyoAccess
-    account: str
-    key: str
-    list_id: str
-
-
-@pytest.fixture(scope="module")
-def server(segops_env: dict[str, str]) -> Iterator[tuple[Simulator, str]]:
-    sim = Simulator(job_delay=0.05)
-    with SimulatorServer(sim) as srv:
-        yield sim, srv.base_url
-
-
-@pytest.fixture
-def world(server: tuple[Simulator, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
-    from tests.conftest import _reset_settings
-
-    sim, base_url = server
-    monkeypatch.setenv("SEGOPS_KLAVIYO_BASE_URL", base_url)
-    monkeypatch.setenv("SEGOPS_JOB_POLL_INTERVAL", "0.05")
-    _reset_settings()
-    account = sim.create_account()
-    key = sim.create_key(account)
-    access = KlaviyoAccess(get_settings())
-    access.resolver.resolve(key, lambda: account)  # no account lookup per test (XS tier)
-    yield World(sim, access, account, key, sim.create_list(account))
-    _reset_settings()
-
-
-def _connector(w: World, segment: str, members: list[str]) -> str:
-    with session_scope() as s:
-        connector, _ = create_connector(
-            s, get_settings(), segment_id=segment, list_id=w.list_id, api_key=w.key, verify=False
-        )
-        connector.status = ConnectorStatus.ACTIVE
-        s.execute(
-            text("INSERT INTO segment_members SELECT :s, unnest(CAST(:m AS text[]))"),
-            {"s": segment, "m": members},
-        )
-        return connector.id
+from tests.sync.helpers import World
+from tests.sync.helpers import make_connector as _connector
 
 
 def _sync(w: World, connector_id: str) -> str:
+    """One whole run driven in this process; its id. (helpers.run_sync insists the run started
+    and returns the row: these tests never asked for that.)"""
     with session_scope() as s:
         run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
     assert run_id

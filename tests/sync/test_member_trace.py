@@ -17,9 +17,9 @@ from segops_sync.errors import InputError
 from segops_sync.states import ConnectorStatus, MemberAction
 from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.member_trace import MAX_TRACED_USER_ID, MemberTrace, trace_member
-from tests.sync.test_pipeline_functions import World, _set_members, _sync, server, world
-
-__all__ = ["server", "world"]  # the fixtures, shared with the pipeline's tests
+from tests.sync.helpers import World
+from tests.sync.helpers import run_sync as _sync
+from tests.sync.helpers import set_members as _set_members
 
 
 def _trace(user_id: str, **kwargs: object) -> MemberTrace:
@@ -32,6 +32,7 @@ def _actions(trace: MemberTrace) -> list[tuple[str, MemberAction]]:
     return [(r.run_id, r.action) for r in connector.runs]
 
 
+@pytest.mark.parametrize("world", ["bulk"], indirect=True)
 def test_a_real_sync_is_traced_member_by_member(world: World) -> None:
     """Two bulk-job runs (one whole job each): an add, a traits update, a rejection with
     Klaviyo's reason, a removal; a second connector whose segment lacks them is not shown."""
@@ -114,6 +115,7 @@ def made() -> Iterator[list[str]]:
         s.execute(text("DELETE FROM connectors WHERE id = ANY(:c)"), {"c": ids})
 
 
+@pytest.mark.parametrize("world", ["bulk"], indirect=True)
 def test_states_on_the_way_and_the_retention_window(world: World, made: list[str]) -> None:
     """In flight (a whole job running), queued (batches not started: listed, or a key range),
     unsettled (the batch failed), and runs outside the window or purged left out."""

@@ -21,9 +21,9 @@ from segops_sync.sync.pause import PAUSE_REASON, pause_connector, resume_connect
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
 from segops_sync.sync.verify import verifiable_connectors
-from tests.sync.test_pipeline_functions import World, _connector, _on_list, server, world
-
-__all__ = ["server", "world"]  # the fixtures, shared with the pipeline's tests
+from tests.sync.helpers import World
+from tests.sync.helpers import make_connector as _connector
+from tests.sync.helpers import on_list as _on_list
 
 
 def _drive(w: World, batch_id: int) -> Finished:
@@ -45,6 +45,7 @@ def _confirmed(connector_id: str) -> set[str]:
         )
 
 
+@pytest.mark.parametrize("world", ["bulk"], indirect=True)
 def test_a_paused_run_settles_what_was_sent_and_sends_nothing_more(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -110,6 +111,7 @@ def test_a_paused_run_settles_what_was_sent_and_sends_nothing_more(
     assert _confirmed(connector_id) == _on_list(world) == set(members)
 
 
+@pytest.mark.parametrize("world", ["bulk"], indirect=True)
 def test_a_run_paused_before_it_was_planned_closes_cancelled_without_batches(
     world: World,
 ) -> None:
@@ -126,6 +128,7 @@ def test_a_run_paused_before_it_was_planned_closes_cancelled_without_batches(
     assert _on_list(world) == set()
 
 
+@pytest.mark.parametrize("world", ["bulk"], indirect=True)
 def test_bad_pause_and_resume_change_nothing(world: World) -> None:
     connector_id = _connector(world, f"bad-{uuid.uuid4().hex[:6]}", [])
     with session_scope() as s:

@@ -7,7 +7,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 from sqlalchemy import func, select, text, update
 
 from segops_sync.config import get_settings
-from segops_sync.connectors import create_connector
 from segops_sync.db.models import (
     Connector,
     LedgerEntry,
@@ -27,14 +25,14 @@ from segops_sync.db.models import (
 )
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint, ProfileInput
-from segops_sync.klaviyo_sim import Simulator, SimulatorServer
-from segops_sync.states import BatchStatus, ConnectorStatus, Trigger
+from segops_sync.klaviyo_sim import Simulator
+from segops_sync.states import BatchStatus, Trigger
 from segops_sync.sync import batch_items, bulk_add, planner, rejected
 from segops_sync.sync.approvals import APPROVAL_LIFETIME, approve_mass_removal
 from segops_sync.sync.batch_step import Finished, Later, PostgresBatchStore
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.costs import DIRECT_BATCH_SIZE, Delta, expected_requests
-from segops_sync.sync.fleet.access import KlaviyoAccess, Throttled
+from segops_sync.sync.fleet.access import Throttled
 from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.planner import (
     ADD_BATCH_SIZE,
@@ -45,22 +43,11 @@ from segops_sync.sync.planner import (
     start_run,
 )
 from segops_sync.sync.runs import finish_run
-
-
-@dataclass
-class World:
-    sim: Simulator
-    access: KlaviyoAccess
-    account: str
-    key: str
-    list_id: str
-
-
-@pytest.fixture(scope="module")
-def server(segops_env: dict[str, str]) -> Iterator[tuple[Simulator, str]]:
-    sim = Simulator(job_delay=0.05)
-    with SimulatorServer(sim) as srv:
-        yield sim, srv.base_url
+from tests.sync.helpers import World, open_world
+from tests.sync.helpers import make_connector as _connector
+from tests.sync.helpers import on_list as _on_list
+from tests.sync.helpers import run_sync as _sync
+from tests.sync.helpers import set_members as _set_members
 
 
 @pytest.fixture(params=["bulk"])
@@ -69,48 +56,7 @@ def world(
 ) -> Iterator[World]:
     """``bulk``: every add goes in a bulk job (SEGOPS_DIRECT_ADD_LIMIT=0); ``direct``: the
     product's cut-over, so these small deltas take the synchronous path."""
-    from tests.conftest import _reset_settings
-
-    sim, base_url = server
-    monkeypatch.setenv("SEGOPS_KLAVIYO_BASE_URL", base_url)
-    monkeypatch.setenv("SEGOPS_JOB_POLL_INTERVAL", "0.05")
-    if request.param == "bulk":
-        monkeypatch.setenv("SEGOPS_DIRECT_ADD_LIMIT", "0")
-    else:
-        monkeypatch.delenv("SEGOPS_DIRECT_ADD_LIMIT", raising=False)
-    _reset_settings()
-    account = sim.create_account()
-    key = sim.create_key(account)
-    access = KlaviyoAccess(get_settings())
-    # A new account per test is more than the fleet's account lookups allow (13 a minute):
-    # the batches find theirs cached, as they would after a first lookup (tested elsewhere).
-    access.resolver.resolve(key, lambda: account)
-    yield World(sim, access, account, key, sim.create_list(account))
-    _reset_settings()
-
-
-def _connector(w: World, segment: str, members: list[str]) -> str:
-    with session_scope() as s:
-        connector, _ = create_connector(
-            s, get_settings(), segment_id=segment, list_id=w.list_id, api_key=w.key, verify=False
-        )
-        connector.status = ConnectorStatus.ACTIVE
-        s.execute(text("DELETE FROM segment_members WHERE segment_id = :s"), {"s": segment})
-        if members:
-            s.execute(
-                text("INSERT INTO segment_members SELECT :s, unnest(CAST(:m AS text[]))"),
-                {"s": segment, "m": members},
-            )
-        return connector.id
-
-
-def _set_members(segment: str, members: list[str]) -> None:
-    with session_scope() as s:
-        s.execute(text("DELETE FROM segment_members WHERE segment_id = :s"), {"s": segment})
-        s.execute(
-            text("INSERT INTO segment_members SELECT :s, unnest(CAST(:m AS text[]))"),
-            {"s": segment, "m": members},
-        )
+    yield from open_world(server, monkeypatch, request.param)
 
 
 def _planned_run(w: World, segment: str, members: list[str]) -> tuple[str, str, Plan]:
@@ -121,34 +67,6 @@ def _planned_run(w: World, segment: str, members: list[str]) -> tuple[str, str, 
     assert run_id
     with session_scope() as s:
         return connector_id, run_id, plan_run(s, run_id, get_settings())
-
-
-def _sync(w: World, connector_id: str, *, approved_by: str | None = None) -> SyncRun:
-    """One whole run, each batch driven to the end in this process, as a worker would
-    (``approved_by``: a person approved a mass removal first)."""
-    if approved_by is not None:
-        with session_scope() as s:
-            approve_mass_removal(s, connector_id, by=approved_by)
-    with session_scope() as s:
-        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC)
-    assert outcome.reason == "started" and outcome.run_id
-    with session_scope() as s:
-        plan = plan_run(s, outcome.run_id, get_settings())
-    for batch_id in plan.batch_ids:
-        deadline = time.monotonic() + 60
-        while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):
-            assert time.monotonic() < deadline, f"batch {batch_id} never finished: {step.reason}"
-            time.sleep(min(step.countdown, 0.5))
-    with session_scope() as s:
-        finish_run(s, outcome.run_id)
-        s.flush()  # before expunge, or the closing is never written
-        run = s.get_one(SyncRun, outcome.run_id)
-        s.expunge(run)
-    return run
-
-
-def _on_list(w: World) -> set[str]:
-    return {p.external_id or p.email or "" for p in w.sim.list_members(w.list_id)}
 
 
 def test_plan_cuts_the_delta_into_batches_of_one_call(world: World) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,13 +16,23 @@ from segops_sync.config import get_settings
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatchItem
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import Endpoint
+from segops_sync.klaviyo_sim import Simulator
 from segops_sync.sync.costs import Delta, expected_requests
 from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.planner import preview
 from segops_sync.sync.verify import FOREIGN_PREFIX, release_foreign, verify_list
-from tests.sync.test_pipeline_functions import World, _connector, _set_members, _sync, server, world
+from tests.sync.helpers import World, open_world
+from tests.sync.helpers import make_connector as _connector
+from tests.sync.helpers import run_sync as _sync
+from tests.sync.helpers import set_members as _set_members
 
-__all__ = ["server", "world"]  # fixtures used by the tests below
+
+@pytest.fixture(params=["bulk"])
+def world(
+    server: tuple[Simulator, str], monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[World]:
+    """Every add in a bulk job, as in test_pipeline_functions.py."""
+    yield from open_world(server, monkeypatch, request.param)
 
 
 def _traits(connector_id: str, names: list[str]) -> None:

@@ -1,0 +1,121 @@
+"""Small tools for the sync tests that call the pipeline as plain functions: a simulator account
+to sync into (the ``world`` fixtures of tests/sync/conftest.py and test_pipeline_functions.py),
+a connector on a segment, and one whole run driven in this process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+from sqlalchemy import text
+
+from segops_sync.config import get_settings
+from segops_sync.connectors import create_connector
+from segops_sync.db.models import SyncRun
+from segops_sync.db.session import session_scope
+from segops_sync.klaviyo_sim import Simulator
+from segops_sync.states import ConnectorStatus, Trigger
+from segops_sync.sync.approvals import approve_mass_removal
+from segops_sync.sync.batch_step import Finished
+from segops_sync.sync.batches import run_batch
+from segops_sync.sync.fleet.access import KlaviyoAccess
+from segops_sync.sync.planner import plan_run, start_run
+from segops_sync.sync.runs import finish_run
+
+AddPath = Literal["bulk", "direct"]
+
+
+@dataclass
+class World:
+    sim: Simulator
+    access: KlaviyoAccess
+    account: str
+    key: str
+    list_id: str
+
+
+def open_world(
+    server: tuple[Simulator, str],
+    monkeypatch: pytest.MonkeyPatch,
+    add_path: AddPath | None = None,
+) -> Iterator[World]:
+    """A new account, key and list on the simulator, the settings pointed at it; the body of
+    the ``world`` fixtures (``yield from``). ``bulk``: every add goes in a bulk job
+    (SEGOPS_DIRECT_ADD_LIMIT=0); ``direct``: the product's cut-over, so small deltas take the
+    synchronous path; None: SEGOPS_DIRECT_ADD_LIMIT is left as it is."""
+    from tests.conftest import _reset_settings
+
+    sim, base_url = server
+    monkeypatch.setenv("SEGOPS_KLAVIYO_BASE_URL", base_url)
+    monkeypatch.setenv("SEGOPS_JOB_POLL_INTERVAL", "0.05")
+    if add_path == "bulk":
+        monkeypatch.setenv("SEGOPS_DIRECT_ADD_LIMIT", "0")
+    elif add_path == "direct":
+        monkeypatch.delenv("SEGOPS_DIRECT_ADD_LIMIT", raising=False)
+    elif add_path is not None:
+        raise ValueError(f"unknown add path {add_path!r}")
+    _reset_settings()
+    account = sim.create_account()
+    key = sim.create_key(account)
+    access = KlaviyoAccess(get_settings())
+    # A new account per test is more than the fleet's account lookups allow (13 a minute):
+    # the batches find theirs cached, as they would after a first lookup (tested elsewhere).
+    access.resolver.resolve(key, lambda: account)
+    yield World(sim, access, account, key, sim.create_list(account))
+    _reset_settings()
+
+
+def make_connector(w: World, segment: str, members: list[str]) -> str:
+    """An active connector from ``segment`` to the world's list; the segment holds ``members``."""
+    with session_scope() as s:
+        connector, _ = create_connector(
+            s, get_settings(), segment_id=segment, list_id=w.list_id, api_key=w.key, verify=False
+        )
+        connector.status = ConnectorStatus.ACTIVE
+        s.execute(text("DELETE FROM segment_members WHERE segment_id = :s"), {"s": segment})
+        if members:
+            s.execute(
+                text("INSERT INTO segment_members SELECT :s, unnest(CAST(:m AS text[]))"),
+                {"s": segment, "m": members},
+            )
+        return connector.id
+
+
+def set_members(segment: str, members: list[str]) -> None:
+    with session_scope() as s:
+        s.execute(text("DELETE FROM segment_members WHERE segment_id = :s"), {"s": segment})
+        s.execute(
+            text("INSERT INTO segment_members SELECT :s, unnest(CAST(:m AS text[]))"),
+            {"s": segment, "m": members},
+        )
+
+
+def run_sync(w: World, connector_id: str, *, approved_by: str | None = None) -> SyncRun:
+    """One whole run, each batch driven to the end in this process, as a worker would
+    (``approved_by``: a person approved a mass removal first)."""
+    if approved_by is not None:
+        with session_scope() as s:
+            approve_mass_removal(s, connector_id, by=approved_by)
+    with session_scope() as s:
+        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC)
+    assert outcome.reason == "started" and outcome.run_id
+    with session_scope() as s:
+        plan = plan_run(s, outcome.run_id, get_settings())
+    for batch_id in plan.batch_ids:
+        deadline = time.monotonic() + 60
+        while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):
+            assert time.monotonic() < deadline, f"batch {batch_id} never finished: {step.reason}"
+            time.sleep(min(step.countdown, 0.5))
+    with session_scope() as s:
+        finish_run(s, outcome.run_id)
+        s.flush()  # before expunge, or the closing is never written
+        run = s.get_one(SyncRun, outcome.run_id)
+        s.expunge(run)
+    return run
+
+
+def on_list(w: World) -> set[str]:
+    return {p.external_id or p.email or "" for p in w.sim.list_members(w.list_id)}
