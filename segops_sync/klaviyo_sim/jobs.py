@@ -200,6 +200,7 @@ class JobsMixin(PrivacyMixin, ListsMixin):
             if lst is not None and lst.account_id == job.account_id:
                 self._add_members(lst, job.profile_ids)
         job.status = "complete"
+        job.profiles = []  # applied: errors keep their own original_payload
         # Applied lazily, a job completed when it was due, not when a request came to look: its
         # completed_at - created_at is how long Klaviyo's jobs take (the watcher learns it).
         done = job.ready_at if self._runner is None else max(job.ready_at, self._clock())
@@ -285,6 +286,7 @@ class JobsMixin(PrivacyMixin, ListsMixin):
             ready_at=ctx.now + self.job_delay,
             profiles=profiles,
             list_ids=list_ids,
+            total_count=len(profiles),
         )
         self._jobs[job.id] = job
         if self._stall_next > 0:  # never due, never applied: it answers "processing" for good
@@ -366,7 +368,7 @@ def job_resource(ctx: Ctx, job: JobRecord) -> dict[str, Any]:
         "attributes": {
             "status": job.status,
             "created_at": iso(job.created),
-            "total_count": len(job.profiles),
+            "total_count": job.total_count,
             "completed_count": job.completed_count,
             "failed_count": job.failed_count,
             "completed_at": iso(job.completed) if job.completed else None,

@@ -122,7 +122,7 @@ class ListRecord:
         return list(zip(seqs[start : start + limit], pids[start : start + limit], strict=True))
 
 
-@dataclass
+@dataclass(slots=True)  # one per simulated profile: millions in a big benchmark
 class ProfileRecord:
     id: str
     account_id: str
@@ -163,8 +163,11 @@ class JobRecord:
     created: datetime
     created_clock: float
     ready_at: float
+    # The payload's profiles, dropped once the job is complete: a 10M first sync would otherwise
+    # keep every payload it was sent (what a finished job still answers is counted below).
     profiles: list[dict[str, Any]]
     list_ids: list[str]
+    total_count: int = 0
     status: str = "queued"
     fate: Literal["normal", "expired", "lost", "cancelled"] = "normal"
     started: datetime | None = None
