@@ -48,7 +48,7 @@ from segops_sync.sync.batch_step import (
 from segops_sync.sync.fleet.access import LimitedSession
 from segops_sync.sync.fleet.watcher import AccountJobs, job_overdue
 from segops_sync.sync.ledger import accept_job
-from segops_sync.sync.outcomes import Action, decide
+from segops_sync.sync.outcomes import Action, decide, rejection_reason
 from segops_sync.sync.retry import jitter
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,12 @@ def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | No
     )
 
 
+def _phone(payload: dict[str, Any] | None) -> str | None:
+    attrs = (payload or {}).get("attributes", payload)
+    phone = attrs.get("phone_number") if isinstance(attrs, dict) else None
+    return phone if isinstance(phone, str) else None
+
+
 def _all_import_errors(client: KlaviyoClient, job_id: str) -> list[ImportErrorItem]:
     return list(client.iter_bulk_import_errors(job_id))
 
@@ -281,7 +287,9 @@ def _settle_job(
                 if user_id is None:
                     unattributed += 1
                     continue
-                rejected[user_id] = f"{err.title}: {err.detail}" if err.title else err.detail
+                rejected[user_id] = rejection_reason(
+                    err.title, err.detail, (user_id, email, ext, _phone(err.original_payload))
+                )
             if unattributed:
                 log.warning("job %s: %d import errors name no member we sent", job_id, unattributed)
         if failed_count > len(rejected):

@@ -22,10 +22,12 @@ from segops_sync.klaviyo import (
     MAX_IDS_PER_RELATIONSHIP_CALL,
     InvalidRequest,
     KlaviyoClient,
+    ProfileInput,
 )
 from segops_sync.sync import batch_items
 from segops_sync.sync.batch_items import BatchKey, trait_profiles
 from segops_sync.sync.ledger import confirm_added
+from segops_sync.sync.outcomes import rejection_reason
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,15 @@ SAVE_EVERY = 25
 PAUSED = "paused before the list write"
 
 
-def member_problem(exc: InvalidRequest) -> str | None:
+def member_problem(exc: InvalidRequest, user_id: str, profile: ProfileInput) -> str | None:
     """Klaviyo's reason when a refused upsert names the member's own data, else None (then the
     request itself is wrong, and the batch fails as the bulk path would)."""
     named = [e for e in exc.errors if (e.pointer or "").startswith("/data")]
     if not named:
         return None
     first = named[0]
-    return f"{first.title}: {first.detail}" if first.title else first.detail
+    identifiers = (user_id, profile.email, profile.external_id, profile.fields.get("phone_number"))
+    return rejection_reason(first.title, first.detail, identifiers)
 
 
 def add_directly(
@@ -79,7 +82,7 @@ def add_directly(
             try:
                 learnt[user_id] = retry(client.upsert_profile, profile)
             except InvalidRequest as exc:
-                reason = member_problem(exc)
+                reason = member_problem(exc, user_id, profile)
                 if reason is None:
                     raise
                 rejected[user_id] = reason

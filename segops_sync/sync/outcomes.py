@@ -18,7 +18,8 @@ top to bottom: the first row whose error class matches wins.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -135,3 +136,17 @@ def describe_for_person(exc: KlaviyoError, list_id: str) -> str:
     """The one-line message a person sees for a failure that stops a run (never with the key)."""
     decision = decide(exc, list_id=list_id)
     return decision.message or f"Klaviyo error: {exc.detail}"
+
+
+MEMBER_PLACEHOLDER = "<the member's identifier>"
+
+
+def rejection_reason(title: str | None, detail: str, identifiers: Iterable[object]) -> str:
+    """Klaviyo's words for a rejected member, without the member's own identifiers (user id,
+    email, external id, phone): reasons are summed up in a run's error and the connector's
+    ``last_error``, which outlive a forget of the member, and Klaviyo may quote a bad value."""
+    reason = f"{title}: {detail}" if title else detail
+    values = {v for v in identifiers if isinstance(v, str) and len(v.strip()) >= 3}
+    for value in sorted(values, key=len, reverse=True):  # an email before its local part
+        reason = re.sub(re.escape(value.strip()), MEMBER_PLACEHOLDER, reason, flags=re.IGNORECASE)
+    return reason

@@ -16,7 +16,7 @@ from segops_sync.klaviyo import (
     UnexpectedStatus,
 )
 from segops_sync.sync.fleet.access import Throttled
-from segops_sync.sync.outcomes import Action, decide
+from segops_sync.sync.outcomes import MEMBER_PLACEHOLDER, Action, decide, rejection_reason
 
 
 def _pointer(index: int, detail: str = "Invalid email") -> ApiErrorItem:
@@ -87,3 +87,21 @@ def test_a_refused_request_that_names_nobody_fails_the_run() -> None:
 def test_anything_that_is_not_a_klaviyo_failure_is_not_the_tables_business() -> None:
     with pytest.raises(TypeError):
         decide(ValueError("a bug"), list_id="AbC123")
+
+
+def test_a_rejection_reason_never_keeps_the_members_identifiers() -> None:
+    """Klaviyo may quote the value it refused; the reason outlives a forget of the member (in a
+    run's error and the connector's last_error), so the member's identifiers are taken out."""
+    reason = rejection_reason(
+        "Invalid input.",
+        "'Ada.Lovelace@Example.com' is not a valid email; ada.lovelace is taken; call +15550100",
+        ("user-17", "ada.lovelace@example.com", "ada.lovelace", "+15550100", None, ""),
+    )
+    assert reason == (
+        f"Invalid input.: '{MEMBER_PLACEHOLDER}' is not a valid email; {MEMBER_PLACEHOLDER} is "
+        f"taken; call {MEMBER_PLACEHOLDER}"
+    )
+    # nothing of the member in it: the reason is Klaviyo's words as they were
+    assert rejection_reason(None, "Invalid email address.", ("x@y.io",)) == "Invalid email address."
+    # one- and two-character identifiers would blank out ordinary words: left alone
+    assert rejection_reason("Bad", "an id", ("an", "a")) == "Bad: an id"
