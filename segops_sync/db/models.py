@@ -93,6 +93,8 @@ class Identity(Base):
     traits: Mapped[dict[str, Any]] = mapped_column(
         JSONB, default=dict, server_default=text("'{}'::jsonb")
     )
+    # When the email or traits last changed (an identical event leaves it): a member rejected by
+    # a run that started before this is due to be sent again (sync/rejected.py).
     identified_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )

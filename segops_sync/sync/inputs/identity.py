@@ -77,7 +77,8 @@ def record_identity(
 ) -> bool:
     """Store the latest ``context_identified`` event of a user: all its traits, as received,
     and its email (an event without an email keeps the one seen before). Returns whether the
-    stored email or traits changed (a member Klaviyo rejected is sent again only then)."""
+    stored email or traits changed (a member Klaviyo rejected is sent again only then);
+    ``identified_at`` moves only then too, so an event sent twice makes no retry due."""
     if not user_id or len(user_id) > MAX_USER_ID:
         raise BadIdentity(f"user_id must be 1 to {MAX_USER_ID} characters")
     if email is not None and not is_email(email):
@@ -98,7 +99,9 @@ def record_identity(
             "INSERT INTO identities AS i (user_id, email, traits, identified_at) "
             "VALUES (:u, :e, CAST(:t AS jsonb), now()) "
             "ON CONFLICT (user_id) DO UPDATE SET email = COALESCE(EXCLUDED.email, i.email), "
-            "traits = EXCLUDED.traits, identified_at = now() "
+            "traits = EXCLUDED.traits, identified_at = CASE WHEN i.email IS NOT DISTINCT FROM "
+            "COALESCE(EXCLUDED.email, i.email) AND i.traits = EXCLUDED.traits "
+            "THEN i.identified_at ELSE now() END "
             "RETURNING NOT EXISTS (SELECT 1 FROM before b WHERE b.email IS NOT DISTINCT FROM "
             "i.email AND b.traits = i.traits)"
         ),
