@@ -14,6 +14,15 @@ from segops_sync.db.models import SyncRun
 # The most a listing returns: the newest rejections first.
 MAX_REJECTED = 10_000
 
+# A run's rejected items (``it``), found through the batches that counted a rejection or did not
+# finish (and so counted nothing): one index probe per such batch. Filtering the run's items on their outcome
+# read all of them, 10M for a first sync of 10M, and took 9.6 s of the run's close.
+RUN_REJECTED_ITEMS = (
+    "FROM sync_batches b JOIN sync_batch_items it ON it.run_id = b.run_id AND it.kind = b.kind "
+    "AND it.seq = b.seq AND it.outcome = 'rejected' "
+    "WHERE b.run_id = :r AND (b.rejected > 0 OR b.status <> 'done')"
+)
+
 
 class UnknownRun(LookupError):
     def __init__(self, connector_id: str, run_id: str) -> None:
@@ -104,9 +113,8 @@ def record_rejections(session: Session, run: SyncRun) -> None:
             "INSERT INTO member_rejections AS mr (connector_id, user_id, reason, run_id, "
             "rejected_at, retry) "
             "SELECT :c, it.user_id, it.reason, it.run_id, now(), "
-            "CASE WHEN i.identified_at > :started THEN 'due' ELSE 'waiting' END "
-            "FROM sync_batch_items it LEFT JOIN identities i ON i.user_id = it.user_id "
-            "WHERE it.run_id = :r AND it.outcome = 'rejected' "
+            "CASE WHEN (SELECT i.identified_at FROM identities i WHERE i.user_id = it.user_id) "
+            f"> :started THEN 'due' ELSE 'waiting' END {RUN_REJECTED_ITEMS} "
             "ON CONFLICT (connector_id, user_id) DO UPDATE SET reason = EXCLUDED.reason, "
             "run_id = EXCLUDED.run_id, rejected_at = EXCLUDED.rejected_at, retry = EXCLUDED.retry"
         ),

@@ -25,7 +25,7 @@ from segops_sync.states import (
 from segops_sync.sync.ledger import suppressed_count
 from segops_sync.sync.pause import PAUSE_REASON, stops_for_pause
 from segops_sync.sync.planner import StartOutcome, start_run
-from segops_sync.sync.rejected import record_rejections
+from segops_sync.sync.rejected import RUN_REJECTED_ITEMS, record_rejections
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,8 @@ def _trait_counts(session: Session, run: SyncRun, batches: list[SyncBatch]) -> N
 def _rejections(session: Session, run: SyncRun) -> str:
     reasons = session.execute(
         text(
-            "SELECT reason, count(*) AS n FROM sync_batch_items WHERE run_id = :r AND outcome = 'rejected' "
-            "GROUP BY reason ORDER BY n DESC, reason LIMIT 3"
+            f"SELECT it.reason, count(*) AS n {RUN_REJECTED_ITEMS} "
+            "GROUP BY it.reason ORDER BY n DESC, it.reason LIMIT 3"
         ),
         {"r": run.id},
     ).all()
