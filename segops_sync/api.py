@@ -47,6 +47,7 @@ from segops_sync.api_input import (
 )
 from segops_sync.config import Settings, get_settings
 from segops_sync.connectors import (
+    COUNTED_LISTS,
     KlaviyoUnavailable,
     create_connector,
     delete_connector,
@@ -579,8 +580,9 @@ def klaviyo_lists(request: Request, settings: Settings) -> Response:
       The key goes in the body (never in a URL) and is neither stored nor logged. The lists
       come sorted by name (GET /api/lists, every page). profile_count is counted for the first
       10 lists only, each with one GET /api/lists/{id} in Klaviyo's 1/s tier, and is null for
-      the others and for any Klaviyo would not count within a few seconds. A malformed key, or
-      one Klaviyo rejects, is a 422 that says which.
+      the others and for any Klaviyo would not count within a few seconds. With "counts": false
+      nothing is counted and the answer comes at once (the page asks so first, then again with
+      the counts). A malformed key, or one Klaviyo rejects, is a 422 that says which.
     requestBody:
       required: true
       content:
@@ -602,7 +604,8 @@ def klaviyo_lists(request: Request, settings: Settings) -> Response:
     """
     body = parse_body(_read(request), KLAVIYO_KEY_FIELDS)
     try:
-        lists = key_lists(body["api_key"], settings.klaviyo_base_url)
+        counted = COUNTED_LISTS if body.get("counts", True) else 0
+        lists = key_lists(body["api_key"], settings.klaviyo_base_url, counted=counted)
     except KlaviyoUnavailable as exc:
         return _error(502, str(exc))
     return JSONResponse({"lists": [klaviyo_list_json(found) for found in lists]})

@@ -102,6 +102,16 @@ KLAVIYO_KEY_FIELDS: dict[str, BodyField] = {
         },
         required=True,
     ),
+    "counts": BodyField(
+        {
+            "type": "boolean",
+            "default": True,
+            "description": (
+                "count the members of the first lists (one call a second in Klaviyo's XS "
+                "tier); false answers at once, every profile_count null"
+            ),
+        }
+    ),
 }
 
 RESYNC_FIELDS: dict[str, BodyField] = {

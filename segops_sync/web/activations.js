@@ -404,15 +404,10 @@
     listsAskedFor = key;
     offerLists([]);
     $("list-id-hint").textContent = "Looking up the key's lists in Klaviyo…";
+    let lists;
     try {
-      const { doc } = await api("POST", "/v1/klaviyo/lists", { api_key: key });
-      if (listsAskedFor !== key) return; // another key was pasted meanwhile
-      offerLists(doc.lists);
-      if (listsAlertShown) show($("create-alert"), "");
-      listsAlertShown = false;
-      $("list-id-hint").textContent = doc.lists.length
-        ? `${doc.lists.length} list${doc.lists.length === 1 ? "" : "s"} of this key: pick one in List ID (or type an id).`
-        : "This key has no lists in Klaviyo: create one there first.";
+      // the names first, at once; the member counts (Klaviyo counts one list a second) follow
+      ({ lists } = (await api("POST", "/v1/klaviyo/lists", { api_key: key, counts: false })).doc);
     } catch (err) {
       if (listsAskedFor !== key) return;
       listsAskedFor = ""; // a fixed key (or a second try) asks again
@@ -420,6 +415,21 @@
       if (err.status === 401) return signOut("The API token was refused: sign in again.");
       show($("create-alert"), `Cannot list the key's lists: ${err.message}`);
       listsAlertShown = true;
+      return;
+    }
+    if (listsAskedFor !== key) return; // another key was pasted meanwhile
+    offerLists(lists);
+    if (listsAlertShown) show($("create-alert"), "");
+    listsAlertShown = false;
+    $("list-id-hint").textContent = lists.length
+      ? `${lists.length} list${lists.length === 1 ? "" : "s"} of this key: pick one in List ID (or type an id).`
+      : "This key has no lists in Klaviyo: create one there first.";
+    if (!lists.length) return;
+    try {
+      const { doc } = await api("POST", "/v1/klaviyo/lists", { api_key: key });
+      if (listsAskedFor === key) offerLists(doc.lists);
+    } catch {
+      // a count is a courtesy: the names stay offered
     }
   }
 

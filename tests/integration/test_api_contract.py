@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from segops_sync.api_input import MAX_BODY
+from segops_sync.klaviyo.endpoints import Endpoint
 from segops_sync.openapi import CONNECTOR, KLAVIYO_LIST, RUN
 from tests.integration.conftest import WorkerProcess
 from tests.integration.helpers import Klaviyo, new_segment, row_counts
@@ -278,6 +279,7 @@ def test_a_keys_lists_come_by_name_and_the_key_stays_out_of_every_answer(
     # what this endpoint could write (nothing): runs are left out, since the session's worker may
     # still be closing one of an earlier module's connectors while this test runs
     before = _connector_tables()
+    counts_before = _count_calls(klaviyo)
     answer = api.post("/v1/klaviyo/lists", json={"api_key": klaviyo.api_key})
     assert answer.status_code == 200, answer.text
     assert answer.headers["cache-control"] == "no-store"
@@ -288,16 +290,37 @@ def test_a_keys_lists_come_by_name_and_the_key_stays_out_of_every_answer(
         ]
     }
     assert set(answer.json()["lists"][0]) == set(KLAVIYO_LIST["properties"])
+
+    # "counts": false (the page's first call) answers from GET /api/lists alone: no count calls
+    assert _count_calls(klaviyo) == counts_before + 2  # one per list
+    quick = api.post("/v1/klaviyo/lists", json={"api_key": klaviyo.api_key, "counts": False})
+    assert quick.status_code == 200, quick.text
+    assert quick.json() == {
+        "lists": [
+            {"id": news, "name": "Newsletter", "profile_count": None},
+            {"id": klaviyo.list_id, "name": "Synced", "profile_count": None},
+        ]
+    }
+    assert _count_calls(klaviyo) == counts_before + 2
+
     bogus = "pk_" + "q" * 34
     for body, status, says in (
         ({"api_key": bogus}, 422, "Klaviyo rejected the API key"),
         ({"api_key": "sk_nope"}, 422, "API key is malformed"),
         ({}, 422, "api_key is required"),
         ({"api_key": 5}, 422, "api_key must be a string"),
+        ({"api_key": klaviyo.api_key, "counts": "no"}, 422, "counts must be true or false"),
     ):
         message = _json_error(api.post("/v1/klaviyo/lists", json=body), status)
         assert says in message and bogus not in message
     assert _connector_tables() == before
+
+
+def _count_calls(klaviyo: Klaviyo) -> int:
+    """The account's answered GET /api/lists/{id} calls: the list picker's member counts (the
+    second of two is often refused at first: Klaviyo counts one list a second)."""
+    answered = klaviyo.sim.requests(endpoint=Endpoint.GET_LIST, status=200)
+    return sum(1 for r in answered if r.account == klaviyo.account)
 
 
 def _connector_tables() -> dict[str, int]:
