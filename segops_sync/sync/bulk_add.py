@@ -201,8 +201,13 @@ def _submit(
                 raise
             with session_scope() as s:
                 for index, reason in refused.items():
+                    user_id, profile = members[index]
                     batch_items.set_outcome(
-                        s, ctx, [members[index][0]], ItemOutcome.REJECTED, reason
+                        s,
+                        ctx,
+                        [user_id],
+                        ItemOutcome.REJECTED,
+                        _without_identifiers(reason, user_id, profile),
                     )
             members = [m for i, m in enumerate(members) if i not in refused]
             continue
@@ -252,6 +257,12 @@ def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | No
     )
 
 
+def _without_identifiers(reason: str, user_id: str, profile: ProfileInput) -> str:
+    """A refused job's reason for one member, without that member's identifiers."""
+    identifiers = (user_id, profile.email, profile.external_id, profile.fields.get("phone_number"))
+    return rejection_reason(None, reason, identifiers)
+
+
 def _phone(payload: dict[str, Any] | None) -> str | None:
     attrs = (payload or {}).get("attributes", payload)
     phone = attrs.get("phone_number") if isinstance(attrs, dict) else None
@@ -278,6 +289,7 @@ def _settle_job(
             members = batch_items.job_members(s, ctx, job_id, whole=whole)
             by_email = {e.lower(): u for u, e, _ in members if e}
             by_ext = {x: u for u, _, x in members if x}
+            stored = {u: (e, x) for u, e, x in members}
             unattributed = 0
             for err in errors:
                 email, ext = _identity_keys(err.original_payload)
@@ -287,9 +299,10 @@ def _settle_job(
                 if user_id is None:
                     unattributed += 1
                     continue
-                rejected[user_id] = rejection_reason(
-                    err.title, err.detail, (user_id, email, ext, _phone(err.original_payload))
-                )
+                # what Klaviyo echoed and what the member's batch row holds (an external-id
+                # match's stored email may differ from the payload's)
+                identifiers = (user_id, email, ext, _phone(err.original_payload), *stored[user_id])
+                rejected[user_id] = rejection_reason(err.title, err.detail, identifiers)
             if unattributed:
                 log.warning("job %s: %d import errors name no member we sent", job_id, unattributed)
         if failed_count > len(rejected):

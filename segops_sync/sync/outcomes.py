@@ -146,7 +146,10 @@ def rejection_reason(title: str | None, detail: str, identifiers: Iterable[objec
     email, external id, phone): reasons are summed up in a run's error and the connector's
     ``last_error``, which outlive a forget of the member, and Klaviyo may quote a bad value."""
     reason = f"{title}: {detail}" if title else detail
-    values = {v for v in identifiers if isinstance(v, str) and len(v.strip()) >= 3}
-    for value in sorted(values, key=len, reverse=True):  # an email before its local part
-        reason = re.sub(re.escape(value.strip()), MEMBER_PLACEHOLDER, reason, flags=re.IGNORECASE)
-    return reason
+    values = {v.strip() for v in identifiers if isinstance(v, str) and len(v.strip()) >= 3}
+    if not values:
+        return reason
+    # One pass, longest first (an email before its local part), so a placeholder is never
+    # searched again; whole values only (not "ada" inside "adam"), whatever the case.
+    either = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    return re.sub(rf"(?<!\w)(?:{either})(?!\w)", MEMBER_PLACEHOLDER, reason, flags=re.IGNORECASE)

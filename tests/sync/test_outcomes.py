@@ -105,3 +105,11 @@ def test_a_rejection_reason_never_keeps_the_members_identifiers() -> None:
     assert rejection_reason(None, "Invalid email address.", ("x@y.io",)) == "Invalid email address."
     # one- and two-character identifiers would blank out ordinary words: left alone
     assert rejection_reason("Bad", "an id", ("an", "a")) == "Bad: an id"
+    # whole values only: "ada" is not taken out of "adam" or "canada", but is at a sentence end
+    assert rejection_reason(None, "adam in canada; ada.", ("ada",)) == (
+        f"adam in canada; {MEMBER_PLACEHOLDER}."
+    )
+    # one pass: an identifier that is a word of the placeholder does not eat it afterwards
+    assert rejection_reason(None, "bad: x@y.io", ("x@y.io", "member", "identifier")) == (
+        f"bad: {MEMBER_PLACEHOLDER}"
+    )

@@ -372,6 +372,7 @@ def test_a_whole_job_rejection_drops_the_named_member_and_sends_the_rest(world: 
     with session_scope() as s:
         connector = s.get_one(Connector, connector_id)
         assert connector.status == "active" and connector.last_error == run.error
+        last_error = connector.last_error
         assert s.execute(
             select(MemberRejection.user_id, MemberRejection.retry, MemberRejection.run_id).where(
                 MemberRejection.connector_id == connector_id
@@ -388,6 +389,9 @@ def test_a_whole_job_rejection_drops_the_named_member_and_sends_the_rest(world: 
             .where(LedgerEntry.connector_id == connector_id)
         )
     assert reason and "email" in reason.lower()
+    # Klaviyo quoted the refused email; neither the reason nor the run's error keeps it
+    for words in (reason, run.error, last_error):
+        assert words and "bad,address" not in words.lower(), words
     assert ledger == 20
 
 
