@@ -57,6 +57,7 @@ from segops_sync.connectors import (
 from segops_sync.db.queries import get_connector, list_connectors, list_runs
 from segops_sync.db.session import session_scope
 from segops_sync.errors import InputError, UnknownConnector
+from segops_sync.observability import logging as obs_log
 from segops_sync.openapi import ApiSchema
 from segops_sync.shapes import CONNECTOR_TYPES, connector_json, klaviyo_list_json, run_json
 from segops_sync.states import ConnectorStatus, Trigger
@@ -687,12 +688,11 @@ def create_app(token: str, *, throttle: SignInThrottle | None = None) -> Starlet
 def serve(port: int, host: str = "127.0.0.1") -> None:
     import uvicorn
 
-    uvicorn.run(
-        create_app(get_settings().require_api_token()),
-        host=host,
-        port=port,
-        log_level="info",
+    config = uvicorn.Config(
+        create_app(get_settings().require_api_token()), host=host, port=port, log_level="info"
     )
+    obs_log.install_api()  # after the Config, which configures uvicorn's loggers
+    uvicorn.Server(config).run()
 
 
 @contextlib.contextmanager
@@ -707,11 +707,11 @@ def serve_in_thread(token: str, redis_url: str, prefix: str) -> Iterator[str]:
 
     throttle = SignInThrottle(redis_url, prefix, limit=1_000_000)
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(token, throttle=throttle), host="127.0.0.1", port=port, log_level="warning"
-        )
+    config = uvicorn.Config(
+        create_app(token, throttle=throttle), host="127.0.0.1", port=port, log_level="warning"
     )
+    obs_log.install_api()
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

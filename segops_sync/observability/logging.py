@@ -150,6 +150,35 @@ class MemberDataFilter(logging.Filter):
         return True
 
 
+# The one API route whose path holds a member's identifier (GET /v1/members/{user_id}).
+MEMBER_ROUTE = "/v1/members/"
+
+
+class AccessPathFilter(logging.Filter):
+    """uvicorn's access log line (``client - "METHOD path HTTP/v" status``, the path in its
+    args) names the member a trace asked for: the route's template replaces it, and emails or
+    phone numbers in any other path are masked. The args keep their shape, which uvicorn's
+    access formatter unpacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            path = args[2]
+            if path.startswith(MEMBER_ROUTE):
+                path = MEMBER_ROUTE + "{user_id}"
+            record.args = (args[0], args[1], mask_member_data(path), args[3], args[4])
+        return True
+
+
+def install_api() -> None:
+    """The API process's uvicorn loggers (call after uvicorn configured them): no member in
+    the access log; emails, phone numbers and keys masked in its errors and tracebacks."""
+    for name, kind in (("uvicorn.access", AccessPathFilter), ("uvicorn.error", MemberDataFilter)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):  # once, however many servers
+            logger.addFilter(kind())
+
+
 _TRACEBACKS = logging.Formatter()
 
 

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from segops_sync.klaviyo import (
+    ApiErrorItem,
     CredentialsRejected,
+    Endpoint,
     InvalidRequest,
     KlaviyoError,
     NotFound,
@@ -32,6 +34,7 @@ from segops_sync.klaviyo import (
     RateLimited,
     TransientError,
 )
+from segops_sync.observability.logging import mask_member_data
 from segops_sync.sync.fleet.access import Throttled
 
 
@@ -75,9 +78,41 @@ def _unknown_list(exc: BaseException, list_id: str) -> str:
     )
 
 
+# Requests whose body or filter carries members' identifiers: when Klaviyo refuses one whole,
+# its detail may quote one (a malformed email in a lookup's filter, say).
+CARRIES_MEMBERS = frozenset(
+    {
+        Endpoint.GET_LIST_PROFILES,
+        Endpoint.GET_LIST_MEMBERS,
+        Endpoint.GET_PROFILES,
+        Endpoint.PROFILE_IMPORT,
+        Endpoint.CREATE_BULK_IMPORT_JOB,
+        Endpoint.REQUEST_PROFILE_DELETION,
+    }
+)
+
+
 def _refused(exc: BaseException, list_id: str) -> str:
-    detail = exc.detail if isinstance(exc, KlaviyoError) else str(exc)
-    return f"Klaviyo refused the request: {detail}"
+    """A refused request that names no member. The message ends in a run's error, the
+    connector's last_error and alerts, which outlive a forget: Klaviyo's detail is left out
+    where the request carried members, and its emails and phone numbers masked elsewhere."""
+    if not isinstance(exc, KlaviyoError):
+        return f"Klaviyo refused the request: {mask_member_data(str(exc))}"
+    if exc.endpoint in CARRIES_MEMBERS:
+        said = "; ".join(dict.fromkeys(_code_and_place(e) for e in exc.errors))
+        status = f"HTTP {exc.status}" if exc.status is not None else "refused"
+        return (
+            f"Klaviyo refused {exc.endpoint} ({status}{': ' + said if said else ''}); its "
+            "detail is not kept, since it may quote a member's data"
+        )
+    return f"Klaviyo refused the request: {mask_member_data(exc.detail)}"
+
+
+def _code_and_place(error: ApiErrorItem) -> str:
+    """Klaviyo's code and title, and what it pointed at (a JSON pointer or a parameter name),
+    which hold no member's value."""
+    place = error.pointer or error.parameter
+    return f"{error.code} {error.title}" + (f" at {place}" if place else "")
 
 
 Describe = Callable[[BaseException, str], str]

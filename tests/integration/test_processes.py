@@ -56,9 +56,19 @@ def test_api_serves_with_a_token(stack_env: dict[str, str]) -> None:
                 assert proc.poll() is None and time.monotonic() < deadline, "the API did not start"
                 time.sleep(0.2)
         assert answer.status_code == 200 and "connectors" in answer.json()
+        # a member trace: the access log names the route, never the member
+        for member in ("ada.lovelace@example.com", "user-7f3a9c"):
+            traced = httpx.get(
+                f"http://127.0.0.1:{port}/v1/members/{member}",
+                headers={"Authorization": f"Bearer {stack_env['SEGOPS_API_TOKEN']}"},
+            )
+            assert traced.status_code == 200, traced.text
     finally:
         proc.terminate()
-        proc.wait(10)
+        out, err = proc.communicate(timeout=10)
+    logged = out + err
+    assert logged.count('"GET /v1/members/{user_id} HTTP/1.1" 200') == 2, logged
+    assert "ada.lovelace" not in logged and "7f3a9c" not in logged
 
 
 def test_api_refuses_to_start_without_a_token(stack_env: dict[str, str]) -> None:

@@ -8,6 +8,7 @@ from segops_sync.klaviyo import (
     ApiErrorItem,
     Conflict,
     CredentialsRejected,
+    Endpoint,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -82,6 +83,31 @@ def test_a_refused_request_that_names_nobody_fails_the_run() -> None:
     decision = decide(error, list_id="AbC123")
     assert decision.action is Action.FAIL_RUN
     assert decision.message == "Klaviyo refused the request: malformed body"
+
+
+def test_a_refused_request_that_carried_members_keeps_none_of_klaviyos_detail() -> None:
+    """The message outlives a forget (run error, last_error, alerts): a lookup's filter or an
+    import's body held members' identifiers, which Klaviyo's detail may quote."""
+    lookup = InvalidRequest(
+        "Invalid filter: 'ada,l@example.com' or 'user-7f3a' is not valid",
+        status=400,
+        endpoint=Endpoint.GET_PROFILES,
+        errors=[ApiErrorItem("invalid", "Invalid input.", "'user-7f3a' …", parameter="filter")],
+    )
+    message = decide(lookup, list_id="AbC123").message
+    assert message == (
+        "Klaviyo refused GET /api/profiles (HTTP 400: invalid Invalid input. at filter); its "
+        "detail is not kept, since it may quote a member's data"
+    )
+    # a request without members' identifiers keeps its detail, any email or phone in it masked
+    write = InvalidRequest(
+        "list full; ask ops@example.com or +1 555 010 0199",
+        status=400,
+        endpoint=Endpoint.ADD_LIST_PROFILES,
+    )
+    said = decide(write, list_id="AbC123").message
+    assert said.startswith("Klaviyo refused the request: list full; ask ")
+    assert "ops@example.com" not in said and "555" not in said
 
 
 def test_anything_that_is_not_a_klaviyo_failure_is_not_the_tables_business() -> None:
