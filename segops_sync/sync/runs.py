@@ -86,6 +86,12 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     run.pending = sum(b.pending for b in batches)
     _trait_counts(session, run, batches)
     failed = [b for b in batches if b.status == BatchStatus.FAILED]
+    # A pause cancels the run only where it stopped a batch (or the plan): a pause that landed
+    # after the last batch finished leaves a complete sync, and a batch that failed for another
+    # reason fails the run as it would have anyway (with its alert).
+    stopped = any(b.error == PAUSE_REASON for b in failed)
+    failed = [b for b in failed if b.error != PAUSE_REASON]
+    cancelled = not failed and (stopped or (stops_for_pause(run.abort_reason) and not batches))
     error: str | None = None
     if failed:
         permanent = next((b for b in failed if b.permanent), None)
@@ -95,7 +101,7 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     record_rejections(session, run)
     now = datetime.now(UTC)
     run.finished_at, run.phase = now, RunPhase.FINISHED
-    if stops_for_pause(run.abort_reason):
+    if cancelled:
         # Not a failure: no alert, and the connector keeps its status (paused, or active if it
         # was resumed meanwhile), its last_error and its last_synced_at (the sync is not done).
         run.status = RunStatus.CANCELLED

@@ -128,6 +128,70 @@ def test_a_run_paused_before_it_was_planned_closes_cancelled_without_batches(
     assert _on_list(world) == set()
 
 
+def _two_batches(
+    world: World, monkeypatch: pytest.MonkeyPatch, name: str
+) -> tuple[str, str, list[int]]:
+    monkeypatch.setattr(planner, "ADD_BATCH_SIZE", 10)
+    members = [f"{name}{i:02d}@example.com" for i in range(15)]
+    connector_id = _connector(world, f"{name}-{uuid.uuid4().hex[:6]}", members)
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RECOMPUTE).run_id
+    assert run_id
+    with session_scope() as s:
+        batch_ids = plan_run(s, run_id, get_settings()).add_batch_ids
+    assert len(batch_ids) == 2
+    return connector_id, run_id, batch_ids
+
+
+@pytest.mark.parametrize("world", ["bulk"], indirect=True)
+def test_a_pause_after_the_last_batch_leaves_a_complete_sync_succeeded(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connector_id, run_id, batch_ids = _two_batches(world, monkeypatch, "late")
+    assert all(_drive(world, b).ok for b in batch_ids)
+    with session_scope() as s:  # before the chord's callback closes the run
+        assert pause_connector(s, connector_id).stopping_run_id == run_id
+    with session_scope() as s:
+        assert finish_run(s, run_id).status == "succeeded"
+    with session_scope() as s:
+        connector = s.get_one(Connector, connector_id)
+        assert (s.get_one(SyncRun, run_id).added, connector.status) == (15, "paused")
+        assert connector.last_synced_at is not None
+
+
+@pytest.mark.parametrize("world", ["bulk"], indirect=True)
+def test_a_batch_that_fails_for_good_after_the_pause_fails_the_run(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first batch's job is out at Klaviyo when the pause lands; settling it, Klaviyo
+    refuses the key (revoked meanwhile). That is a failure a person must see, not a pause."""
+    connector_id, run_id, (first, second) = _two_batches(world, monkeypatch, "broken")
+    world.sim.job_delay = 2.0
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            step = run_batch(first, world.access, get_settings())
+            assert isinstance(step, Later) and time.monotonic() < deadline
+            with session_scope() as s:
+                if s.get_one(SyncBatch, first).status == BatchStatus.SUBMITTED:
+                    break
+            time.sleep(min(step.countdown, 0.2))
+        with session_scope() as s:
+            assert pause_connector(s, connector_id).stopping_run_id == run_id
+        world.sim.revoke_key(world.key)
+    finally:
+        world.sim.job_delay = 0.05
+    assert not _drive(world, first).ok  # Klaviyo refuses the key: failed for good
+    assert not _drive(world, second).ok  # stopped by the pause
+    with session_scope() as s:
+        assert finish_run(s, run_id).status == "failed"
+    with session_scope() as s:
+        run = s.get_one(SyncRun, run_id)
+        connector = s.get_one(Connector, connector_id)
+        assert run.error and "API key" in run.error and PAUSE_REASON not in run.error
+        assert (connector.status, connector.last_error) == ("paused", run.error)
+
+
 @pytest.mark.parametrize("world", ["bulk"], indirect=True)
 def test_bad_pause_and_resume_change_nothing(world: World) -> None:
     connector_id = _connector(world, f"bad-{uuid.uuid4().hex[:6]}", [])
