@@ -133,6 +133,7 @@ def forget_member(
     """Forget one member everywhere (see the module); BadUserId before anything is written."""
     user_id = check_user_id(user_id)
     outcome = ForgetOutcome(_open_record(source, klaviyo_delete))
+    known: Known | None = None
     try:
         known = purge_member(user_id)
         if known.lists:
@@ -148,6 +149,13 @@ def forget_member(
             )
     except Exception as exc:
         outcome.problems.append(f"the forget stopped on an error ({type(exc).__name__})")
+        # The rows are gone: a retry of this forget would find no list. Each one the member was
+        # known on is named with its repair, since the removal may not have gone out.
+        for known_list in known.lists if known is not None else ():
+            outcome.problems.append(
+                f"connector {known_list.connector_id}: the member may still be on Klaviyo list "
+                f"{known_list.list_id}; " + _REPAIR.format(known_list.connector_id)
+            )
         with contextlib.suppress(Exception):  # the failure to report is the one above
             _close_record(outcome)
         raise
@@ -628,15 +636,20 @@ def _wait_for_runs(run_ids: list[str], timeout: float, sleep: Sleep) -> set[str]
     """Wait until none of these runs is running; those still running at the timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        with session_scope() as s:
-            running = set(
-                s.scalars(
-                    text(
-                        f"SELECT id FROM sync_runs WHERE id = ANY(:r) AND status = '{RunStatus.RUNNING}'"
-                    ),
-                    {"r": run_ids},
+        try:
+            with session_scope() as s:
+                running = set(
+                    s.scalars(
+                        text(
+                            f"SELECT id FROM sync_runs WHERE id = ANY(:r) AND status = '{RunStatus.RUNNING}'"
+                        ),
+                        {"r": run_ids},
+                    )
                 )
-            )
+        except OperationalError:
+            # The database is away (a restart, a dropped connection): the member's rows are
+            # already gone and only this wait holds its lists, so wait on, as if still running.
+            running = set(run_ids)
         if not running or time.monotonic() >= deadline:
             return running
         sleep(RUN_POLL)

@@ -8,11 +8,14 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 
 from segops_sync.config import get_settings
+from segops_sync.db.models import ForgetRecord
 from segops_sync.db.session import session_scope
 from segops_sync.states import Trigger
+from segops_sync.sync import forget
 from segops_sync.sync.batch_step import Finished
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.forget import (
@@ -191,6 +194,44 @@ def test_a_member_a_running_sync_was_sending_is_removed_again_after_it(world: Wo
     assert (outcome.lists_removed, outcome.problems) == (1, [])
     assert world.sim.list_members(world.list_id) == []
     assert _rows_naming(user) == {}
+
+
+def test_a_forget_stopped_after_the_purge_names_each_list_it_knew(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are gone once the purge commits, so a retry would find no list: the record
+    names each one with its repair instead of saying only that the forget stopped."""
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"stopped-{token}", [user])
+    _sync(world, connector_id)
+
+    def the_network_goes(*_: object, **__: object) -> None:
+        raise ConnectionError("gone")
+
+    monkeypatch.setattr(forget, "_remove", the_network_goes)
+    with pytest.raises(ConnectionError):
+        _forget(world, user)
+    with session_scope() as s:
+        error = s.scalar(select(ForgetRecord.error).order_by(ForgetRecord.id.desc()).limit(1))
+    assert error == (
+        "the forget stopped on an error (ConnectionError); "
+        f"connector {connector_id}: the member may still be on Klaviyo list {world.list_id}; "
+        f"`segops-sync connectors verify {connector_id} --repair --remove-extra` removes it once "
+        "fixed"
+    )
+    assert _rows_naming(user) == {}
+
+
+def test_waiting_for_a_sync_outlasts_the_database_going_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def away() -> None:
+        raise OperationalError("SELECT", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(forget, "session_scope", away)
+    slept: list[float] = []
+    assert forget._wait_for_runs(["r1"], 0.0, slept.append) == {"r1"}  # as if still running
 
 
 def test_the_key_range_of_a_batch_still_to_be_written_skips_the_member(world: World) -> None:
