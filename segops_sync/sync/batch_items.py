@@ -52,6 +52,16 @@ def _batch_params(batch: BatchKey) -> dict[str, Any]:
     return {"r": batch.run_id, "k": batch.kind, "q": batch.seq}
 
 
+def hold_batch(s: Session, batch: BatchKey) -> None:
+    """Lock the batch's row first in a transaction that writes its members and then the ledger
+    (which takes the connector row): the order a forget takes them (batches, connectors, then
+    members), so the two wait for each other instead of deadlocking."""
+    s.execute(
+        text(f"SELECT 1 FROM sync_batches WHERE {_THIS_BATCH} FOR NO KEY UPDATE"),
+        _batch_params(batch),
+    )
+
+
 def _of(batch: BatchKey) -> tuple[ColumnElement[bool], ...]:
     """The condition that selects the batch's rows (an index), for the ORM's statements."""
     return (

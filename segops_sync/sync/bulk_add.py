@@ -283,6 +283,7 @@ def _settle_job(
     confirmed (the others would be "added" on faith, the silent success others ship)."""
     whole = job_id == ctx.whole_job_id
     with session_scope() as s:
+        batch_items.hold_batch(s, ctx)
         rejected: dict[str, str] = {}
         if errors or failed_count:
             # Only a job with failures needs its members by name, to tell who failed.

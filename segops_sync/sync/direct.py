@@ -113,6 +113,7 @@ def add_directly(
             _forget_ids(run_id, [users[i] for i in stale])
             return "stale profile ids"
         with session_scope() as s:
+            batch_items.hold_batch(s, batch)
             batch_items.accept_listed(s, run_id, users)
             confirm_added(s, connector_id, run_id, users)
         on_progress()

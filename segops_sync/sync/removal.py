@@ -84,6 +84,7 @@ def remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Batc
                 forget_profile_ids(s, ctx.connector_id, stale_users)
             return Later(0.1, "stale profile ids")
         with session_scope() as s:
+            batch_items.hold_batch(s, ctx)
             batch_items.set_outcome(s, ctx, profile_ids, ItemOutcome.REMOVED)
             confirm_removed(s, ctx.connector_id, list(profile_ids))
             record_progress(s, ctx)
@@ -110,6 +111,7 @@ def _record_found(ctx: BatchContext, found: dict[str, str]) -> None:
         # for the disk (a crash loses at most a moment of them, and costs a lookup again).
         # A churn of 100,000 makes 1,000 of these, paced by the lookups' own budget.
         s.execute(text("SET LOCAL synchronous_commit TO OFF"))
+        batch_items.hold_batch(s, ctx)  # record_progress writes the batch row after the items
         batch_items.save_found_ids(s, ctx, found)
         record_progress(s, ctx)
 
