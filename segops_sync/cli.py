@@ -486,7 +486,8 @@ def cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     from segops_sync.db.session import session_scope
 
     with session_scope() as s:
-        docs = [run_json(r) for r in list_runs(s, args.connector_id)]
+        # every run, as the contract says (the API pages at the newest 100: the page polls it)
+        docs = [run_json(r) for r in list_runs(s, args.connector_id, limit=None)]
     if args.json:
         _print_json(docs)
     else:

@@ -23,8 +23,8 @@ def list_connectors(session: Session) -> list[Connector]:
     return list(session.scalars(select(Connector).order_by(Connector.created_at, Connector.id)))
 
 
-def list_runs(session: Session, connector_id: str, limit: int = 100) -> list[SyncRun]:
-    """A connector's runs, newest first."""
+def list_runs(session: Session, connector_id: str, limit: int | None = 100) -> list[SyncRun]:
+    """A connector's runs, newest first: the newest ``limit`` (None: every one)."""
     get_connector(session, connector_id)
     stmt = (
         select(SyncRun)
