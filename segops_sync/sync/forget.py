@@ -16,7 +16,9 @@ every table, and (asked for) deleted in Klaviyo.
    drop it: the profile ids we knew, and those Klaviyo finds by external id (account-wide) and
    by email on the list, in one DELETE per list and account.
 4. A batch that had already sent the member and not yet recorded Klaviyo's answer may still add
-   it: its run is waited for (``run_wait`` at most), then its list is asked again.
+   it: that batch is waited for until it settles or its run ends (``run_wait`` at most; a batch
+   takes seconds where its run may take hours, and the wait holds a worker), then its list is
+   asked again.
 5. ``klaviyo_delete``: one data-privacy deletion request per profile found, per Klaviyo account
    (by email when no profile was found but an email is known).
 
@@ -97,8 +99,9 @@ class KnownList:
     list_id: str
     api_key_encrypted: bytes
     profile_ids: frozenset[str]
-    # running runs whose batch sent the member without recording Klaviyo's answer yet
-    in_flight_runs: frozenset[str] = frozenset()
+    # batches (run id, kind, seq) of running runs that sent the member without recording
+    # Klaviyo's answer yet
+    in_flight: frozenset[tuple[str, str, int]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ def _purge(s: Session, u: str) -> Known:
         "WHERE cm.connector_id = ANY(:all) AND cm.user_id = :u"
     )
     items_sql = (
-        "SELECT r.connector_id, r.id AS run_id, r.status, it.kind, it.outcome, it.email, "
+        "SELECT r.connector_id, r.id AS run_id, r.status, it.kind, it.seq, it.outcome, it.email, "
         f"it.external_id, it.profile_id {_ITEMS}"
     )
 
@@ -286,7 +289,7 @@ def _purge(s: Session, u: str) -> Known:
     ).all()
 
     profile_ids: dict[str, set[str]] = {}
-    in_flight: dict[str, set[str]] = {}
+    in_flight: dict[str, set[tuple[str, str, int]]] = {}
     for row in [*ledger, *snapshots]:
         profile_ids.setdefault(row.connector_id, set())
         if row.profile_id:
@@ -296,7 +299,7 @@ def _purge(s: Session, u: str) -> Known:
         if item.profile_id:
             profile_ids[item.connector_id].add(item.profile_id)
         if item.status == RunStatus.RUNNING and item.kind == BatchKind.ADD and item.outcome is None:
-            in_flight.setdefault(item.connector_id, set()).add(item.run_id)
+            in_flight.setdefault(item.connector_id, set()).add((item.run_id, item.kind, item.seq))
 
     segments = list(s.scalars(text(_SEGMENT_IDS)))
     s.execute(
@@ -331,7 +334,7 @@ def _purge(s: Session, u: str) -> Known:
             list_id=connectors[cid].list_id,
             api_key_encrypted=bytes(connectors[cid].api_key_encrypted),
             profile_ids=frozenset(ids),
-            in_flight_runs=frozenset(in_flight.get(cid, ())),
+            in_flight=frozenset(in_flight.get(cid, ())),
         )
         for cid, ids in sorted(profile_ids.items())
         if cid in connectors
@@ -449,17 +452,19 @@ def _forget_in_klaviyo(
                 continue
             by_connector[known_list.connector_id] = name
             _remove(known_list, accounts[name], known, settings, sleep, outcome)
-        in_flight = [k for k in known.lists if k.in_flight_runs and k.connector_id in by_connector]
+        in_flight = [k for k in known.lists if k.in_flight and k.connector_id in by_connector]
         if in_flight:
-            runs = sorted({r for k in in_flight for r in k.in_flight_runs})
+            batches = sorted({b for k in in_flight for b in k.in_flight})
             if on_wait is not None:
-                on_wait(f"waiting for {len(runs)} running sync(s) that sent the member to end")
-            still = _wait_for_runs(runs, run_wait, sleep)
+                on_wait(
+                    f"waiting for {len(batches)} batch(es) of a running sync that sent the member"
+                )
+            still = _wait_for_batches(batches, run_wait, sleep)
             for known_list in in_flight:
-                if still & known_list.in_flight_runs:
+                if still & known_list.in_flight:
                     outcome.problems.append(
-                        f"connector {known_list.connector_id}: a sync that sent the member was "
-                        f"still running after {run_wait:.0f}s, so the member may be added to "
+                        f"connector {known_list.connector_id}: a batch that sent the member was "
+                        f"still open after {run_wait:.0f}s, so the member may be added to "
                         f"Klaviyo list {known_list.list_id} after it was removed; "
                         + _REPAIR.format(known_list.connector_id)
                     )
@@ -632,24 +637,39 @@ def _said(exc: Exception) -> str:
     return type(exc).__name__
 
 
-def _wait_for_runs(run_ids: list[str], timeout: float, sleep: Sleep) -> set[str]:
-    """Wait until none of these runs is running; those still running at the timeout."""
+Batch = tuple[str, str, int]  # run id, kind, seq
+
+
+def _wait_for_batches(batches: list[Batch], timeout: float, sleep: Sleep) -> set[Batch]:
+    """Wait until each of these batches has settled (or its run ended); those still open at
+    the timeout."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with session_scope() as s:
-                running = set(
-                    s.scalars(
+                running = {
+                    (b.run_id, b.kind, b.seq)
+                    for b in s.execute(
                         text(
-                            f"SELECT id FROM sync_runs WHERE id = ANY(:r) AND status = '{RunStatus.RUNNING}'"
+                            "SELECT b.run_id, b.kind, b.seq FROM sync_batches b "
+                            "JOIN sync_runs r ON r.id = b.run_id "
+                            "JOIN unnest(CAST(:r AS text[]), CAST(:k AS text[]), "
+                            "CAST(:q AS int[])) w(run_id, kind, seq) "
+                            "ON b.run_id = w.run_id AND b.kind = w.kind AND b.seq = w.seq "
+                            f"WHERE r.status = '{RunStatus.RUNNING}' "
+                            "AND b.status IN ('pending', 'submitted')"
                         ),
-                        {"r": run_ids},
+                        {
+                            "r": [b[0] for b in batches],
+                            "k": [b[1] for b in batches],
+                            "q": [b[2] for b in batches],
+                        },
                     )
-                )
+                }
         except OperationalError:
             # The database is away (a restart, a dropped connection): the member's rows are
             # already gone and only this wait holds its lists, so wait on, as if still running.
-            running = set(run_ids)
+            running = set(batches)
         if not running or time.monotonic() >= deadline:
             return running
         sleep(RUN_POLL)

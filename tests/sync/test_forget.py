@@ -79,6 +79,7 @@ def _forget(
     *,
     klaviyo_delete: bool = False,
     on_wait: Callable[[str], None] | None = None,
+    run_wait: float = forget.RUN_WAIT,
 ) -> ForgetOutcome:
     return forget_member(
         user_id,
@@ -87,6 +88,7 @@ def _forget(
         settings=get_settings(),
         access=w.access,
         on_wait=on_wait,
+        run_wait=run_wait,
     )
 
 
@@ -196,6 +198,62 @@ def test_a_member_a_running_sync_was_sending_is_removed_again_after_it(world: Wo
     assert _rows_naming(user) == {}
 
 
+def test_the_forget_waits_for_the_batch_that_sent_the_member_not_for_its_whole_run(
+    world: World,
+) -> None:
+    """The batch settles while its run goes on (a big sync's other batches): the forget asks
+    the list again then, instead of holding its worker until the run ends."""
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"batchwait-{token}", [user])
+    run_id = str(uuid.uuid4())
+    with session_scope() as s:  # batch 3 sent the member; Klaviyo's answer is not recorded yet
+        s.execute(
+            text(
+                "INSERT INTO sync_runs (id, connector_id, trigger, status) "
+                "VALUES (:r, :c, 'resync', 'running')"
+            ),
+            {"r": run_id, "c": connector_id},
+        )
+        s.execute(
+            text(
+                "INSERT INTO sync_batches (run_id, kind, seq, status) "
+                "VALUES (:r, 'add', 3, 'submitted'), (:r, 'add', 4, 'pending')"
+            ),
+            {"r": run_id},
+        )
+        s.execute(
+            text(
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
+                "VALUES (:r, :u, 'add', 3, :u)"
+            ),
+            {"r": run_id, "u": user},
+        )
+    said: list[str] = []
+
+    def the_job_lands_and_the_batch_settles(message: str) -> None:
+        said.append(message)
+        profile_id = world.sim.add_profile(world.account, external_id=user)
+        world.sim.add_to_list(world.list_id, [profile_id])
+        with session_scope() as s:
+            s.execute(
+                text("UPDATE sync_batches SET status = 'done' WHERE run_id = :r AND seq = 3"),
+                {"r": run_id},
+            )
+
+    outcome = _forget(world, user, on_wait=the_job_lands_and_the_batch_settles, run_wait=5)
+
+    assert said == ["waiting for 1 batch(es) of a running sync that sent the member"]
+    assert (outcome.lists_removed, outcome.problems) == (1, [])
+    assert world.sim.list_members(world.list_id) == []
+    with session_scope() as s:  # the run goes on: only its batch was waited for
+        assert s.scalar(text("SELECT status FROM sync_runs WHERE id = :r"), {"r": run_id}) == (
+            "running"
+        )
+        s.execute(text("DELETE FROM sync_batches WHERE run_id = :r"), {"r": run_id})
+        s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
+
+
 def test_a_forget_stopped_after_the_purge_names_each_list_it_knew(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,7 +289,7 @@ def test_waiting_for_a_sync_outlasts_the_database_going_away(
 
     monkeypatch.setattr(forget, "session_scope", away)
     slept: list[float] = []
-    assert forget._wait_for_runs(["r1"], 0.0, slept.append) == {"r1"}  # as if still running
+    assert forget._wait_for_batches([("r1", "add", 0)], 0.0, slept.append) == {("r1", "add", 0)}
 
 
 def test_the_key_range_of_a_batch_still_to_be_written_skips_the_member(world: World) -> None:
