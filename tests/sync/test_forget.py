@@ -50,6 +50,38 @@ def _sync(w: World, connector_id: str) -> str:
     return run_id
 
 
+def _running_run_that_sent(
+    connector_id: str, user: str, *, seq: int, batches: tuple[str, ...] = ()
+) -> str:
+    """A running run whose add batch ``seq`` sent the member without recording Klaviyo's answer
+    yet; ``batches``: the statuses of its batch rows from ``seq`` on (none: no batch rows)."""
+    run_id = str(uuid.uuid4())
+    with session_scope() as s:
+        s.execute(
+            text(
+                "INSERT INTO sync_runs (id, connector_id, trigger, status) "
+                "VALUES (:r, :c, 'resync', 'running')"
+            ),
+            {"r": run_id, "c": connector_id},
+        )
+        for offset, status in enumerate(batches):
+            s.execute(
+                text(
+                    "INSERT INTO sync_batches (run_id, kind, seq, status) "
+                    "VALUES (:r, 'add', :q, :s)"
+                ),
+                {"r": run_id, "q": seq + offset, "s": status},
+            )
+        s.execute(
+            text(
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
+                "VALUES (:r, :u, 'add', :q, :u)"
+            ),
+            {"r": run_id, "u": user, "q": seq},
+        )
+    return run_id
+
+
 def _rows_naming(*values: str) -> dict[str, int]:
     """Rows of the member's tables that hold any of ``values`` (user id, email)."""
     checks = {
@@ -165,22 +197,7 @@ def test_a_member_a_running_sync_was_sending_is_removed_again_after_it(world: Wo
     token = uuid.uuid4().hex[:8]
     user = f"cust-{token}"
     connector_id = _connector(world, f"inflight-{token}", [user])
-    run_id = str(uuid.uuid4())
-    with session_scope() as s:  # a batch sent the member; Klaviyo's answer is not recorded yet
-        s.execute(
-            text(
-                "INSERT INTO sync_runs (id, connector_id, trigger, status) "
-                "VALUES (:r, :c, 'resync', 'running')"
-            ),
-            {"r": run_id, "c": connector_id},
-        )
-        s.execute(
-            text(
-                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
-                "VALUES (:r, :u, 'add', 0, :u)"
-            ),
-            {"r": run_id, "u": user},
-        )
+    run_id = _running_run_that_sent(connector_id, user, seq=0)
 
     def the_job_lands_and_the_run_ends(_: str) -> None:
         profile_id = world.sim.add_profile(world.account, external_id=user)
@@ -206,29 +223,8 @@ def test_the_forget_waits_for_the_batch_that_sent_the_member_not_for_its_whole_r
     token = uuid.uuid4().hex[:8]
     user = f"cust-{token}"
     connector_id = _connector(world, f"batchwait-{token}", [user])
-    run_id = str(uuid.uuid4())
-    with session_scope() as s:  # batch 3 sent the member; Klaviyo's answer is not recorded yet
-        s.execute(
-            text(
-                "INSERT INTO sync_runs (id, connector_id, trigger, status) "
-                "VALUES (:r, :c, 'resync', 'running')"
-            ),
-            {"r": run_id, "c": connector_id},
-        )
-        s.execute(
-            text(
-                "INSERT INTO sync_batches (run_id, kind, seq, status) "
-                "VALUES (:r, 'add', 3, 'submitted'), (:r, 'add', 4, 'pending')"
-            ),
-            {"r": run_id},
-        )
-        s.execute(
-            text(
-                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
-                "VALUES (:r, :u, 'add', 3, :u)"
-            ),
-            {"r": run_id, "u": user},
-        )
+    # batch 3 sent the member; batch 4 of the same run is still to go
+    run_id = _running_run_that_sent(connector_id, user, seq=3, batches=("submitted", "pending"))
     said: list[str] = []
 
     def the_job_lands_and_the_batch_settles(message: str) -> None:

@@ -34,6 +34,19 @@ def _drive(w: World, batch_id: int) -> Finished:
     return step
 
 
+def _until_its_job_is_out(w: World, batch_id: int) -> None:
+    """Step the batch until its bulk job is out at Klaviyo (a step the limiter defers goes
+    again); the caller has made jobs slow enough to still run afterwards."""
+    deadline = time.monotonic() + 30
+    while True:
+        step = run_batch(batch_id, w.access, get_settings())
+        assert isinstance(step, Later) and time.monotonic() < deadline
+        with session_scope() as s:
+            if s.get_one(SyncBatch, batch_id).status == BatchStatus.SUBMITTED:
+                return
+        time.sleep(min(step.countdown, 0.2))
+
+
 def _confirmed(connector_id: str) -> set[str]:
     with session_scope() as s:
         return set(
@@ -52,25 +65,13 @@ def test_a_paused_run_settles_what_was_sent_and_sends_nothing_more(
     """Three bulk batches of 10: the first done, the second's job out at Klaviyo when the
     connector is paused, the third not started. The second settles its job, the third stops
     unsent; the run closes cancelled with exact counts, and the ledger equals the list."""
-    monkeypatch.setattr(planner, "ADD_BATCH_SIZE", 10)  # a listed delta: any batch size works
-    members = [f"p{i:03d}-{uuid.uuid4().hex[:4]}@example.com" for i in range(25)]
-    connector_id = _connector(world, f"pause-{uuid.uuid4().hex[:6]}", members)
-    with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RECOMPUTE).run_id
-    assert run_id
-    with session_scope() as s:
-        first, second, third = plan_run(s, run_id, get_settings()).add_batch_ids
+    connector_id, run_id, (first, second, third), members = _planned(
+        world, monkeypatch, "pause", 25
+    )
     assert _drive(world, first).ok
     world.sim.job_delay = 2.0  # the second batch's job is still running when the pause lands
     try:
-        deadline = time.monotonic() + 30
-        while True:  # a step the limiter defers goes again
-            step = run_batch(second, world.access, get_settings())
-            assert isinstance(step, Later) and time.monotonic() < deadline
-            with session_scope() as s:
-                if s.get_one(SyncBatch, second).status == BatchStatus.SUBMITTED:
-                    break
-            time.sleep(min(step.countdown, 0.2))
+        _until_its_job_is_out(world, second)
         with session_scope() as s:
             paused = pause_connector(s, connector_id)
         assert (paused.stopping_run_id, paused.already) == (run_id, False)
@@ -128,26 +129,28 @@ def test_a_run_paused_before_it_was_planned_closes_cancelled_without_batches(
     assert _on_list(world) == set()
 
 
-def _two_batches(
-    world: World, monkeypatch: pytest.MonkeyPatch, name: str
-) -> tuple[str, str, list[int]]:
+def _planned(
+    world: World, monkeypatch: pytest.MonkeyPatch, name: str, size: int
+) -> tuple[str, str, list[int], list[str]]:
+    """A connector whose segment holds ``size`` members, and its first run planned in add
+    batches of 10 (a listed delta: any batch size works): connector, run, batches, members."""
     monkeypatch.setattr(planner, "ADD_BATCH_SIZE", 10)
-    members = [f"{name}{i:02d}@example.com" for i in range(15)]
+    members = [f"{name}{i:03d}-{uuid.uuid4().hex[:4]}@example.com" for i in range(size)]
     connector_id = _connector(world, f"{name}-{uuid.uuid4().hex[:6]}", members)
     with session_scope() as s:
         run_id = start_run(s, connector_id, trigger=Trigger.RECOMPUTE).run_id
     assert run_id
     with session_scope() as s:
         batch_ids = plan_run(s, run_id, get_settings()).add_batch_ids
-    assert len(batch_ids) == 2
-    return connector_id, run_id, batch_ids
+    assert len(batch_ids) == -(-size // 10)
+    return connector_id, run_id, batch_ids, members
 
 
 @pytest.mark.parametrize("world", ["bulk"], indirect=True)
 def test_a_pause_after_the_last_batch_leaves_a_complete_sync_succeeded(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    connector_id, run_id, batch_ids = _two_batches(world, monkeypatch, "late")
+    connector_id, run_id, batch_ids, _ = _planned(world, monkeypatch, "late", 15)
     assert all(_drive(world, b).ok for b in batch_ids)
     with session_scope() as s:  # before the chord's callback closes the run
         assert pause_connector(s, connector_id).stopping_run_id == run_id
@@ -165,17 +168,10 @@ def test_a_batch_that_fails_for_good_after_the_pause_fails_the_run(
 ) -> None:
     """The first batch's job is out at Klaviyo when the pause lands; settling it, Klaviyo
     refuses the key (revoked meanwhile). That is a failure a person must see, not a pause."""
-    connector_id, run_id, (first, second) = _two_batches(world, monkeypatch, "broken")
+    connector_id, run_id, (first, second), _ = _planned(world, monkeypatch, "broken", 15)
     world.sim.job_delay = 2.0
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            step = run_batch(first, world.access, get_settings())
-            assert isinstance(step, Later) and time.monotonic() < deadline
-            with session_scope() as s:
-                if s.get_one(SyncBatch, first).status == BatchStatus.SUBMITTED:
-                    break
-            time.sleep(min(step.countdown, 0.2))
+        _until_its_job_is_out(world, first)
         with session_scope() as s:
             assert pause_connector(s, connector_id).stopping_run_id == run_id
         world.sim.revoke_key(world.key)
