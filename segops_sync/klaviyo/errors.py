@@ -288,4 +288,3 @@ def _text(value: Any) -> str:
 
 def _opt_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-

@@ -213,6 +213,7 @@ def _submit(
             continue
         job_id = job.id
         with session_scope() as s:
+            batch_items.hold_batch(s, ctx)  # its members, then its row: a forget's order
             if not whole:
                 batch_items.mark_job(s, ctx, job_id, [u for u, _ in members])
             s.execute(

@@ -160,10 +160,21 @@ def forget_member(
                 f"{known_list.list_id}; " + _REPAIR.format(known_list.connector_id)
             )
         with contextlib.suppress(Exception):  # the failure to report is the one above
-            _close_record(outcome)
+            _close_or_log(outcome)
         raise
-    _close_record(outcome)
+    _close_or_log(outcome)
     return outcome
+
+
+def _close_or_log(outcome: ForgetOutcome) -> None:
+    """Close the record; when the database will not take it, its problems (which hold nothing
+    of the member) go to the log, the one place left that says which lists to repair."""
+    try:
+        _close_record(outcome)
+    except Exception:
+        for problem in outcome.problems:
+            log.error("forget %d (record not closed): %s", outcome.record_id, problem)
+        raise
 
 
 def _open_record(source: ForgetSource, klaviyo_delete: bool) -> int:
@@ -642,7 +653,9 @@ Batch = tuple[str, str, int]  # run id, kind, seq
 
 def _wait_for_batches(batches: list[Batch], timeout: float, sleep: Sleep) -> set[Batch]:
     """Wait until each of these batches has settled (or its run ended); those still open at
-    the timeout."""
+    the timeout. A batch that failed with a send unanswered (``in_doubt``: its job may still
+    run at Klaviyo) counts as open until its run ends, as it did when the whole run was waited
+    for."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -657,7 +670,7 @@ def _wait_for_batches(batches: list[Batch], timeout: float, sleep: Sleep) -> set
                             "CAST(:q AS int[])) w(run_id, kind, seq) "
                             "ON b.run_id = w.run_id AND b.kind = w.kind AND b.seq = w.seq "
                             f"WHERE r.status = '{RunStatus.RUNNING}' "
-                            "AND b.status IN ('pending', 'submitted')"
+                            "AND (b.status IN ('pending', 'submitted') OR b.in_doubt)"
                         ),
                         {
                             "r": [b[0] for b in batches],

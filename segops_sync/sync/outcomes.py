@@ -78,10 +78,13 @@ def _unknown_list(exc: BaseException, list_id: str) -> str:
     )
 
 
-# Requests whose body or filter carries members' identifiers: when Klaviyo refuses one whole,
-# its detail may quote one (a malformed email in a lookup's filter, say).
+# Requests whose body or filter carries members' identifiers (profile ids included, which a
+# forget counts as the member's): when Klaviyo refuses one whole, its detail may quote one (a
+# malformed email in a lookup's filter, say).
 CARRIES_MEMBERS = frozenset(
     {
+        Endpoint.ADD_LIST_PROFILES,
+        Endpoint.REMOVE_LIST_PROFILES,
         Endpoint.GET_LIST_PROFILES,
         Endpoint.GET_LIST_MEMBERS,
         Endpoint.GET_PROFILES,
@@ -143,7 +146,10 @@ def decide(exc: BaseException, *, list_id: str) -> Decision:
             return _apply(rule, exc, list_id)
     if isinstance(exc, KlaviyoError):  # a status the taxonomy has no class for
         if exc.permanent:
-            return Decision(Action.FAIL_RUN, f"Klaviyo error {exc.status}: {exc.detail}")
+            said = _refused(exc, list_id) if exc.endpoint in CARRIES_MEMBERS else exc.detail
+            return Decision(
+                Action.FAIL_RUN, f"Klaviyo error {exc.status}: {mask_member_data(said)}"
+            )
         return Decision(Action.RETRY, exc.detail)
     raise TypeError(f"not a Klaviyo failure: {type(exc).__name__}")
 

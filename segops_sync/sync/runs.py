@@ -91,7 +91,9 @@ def finish_run(session: Session, run_id: str) -> RunClosed:
     # reason fails the run as it would have anyway (with its alert).
     stopped = any(b.error == PAUSE_REASON for b in failed)
     failed = [b for b in failed if b.error != PAUSE_REASON]
-    cancelled = not failed and (stopped or (stops_for_pause(run.abort_reason) and not batches))
+    # (a run planned with nothing to do has its list_id too; one paused before its plan has none)
+    unplanned = not batches and run.list_id is None
+    cancelled = not failed and (stopped or (stops_for_pause(run.abort_reason) and unplanned))
     error: str | None = None
     if failed:
         permanent = next((b for b in failed if b.permanent), None)

@@ -250,6 +250,26 @@ def test_the_forget_waits_for_the_batch_that_sent_the_member_not_for_its_whole_r
         s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
 
 
+def test_a_batch_that_failed_with_its_job_unanswered_is_waited_for_as_its_run(
+    world: World,
+) -> None:
+    """Its job may still run at Klaviyo and add the member: until the run ends, the batch
+    counts as open; past the wait, the list is named with its repair."""
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"doubt-{token}", [user])
+    run_id = _running_run_that_sent(connector_id, user, seq=0, batches=("failed",))
+    with session_scope() as s:
+        s.execute(text("UPDATE sync_batches SET in_doubt = true WHERE run_id = :r"), {"r": run_id})
+
+    outcome = _forget(world, user, run_wait=0.5)
+
+    assert len(outcome.problems) == 1 and "still open after" in outcome.problems[0]
+    with session_scope() as s:
+        s.execute(text("DELETE FROM sync_batches WHERE run_id = :r"), {"r": run_id})
+        s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
+
+
 def test_a_forget_stopped_after_the_purge_names_each_list_it_knew(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -286,6 +306,21 @@ def test_waiting_for_a_sync_outlasts_the_database_going_away(
     monkeypatch.setattr(forget, "session_scope", away)
     slept: list[float] = []
     assert forget._wait_for_batches([("r1", "add", 0)], 0.0, slept.append) == {("r1", "add", 0)}
+
+
+def test_problems_the_database_will_not_record_go_to_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def away(_: ForgetOutcome) -> None:
+        raise OperationalError("UPDATE", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(forget, "_close_record", away)
+    outcome = ForgetOutcome(7, problems=["connector c1: the member may still be on list L1"])
+    with caplog.at_level("ERROR", logger=forget.__name__), pytest.raises(OperationalError):
+        forget._close_or_log(outcome)
+    assert [r.getMessage() for r in caplog.records] == [
+        "forget 7 (record not closed): connector c1: the member may still be on list L1"
+    ]
 
 
 def test_the_key_range_of_a_batch_still_to_be_written_skips_the_member(world: World) -> None:

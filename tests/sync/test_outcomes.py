@@ -101,13 +101,14 @@ def test_a_refused_request_that_carried_members_keeps_none_of_klaviyos_detail() 
     )
     # a request without members' identifiers keeps its detail, any email or phone in it masked
     write = InvalidRequest(
-        "list full; ask ops@example.com or +1 555 010 0199",
-        status=400,
-        endpoint=Endpoint.ADD_LIST_PROFILES,
+        "list full; ask ops@example.com or +1 555 010 0199", status=400, endpoint=Endpoint.GET_LIST
     )
     said = decide(write, list_id="AbC123").message
     assert said.startswith("Klaviyo refused the request: list full; ask ")
     assert "ops@example.com" not in said and "555" not in said
+    # a status the table has no class for, on a request that carried members: no detail either
+    odd = UnexpectedStatus("'ada,l@example.com' gone", status=410, endpoint=Endpoint.PROFILE_IMPORT)
+    assert "ada" not in decide(odd, list_id="AbC123").message
 
 
 def test_anything_that_is_not_a_klaviyo_failure_is_not_the_tables_business() -> None:

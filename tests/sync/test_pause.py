@@ -163,6 +163,22 @@ def test_a_pause_after_the_last_batch_leaves_a_complete_sync_succeeded(
 
 
 @pytest.mark.parametrize("world", ["bulk"], indirect=True)
+def test_a_pause_after_a_plan_with_nothing_to_do_leaves_it_succeeded(world: World) -> None:
+    """The plan found nothing to send, so it has no batch; the run's close is its own task, and
+    a pause between the two stopped nothing."""
+    connector_id = _connector(world, f"idle-{uuid.uuid4().hex[:6]}", [])
+    with session_scope() as s:
+        run_id = start_run(s, connector_id, trigger=Trigger.RECOMPUTE).run_id
+    assert run_id
+    with session_scope() as s:
+        assert plan_run(s, run_id, get_settings()).batch_ids == []
+    with session_scope() as s:
+        pause_connector(s, connector_id)
+    with session_scope() as s:
+        assert finish_run(s, run_id).status == "succeeded"
+
+
+@pytest.mark.parametrize("world", ["bulk"], indirect=True)
 def test_a_batch_that_fails_for_good_after_the_pause_fails_the_run(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
