@@ -91,6 +91,9 @@ def check_user_id(user_id: object) -> str:
     return user_id
 
 
+Batch = tuple[str, str, int]  # run id, kind, seq
+
+
 @dataclass(frozen=True)
 class KnownList:
     """One connector's list that knew the member, and how Klaviyo knows the member there."""
@@ -101,7 +104,7 @@ class KnownList:
     profile_ids: frozenset[str]
     # batches (run id, kind, seq) of running runs that sent the member without recording
     # Klaviyo's answer yet
-    in_flight: frozenset[tuple[str, str, int]] = frozenset()
+    in_flight: frozenset[Batch] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -155,10 +158,7 @@ def forget_member(
         # The rows are gone: a retry of this forget would find no list. Each one the member was
         # known on is named with its repair, since the removal may not have gone out.
         for known_list in known.lists if known is not None else ():
-            outcome.problems.append(
-                f"connector {known_list.connector_id}: the member may still be on Klaviyo list "
-                f"{known_list.list_id}; " + _REPAIR.format(known_list.connector_id)
-            )
+            outcome.problems.append(_may_remain(known_list))
         with contextlib.suppress(Exception):  # the failure to report is the one above
             _close_or_log(outcome)
         raise
@@ -300,7 +300,7 @@ def _purge(s: Session, u: str) -> Known:
     ).all()
 
     profile_ids: dict[str, set[str]] = {}
-    in_flight: dict[str, set[tuple[str, str, int]]] = {}
+    in_flight: dict[str, set[Batch]] = {}
     for row in [*ledger, *snapshots]:
         profile_ids.setdefault(row.connector_id, set())
         if row.profile_id:
@@ -432,6 +432,15 @@ def _clear_bounds(s: Session, u: str) -> None:
 _REPAIR = "`segops-sync connectors verify {} --repair --remove-extra` removes it once fixed"
 
 
+def _may_remain(known_list: KnownList, why: str | None = None) -> str:
+    """The problem of a list the member may still be on, with its repair (and why, if known)."""
+    because = f" ({why})" if why else ""
+    return (
+        f"connector {known_list.connector_id}: the member may still be on Klaviyo list "
+        f"{known_list.list_id}{because}; " + _REPAIR.format(known_list.connector_id)
+    )
+
+
 @dataclass
 class _Account:
     """The lists of one Klaviyo account (one budget), reached with the first key that knew it."""
@@ -505,10 +514,7 @@ def _account_for(
             client, limited = access.client(api_key, claimant="forget")
             accounts[account] = _Account(client, limited)
     except (KlaviyoError, ConfigError, ValueError, redis.RedisError) as exc:
-        outcome.problems.append(
-            f"connector {known_list.connector_id}: the member may still be on Klaviyo list "
-            f"{known_list.list_id} ({_said(exc)}); " + _REPAIR.format(known_list.connector_id)
-        )
+        outcome.problems.append(_may_remain(known_list, _said(exc)))
         return None
     return account
 
@@ -556,10 +562,7 @@ def _remove(
             account.lists_removed.add(list_id)
             outcome.lists_removed += 1
     except (KlaviyoError, redis.RedisError) as exc:  # Redis: the fleet limiter
-        outcome.problems.append(
-            f"connector {known_list.connector_id}: the member may still be on Klaviyo list "
-            f"{list_id} ({_said(exc)}); " + _REPAIR.format(known_list.connector_id)
-        )
+        outcome.problems.append(_may_remain(known_list, _said(exc)))
 
 
 def _look_up(
@@ -646,9 +649,6 @@ def _said(exc: Exception) -> str:
         status = f" (HTTP {exc.status})" if exc.status is not None else ""
         return f"{exc.summary}{status}"
     return type(exc).__name__
-
-
-Batch = tuple[str, str, int]  # run id, kind, seq
 
 
 def _wait_for_batches(batches: list[Batch], timeout: float, sleep: Sleep) -> set[Batch]:

@@ -145,10 +145,11 @@ def decide(exc: BaseException, *, list_id: str) -> Decision:
         if isinstance(exc, rule.error):
             return _apply(rule, exc, list_id)
     if isinstance(exc, KlaviyoError):  # a status the taxonomy has no class for
+        if exc.endpoint in CARRIES_MEMBERS and exc.permanent:
+            return Decision(Action.FAIL_RUN, _refused(exc, list_id))
         if exc.permanent:
-            said = _refused(exc, list_id) if exc.endpoint in CARRIES_MEMBERS else exc.detail
             return Decision(
-                Action.FAIL_RUN, f"Klaviyo error {exc.status}: {mask_member_data(said)}"
+                Action.FAIL_RUN, f"Klaviyo error {exc.status}: {mask_member_data(exc.detail)}"
             )
         return Decision(Action.RETRY, exc.detail)
     raise TypeError(f"not a Klaviyo failure: {type(exc).__name__}")

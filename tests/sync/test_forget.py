@@ -82,6 +82,11 @@ def _running_run_that_sent(
     return run_id
 
 
+def _lands_on_the_list(w: World, user: str) -> None:
+    """What the in-flight batch's job does at Klaviyo: the member's profile joins the list."""
+    w.sim.add_to_list(w.list_id, [w.sim.add_profile(w.account, external_id=user)])
+
+
 def _rows_naming(*values: str) -> dict[str, int]:
     """Rows of the member's tables that hold any of ``values`` (user id, email)."""
     checks = {
@@ -200,8 +205,7 @@ def test_a_member_a_running_sync_was_sending_is_removed_again_after_it(world: Wo
     run_id = _running_run_that_sent(connector_id, user, seq=0)
 
     def the_job_lands_and_the_run_ends(_: str) -> None:
-        profile_id = world.sim.add_profile(world.account, external_id=user)
-        world.sim.add_to_list(world.list_id, [profile_id])
+        _lands_on_the_list(world, user)
         with session_scope() as s:
             s.execute(
                 text("UPDATE sync_runs SET status = 'failed', finished_at = now() WHERE id = :r"),
@@ -229,8 +233,7 @@ def test_the_forget_waits_for_the_batch_that_sent_the_member_not_for_its_whole_r
 
     def the_job_lands_and_the_batch_settles(message: str) -> None:
         said.append(message)
-        profile_id = world.sim.add_profile(world.account, external_id=user)
-        world.sim.add_to_list(world.list_id, [profile_id])
+        _lands_on_the_list(world, user)
         with session_scope() as s:
             s.execute(
                 text("UPDATE sync_batches SET status = 'done' WHERE run_id = :r AND seq = 3"),
