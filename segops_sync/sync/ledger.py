@@ -203,13 +203,18 @@ def adopt_foreign(
 ) -> int:
     """Profiles the connector never added enter the ledger (user_id ``prefix + profile id``),
     so that the normal removal path, mass-removal guard included, removes them.
-    ``profiles_sql`` selects (profile_id, email, external_id)."""
+    ``profiles_sql`` selects profile_id.
+
+    By the profile id alone: the DELETE needs nothing else, and a profile on the list that is
+    no member of ours may be a person who was forgotten (a forget whose Klaviyo removal failed,
+    or ran while this list was read): their email or external id must not come back into our
+    tables through the repair, nor stay in its batch items for the retention period."""
     if not _hold_connector(session, connector_id):
         return 0
     result = session.execute(
         text(
-            "INSERT INTO connector_members (connector_id, user_id, email, external_id, profile_id) "
-            "SELECT :c, :prefix || f.profile_id, f.email, f.external_id, f.profile_id "
+            "INSERT INTO connector_members (connector_id, user_id, profile_id) "
+            "SELECT :c, :prefix || f.profile_id, f.profile_id "
             f"FROM ({profiles_sql}) f ON CONFLICT (connector_id, user_id) DO NOTHING"
         ),
         {**params, "c": connector_id, "prefix": prefix},

@@ -77,11 +77,20 @@ def remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Batc
             stale = {i for i in decision.members if i < len(pairs)}
             if decision.action is not Action.REJECT_MEMBERS or not stale:
                 raise
-            # Ids Klaviyo no longer knows (merged or deleted profiles): look them up again.
+            # Ids Klaviyo no longer knows (merged or deleted profiles): look them up again. A
+            # profile known by its id alone (a foreign one, verify.py) has nothing else to be
+            # found by: it is gone from the list, and the next read-back names any survivor.
+            stale_users = {pairs[i][0] for i in stale}
+            id_only = [u for u, e, x, _ in rows if u in stale_users and not e and not x]
+            again = sorted(stale_users - set(id_only))
             with session_scope() as s:
-                stale_users = [pairs[i][0] for i in stale]
-                batch_items.forget_found_ids(s, ctx, stale_users)
-                forget_profile_ids(s, ctx.connector_id, stale_users)
+                batch_items.hold_batch(s, ctx)  # items, then the ledger: a forget's order
+                batch_items.set_outcome(
+                    s, ctx, id_only, ItemOutcome.REMOVED, "not in Klaviyo any more"
+                )
+                confirm_removed(s, ctx.connector_id, id_only)
+                batch_items.forget_found_ids(s, ctx, again)
+                forget_profile_ids(s, ctx.connector_id, again)
             return Later(0.1, "stale profile ids")
         with session_scope() as s:
             batch_items.hold_batch(s, ctx)

@@ -365,8 +365,7 @@ def compare(
         adopt_foreign(
             session,
             connector_id,
-            f"SELECT s.profile_id, s.email, s.external_id FROM v_snap s "
-            f"WHERE s.profile_id IN ({adopted})",
+            f"SELECT s.profile_id FROM v_snap s WHERE s.profile_id IN ({adopted})",
             params,
             FOREIGN_PREFIX,
         )

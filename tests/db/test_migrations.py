@@ -177,7 +177,7 @@ def test_deleting_a_connector_deletes_its_ledger_and_a_late_confirm_writes_nothi
             adopt_foreign(
                 s,
                 connector,
-                "SELECT 'p1' AS profile_id, NULL AS email, NULL AS external_id",
+                "SELECT 'p1' AS profile_id",
                 {},
                 "foreign:",
             )
@@ -190,7 +190,7 @@ def test_deleting_a_connector_deletes_its_ledger_and_a_late_confirm_writes_nothi
             adopt_foreign(
                 s,
                 other,
-                "SELECT 'p1' AS profile_id, NULL AS email, NULL AS external_id",
+                "SELECT 'p1' AS profile_id",
                 {},
                 "foreign:",
             )

@@ -28,6 +28,7 @@ from segops_sync.sync.forget import (
 from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
+from segops_sync.sync.verify import verify_list
 from tests.sync.helpers import World
 from tests.sync.helpers import make_connector as _connector
 
@@ -277,11 +278,16 @@ def test_a_forget_stopped_after_the_purge_names_each_list_it_knew(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rows are gone once the purge commits, so a retry would find no list: the record
-    names each one with its repair instead of saying only that the forget stopped."""
+    names each one with its repair instead of saying only that the forget stopped. The repair
+    it names takes the member off the list and brings none of its identifiers back."""
     token = uuid.uuid4().hex[:8]
-    user = f"cust-{token}"
-    connector_id = _connector(world, f"stopped-{token}", [user])
+    user, email = f"cust-{token}", f"stopped.{token}@example.com"
+    others = [f"stay.{token}.{i}@example.com" for i in range(3)]  # under the removal guard
+    connector_id = _connector(world, f"stopped-{token}", [user, *others])
+    with session_scope() as s:
+        record_identity(s, user, email, {"email": email})
     _sync(world, connector_id)
+    assert user in {p.external_id for p in world.sim.list_members(world.list_id)}
 
     def the_network_goes(*_: object, **__: object) -> None:
         raise ConnectionError("gone")
@@ -297,7 +303,14 @@ def test_a_forget_stopped_after_the_purge_names_each_list_it_knew(
         f"`segops-sync connectors verify {connector_id} --repair --remove-extra` removes it once "
         "fixed"
     )
-    assert _rows_naming(user) == {}
+    assert _rows_naming(user, email) == {}
+    monkeypatch.undo()
+
+    verify_list(connector_id, world.access, get_settings(), adopt_extra=True)  # the repair
+    _sync(world, connector_id)
+    on_list = {p.external_id or p.email for p in world.sim.list_members(world.list_id)}
+    assert on_list == set(others)
+    assert _rows_naming(user, email) == {}
 
 
 def test_waiting_for_a_sync_outlasts_the_database_going_away(

@@ -190,6 +190,48 @@ def test_foreign_profiles_are_removed_only_when_asked_and_through_the_guard(worl
     assert _sync(world, connector_id).status == "succeeded"
 
 
+def test_foreign_profiles_enter_the_ledger_by_id_alone_and_a_deleted_one_is_let_go(
+    world: World,
+) -> None:
+    """A foreign profile may be someone we were asked to forget: neither its email nor its
+    external id enters our tables. One deleted in Klaviyo before the removal has nothing else
+    to be found by, so it is taken as gone at once (no lookup, no wait for indexing)."""
+    tag = uuid.uuid4().hex[:6]
+    members = [f"{tag}-{i}@x.example" for i in range(10)]  # 3 strangers: under the guard
+    connector_id = _connector(world, f"tid-{tag}", members)
+    _sync(world, connector_id)
+    strangers = [
+        world.sim.add_profile(world.account, email=f"{tag}-s{i}@x.example", external_id=f"x{i}")
+        for i in range(3)
+    ]
+    world.sim.add_to_list(world.list_id, strangers)
+    verify_list(connector_id, world.access, get_settings(), adopt_extra=True)
+    with session_scope() as s:
+        adopted = s.execute(
+            select(LedgerEntry.user_id, LedgerEntry.email, LedgerEntry.external_id).where(
+                LedgerEntry.connector_id == connector_id,
+                LedgerEntry.user_id.startswith(FOREIGN_PREFIX),
+            )
+        ).all()
+    assert sorted(adopted) == sorted((FOREIGN_PREFIX + p, None, None) for p in strangers)
+
+    world.sim.delete_profile(strangers[0])
+    before = len(world.sim.requests())
+    run = _sync(world, connector_id)
+    assert (run.status, run.removed) == ("succeeded", 3)
+    assert world.sim.list_member_ids(world.list_id).isdisjoint(strangers)
+    sent = Counter(r.endpoint for r in world.sim.requests()[before:] if r.account == world.account)
+    assert sent[Endpoint.GET_PROFILES] == sent[Endpoint.GET_LIST_MEMBERS] == 0, "no lookup"
+    with session_scope() as s:
+        kept = s.execute(
+            select(SyncBatchItem.email, SyncBatchItem.external_id).where(
+                SyncBatchItem.run_id == run.id
+            )
+        ).all()
+    assert sorted(kept) == [(None, None)] * 3
+    assert verify_list(connector_id, world.access, get_settings()).matches
+
+
 def test_context_identified_keeps_every_trait_of_the_latest_event(world: World) -> None:
     import pytest
 
