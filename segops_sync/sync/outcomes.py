@@ -111,6 +111,15 @@ def _refused(exc: BaseException, list_id: str) -> str:
     return f"Klaviyo refused the request: {mask_member_data(exc.detail)}"
 
 
+def _passing(exc: BaseException) -> str:
+    """What a transient failure said. It becomes the run's error when the retries run out, so
+    it is kept as _refused keeps a refusal: Klaviyo's code and title where the request carried
+    members, emails and phone numbers masked elsewhere (a transport error's text included)."""
+    if isinstance(exc, KlaviyoError) and exc.endpoint in CARRIES_MEMBERS and exc.errors:
+        return "; ".join(dict.fromkeys(_code_and_place(e) for e in exc.errors))
+    return mask_member_data(exc.detail if isinstance(exc, KlaviyoError) else str(exc))
+
+
 def _code_and_place(error: ApiErrorItem) -> str:
     """Klaviyo's code and title, and what it pointed at (a JSON pointer or a parameter name),
     which hold no member's value."""
@@ -151,7 +160,7 @@ def decide(exc: BaseException, *, list_id: str) -> Decision:
             return Decision(
                 Action.FAIL_RUN, f"Klaviyo error {exc.status}: {mask_member_data(exc.detail)}"
             )
-        return Decision(Action.RETRY, exc.detail)
+        return Decision(Action.RETRY, _passing(exc))
     raise TypeError(f"not a Klaviyo failure: {type(exc).__name__}")
 
 
@@ -162,7 +171,7 @@ def _apply(rule: Rule, exc: BaseException, list_id: str) -> Decision:
         assert isinstance(exc, RateLimited)
         return Decision(Action.WAIT, "429 from Klaviyo", wait=exc.retry_after)
     if rule.action is Action.RETRY:
-        return Decision(Action.RETRY, exc.detail if isinstance(exc, KlaviyoError) else str(exc))
+        return Decision(Action.RETRY, _passing(exc))
     assert rule.describe is not None
     message = rule.describe(exc, list_id)
     if rule.action is Action.REJECT_MEMBERS:

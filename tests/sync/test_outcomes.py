@@ -42,6 +42,21 @@ def test_transient_failures_retry_within_the_budget() -> None:
     assert (decision.action, decision.message) == (Action.RETRY, "502 from upstream")
 
 
+def test_a_transient_failure_keeps_no_members_data() -> None:
+    """Its words become the run's error once the retries run out."""
+    quoted = ApiErrorItem(
+        code="server_error", title="Server error.", detail="while reading ann@x.example"
+    )
+    lookup = TransientError(
+        "while reading ann@x.example", status=503, endpoint=Endpoint.GET_PROFILES, errors=(quoted,)
+    )
+    assert decide(lookup, list_id="AbC123").message == "server_error Server error."
+    elsewhere = TransientError("reset after ann@x.example, +14155552671", status=503)
+    message = decide(elsewhere, list_id="AbC123").message or ""
+    assert "ann@x.example" not in message and "+14155552671" not in message
+    assert message.startswith("reset after ")
+
+
 def test_a_status_without_a_class_follows_the_taxonomys_permanent_flag() -> None:
     decision = decide(UnexpectedStatus("gone", status=410), list_id="AbC123")
     assert (decision.action, decision.message) == (Action.FAIL_RUN, "Klaviyo error 410: gone")
