@@ -102,10 +102,8 @@ def _refused(exc: BaseException, list_id: str) -> str:
     if not isinstance(exc, KlaviyoError):
         return f"Klaviyo refused the request: {mask_member_data(str(exc))}"
     if exc.endpoint in CARRIES_MEMBERS:
-        said = "; ".join(dict.fromkeys(_code_and_place(e) for e in exc.errors))
-        status = f"HTTP {exc.status}" if exc.status is not None else "refused"
         return (
-            f"Klaviyo refused {exc.endpoint} ({status}{': ' + said if said else ''}); its "
+            f"Klaviyo refused {exc.endpoint} ({_status_and_codes(exc, 'refused')}); its "
             "detail is not kept, since it may quote a member's data"
         )
     return f"Klaviyo refused the request: {mask_member_data(exc.detail)}"
@@ -113,18 +111,27 @@ def _refused(exc: BaseException, list_id: str) -> str:
 
 def _passing(exc: BaseException) -> str:
     """What a transient failure said. It becomes the run's error when the retries run out, so
-    it is kept as _refused keeps a refusal: Klaviyo's code and title where the request carried
-    members, emails and phone numbers masked elsewhere (a transport error's text included)."""
+    it is kept as _refused keeps a refusal: Klaviyo's status, code and title where the request
+    carried members, emails and phone numbers masked elsewhere (a transport error's text
+    included)."""
     if isinstance(exc, KlaviyoError) and exc.endpoint in CARRIES_MEMBERS and exc.errors:
-        return "; ".join(dict.fromkeys(_code_and_place(e) for e in exc.errors))
+        return _status_and_codes(exc, "failed")
     return mask_member_data(exc.detail if isinstance(exc, KlaviyoError) else str(exc))
+
+
+def _status_and_codes(exc: KlaviyoError, without_status: str) -> str:
+    """``HTTP 400: invalid Invalid input. at /data/...``: what Klaviyo said, none of it a
+    member's value (blank items left out)."""
+    said = "; ".join(dict.fromkeys(c for c in map(_code_and_place, exc.errors) if c))
+    status = f"HTTP {exc.status}" if exc.status is not None else without_status
+    return f"{status}: {said}" if said else status
 
 
 def _code_and_place(error: ApiErrorItem) -> str:
     """Klaviyo's code and title, and what it pointed at (a JSON pointer or a parameter name),
     which hold no member's value."""
     place = error.pointer or error.parameter
-    return f"{error.code} {error.title}" + (f" at {place}" if place else "")
+    return " ".join(x for x in (error.code, error.title) if x) + (f" at {place}" if place else "")
 
 
 Describe = Callable[[BaseException, str], str]

@@ -6,7 +6,8 @@ sent for opaque ids; the list cannot be filtered by them), then emails on the li
 leaver not on the list needs no DELETE); each answer is saved as it comes, so a retry never
 asks again. Members not found are waited for while Klaviyo may still be indexing them, then
 left pending (or, added long ago, taken as off the list). Ids Klaviyo refuses (merged or
-deleted profiles) are forgotten and looked up again.
+deleted profiles) are forgotten and looked up again, but for a profile known by its id alone (a
+foreign one, sync/verify.py), which counts as removed: there is nothing else to find it by.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> Batc
     gone = [u for u in user_ids if now - added_at.get(u, now) >= gone_after]
     pending = [u for u in user_ids if u not in set(gone)]
     with session_scope() as s:
+        batch_items.hold_batch(s, ctx)  # items, then the ledger: a forget's order
         batch_items.set_outcome(
             s, ctx, gone, ItemOutcome.REMOVED, "not on the list in Klaviyo any more"
         )

@@ -50,7 +50,10 @@ def test_a_transient_failure_keeps_no_members_data() -> None:
     lookup = TransientError(
         "while reading ann@x.example", status=503, endpoint=Endpoint.GET_PROFILES, errors=(quoted,)
     )
-    assert decide(lookup, list_id="AbC123").message == "server_error Server error."
+    assert decide(lookup, list_id="AbC123").message == "HTTP 503: server_error Server error."
+    blank = ApiErrorItem(code="", title="", detail="ann@x.example")
+    bare = TransientError("x", status=503, endpoint=Endpoint.GET_PROFILES, errors=(blank,))
+    assert decide(bare, list_id="AbC123").message == "HTTP 503"
     elsewhere = TransientError("reset after ann@x.example, +14155552671", status=503)
     message = decide(elsewhere, list_id="AbC123").message or ""
     assert "ann@x.example" not in message and "+14155552671" not in message
