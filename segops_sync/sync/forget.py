@@ -267,18 +267,21 @@ def _purge(s: Session, u: str) -> Known:
     # the connector row).
     locked = sorted(knowing())
     if locked:
-        s.execute(
-            text(
-                "SELECT b.id FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
-                f"WHERE r.status = '{RunStatus.RUNNING}' AND r.connector_id = ANY(:c) "
-                "AND b.status IN ('pending', 'submitted') ORDER BY b.id FOR UPDATE OF b"
-            ),
-            {"c": locked},
+        lock_open_batches = text(
+            "SELECT b.id FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
+            f"WHERE r.status = '{RunStatus.RUNNING}' AND r.connector_id = ANY(:c) "
+            "AND b.status IN ('pending', 'submitted') ORDER BY b.id FOR UPDATE OF b"
         )
+        s.execute(lock_open_batches, {"c": locked})
         s.execute(
             text("SELECT id FROM connectors WHERE id = ANY(:c) ORDER BY id FOR UPDATE"),
             {"c": locked},
         )
+        # Again: a planner holds the connector row while it writes a run's batches, so the wait
+        # above may end on batches that did not exist before it. Their first step would write
+        # the member's items from rows this transaction has not deleted yet; locked now, each
+        # either has written them (committed: found and deleted below) or finds none to write.
+        s.execute(lock_open_batches, {"c": locked})
 
     ledger = list(s.execute(text(ledger_sql), {**p, "all": everyone}).all())
     items = list(s.execute(text(items_sql), p).all())

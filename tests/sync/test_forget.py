@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from segops_sync.config import get_settings
 from segops_sync.db.models import ForgetRecord
-from segops_sync.db.session import session_scope
+from segops_sync.db.session import get_engine, session_scope
 from segops_sync.states import Trigger
 from segops_sync.sync import forget
 from segops_sync.sync.batch_step import Finished
@@ -272,6 +273,83 @@ def test_a_batch_that_failed_with_its_job_unanswered_is_waited_for_as_its_run(
     with session_scope() as s:
         s.execute(text("DELETE FROM sync_batches WHERE run_id = :r"), {"r": run_id})
         s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
+
+
+def _waits_for_a_lock(statement: str) -> bool:
+    """Some backend is waiting for a row lock in a statement containing ``statement``."""
+    with session_scope() as s:
+        return bool(
+            s.scalar(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND strpos(query, :q) > 0)"
+                ),
+                {"q": statement},
+            )
+        )
+
+
+def test_batches_a_planner_wrote_while_the_forget_waited_for_it_are_locked_too(
+    world: World,
+) -> None:
+    """A planner holds the connector row while it writes a run's batches; the forget waits for
+    it. A batch that exists only once that wait ends, and whose first step starts writing the
+    member's items at once, must be waited for too, or its items outlive the forget."""
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"planned-{token}", [user, f"stay-{token}"])
+    run_id = str(uuid.uuid4())
+    engine = get_engine()
+    share = text("SELECT 1 FROM connectors WHERE id = :c FOR KEY SHARE")
+    with engine.connect() as planner, engine.connect() as ledger, engine.connect() as step:
+        planner.execute(share, {"c": connector_id})
+        planner.execute(
+            text(
+                "INSERT INTO sync_runs (id, connector_id, trigger, status) "
+                "VALUES (:r, :c, 'resync', 'running')"
+            ),
+            {"r": run_id, "c": connector_id},
+        )
+        planner.execute(
+            text(
+                "INSERT INTO sync_batches (run_id, kind, seq, status) VALUES (:r, 'add', 0, 'pending')"
+            ),
+            {"r": run_id},
+        )
+        ledger.execute(share, {"c": connector_id})  # a second holder keeps the forget waiting
+        done: list[ForgetOutcome] = []
+        forgetting = threading.Thread(
+            target=lambda: done.append(_forget(world, user, run_wait=0.2))
+        )
+        forgetting.start()
+        deadline = time.monotonic() + 10
+        while not _waits_for_a_lock("FROM connectors WHERE id = ANY"):
+            assert time.monotonic() < deadline, "the forget never waited for the planner"
+            time.sleep(0.02)
+        planner.commit()
+        # the batch's first step: its row, then the member's item from the segment
+        step.execute(text("SELECT 1 FROM sync_batches WHERE run_id = :r FOR UPDATE"), {"r": run_id})
+        step.execute(
+            text(
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
+                "VALUES (:r, :u, 'add', 0, :u)"
+            ),
+            {"r": run_id, "u": user},
+        )
+        ledger.commit()
+        while forgetting.is_alive() and not _waits_for_a_lock("FOR UPDATE OF b"):
+            assert time.monotonic() < deadline, "the forget neither ended nor waited"
+            time.sleep(0.02)
+        step.commit()
+        forgetting.join(30)
+    assert done, "the forget did not end"
+    try:
+        assert _rows_naming(user) == {}
+        assert [p for p in done[0].problems if "still open after" in p], done[0].problems
+    finally:
+        with session_scope() as s:
+            s.execute(text("DELETE FROM sync_batches WHERE run_id = :r"), {"r": run_id})
+            s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
 
 
 def test_a_forget_stopped_after_the_purge_names_each_list_it_knew(
