@@ -6,7 +6,9 @@ every table, and (asked for) deleted in Klaviyo.
 2. One transaction deletes what we keep of the member: its ``segment_members`` rows (in every
    segment: no plan includes it again), ``identities``, ``connector_members``,
    ``sync_batch_items``, ``member_rejections``, the ``list_snapshots`` rows of its email or
-   external id; its user id leaves the member lists and key bounds of ``sync_batches``. It first
+   external id, and what any connector's read-back entered of its profiles as foreign (on that
+   connector's list too); its user id leaves the member lists and key bounds of
+   ``sync_batches``. It first
    locks the open batches of the running runs of every connector that knows the member, then those
    connectors' rows (``FOR UPDATE``, the order a batch step takes them): no materialization or
    ledger write (sync/ledger.py, which holds the connector row per statement) interleaves, so
@@ -56,6 +58,7 @@ from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttl
 from segops_sync.sync.inputs.identity import is_email, known_user_id_problem
 from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.retry import backoff, jitter, wait_or_backoff
+from segops_sync.sync.verify import FOREIGN_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +216,7 @@ def purge_member(user_id: str) -> Known:
 # Items live under their run's primary key (run_id, user_id): one index probe per run whose
 # details the retention purge has not deleted yet, never a scan of every run's members.
 _ITEMS = (
-    "FROM sync_runs r JOIN sync_batch_items it ON it.run_id = r.id AND it.user_id = :u "
+    "FROM sync_runs r JOIN sync_batch_items it ON it.run_id = r.id AND it.user_id = ANY(:us) "
     "WHERE r.purged_at IS NULL"
 )
 # Each segment id once, one index probe each (a skip scan of segment_members' primary key).
@@ -230,7 +233,7 @@ SELECT segment_id FROM g WHERE segment_id IS NOT NULL
 
 
 def _purge(s: Session, u: str) -> Known:
-    p = {"u": u}
+    p: dict[str, Any] = {"u": u, "us": [u]}
     connectors = {
         row.id: row
         for row in s.execute(
@@ -240,17 +243,29 @@ def _purge(s: Session, u: str) -> Known:
     everyone = sorted(connectors)
     ledger_sql = (
         "SELECT cm.connector_id, cm.email, cm.external_id, cm.profile_id FROM connector_members cm "
-        "WHERE cm.connector_id = ANY(:all) AND cm.user_id = :u"
+        "WHERE cm.connector_id = ANY(:all) AND cm.user_id = ANY(:us)"
     )
     items_sql = (
         "SELECT r.connector_id, r.id AS run_id, r.status, it.kind, it.seq, it.outcome, it.email, "
         f"it.external_id, it.profile_id {_ITEMS}"
     )
 
+    def as_foreign(rows: Iterable[Any]) -> dict[str, Any]:
+        """The ledger keys and items of the member's profiles where a read-back entered them
+        as foreign (verify.adopt_foreign): on that connector's list too, to be removed."""
+        return {"us": sorted({FOREIGN_PREFIX + r.profile_id for r in rows if r.profile_id})}
+
     def knowing() -> set[str]:
+        own = [
+            *s.execute(text(ledger_sql), {**p, "all": everyone}),
+            *s.execute(text(items_sql), p),
+        ]
         return (
-            {r.connector_id for r in s.execute(text(ledger_sql), {**p, "all": everyone})}
-            | {r.connector_id for r in s.execute(text(items_sql), p)}
+            {r.connector_id for r in own}
+            | {
+                r.connector_id
+                for r in s.execute(text(ledger_sql), {**as_foreign(own), "all": everyone})
+            }
             | set(
                 s.scalars(
                     text(
@@ -302,6 +317,11 @@ def _purge(s: Session, u: str) -> Known:
         {"emails": [e.lower() for e in emails], "exts": external_ids},
     ).all()
 
+    foreign = as_foreign([*ledger, *items, *snapshots])
+    ledger += s.execute(text(ledger_sql), {**foreign, "all": everyone}).all()
+    items += s.execute(text(items_sql), foreign).all()
+    p["us"] = [u, *foreign["us"]]
+
     profile_ids: dict[str, set[str]] = {}
     in_flight: dict[str, set[Batch]] = {}
     for row in [*ledger, *snapshots]:
@@ -322,25 +342,27 @@ def _purge(s: Session, u: str) -> Known:
     )
     s.execute(text("DELETE FROM identities WHERE user_id = :u"), p)
     s.execute(
-        text("DELETE FROM connector_members WHERE connector_id = ANY(:all) AND user_id = :u"),
+        text("DELETE FROM connector_members WHERE connector_id = ANY(:all) AND user_id = ANY(:us)"),
         {**p, "all": everyone},
     )
     s.execute(
         text(
             "DELETE FROM sync_batch_items it USING sync_runs r WHERE it.run_id = r.id "
-            "AND it.user_id = :u AND r.purged_at IS NULL"
+            "AND it.user_id = ANY(:us) AND r.purged_at IS NULL"
         ),
         p,
     )
     s.execute(text("DELETE FROM member_rejections WHERE user_id = :u"), p)
     s.execute(
         text(
-            "UPDATE sync_batches b SET user_ids = array_remove(b.user_ids, :u) FROM sync_runs r "
-            "WHERE r.id = b.run_id AND r.purged_at IS NULL AND :u = ANY(b.user_ids)"
+            "UPDATE sync_batches b SET user_ids = ARRAY(SELECT x FROM unnest(b.user_ids) "
+            "WITH ORDINALITY AS m(x, n) WHERE x <> ALL(:us) ORDER BY n) FROM sync_runs r "
+            "WHERE r.id = b.run_id AND r.purged_at IS NULL AND b.user_ids && CAST(:us AS text[])"
         ),
         p,
     )
-    _clear_bounds(s, u)
+    for key in p["us"]:
+        _clear_bounds(s, key)
 
     lists = tuple(
         KnownList(

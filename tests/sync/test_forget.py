@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import select, text
@@ -29,7 +30,7 @@ from segops_sync.sync.forget import (
 from segops_sync.sync.inputs.identity import record_identity
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
-from segops_sync.sync.verify import verify_list
+from segops_sync.sync.verify import FOREIGN_PREFIX, verify_list
 from tests.sync.helpers import World
 from tests.sync.helpers import make_connector as _connector
 
@@ -273,6 +274,62 @@ def test_a_batch_that_failed_with_its_job_unanswered_is_waited_for_as_its_run(
     with session_scope() as s:
         s.execute(text("DELETE FROM sync_batches WHERE run_id = :r"), {"r": run_id})
         s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
+
+
+def test_a_profile_another_connector_entered_as_foreign_leaves_with_the_member(
+    world: World,
+) -> None:
+    """Connector B read its list back and entered the member's profile as foreign (it is on
+    B's list, in none of B's segments): the forget removes it from B's list too, and B's ledger
+    row and batch items of that profile go with the rest."""
+    token = uuid.uuid4().hex[:8]
+    user, email = f"cust-{token}", f"both.{token}@example.com"
+    a = _connector(world, f"own-{token}", [user, f"stay-{token}"])
+    with session_scope() as s:
+        record_identity(s, user, email, {"email": email})
+    _sync(world, a)
+    [profile] = [p.id for p in world.sim.list_members(world.list_id) if p.external_id == user]
+    other = replace(world, list_id=world.sim.create_list(world.account, f"B {token}"))
+    world.sim.add_to_list(other.list_id, [profile])
+    b = _connector(other, f"theirs-{token}", [f"b-{token}"])
+    verify_list(b, world.access, get_settings(), adopt_extra=True)
+    key = FOREIGN_PREFIX + profile
+    run_id = str(uuid.uuid4())
+    with session_scope() as s:  # a removal of B's that listed the profile
+        s.execute(
+            text(
+                "INSERT INTO sync_runs (id, connector_id, trigger, status) "
+                "VALUES (:r, :c, 'resync', 'succeeded')"
+            ),
+            {"r": run_id, "c": b},
+        )
+        s.execute(
+            text(
+                "INSERT INTO sync_batches (run_id, kind, seq, status, user_ids) "
+                "VALUES (:r, 'remove', 0, 'done', ARRAY[:k, 'someone-else'])"
+            ),
+            {"r": run_id, "k": key},
+        )
+        s.execute(
+            text(
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, profile_id) "
+                "VALUES (:r, :k, 'remove', 0, :p)"
+            ),
+            {"r": run_id, "k": key, "p": profile},
+        )
+    assert set(_rows_naming(key)) == {"connector_members", "sync_batch_items", "sync_batches"}
+
+    outcome = _forget(world, user)
+
+    assert (outcome.lists_removed, outcome.problems) == (2, [])
+    assert profile not in world.sim.list_member_ids(other.list_id)
+    assert profile not in world.sim.list_member_ids(world.list_id)
+    assert _rows_naming(user, email, key) == {}
+    with session_scope() as s:
+        kept = s.scalar(text("SELECT user_ids FROM sync_batches WHERE run_id = :r"), {"r": run_id})
+        s.execute(text("DELETE FROM sync_batches WHERE run_id = :r"), {"r": run_id})
+        s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
+    assert kept == ["someone-else"]
 
 
 def _waits_for_a_lock(statement: str) -> bool:
