@@ -64,7 +64,8 @@ def _bad_key(exc: BaseException, list_id: str) -> str:
 
 
 def _missing_scope(exc: BaseException, list_id: str) -> str:
-    detail = exc.detail if isinstance(exc, KlaviyoError) else str(exc)
+    # Klaviyo names the scope; the words still go through the mask, as every kept message does.
+    detail = mask_member_data(exc.detail if isinstance(exc, KlaviyoError) else str(exc))
     return (
         f"Klaviyo refused the API key (403: {detail}): the key was revoked or lacks a scope; "
         "it needs Lists read/write and Profiles read/write"

@@ -60,6 +60,12 @@ def test_a_transient_failure_keeps_no_members_data() -> None:
     assert message.startswith("reset after ")
 
 
+def test_a_missing_scope_keeps_klaviyos_words_but_no_members_data() -> None:
+    refused = PermissionDenied("missing scope lists:write for ann@x.example", status=403)
+    message = decide(refused, list_id="AbC123").message or ""
+    assert "lists:write" in message and "ann@x.example" not in message
+
+
 def test_a_status_without_a_class_follows_the_taxonomys_permanent_flag() -> None:
     decision = decide(UnexpectedStatus("gone", status=410), list_id="AbC123")
     assert (decision.action, decision.message) == (Action.FAIL_RUN, "Klaviyo error 410: gone")
