@@ -48,7 +48,7 @@ from segops_sync.sync.batch_step import (
 from segops_sync.sync.fleet.access import LimitedSession
 from segops_sync.sync.fleet.watcher import AccountJobs, job_overdue
 from segops_sync.sync.ledger import accept_job
-from segops_sync.sync.outcomes import Action, decide, rejection_reason
+from segops_sync.sync.outcomes import Action, decide, member_values, rejection_reason
 from segops_sync.sync.retry import jitter
 
 log = logging.getLogger(__name__)
@@ -260,14 +260,15 @@ def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | No
 
 def _without_identifiers(reason: str, user_id: str, profile: ProfileInput) -> str:
     """A refused job's reason for one member, without that member's identifiers."""
-    identifiers = (user_id, profile.email, profile.external_id, profile.fields.get("phone_number"))
+    identifiers = member_values(
+        user_id, profile.email, profile.external_id, profile.fields, profile.properties
+    )
     return rejection_reason(None, reason, identifiers)
 
 
-def _phone(payload: dict[str, Any] | None) -> str | None:
-    attrs = (payload or {}).get("attributes", payload)
-    phone = attrs.get("phone_number") if isinstance(attrs, dict) else None
-    return phone if isinstance(phone, str) else None
+def _attributes(payload: dict[str, Any] | None) -> object:
+    """What an import error echoes of the member we sent (its type and id are not its data)."""
+    return (payload or {}).get("attributes", payload)
 
 
 def _all_import_errors(client: KlaviyoClient, job_id: str) -> list[ImportErrorItem]:
@@ -303,7 +304,9 @@ def _settle_job(
                     continue
                 # what Klaviyo echoed and what the member's batch row holds (an external-id
                 # match's stored email may differ from the payload's)
-                identifiers = (user_id, email, ext, _phone(err.original_payload), *stored[user_id])
+                identifiers = member_values(
+                    user_id, email, ext, _attributes(err.original_payload), stored[user_id]
+                )
                 rejected[user_id] = rejection_reason(err.title, err.detail, identifiers)
             if unattributed:
                 log.warning("job %s: %d import errors name no member we sent", job_id, unattributed)

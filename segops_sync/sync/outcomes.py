@@ -19,7 +19,7 @@ top to bottom: the first row whose error class matches wins.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -201,14 +201,29 @@ MEMBER_PLACEHOLDER = "<the member's identifier>"
 
 
 def rejection_reason(title: str | None, detail: str, identifiers: Iterable[object]) -> str:
-    """Klaviyo's words for a rejected member, without the member's own identifiers (user id,
-    email, external id, phone): reasons are summed up in a run's error and the connector's
-    ``last_error``, which outlive a forget of the member, and Klaviyo may quote a bad value."""
+    """Klaviyo's words for a rejected member, without the member's own values (user id, email,
+    external id, and every trait value sent: see member_values): reasons are summed up in a
+    run's error and the connector's ``last_error``, which outlive a forget of the member, and
+    Klaviyo may quote a bad value. Any other email or phone number is masked as in a log."""
     reason = f"{title}: {detail}" if title else detail
     values = {v.strip() for v in identifiers if isinstance(v, str) and len(v.strip()) >= 3}
-    if not values:
-        return reason
-    # One pass, longest first (an email before its local part), so a placeholder is never
-    # searched again; whole values only (not "ada" inside "adam"), whatever the case.
-    either = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
-    return re.sub(rf"(?<!\w)(?:{either})(?!\w)", MEMBER_PLACEHOLDER, reason, flags=re.IGNORECASE)
+    if values:
+        # One pass, longest first (an email before its local part), so a placeholder is never
+        # searched again; whole values only (not "ada" inside "adam"), whatever the case.
+        either = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+        reason = re.sub(
+            rf"(?<!\w)(?:{either})(?!\w)", MEMBER_PLACEHOLDER, reason, flags=re.IGNORECASE
+        )
+    return mask_member_data(reason)
+
+
+def member_values(*sources: object) -> Iterator[str]:
+    """Every string in what was sent of a member (a profile's fields and custom properties,
+    nested ones included, or an import payload's attributes), for rejection_reason."""
+    for source in sources:
+        if isinstance(source, str):
+            yield source
+        elif isinstance(source, Mapping):
+            yield from member_values(*source.values())
+        elif isinstance(source, list | tuple):
+            yield from member_values(*source)

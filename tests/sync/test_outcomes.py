@@ -164,3 +164,31 @@ def test_a_rejection_reason_never_keeps_the_members_identifiers() -> None:
     assert rejection_reason(None, "bad: x@y.io", ("x@y.io", "member", "identifier")) == (
         f"bad: {MEMBER_PLACEHOLDER}"
     )
+
+
+def test_a_rejection_reason_keeps_no_trait_value_sent_and_no_other_email() -> None:
+    from segops_sync.klaviyo import ProfileInput
+    from segops_sync.sync.direct import member_problem
+
+    profile = ProfileInput(
+        email="ada@example.com",
+        external_id="cust-1",
+        fields={"first_name": "Augusta", "organization": "Analytical Engines"},
+        properties={"plan": "enterprise", "notes": {"nickname": "Countess"}, "tags": ["Q7"]},
+    )
+    refused = InvalidRequest(
+        "x",
+        status=400,
+        errors=(
+            ApiErrorItem(
+                code="invalid",
+                title="Invalid input.",
+                detail="'Augusta' of Analytical Engines (Countess, enterprise) like bob@b.io",
+                pointer="/data/attributes/first_name",
+            ),
+        ),
+    )
+    reason = member_problem(refused, "u-1", profile) or ""
+    for value in ("Augusta", "Analytical Engines", "Countess", "enterprise", "bob@b.io"):
+        assert value not in reason, reason
+    assert reason.startswith("Invalid input.: '<the member's identifier>' of ")
