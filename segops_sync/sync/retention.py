@@ -9,8 +9,10 @@ it when they leave the list) and ``segment_members`` (the recompute service's). 
   answer, the rejected members' details among them) and the member lists of its
   ``sync_batches`` (``user_ids``, ``lo_user_id``, ``hi_user_id``). The run keeps its counts and
   is stamped ``purged_at``. A run still running is never touched, however old; nor is one
-  with a batch in doubt (members Klaviyo may have accepted unrecorded): the connector's next
-  run enters those in the ledger from its items (sync/ledger.py adopt_in_doubt), then it goes.
+  with a batch in doubt (members Klaviyo may have accepted unrecorded) until those are in the
+  ledger (sync/ledger.py adopt_in_doubt): the connector's next run enters them, or, once the
+  run has expired and no run of the connector is going (a paused or inactive one has no next
+  run), the purge does.
 - ``list_snapshots`` whose verification is no longer running (crashed: killed, out of memory,
   its database connection lost). A verification holds a lease, a PostgreSQL session advisory
   lock on its verify id, from before its first page to after its snapshot is deleted;
@@ -35,6 +37,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from segops_sync.config import Settings
 from segops_sync.db.session import get_engine, session_scope
+from segops_sync.states import RunStatus
+from segops_sync.sync.ledger import adopt_in_doubt
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,7 @@ def purge_expired(
     """One pass: the member details of runs finished more than ``retention_days`` ago, and the
     snapshots of verifications no longer running."""
     cutoff = (now or datetime.now(UTC)) - timedelta(days=settings.retention_days)
+    _settle_doubt(cutoff)
     with session_scope() as s:
         run_ids = list(
             s.scalars(
@@ -87,6 +92,35 @@ def purge_expired(
             runs += 1
             items += deleted
     return Purged(runs, items, purge_abandoned_snapshots(rows_per_statement))
+
+
+def _settle_doubt(cutoff: datetime) -> None:
+    """An expired run held back by a batch in doubt waits for its connector's next run to
+    enter those members in the ledger. A paused or inactive connector has no next run, so the
+    items would stay for good: the purge enters them itself (as the planner would: unconfirmed,
+    possibly on the list), where no run of the connector is going (that one's plan did, or its
+    end will leave them for the next)."""
+    with session_scope() as s:
+        held = s.execute(
+            text(
+                "SELECT DISTINCT c.id, c.list_id FROM sync_runs r "
+                "JOIN connectors c ON c.id = r.connector_id "
+                "WHERE r.purged_at IS NULL AND r.finished_at < :cutoff "
+                f"AND r.status <> '{RunStatus.RUNNING}' "
+                "AND EXISTS (SELECT 1 FROM sync_batches b WHERE b.run_id = r.id AND b.in_doubt) "
+                "AND NOT EXISTS (SELECT 1 FROM sync_runs g WHERE g.connector_id = c.id "
+                f"AND g.status = '{RunStatus.RUNNING}')"
+            ),
+            {"cutoff": cutoff},
+        ).all()
+    for connector_id, list_id in held:
+        with session_scope() as s:
+            adopted = adopt_in_doubt(s, connector_id, list_id)
+        log.info(
+            "connector %s: %d members of expired runs in doubt entered in the ledger",
+            connector_id,
+            adopted,
+        )
 
 
 # A chunk of rows to delete, found by an index prefix (:n rows at most): the DELETE joins it on
