@@ -42,7 +42,13 @@ from segops_sync.sync.batches import run_batch
 from segops_sync.sync.costs import removals_first
 from segops_sync.sync.fleet import liveness
 from segops_sync.sync.fleet.access import KlaviyoAccess
-from segops_sync.sync.forget import BadUserId, ForgetSource, forget_member
+from segops_sync.sync.forget import (
+    FORGOTTEN_FOR,
+    BadUserId,
+    ForgetSource,
+    forget_member,
+    forgotten_lately,
+)
 from segops_sync.sync.inputs.identity import BadIdentity, record_identity
 from segops_sync.sync.lanes import small_run
 from segops_sync.sync.planner import StartOutcome, plan_run, start_run
@@ -175,6 +181,13 @@ def context_identified(*args: Any, **kwargs: Any) -> None:
         if email is not None and not isinstance(email, str):
             raise Malformed("traits.email must be a string")
         with session_scope() as s:
+            if forgotten_lately(s, klaviyo_access().redis, get_settings(), user_id):
+                log.warning(
+                    "dropped a segops.context_identified message of a member forgotten within "
+                    "the last %d hours (sent before the forget, delivered after it)",
+                    FORGOTTEN_FOR // 3600,
+                )
+                return
             # every trait is kept; connectors choose the ones they send (sync/inputs/traits.py)
             if record_identity(s, user_id, email, traits):
                 rejected.data_changed(s, user_id)  # members rejected for their data: retried

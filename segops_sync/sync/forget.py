@@ -34,6 +34,8 @@ left to ask Klaviyo with, so a list that may have kept the member is repaired by
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -71,6 +73,45 @@ RUN_POLL = 1.0
 # The purge transaction is retried when PostgreSQL breaks a lock cycle with a batch step.
 PURGE_ATTEMPTS = 3
 _RETRYABLE = ("40P01", "40001")  # deadlock_detected, serialization_failure
+
+
+# A message that carried the member's data before the forget may still arrive after it: a
+# context_identified retried after a database error, redelivered after its worker died (the
+# broker's visibility timeout is an hour), or queued behind a backlog. For this long after a
+# forget, such a message is dropped instead of writing the member's identity back.
+FORGOTTEN_FOR = 24 * 3600
+# PostgreSQL advisory lock class of one member (the object id is a hash of the user id): an
+# identity write and a forget of the same member take it, so neither slips past the other.
+MEMBER_LOCK_CLASS = 7313009
+
+
+def hold_member(session: Session, user_id: str) -> None:
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(:c, hashtext(:u))"),
+        {"c": MEMBER_LOCK_CLASS, "u": user_id},
+    )
+
+
+def _marker(settings: Settings, user_id: str) -> str:
+    """The Redis key that says the member was forgotten lately: a keyed hash (HMAC-SHA256
+    under a key derived from the first SEGOPS_SECRET_KEY), so Redis holds no user id, and no
+    one without the secret can test a guess against it."""
+    first = settings.require_secret_key().split(",")[0].strip().encode()
+    key = hashlib.sha256(b"segops forgotten-member marker\0" + first).digest()
+    digest = hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()
+    return f"{settings.redis_key_prefix}segops:forgotten:{digest}"
+
+
+def mark_forgotten(r: redis.Redis, settings: Settings, user_id: str) -> None:
+    r.set(_marker(settings, user_id), b"1", ex=FORGOTTEN_FOR)
+
+
+def forgotten_lately(session: Session, r: redis.Redis, settings: Settings, user_id: str) -> bool:
+    """Whether the member was forgotten within FORGOTTEN_FOR: asked by an identity write, in
+    its transaction and under the member's lock (a forget that began before it is done by now,
+    and one that begins after it waits for its commit, then deletes what it wrote)."""
+    hold_member(session, user_id)
+    return bool(r.exists(_marker(settings, user_id)))
 
 
 class ForgetSource(StrEnum):
@@ -141,16 +182,20 @@ def forget_member(
 ) -> ForgetOutcome:
     """Forget one member everywhere (see the module); BadUserId before anything is written."""
     user_id = check_user_id(user_id)
+    access = access or KlaviyoAccess(settings)
     outcome = ForgetOutcome(_open_record(source, klaviyo_delete))
     known: Known | None = None
     try:
+        # Before the purge: a late message that finds no marker has committed its write before
+        # the purge takes the member's lock, and the purge deletes it.
+        mark_forgotten(access.redis, settings, user_id)
         known = purge_member(user_id)
         if known.lists:
             _forget_in_klaviyo(
                 known,
                 outcome,
                 settings,
-                access or KlaviyoAccess(settings),
+                access,
                 klaviyo_delete=klaviyo_delete,
                 run_wait=run_wait,
                 sleep=sleep,
@@ -234,6 +279,7 @@ SELECT segment_id FROM g WHERE segment_id IS NOT NULL
 
 def _purge(s: Session, u: str) -> Known:
     p: dict[str, Any] = {"u": u, "us": [u]}
+    hold_member(s, u)  # an identity write in progress commits first: its row is deleted below
     connectors = {
         row.id: row
         for row in s.execute(

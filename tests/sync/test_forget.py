@@ -332,6 +332,65 @@ def test_a_profile_another_connector_entered_as_foreign_leaves_with_the_member(
     assert kept == ["someone-else"]
 
 
+def test_an_identity_message_sent_before_the_forget_does_not_bring_the_member_back(
+    world: World,
+) -> None:
+    """A context_identified retried or redelivered after the forget is dropped for a day; the
+    marker that says so holds no user id, and another member's message is stored as ever."""
+    from segops_sync.tasks import context_identified
+
+    token = uuid.uuid4().hex[:8]
+    user, email, other = f"cust-{token}", f"late.{token}@example.com", f"other-{token}"
+    connector_id = _connector(world, f"late-{token}", [user])
+    with session_scope() as s:
+        record_identity(s, user, email, {"email": email})
+    _sync(world, connector_id)
+    _forget(world, user)
+
+    context_identified(user_id=user, traits={"email": email, "first_name": "Late"})
+    context_identified(user_id=other, traits={"email": f"other.{token}@example.com"})
+
+    with session_scope() as s:
+        identified = set(
+            s.scalars(
+                text("SELECT user_id FROM identities WHERE user_id IN (:u, :o)"),
+                {"u": user, "o": other},
+            )
+        )
+    assert identified == {other}
+    assert _rows_naming(user, email) == {}
+    redis = world.access.redis
+    marker = forget._marker(get_settings(), user)
+    assert user not in marker and 0 < redis.ttl(marker) <= forget.FORGOTTEN_FOR
+
+
+def test_an_identity_write_under_way_commits_before_the_forget_deletes_it(world: World) -> None:
+    """A context_identified that checked for the marker before the forget set it, and has not
+    committed yet: the forget waits for it (the member's lock), then deletes what it wrote."""
+    token = uuid.uuid4().hex[:8]
+    user, email = f"cust-{token}", f"racing.{token}@example.com"
+    with get_engine().connect() as identifying:
+        identifying.execute(
+            text("SELECT pg_advisory_xact_lock(:c, hashtext(:u))"),
+            {"c": forget.MEMBER_LOCK_CLASS, "u": user},
+        )
+        identifying.execute(
+            text("INSERT INTO identities (user_id, email, traits) VALUES (:u, :e, '{}')"),
+            {"u": user, "e": email},
+        )
+        done: list[ForgetOutcome] = []
+        forgetting = threading.Thread(target=lambda: done.append(_forget(world, user)))
+        forgetting.start()
+        deadline = time.monotonic() + 10
+        while not _waits_for_a_lock("pg_advisory_xact_lock"):
+            assert time.monotonic() < deadline, "the forget did not wait for the member's lock"
+            time.sleep(0.02)
+        identifying.commit()
+        forgetting.join(30)
+    assert done, "the forget did not end"
+    assert _rows_naming(user, email) == {}
+
+
 def _waits_for_a_lock(statement: str) -> bool:
     """Some backend is waiting for a row lock in a statement containing ``statement``."""
     with session_scope() as s:
