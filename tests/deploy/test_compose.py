@@ -73,6 +73,11 @@ def test_postgres_and_redis_have_health_checks_and_volumes(services: dict[str, A
         assert mounts[data_dir] in doc["volumes"], f"{name} data is not on a named volume"
 
 
+def test_postgres_logs_no_row_values(services: dict[str, Any]) -> None:
+    # an error's DETAIL line quotes them (a duplicate key's user id); terse drops it
+    assert "log_error_verbosity=terse" in _command(services["postgres"])
+
+
 def test_one_shot_migration_that_every_app_service_waits_for(services: dict[str, Any]) -> None:
     migrate = services["migrate"]
     assert _command(migrate) == ["segops-sync", "db", "upgrade"]
