@@ -2,18 +2,21 @@
 every table, and (asked for) deleted in Klaviyo.
 
 1. A ``forget_records`` row says a forget began (source, whether Klaviyo deletes too): nothing
-   personal, not even a hash of the user id.
+   personal, not even a hash of the user id. A Redis marker (an HMAC of the user id, for
+   FORGOTTEN_FOR) makes a late ``context_identified`` of the member a no-op.
 2. One transaction deletes what we keep of the member: its ``segment_members`` rows (in every
    segment: no plan includes it again), ``identities``, ``connector_members``,
    ``sync_batch_items``, ``member_rejections``, the ``list_snapshots`` rows of its email or
    external id, and what any connector's read-back entered of its profiles as foreign (on that
    connector's list too); its user id leaves the member lists and key bounds of
-   ``sync_batches``. It first
-   locks the open batches of the running runs of every connector that knows the member, then those
-   connectors' rows (``FOR UPDATE``, the order a batch step takes them): no materialization or
-   ledger write (sync/ledger.py, which holds the connector row per statement) interleaves, so
-   nothing written from the member's rows survives the transaction. What the member's
-   identifiers were (emails, external ids, profile ids per list) is kept in memory only.
+   ``sync_batches``. It first takes the member's advisory lock (an identity write under way
+   commits first), then locks the open batches of the running runs of every connector that
+   knows the member, then those connectors' rows (``FOR UPDATE``, the order a batch step takes
+   them), then the open batches again (a planner may have written new ones meanwhile): no
+   materialization or ledger write (sync/ledger.py, which holds the connector row per
+   statement) interleaves, so nothing written from the member's rows survives the
+   transaction. What the member's identifiers were (emails, external ids, profile ids per
+   list) is kept in memory only.
 3. Each list that knew the member (its ledger, a batch of a run, a list read back) is asked to
    drop it: the profile ids we knew, and those Klaviyo finds by external id (account-wide) and
    by email on the list, in one DELETE per list and account.
@@ -57,7 +60,7 @@ from segops_sync.klaviyo import InvalidRequest, KlaviyoClient, KlaviyoError
 from segops_sync.secrets import decrypt_api_key
 from segops_sync.states import BatchKind, RunStatus
 from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttled
-from segops_sync.sync.inputs.identity import is_email, known_user_id_problem
+from segops_sync.sync.inputs.identity import hold_member, is_email, known_user_id_problem
 from segops_sync.sync.outcomes import Action, decide
 from segops_sync.sync.retry import backoff, jitter, wait_or_backoff
 from segops_sync.sync.verify import FOREIGN_PREFIX
@@ -80,30 +83,20 @@ _RETRYABLE = ("40P01", "40001")  # deadlock_detected, serialization_failure
 # broker's visibility timeout is an hour), or queued behind a backlog. For this long after a
 # forget, such a message is dropped instead of writing the member's identity back.
 FORGOTTEN_FOR = 24 * 3600
-# PostgreSQL advisory lock class of one member (the object id is a hash of the user id): an
-# identity write and a forget of the same member take it, so neither slips past the other.
-MEMBER_LOCK_CLASS = 7313009
 
 
-def hold_member(session: Session, user_id: str) -> None:
-    session.execute(
-        text("SELECT pg_advisory_xact_lock(:c, hashtext(:u))"),
-        {"c": MEMBER_LOCK_CLASS, "u": user_id},
-    )
-
-
-def _marker(settings: Settings, user_id: str) -> str:
-    """The Redis key that says the member was forgotten lately: a keyed hash (HMAC-SHA256
-    under a key derived from the first SEGOPS_SECRET_KEY), so Redis holds no user id, and no
+def _markers(settings: Settings, user_id: str) -> list[str]:
+    """The Redis keys that say the member was forgotten lately, one per key of the
+    SEGOPS_SECRET_KEY ring (the first is set; any is found, so a rotation loses none): a keyed
+    hash (HMAC-SHA256 under a key derived from the secret), so Redis holds no user id, and no
     one without the secret can test a guess against it."""
-    first = settings.require_secret_key().split(",")[0].strip().encode()
-    key = hashlib.sha256(b"segops forgotten-member marker\0" + first).digest()
-    digest = hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()
-    return f"{settings.redis_key_prefix}segops:forgotten:{digest}"
-
-
-def mark_forgotten(r: redis.Redis, settings: Settings, user_id: str) -> None:
-    r.set(_marker(settings, user_id), b"1", ex=FORGOTTEN_FOR)
+    markers = []
+    for secret in settings.require_secret_key().split(","):
+        if secret.strip():
+            key = hashlib.sha256(b"segops forgotten-member marker\0" + secret.strip().encode())
+            digest = hmac.new(key.digest(), user_id.encode(), hashlib.sha256).hexdigest()
+            markers.append(f"{settings.redis_key_prefix}segops:forgotten:{digest}")
+    return markers
 
 
 def forgotten_lately(session: Session, r: redis.Redis, settings: Settings, user_id: str) -> bool:
@@ -111,7 +104,7 @@ def forgotten_lately(session: Session, r: redis.Redis, settings: Settings, user_
     its transaction and under the member's lock (a forget that began before it is done by now,
     and one that begins after it waits for its commit, then deletes what it wrote)."""
     hold_member(session, user_id)
-    return bool(r.exists(_marker(settings, user_id)))
+    return bool(r.exists(*_markers(settings, user_id)))
 
 
 class ForgetSource(StrEnum):
@@ -182,13 +175,21 @@ def forget_member(
 ) -> ForgetOutcome:
     """Forget one member everywhere (see the module); BadUserId before anything is written."""
     user_id = check_user_id(user_id)
+    marker = _markers(settings, user_id)[0]  # a missing secret stops it before any record
     access = access or KlaviyoAccess(settings)
     outcome = ForgetOutcome(_open_record(source, klaviyo_delete))
     known: Known | None = None
     try:
         # Before the purge: a late message that finds no marker has committed its write before
-        # the purge takes the member's lock, and the purge deletes it.
-        mark_forgotten(access.redis, settings, user_id)
+        # the purge takes the member's lock, and the purge deletes it. Without Redis the purge
+        # still goes ahead (a lost forget could never be redone: nothing says whom it was for).
+        try:
+            access.redis.set(marker, b"1", ex=FORGOTTEN_FOR)
+        except redis.RedisError as exc:
+            outcome.problems.append(
+                f"a message sent before the forget may write the member's identity back for "
+                f"{FORGOTTEN_FOR // 3600} hours (Redis took no marker: {type(exc).__name__})"
+            )
         known = purge_member(user_id)
         if known.lists:
             _forget_in_klaviyo(
@@ -323,26 +324,31 @@ def _purge(s: Session, u: str) -> Known:
             )
         ) & set(connectors)
 
-    # Lock before reading what to delete: batch rows first, then connector rows, the order a
-    # batch step takes them (its materialization holds its batch row, its ledger write then
-    # the connector row).
+    lock_open_batches = text(
+        "SELECT b.id FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
+        f"WHERE r.status = '{RunStatus.RUNNING}' AND r.connector_id = ANY(:c) "
+        "AND b.status IN ('pending', 'submitted') ORDER BY b.id FOR UPDATE OF b"
+    )
+
+    def lock(connector_ids: list[str]) -> None:
+        """Before reading what to delete: batch rows first, then connector rows, the order a
+        batch step takes them (its materialization holds its batch row, its ledger write then
+        the connector row). Then the batch rows again: a planner holds the connector row while
+        it writes a run's batches, so the wait may end on batches that did not exist before.
+        Their first step would write the member's items from rows not deleted yet; locked now,
+        each has either written them (committed: found and deleted below) or finds none. (A
+        batch step of such a batch that waits for the connector row meanwhile is a lock cycle
+        PostgreSQL breaks: the purge is tried again, PURGE_ATTEMPTS.)"""
+        if connector_ids:
+            s.execute(lock_open_batches, {"c": connector_ids})
+            s.execute(
+                text("SELECT id FROM connectors WHERE id = ANY(:c) ORDER BY id FOR UPDATE"),
+                {"c": connector_ids},
+            )
+            s.execute(lock_open_batches, {"c": connector_ids})
+
     locked = sorted(knowing())
-    if locked:
-        lock_open_batches = text(
-            "SELECT b.id FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
-            f"WHERE r.status = '{RunStatus.RUNNING}' AND r.connector_id = ANY(:c) "
-            "AND b.status IN ('pending', 'submitted') ORDER BY b.id FOR UPDATE OF b"
-        )
-        s.execute(lock_open_batches, {"c": locked})
-        s.execute(
-            text("SELECT id FROM connectors WHERE id = ANY(:c) ORDER BY id FOR UPDATE"),
-            {"c": locked},
-        )
-        # Again: a planner holds the connector row while it writes a run's batches, so the wait
-        # above may end on batches that did not exist before it. Their first step would write
-        # the member's items from rows this transaction has not deleted yet; locked now, each
-        # either has written them (committed: found and deleted below) or finds none to write.
-        s.execute(lock_open_batches, {"c": locked})
+    lock(locked)
 
     ledger = list(s.execute(text(ledger_sql), {**p, "all": everyone}).all())
     items = list(s.execute(text(items_sql), p).all())
@@ -364,8 +370,19 @@ def _purge(s: Session, u: str) -> Known:
     ).all()
 
     foreign = as_foreign([*ledger, *items, *snapshots])
-    ledger += s.execute(text(ledger_sql), {**foreign, "all": everyone}).all()
-    items += s.execute(text(items_sql), foreign).all()
+
+    def of_foreign() -> tuple[list[Any], list[Any]]:
+        return (
+            list(s.execute(text(ledger_sql), {**foreign, "all": everyone})),
+            list(s.execute(text(items_sql), foreign)),
+        )
+
+    # profile ids learnt since knowing() (a snapshot's, say) may name other connectors
+    rows, runs = of_foreign()
+    lock(sorted({r.connector_id for r in rows + runs} - set(locked)))
+    rows, runs = of_foreign()
+    ledger += rows
+    items += runs
     p["us"] = [u, *foreign["us"]]
 
     profile_ids: dict[str, set[str]] = {}
@@ -407,8 +424,7 @@ def _purge(s: Session, u: str) -> Known:
         ),
         p,
     )
-    for key in p["us"]:
-        _clear_bounds(s, key)
+    _clear_bounds(s, p["us"])
 
     lists = tuple(
         KnownList(
@@ -432,8 +448,9 @@ def _distinct_emails(values: Iterable[str | None]) -> list[str]:
     return sorted(seen.values())
 
 
-def _clear_bounds(s: Session, u: str) -> None:
-    """A batch whose key range starts or ends at the member: the range is only used to write
+def _clear_bounds(s: Session, keys: list[str]) -> None:
+    """A batch whose key range starts or ends at the member (one of its ``keys``: its user id,
+    its foreign profiles' ledger keys): the range is only used to write
     the members of a batch not run yet (sync/planner.py materialize_batch), so elsewhere the
     bound goes (as the retention purge does). For a batch still to be written, the bound becomes
     the nearest other member inside the range (the member itself is in neither table any more,
@@ -445,34 +462,34 @@ def _clear_bounds(s: Session, u: str) -> None:
             "AND b.status IN ('pending', 'submitted')) AS to_write "
             "FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
             "LEFT JOIN connectors c ON c.id = r.connector_id "
-            "WHERE r.purged_at IS NULL AND (b.lo_user_id = :u OR b.hi_user_id = :u)"
+            "WHERE r.purged_at IS NULL AND (b.lo_user_id = ANY(:us) OR b.hi_user_id = ANY(:us))"
         ),
-        {"u": u},
+        {"us": keys},
     ).all()
     for b in batches:
-        lo = None if b.lo_user_id == u else b.lo_user_id
-        hi = None if b.hi_user_id == u else b.hi_user_id
+        lo = None if b.lo_user_id in keys else b.lo_user_id
+        hi = None if b.hi_user_id in keys else b.hi_user_id
         empty = False
         if b.to_write and b.segment_id is not None:
-            near = {"u": u, "g": b.segment_id, "c": b.connector_id}
-            if b.lo_user_id == u:
+            near = {"g": b.segment_id, "c": b.connector_id}
+            if b.lo_user_id in keys:
                 lo = s.scalar(
                     text(
                         "SELECT min(x) FROM (SELECT min(user_id) AS x FROM segment_members "
                         "WHERE segment_id = :g AND user_id > :u UNION ALL SELECT min(user_id) "
                         "FROM connector_members WHERE connector_id = :c AND user_id > :u) n"
                     ),
-                    near,
+                    {**near, "u": b.lo_user_id},
                 )
                 empty = lo is None
-            if b.hi_user_id == u and not empty:
+            if b.hi_user_id in keys and not empty:
                 hi = s.scalar(
                     text(
                         "SELECT max(x) FROM (SELECT max(user_id) AS x FROM segment_members "
                         "WHERE segment_id = :g AND user_id < :u UNION ALL SELECT max(user_id) "
                         "FROM connector_members WHERE connector_id = :c AND user_id < :u) n"
                     ),
-                    near,
+                    {**near, "u": b.hi_user_id},
                 )
                 empty = hi is None
             if not empty and lo is not None and hi is not None:

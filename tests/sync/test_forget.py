@@ -27,7 +27,7 @@ from segops_sync.sync.forget import (
     check_user_id,
     forget_member,
 )
-from segops_sync.sync.inputs.identity import record_identity
+from segops_sync.sync.inputs.identity import MEMBER_LOCK_CLASS, record_identity
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
 from segops_sync.sync.verify import FOREIGN_PREFIX, verify_list
@@ -360,8 +360,34 @@ def test_an_identity_message_sent_before_the_forget_does_not_bring_the_member_ba
     assert identified == {other}
     assert _rows_naming(user, email) == {}
     redis = world.access.redis
-    marker = forget._marker(get_settings(), user)
+    marker = forget._markers(get_settings(), user)[0]
     assert user not in marker and 0 < redis.ttl(marker) <= forget.FORGOTTEN_FOR
+
+
+def test_without_redis_the_forget_still_purges_and_says_what_is_left_open() -> None:
+    """A forget that could not be redone (nothing says whom it was for) is not given up for
+    the marker: the purge goes ahead, and the record says late messages may bring it back."""
+    import redis
+
+    from segops_sync.sync.fleet.access import KlaviyoAccess
+
+    token = uuid.uuid4().hex[:8]
+    user, email = f"cust-{token}", f"noredis.{token}@example.com"
+    with session_scope() as s:
+        record_identity(s, user, email, {"email": email})
+    nowhere = redis.Redis(port=1, socket_connect_timeout=0.5)  # nothing listens on port 1
+    outcome = forget_member(
+        user,
+        source=ForgetSource.CLI,
+        klaviyo_delete=False,
+        settings=get_settings(),
+        access=KlaviyoAccess(get_settings(), redis_client=nowhere),
+    )
+    assert outcome.problems == [
+        "a message sent before the forget may write the member's identity back for 24 hours "
+        "(Redis took no marker: ConnectionError)"
+    ]
+    assert _rows_naming(user, email) == {}
 
 
 def test_an_identity_write_under_way_commits_before_the_forget_deletes_it(world: World) -> None:
@@ -372,7 +398,7 @@ def test_an_identity_write_under_way_commits_before_the_forget_deletes_it(world:
     with get_engine().connect() as identifying:
         identifying.execute(
             text("SELECT pg_advisory_xact_lock(:c, hashtext(:u))"),
-            {"c": forget.MEMBER_LOCK_CLASS, "u": user},
+            {"c": MEMBER_LOCK_CLASS, "u": user},
         )
         identifying.execute(
             text("INSERT INTO identities (user_id, email, traits) VALUES (:u, :e, '{}')"),

@@ -72,6 +72,19 @@ class BadIdentity(ValueError):
 MAX_TRAITS_BYTES = 64 * 1024
 
 
+# PostgreSQL advisory lock class of one member (the object id is a hash of the user id): every
+# identity write and a forget of the same member take it (sync/forget.py), so a write under way
+# when a forget begins commits first and the forget's purge deletes it.
+MEMBER_LOCK_CLASS = 7313009
+
+
+def hold_member(session: Session, user_id: str) -> None:
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(:c, hashtext(:u))"),
+        {"c": MEMBER_LOCK_CLASS, "u": user_id},
+    )
+
+
 def record_identity(
     session: Session, user_id: str, email: str | None, traits: Mapping[str, Any] | None = None
 ) -> bool:
@@ -92,6 +105,7 @@ def record_identity(
         raise BadIdentity(f"traits exceed {MAX_TRAITS_BYTES} bytes")
     if "\\u0000" in encoded or "\x00" in encoded:
         raise BadIdentity("traits contain a NUL character, which PostgreSQL cannot store")
+    hold_member(session, user_id)
     # ``before`` reads the row as it was when the statement began (one snapshot for both parts).
     changed = session.scalar(
         text(
