@@ -39,8 +39,12 @@ _context: dict[str, ContextVar[str | None]] = {
 # A match starts only where a run of local-part characters starts: without the look-behind, a
 # long run with no "@" is scanned again from each of its characters (10 MB of one argument held
 # a worker's consumer for hours).
-# \w is Unicode: an address we accept (identity.EMAIL_PATTERN) may be josé@exämple.de.
-_EMAIL = re.compile(r"(?<![\w.%+\-])[\w.%+\-]+(?:@|%40)[\w\-]+(?:\.[\w\-]+)+")
+# \w is Unicode: an address we accept (identity.EMAIL_PATTERN) may be josé@exämple.de, its
+# accents written as combining marks too (U+0300-U+036F, which \w leaves out).
+_LETTER = r"\w\u0300-\u036f"
+_EMAIL = re.compile(
+    rf"(?<![{_LETTER}.%+\-])[{_LETTER}.%+\-]+(?:@|%40)[{_LETTER}\-]+(?:\.[{_LETTER}\-]+)+"
+)
 _PHONE = re.compile(r"(?:\+|%2B)[1-9][0-9 ().\-]{6,18}[0-9]")
 # PostgreSQL's DETAIL line quotes row values ("Failing row contains (…)", "Key (user_id)=(…)"):
 # user ids and traits no pattern recognises. It ends at a newline, or at "\n" in a repr.

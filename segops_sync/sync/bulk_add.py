@@ -260,10 +260,9 @@ def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | No
 
 def _without_identifiers(reason: str, user_id: str, profile: ProfileInput) -> str:
     """A refused job's reason for one member, without that member's identifiers."""
-    identifiers = member_values(
-        user_id, profile.email, profile.external_id, profile.fields, profile.properties
-    )
-    return rejection_reason(None, reason, identifiers)
+    identifiers = (user_id, profile.email, profile.external_id)
+    sent = member_values(profile.fields, profile.properties)
+    return rejection_reason(None, reason, identifiers, sent)
 
 
 def _attributes(payload: dict[str, Any] | None) -> object:
@@ -304,10 +303,9 @@ def _settle_job(
                     continue
                 # what Klaviyo echoed and what the member's batch row holds (an external-id
                 # match's stored email may differ from the payload's)
-                identifiers = member_values(
-                    user_id, email, ext, _attributes(err.original_payload), stored[user_id]
-                )
-                rejected[user_id] = rejection_reason(err.title, err.detail, identifiers)
+                identifiers = (user_id, email, ext, *stored[user_id])
+                sent = member_values(_attributes(err.original_payload))
+                rejected[user_id] = rejection_reason(err.title, err.detail, identifiers, sent)
             if unattributed:
                 log.warning("job %s: %d import errors name no member we sent", job_id, unattributed)
         if failed_count > len(rejected):

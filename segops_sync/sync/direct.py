@@ -44,10 +44,9 @@ def member_problem(exc: InvalidRequest, user_id: str, profile: ProfileInput) -> 
     if not named:
         return None
     first = named[0]
-    identifiers = member_values(
-        user_id, profile.email, profile.external_id, profile.fields, profile.properties
-    )
-    return rejection_reason(first.title, first.detail, identifiers)
+    identifiers = (user_id, profile.email, profile.external_id)
+    sent = member_values(profile.fields, profile.properties)
+    return rejection_reason(first.title, first.detail, identifiers, sent)
 
 
 def add_directly(

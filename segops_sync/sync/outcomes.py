@@ -198,31 +198,51 @@ def describe_for_person(exc: KlaviyoError, list_id: str) -> str:
 
 
 MEMBER_PLACEHOLDER = "<the member's identifier>"
+SENT_PLACEHOLDER = "<a value sent>"
 
 
-def rejection_reason(title: str | None, detail: str, identifiers: Iterable[object]) -> str:
-    """Klaviyo's words for a rejected member, without the member's own values (user id, email,
-    external id, and every trait value sent: see member_values): reasons are summed up in a
-    run's error and the connector's ``last_error``, which outlive a forget of the member, and
-    Klaviyo may quote a bad value. Any other email or phone number is masked as in a log."""
+def rejection_reason(
+    title: str | None, detail: str, identifiers: Iterable[object], sent: Iterable[object] = ()
+) -> str:
+    """Klaviyo's words for a rejected member, without the member's own values: its identifiers
+    (user id, email, external id) become MEMBER_PLACEHOLDER, any other value sent of it (its
+    traits: see member_values) SENT_PLACEHOLDER. Reasons are summed up in a run's error and
+    the connector's ``last_error``, which outlive a forget of the member, and Klaviyo may quote
+    a bad value. Any other email or phone number is masked as in a log."""
     reason = f"{title}: {detail}" if title else detail
-    values = {v.strip() for v in identifiers if isinstance(v, str) and len(v.strip()) >= 3}
-    if values:
+    folded = reason.casefold()
+
+    def quoted(values: Iterable[object]) -> set[str]:
+        # only what the reason quotes: a member's traits may be thousands of values
+        return {
+            v.strip()
+            for v in values
+            if isinstance(v, str) and len(v.strip()) >= 3 and v.strip().casefold() in folded
+        }
+
+    placeholder = {v.casefold(): SENT_PLACEHOLDER for v in quoted(sent)}
+    placeholder |= {v.casefold(): MEMBER_PLACEHOLDER for v in quoted(identifiers)}
+    if placeholder:
         # One pass, longest first (an email before its local part), so a placeholder is never
         # searched again; whole values only (not "ada" inside "adam"), whatever the case.
-        either = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+        either = "|".join(re.escape(v) for v in sorted(placeholder, key=len, reverse=True))
         reason = re.sub(
-            rf"(?<!\w)(?:{either})(?!\w)", MEMBER_PLACEHOLDER, reason, flags=re.IGNORECASE
+            rf"(?<!\w)(?:{either})(?!\w)",
+            lambda m: placeholder.get(m.group(0).casefold(), MEMBER_PLACEHOLDER),
+            reason,
+            flags=re.IGNORECASE,
         )
     return mask_member_data(reason)
 
 
 def member_values(*sources: object) -> Iterator[str]:
-    """Every string in what was sent of a member (a profile's fields and custom properties,
-    nested ones included, or an import payload's attributes), for rejection_reason."""
+    """Every value in what was sent of a member (a profile's fields and custom properties,
+    nested ones included, or an import payload's attributes) as text, for rejection_reason."""
     for source in sources:
         if isinstance(source, str):
             yield source
+        elif isinstance(source, int | float) and not isinstance(source, bool):
+            yield str(source)
         elif isinstance(source, Mapping):
             yield from member_values(*source.values())
         elif isinstance(source, list | tuple):
