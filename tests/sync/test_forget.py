@@ -404,17 +404,28 @@ def test_an_identity_write_under_way_commits_before_the_forget_deletes_it(world:
             text("INSERT INTO identities (user_id, email, traits) VALUES (:u, :e, '{}')"),
             {"u": user, "e": email},
         )
-        done: list[ForgetOutcome] = []
-        forgetting = threading.Thread(target=lambda: done.append(_forget(world, user)))
-        forgetting.start()
-        deadline = time.monotonic() + 10
-        while not _waits_for_a_lock("pg_advisory_xact_lock"):
-            assert time.monotonic() < deadline, "the forget did not wait for the member's lock"
-            time.sleep(0.02)
+        forgetting, done = _forget_blocked_on(world, user, "pg_advisory_xact_lock")
         identifying.commit()
         forgetting.join(30)
     assert done, "the forget did not end"
     assert _rows_naming(user, email) == {}
+
+
+def _forget_blocked_on(
+    world: World, user: str, statement: str, run_wait: float = forget.RUN_WAIT
+) -> tuple[threading.Thread, list[ForgetOutcome]]:
+    """A forget of ``user`` in a thread, once it waits for a lock in ``statement``; its outcome
+    lands in the list when it ends."""
+    done: list[ForgetOutcome] = []
+    forgetting = threading.Thread(
+        target=lambda: done.append(_forget(world, user, run_wait=run_wait))
+    )
+    forgetting.start()
+    deadline = time.monotonic() + 10
+    while not _waits_for_a_lock(statement):
+        assert time.monotonic() < deadline, f"the forget never waited in {statement!r}"
+        time.sleep(0.02)
+    return forgetting, done
 
 
 def _waits_for_a_lock(statement: str) -> bool:
@@ -459,15 +470,10 @@ def test_batches_a_planner_wrote_while_the_forget_waited_for_it_are_locked_too(
             {"r": run_id},
         )
         ledger.execute(share, {"c": connector_id})  # a second holder keeps the forget waiting
-        done: list[ForgetOutcome] = []
-        forgetting = threading.Thread(
-            target=lambda: done.append(_forget(world, user, run_wait=0.2))
+        forgetting, done = _forget_blocked_on(
+            world, user, "FROM connectors WHERE id = ANY", run_wait=0.2
         )
-        forgetting.start()
         deadline = time.monotonic() + 10
-        while not _waits_for_a_lock("FROM connectors WHERE id = ANY"):
-            assert time.monotonic() < deadline, "the forget never waited for the planner"
-            time.sleep(0.02)
         planner.commit()
         # the batch's first step: its row, then the member's item from the segment
         step.execute(text("SELECT 1 FROM sync_batches WHERE run_id = :r FOR UPDATE"), {"r": run_id})
