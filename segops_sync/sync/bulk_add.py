@@ -48,7 +48,13 @@ from segops_sync.sync.batch_step import (
 from segops_sync.sync.fleet.access import LimitedSession
 from segops_sync.sync.fleet.watcher import AccountJobs, job_overdue
 from segops_sync.sync.ledger import accept_job
-from segops_sync.sync.outcomes import Action, decide, member_values, rejection_reason
+from segops_sync.sync.outcomes import (
+    Action,
+    decide,
+    member_values,
+    profile_rejection_reason,
+    rejection_reason,
+)
 from segops_sync.sync.retry import jitter
 
 log = logging.getLogger(__name__)
@@ -207,7 +213,7 @@ def _submit(
                         ctx,
                         [user_id],
                         ItemOutcome.REJECTED,
-                        _without_identifiers(reason, user_id, profile),
+                        profile_rejection_reason(None, reason, user_id, profile),
                     )
             members = [m for i, m in enumerate(members) if i not in refused]
             continue
@@ -256,13 +262,6 @@ def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | No
     return (email.lower() if isinstance(email, str) else None), (
         ext if isinstance(ext, str) else None
     )
-
-
-def _without_identifiers(reason: str, user_id: str, profile: ProfileInput) -> str:
-    """A refused job's reason for one member, without that member's identifiers."""
-    identifiers = (user_id, profile.email, profile.external_id)
-    sent = member_values(profile.fields, profile.properties)
-    return rejection_reason(None, reason, identifiers, sent)
 
 
 def _attributes(payload: dict[str, Any] | None) -> object:

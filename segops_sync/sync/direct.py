@@ -27,7 +27,7 @@ from segops_sync.klaviyo import (
 from segops_sync.sync import batch_items
 from segops_sync.sync.batch_items import BatchKey, trait_profiles
 from segops_sync.sync.ledger import confirm_added
-from segops_sync.sync.outcomes import member_values, rejection_reason
+from segops_sync.sync.outcomes import profile_rejection_reason
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ def member_problem(exc: InvalidRequest, user_id: str, profile: ProfileInput) -> 
     if not named:
         return None
     first = named[0]
-    identifiers = (user_id, profile.email, profile.external_id)
-    sent = member_values(profile.fields, profile.properties)
-    return rejection_reason(first.title, first.detail, identifiers, sent)
+    return profile_rejection_reason(first.title, first.detail, user_id, profile)
 
 
 def add_directly(

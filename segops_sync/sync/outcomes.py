@@ -31,6 +31,7 @@ from segops_sync.klaviyo import (
     KlaviyoError,
     NotFound,
     PermissionDenied,
+    ProfileInput,
     RateLimited,
     TransientError,
 )
@@ -233,6 +234,16 @@ def rejection_reason(
             flags=re.IGNORECASE,
         )
     return mask_member_data(reason)
+
+
+def profile_rejection_reason(
+    title: str | None, detail: str, user_id: str, profile: ProfileInput
+) -> str:
+    """rejection_reason for a member refused with the profile we sent of it."""
+    identifiers = (user_id, profile.email, profile.external_id)
+    return rejection_reason(
+        title, detail, identifiers, member_values(profile.fields, profile.properties)
+    )
 
 
 def member_values(*sources: object) -> Iterator[str]:
