@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from segops_sync.config import Settings
 from segops_sync.db.session import session_scope
@@ -86,23 +87,28 @@ def remove(ctx: BatchContext, client: KlaviyoClient, settings: Settings) -> Batc
             again = sorted(stale_users - set(id_only))
             with session_scope() as s:
                 batch_items.hold_batch(s, ctx)  # items, then the ledger: a forget's order
-                batch_items.set_outcome(
-                    s, ctx, id_only, ItemOutcome.REMOVED, "not in Klaviyo any more"
-                )
-                confirm_removed(s, ctx.connector_id, id_only)
+                _settle_removed(s, ctx, id_only, "not in Klaviyo any more")
                 batch_items.forget_found_ids(s, ctx, again)
                 forget_profile_ids(s, ctx.connector_id, again)
             return Later(0.1, "stale profile ids")
         with session_scope() as s:
             batch_items.hold_batch(s, ctx)
-            batch_items.set_outcome(s, ctx, profile_ids, ItemOutcome.REMOVED)
-            confirm_removed(s, ctx.connector_id, list(profile_ids))
+            _settle_removed(s, ctx, list(profile_ids))
             record_progress(s, ctx)
 
     unfound = [u for u, _, _ in missing if u not in found]
     if unfound:
         return _unfound(ctx, unfound, settings)
     return finish(ctx)
+
+
+def _settle_removed(
+    s: Session, ctx: BatchContext, user_ids: list[str], reason: str | None = None
+) -> None:
+    """These members are off the list: their items say so, and they leave the ledger (the
+    caller holds the batch row first, a forget's order)."""
+    batch_items.set_outcome(s, ctx, user_ids, ItemOutcome.REMOVED, reason)
+    confirm_removed(s, ctx.connector_id, user_ids)
 
 
 def _chunks(values: list[str], size: int) -> Iterator[list[str]]:
@@ -146,10 +152,7 @@ def _unfound(ctx: BatchContext, user_ids: list[str], settings: Settings) -> Batc
     pending = [u for u in user_ids if u not in set(gone)]
     with session_scope() as s:
         batch_items.hold_batch(s, ctx)  # items, then the ledger: a forget's order
-        batch_items.set_outcome(
-            s, ctx, gone, ItemOutcome.REMOVED, "not on the list in Klaviyo any more"
-        )
-        confirm_removed(s, ctx.connector_id, gone)
+        _settle_removed(s, ctx, gone, "not on the list in Klaviyo any more")
         batch_items.set_outcome(
             s,
             ctx,
