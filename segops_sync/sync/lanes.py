@@ -3,8 +3,11 @@
 The Klaviyo queue is FIFO: a 1M first sync queues 100 batches, and a 10-member change of any
 other connector would wait until a worker had taken every one of them, though it needs little
 of any rate-limit budget. A small run's batches go to a lane of their own, which every worker
-consumes alongside the big one (Redis: kombu rotates the queues it polls; RabbitMQ: one
-consumer per queue), so they are taken within a fetch or two of being queued.
+consumes alongside the big one, so they are taken within a few fetches of being queued. On
+Redis kombu rotates the queues it polls: a fetch or two. On RabbitMQ (one consumer per queue)
+a freed prefetch slot goes to the waiting queues in a random order (rabbit_limiter), so a
+small batch is taken at the next fetch with odds of one in the number of queues waiting: a few
+fetches on average, a run of bad draws now and then, never the big run's whole queue.
 
 The rule counts batches, not members: the planner, a repeated ``plan_run`` and the sweeper's
 re-dispatch all know a run's open batch ids, and the count is what the lane costs whoever waits

@@ -6,11 +6,18 @@ they wait, connector B (another account) and connector C (A's account, another l
 a 5-out/5-in change. Their batches take the small-run lane (sync/lanes.py), so a worker takes
 them before A's last batch: both changes are on their lists while A's run is still running.
 FIFO behind A's batches, every one of A's batches would have been taken first.
+
+Kombu's Redis transport rotates the queues it polls; RabbitMQ, when the worker's prefetch slot
+frees, offers it to the channel's waiting queues in a random order (rabbit_limiter's
+notify_queues). There the small changes' steps (recompute, plan, batches, on two queues) are
+taken by chance against A's batches, so A queues enough batches that all of them winning is
+out of reach: a simulation of those draws put it under 1 in 10,000 with 40 batches, and at
+several in 100 with 16 (CI once saw it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -37,7 +44,7 @@ from tests.integration.test_crash_recovery import _members, _runs, _wait_for, st
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("broker", BROKERS, indirect=True)]
 
-BIG_BATCHES = 16  # A's first sync: 16 bulk batches of 10,000
+BIG_BATCHES = 40  # A's first sync: 40 bulk batches of 10,000
 
 
 @pytest.fixture
@@ -51,6 +58,11 @@ def iso_env(
 def _first_attempts(run_id: str) -> list[datetime | None]:
     with session_scope() as s:
         return list(s.scalars(select(SyncBatch.first_attempt_at).where(SyncBatch.run_id == run_id)))
+
+
+def _offsets(times: Sequence[datetime | None], start: datetime | None = None) -> list[float]:
+    taken = sorted(at for at in times if at is not None)
+    return [round((at - (start or taken[0])).total_seconds(), 2) for at in taken]
 
 
 def _dispatched_run(connector_id: str) -> str | None:
@@ -130,7 +142,10 @@ def test_small_changes_are_synced_while_a_big_first_sync_waits_in_the_queue(
         last_small = max(small)
         # taken ahead of A's batches still waiting: some were first taken after both changes'
         later = [at for at in big if at is None or at > last_small]
-        assert later, "every batch of A was taken before the small changes' batches"
+        assert later, (
+            "every batch of A was taken before the small changes' batches; seconds after A's "
+            f"first: A's {_offsets(big)}, the small changes' {_offsets(small, min(at for at in big if at))}"
+        )
         with session_scope() as s:
             statuses = set(
                 s.scalars(select(SyncRun.status).where(SyncRun.connector_id.in_([b_id, c_id])))
