@@ -141,13 +141,17 @@ def test_verify_repair_removes_extra_members_our_history_added(
         # the segment meanwhile, and it moves back: the first list still has them, and the
         # ledger no longer knows it put them there.
         other = sim.create_list(k.account, "Elsewhere")
+        # Each step starts a run; counted before it, so that a run not yet opened is waited for.
+        runs = run_count(connector_id)
         cli("connectors", "update", connector_id, "--list-id", other, check=True)
-        wait_idle(connector_id, runs_at_least=run_count(connector_id), timeout=120)
+        wait_idle(connector_id, runs_at_least=runs + 1, timeout=120)
         stay = members[:5] + members[15:25]
+        runs = run_count(connector_id)
         recompute(segment, stay, tmp_path)
-        wait_idle(connector_id, runs_at_least=run_count(connector_id), timeout=120)
+        wait_idle(connector_id, runs_at_least=runs + 1, timeout=120)
+        runs = run_count(connector_id)
         cli("connectors", "update", connector_id, "--list-id", k.list_id, check=True)
-        wait_idle(connector_id, runs_at_least=run_count(connector_id), timeout=120)
+        wait_idle(connector_id, runs_at_least=runs + 1, timeout=120)
         assert len(k.members()) == len(members)
         # and someone puts a profile of their own on the list in Klaviyo's UI
         foreign = "someone-else@example.com"

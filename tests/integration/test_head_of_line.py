@@ -102,7 +102,7 @@ def _list_of(k: Klaviyo, list_id: str) -> set[str]:
 def test_small_changes_are_synced_while_a_big_first_sync_waits_in_the_queue(
     iso_env: dict[str, str], tmp_path: Path, broker: str
 ) -> None:
-    sim = Simulator(job_delay=30.0, indexing_delay=0.0)  # A's run stays open past the test
+    sim = Simulator(job_delay=120.0, indexing_delay=0.0)  # A's run stays open past the test
     with stack(iso_env, tmp_path, sim) as st:
         a = st.klaviyo
         b = Klaviyo.new(sim, a.base_url)  # another account
@@ -128,8 +128,9 @@ def test_small_changes_are_synced_while_a_big_first_sync_waits_in_the_queue(
         a_run = _wait_for("A's batches queued", lambda: _dispatched_run(a_id), 30)
         _publish_recomputes([seg_b, seg_c])
 
-        wait_idle(b_id, runs_at_least=2, timeout=30)
-        wait_idle(c_id, runs_at_least=2, timeout=30)
+        # Seconds here; the bounds leave a loaded CI host room (the order below is the check).
+        wait_idle(b_id, runs_at_least=2, timeout=90)
+        wait_idle(c_id, runs_at_least=2, timeout=90)
         # on their lists, exactly, while A's run is still running
         assert _list_of(b, b.list_id) == set(after_b)
         assert _list_of(a, c_list) == set(after_c)

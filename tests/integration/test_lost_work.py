@@ -114,7 +114,8 @@ def test_redis_flushed_mid_sync_recovered_through_the_marker(
 
 def test_bulk_job_never_finishing_is_given_up(iso_env: dict[str, str], tmp_path: Path) -> None:
     sim = Simulator(job_delay=0.5, indexing_delay=0.0)
-    give_up = {"SEGOPS_JOB_GIVE_UP": "5", "SEGOPS_DIRECT_ADD_LIMIT": "0"}
+    # 10 s: the resent job (0.5 s) must be seen complete before it too is given up
+    give_up = {"SEGOPS_JOB_GIVE_UP": "10", "SEGOPS_DIRECT_ADD_LIMIT": "0"}
     with stack(iso_env, tmp_path, sim, **give_up, **NO_SWEEPER) as st:
         k = st.klaviyo
         st.start_worker()
@@ -132,7 +133,7 @@ def test_bulk_job_never_finishing_is_given_up(iso_env: dict[str, str], tmp_path:
         created = sim.requests(endpoint=Endpoint.CREATE_BULK_IMPORT_JOB, status=202)
         assert len(created) == 2, [r.path for r in created]
         assert sim.unapplied_jobs() == 1
-        assert "unfinished 5s after it was created: taken as lost" in st.worker_log()
+        assert "unfinished 10s after it was created: taken as lost" in st.worker_log()
 
 
 def test_one_read_back_per_connector(iso_env: dict[str, str], tmp_path: Path) -> None:

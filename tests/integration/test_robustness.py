@@ -105,14 +105,25 @@ def test_a_burst_of_recomputes_coalesces(
     memberships = [
         base[: 20 + i] + [f"late{i}-{j}@example.com" for j in range(i)] for i in range(5)
     ]
-    started = time.monotonic()
-    for n, members in enumerate(memberships):
-        _set_members(segment, members, tmp_path)
-        _publish(
-            producer_app, "segops.recompute_finished", segment_id=segment, recompute_id=f"rc-{n}"
-        )
-    assert time.monotonic() - started < 1.0, "five recomputes within a second"
-    wait_idle(connector_id)
+    # The burst must fall inside the first run: 0.1 s a request makes that run's 20 upserts
+    # (one after another) last 2 s or more, against at most 1 s of publishing, however fast
+    # the host. Without the latency a first run of 0.5 s could end mid-burst and leave a
+    # third run for the late messages.
+    klaviyo.sim.set_faults(latency=0.1)
+    try:
+        started = time.monotonic()
+        for n, members in enumerate(memberships):
+            _set_members(segment, members, tmp_path)
+            _publish(
+                producer_app,
+                "segops.recompute_finished",
+                segment_id=segment,
+                recompute_id=f"rc-{n}",
+            )
+        assert time.monotonic() - started < 1.0, "five recomputes within a second"
+        wait_idle(connector_id)
+    finally:
+        klaviyo.sim.set_faults()
     runs = _runs(connector_id)
     # never two at once: each run started after the previous one finished
     for before, after in itertools.pairwise(runs):
