@@ -22,7 +22,7 @@ from sqlalchemy import func, select, text
 
 from segops_sync.db.models import Connector, SyncRun
 from segops_sync.db.session import session_scope
-from segops_sync.klaviyo_sim import Simulator
+from segops_sync.klaviyo_sim import SimRequest, Simulator
 from segops_sync.sync.runs import wait_until_idle
 
 # Every Klaviyo key the session handed to the product, for the key check (test_no_key_in_clear).
@@ -43,6 +43,10 @@ class Klaviyo:
         return cls(
             sim, base_url, account, sim.create_key(account), sim.create_list(account, "Synced")
         )
+
+    def requests(self) -> list[SimRequest]:
+        """The requests this account received: a session's simulator serves every test."""
+        return [r for r in self.sim.requests() if r.account == self.account]
 
     def members(self) -> dict[str, Any]:
         """The list as user_ids: email for email profiles, external_id otherwise."""

@@ -60,9 +60,9 @@ def _first_attempts(run_id: str) -> list[datetime | None]:
         return list(s.scalars(select(SyncBatch.first_attempt_at).where(SyncBatch.run_id == run_id)))
 
 
-def _offsets(times: Sequence[datetime | None], start: datetime | None = None) -> list[float]:
-    taken = sorted(at for at in times if at is not None)
-    return [round((at - (start or taken[0])).total_seconds(), 2) for at in taken]
+def _offsets(times: Sequence[datetime | None], start: datetime) -> list[float]:
+    """The times taken, in seconds after ``start``: a failure's timeline."""
+    return [round((at - start).total_seconds(), 2) for at in sorted(filter(None, times))]
 
 
 def _dispatched_run(connector_id: str) -> str | None:
@@ -143,9 +143,10 @@ def test_small_changes_are_synced_while_a_big_first_sync_waits_in_the_queue(
         last_small = max(small)
         # taken ahead of A's batches still waiting: some were first taken after both changes'
         later = [at for at in big if at is None or at > last_small]
+        first = min(filter(None, big))
         assert later, (
             "every batch of A was taken before the small changes' batches; seconds after A's "
-            f"first: A's {_offsets(big)}, the small changes' {_offsets(small, min(at for at in big if at))}"
+            f"first: A's {_offsets(big, first)}, the small changes' {_offsets(small, first)}"
         )
         with session_scope() as s:
             statuses = set(
