@@ -429,13 +429,14 @@ def _forget_blocked_on(
 
 
 def _waits_for_a_lock(statement: str) -> bool:
-    """Some backend is waiting for a row lock in a statement containing ``statement``."""
+    """A backend of this test's database is waiting for a row lock in a statement containing
+    ``statement`` (another database's workers run the same statements)."""
     with session_scope() as s:
         return bool(
             s.scalar(
                 text(
                     "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND strpos(query, :q) > 0)"
+                    "AND datname = current_database() AND strpos(query, :q) > 0)"
                 ),
                 {"q": statement},
             )
