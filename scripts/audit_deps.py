@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         else:
-            print(f"audit: warning: {v.package} {v.version}: {v.id} has no fix yet", file=sys.stderr)
+            print(
+                f"audit: warning: {v.package} {v.version}: {v.id} has no fix yet", file=sys.stderr
+            )
     if unaudited:
         print(
             f"audit: warning: PyPI could not say about {len(unaudited)} pinned packages: "

@@ -56,7 +56,10 @@ def test_the_celery_app_gets_them_for_the_broker_and_the_result_backend() -> Non
             result_backend="rediss://:pw@redis:6379/1",
         ),
     )
-    assert app.conf.broker_use_ssl == {"ssl_ca_certs": "/ca.pem", "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert app.conf.broker_use_ssl == {
+        "ssl_ca_certs": "/ca.pem",
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+    }
     assert app.conf.redis_backend_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     plain = Celery("plain-config")
     configure(plain, Settings(broker_url="redis://:pw@redis:6379/0"))

@@ -24,9 +24,7 @@ def test_a_big_change_is_analyzed_and_a_small_one_is_not(segops_env: dict[str, s
         before = planner_rows(s, "segment_members")
         assert not analyze_if_stale(s, "segment_members", 10)
         s.execute(
-            text(
-                "INSERT INTO segment_members SELECT :s, 'u' || g FROM generate_series(1, :n) g"
-            ),
+            text("INSERT INTO segment_members SELECT :s, 'u' || g FROM generate_series(1, :n) g"),
             {"s": segment, "n": int(before * 0.1) + 500},
         )
         assert analyze_if_stale(s, "segment_members", int(before * 0.1) + 500)

@@ -17,9 +17,7 @@ def _audit(tmp_path: Path, dependencies: list[dict[str, Any]]) -> subprocess.Com
     """The script on a saved pip-audit JSON report (the form `pip-audit --format json` writes)
     of a lock holding the same pins."""
     lock = tmp_path / "requirements.lock"
-    lock.write_text(
-        "# a lock\n" + "".join(f"{d['name']}=={d['version']}\n" for d in dependencies)
-    )
+    lock.write_text("# a lock\n" + "".join(f"{d['name']}=={d['version']}\n" for d in dependencies))
     report = tmp_path / "report.json"
     report.write_text(json.dumps({"dependencies": dependencies, "fixes": []}))
     return subprocess.run(
@@ -39,7 +37,11 @@ def test_a_vulnerability_with_a_fix_fails_and_names_the_fix(tmp_path: Path) -> N
         tmp_path,
         [
             {"name": "celery", "version": "5.7.0", "vulns": []},
-            {"name": "jinja2", "version": "3.1.2", "vulns": [_vuln("GHSA-h5c8-rqwp-cp95", "3.1.3")]},
+            {
+                "name": "jinja2",
+                "version": "3.1.2",
+                "vulns": [_vuln("GHSA-h5c8-rqwp-cp95", "3.1.3")],
+            },
         ],
     )
     assert result.returncode == 1, result.stdout + result.stderr

@@ -14,9 +14,7 @@ from segops_sync.klaviyo.models import BulkImportJob, ProfileInput
 _real = KlaviyoClient.create_bulk_import_job
 
 
-def _poisoned(
-    self: KlaviyoClient, profiles: Sequence[ProfileInput], list_id: str
-) -> BulkImportJob:
+def _poisoned(self: KlaviyoClient, profiles: Sequence[ProfileInput], list_id: str) -> BulkImportJob:
     if list_id == os.environ.get("SEGOPS_TEST_POISON_LIST"):
         os.kill(os.getpid(), signal.SIGKILL)
     return _real(self, profiles, list_id)

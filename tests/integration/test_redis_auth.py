@@ -193,9 +193,7 @@ def redis_server(workdir: Path, password: str, *, tls: Pki | None = None) -> Ite
         client_url = f"{url}/0?ssl_ca_certs={quote(str(tls.ca), safe='')}"
     log_path = workdir / "redis.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
     assert proc.stdin is not None
     proc.stdin.write(f"requirepass {password}\n".encode())
     proc.stdin.close()
@@ -322,9 +320,7 @@ def test_a_rediss_url_without_tls_parameters_checks_the_certificate(tmp_path: Pa
     password = secrets.token_urlsafe(24)
     with redis_server(tmp_path / "redis", password, tls=pki) as server_url:
         app = Celery("redis-tls-check")
-        configure(
-            app, Settings(broker_url=f"{server_url}/0", result_backend=f"{server_url}/1")
-        )
+        configure(app, Settings(broker_url=f"{server_url}/0", result_backend=f"{server_url}/1"))
         with (
             app.connection_for_write() as conn,
             pytest.raises(OperationalError, match="certificate verify failed"),
