@@ -434,3 +434,10 @@ class ListSnapshotEntry(Base):
     external_id: Mapped[str | None] = mapped_column(Text)
     suppressed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     taken_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+# A forget deletes the member's snapshot rows by email (as Klaviyo spelled it) or external id,
+# while it holds the rows of the connectors that know the member: a probe each, not a read of a
+# whole list's snapshot (bench/bench_forget.py: 216 ms at 1M profiles without them).
+Index("ix_list_snapshots_email", func.lower(ListSnapshotEntry.email))
+Index("ix_list_snapshots_external_id", ListSnapshotEntry.external_id)

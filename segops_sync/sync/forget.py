@@ -265,6 +265,12 @@ _ITEMS = (
     "FROM sync_runs r JOIN sync_batch_items it ON it.run_id = r.id AND it.user_id = ANY(:us) "
     "WHERE r.purged_at IS NULL"
 )
+# A read-back in progress holds a whole list: two index probes (ix_list_snapshots_email and
+# _external_id), since the connectors' rows are held meanwhile.
+SNAPSHOT_ROWS_DELETE = (
+    "DELETE FROM list_snapshots WHERE lower(email) = ANY(:emails) "
+    "OR external_id = ANY(:exts) RETURNING connector_id, profile_id"
+)
 # Each segment id once, one index probe each (a skip scan of segment_members' primary key).
 _SEGMENT_IDS = """
 WITH RECURSIVE g AS (
@@ -362,10 +368,7 @@ def _purge(s: Session, u: str) -> Known:
         {x for x in [None if is_email(u) else u] + [r.external_id for r in ledger + items] if x}
     )
     snapshots = s.execute(
-        text(
-            "DELETE FROM list_snapshots WHERE lower(email) = ANY(:emails) "
-            "OR external_id = ANY(:exts) RETURNING connector_id, profile_id"
-        ),
+        text(SNAPSHOT_ROWS_DELETE),
         {"emails": [e.lower() for e in emails], "exts": external_ids},
     ).all()
 

@@ -625,3 +625,19 @@ def test_an_id_longer_than_recompute_takes_can_still_be_forgotten() -> None:
     """The recompute service writes segment_members itself: an id of 300 characters (one
     Klaviyo rejects as external_id) is a member like any other, and must be forgettable."""
     assert check_user_id("x" * 300) == "x" * 300
+
+
+def test_the_snapshot_rows_of_a_member_are_found_by_index(world: World) -> None:
+    """A read-back in progress holds a whole list; the forget deletes the member's rows of it
+    while holding the connectors' rows, so by index probes. With sequential scans priced out,
+    the plan of the very statement the purge runs reads no list_snapshots row by row."""
+    with session_scope() as s:
+        s.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(
+            s.scalars(
+                text(f"EXPLAIN {forget.SNAPSHOT_ROWS_DELETE}"),
+                {"emails": ["ann@example.com"], "exts": ["ann-1"]},
+            )
+        )
+    assert "Seq Scan on list_snapshots" not in plan, plan
+    assert "ix_list_snapshots_email" in plan and "ix_list_snapshots_external_id" in plan, plan
