@@ -2,7 +2,7 @@
 
 Revision ID: 0012_snapshot_lookup
 Revises: 0011_pause_rejections_forget
-Create Date: 2026-12-07 22:00:00
+Create Date: 2026-12-07 21:35:00
 
 A forget deletes the member's rows of a read-back in progress by ``lower(email)`` or
 ``external_id`` while it holds the connector rows a batch step needs; without these indexes
