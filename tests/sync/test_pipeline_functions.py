@@ -769,7 +769,10 @@ def test_the_synchronous_path_obeys_the_limiter(
     is through.
 
     The bound is checked on the limiter's grant times: arrival times at the simulator also carry
-    the scheduling jitter of a loaded machine. Klaviyo's verdict on arrivals is "no 429"."""
+    the scheduling jitter of a loaded machine. Klaviyo's verdict on arrivals is "no 429", but for
+    one: a clean-clone CI run saw a tenth upsert, with the simulator (in this test's process)
+    answering 1.2 s after an arrival. Arrivals more than the guard's 50 ms apart from their grants
+    can make one 429; it is retried through the limiter, and every member still goes once."""
     from segops_sync.klaviyo import ENDPOINT_LIMITS, RateLimit
     from segops_sync.klaviyo_sim import published
 
@@ -787,7 +790,14 @@ def test_the_synchronous_path_obeys_the_limiter(
         for r in world.sim.requests(endpoint=Endpoint.PROFILE_IMPORT)
         if r.account == world.account
     ]
-    assert len(imports) == 9 and all(r.status != 429 for r in imports)
+    # (seconds after the first arrival, status, seconds to answer) of each upsert
+    seen = [
+        (round(r.time - imports[0].time, 3), r.status, round((r.answered or r.time) - r.time, 3))
+        for r in imports
+    ]
+    refused = sum(1 for r in imports if r.status == 429)
+    assert refused <= 1 and all(r.status in (200, 201, 429) for r in imports), seen
+    assert len(imports) == 9 + refused, seen  # each member upserted once, and a 429 once more
     grants = world.access.limiter.grants(world.account, Endpoint.PROFILE_IMPORT.value)
-    assert len(grants) == 9
+    assert len(grants) == len(imports)  # every request, the retry too, took a grant
     assert max(sum(1 for t in grants if start <= t < start + 1.05) for start in grants) == 3
