@@ -21,13 +21,11 @@ import os
 import statistics
 import sys
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,12 +136,11 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    name = f"segops_bench_forget_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(args.database_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(args.database_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    # bench_sync.database: a scratch database on the server, dropped afterwards
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_sync import database
+
+    with database(args.database_url) as url:
         os.environ["SEGOPS_DATABASE_URL"] = url
         from segops_sync.db.migrate import upgrade
         from segops_sync.db.session import get_engine, reset_engine
@@ -219,10 +216,6 @@ def main() -> int:
             f"purge_max_ms={max(totals) * 1e3:.1f}"
         )
         return 0
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 if __name__ == "__main__":
