@@ -43,11 +43,15 @@ from segops_sync.sync.costs import removals_first
 from segops_sync.sync.fleet import liveness
 from segops_sync.sync.fleet.access import KlaviyoAccess
 from segops_sync.sync.forget import (
+    DEFER_POLL,
     FORGOTTEN_FOR,
+    RUN_WAIT,
     BadUserId,
     ForgetSource,
+    check_user_id,
     forget_member,
     forgotten_lately,
+    member_in_flight,
 )
 from segops_sync.sync.inputs.identity import BadIdentity, record_identity
 from segops_sync.sync.lanes import small_run
@@ -218,19 +222,37 @@ def sync_connector(*args: Any, **kwargs: Any) -> None:
         )
 
 
-@app.task(base=SegopsTask, name="segops.forget_user")
-def forget_user(*args: Any, **kwargs: Any) -> None:
+@app.task(base=SegopsTask, bind=True, name="segops.forget_user")
+def forget_user(self: Task, *args: Any, **kwargs: Any) -> None:
     """The platform's deletion pipeline: forget one member everywhere (sync/forget.py). Its
     arguments are member data: masked wherever Celery shows them, its result never stored, and
-    nothing here logs them."""
+    nothing here logs them.
+
+    While a running sync's batch has sent the member and awaits Klaviyo's answer, the message
+    comes back every DEFER_POLL seconds, for RUN_WAIT at most, before anything is written
+    (sync/forget.py, step 4): waiting inside the task would hold the pool slot that batch's own
+    steps need. (Infrastructure retries count towards RUN_WAIT too: a bound, not a clock.)"""
     try:
         user_id, klaviyo_delete = _forget_arguments(args, kwargs)
+        user_id = check_user_id(user_id)
+        waited = self.request.retries * DEFER_POLL
+        if waited < RUN_WAIT and member_in_flight(user_id):
+            if not self.request.retries:
+                log.info(
+                    "forget deferred: a running sync has sent the member and awaits Klaviyo's "
+                    "answer; asked again every %.0fs, for %.0fs at most",
+                    DEFER_POLL,
+                    RUN_WAIT,
+                )
+            raise self.retry(countdown=DEFER_POLL)
         outcome = forget_member(
             user_id,
             source=ForgetSource.MESSAGE,
             klaviyo_delete=klaviyo_delete,
             settings=get_settings(),
             access=klaviyo_access(),
+            run_wait=max(0.0, RUN_WAIT - waited),
+            waited=waited,
         )
     except (Malformed, BadUserId) as exc:
         _drop("segops.forget_user", str(exc))
@@ -247,7 +269,7 @@ def forget_user(*args: Any, **kwargs: Any) -> None:
 
 def _forget_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, bool]:
     """(user_id, klaviyo_delete) from ``(user_id, klaviyo_delete=False)``, given by position or
-    by name; the user id is checked by the forget itself."""
+    by name; the user id is checked by check_user_id."""
     names = ("user_id", "klaviyo_delete")
     unknown = set(kwargs) - set(names)
     if len(args) > len(names) or unknown or any(n in kwargs for n in names[: len(args)]):

@@ -22,8 +22,13 @@ every table, and (asked for) deleted in Klaviyo.
    by email on the list, in one DELETE per list and account.
 4. A batch that had already sent the member and not yet recorded Klaviyo's answer may still add
    it: that batch is waited for until it settles or its run ends (``run_wait`` at most; a batch
-   takes seconds where its run may take hours, and the wait holds a worker), then its list is
-   asked again.
+   takes seconds where its run may take hours), then its list is asked again. From a worker
+   (``segops.forget_user``) that wait comes first, and off the worker: while
+   ``member_in_flight`` says so, nothing is written and the message comes back in
+   ``DEFER_POLL`` seconds (``tasks.forget_user``), since a wait inside the task would hold a
+   pool slot, and as many forgets as slots would hold the very batch steps they wait for (a
+   submitted batch settles in a step of its own). Only a batch that sends the member between
+   that check and the purge's locks is waited for inside the task.
 5. ``klaviyo_delete``: one data-privacy deletion request per profile found, per Klaviyo account
    (by email when no profile was found but an email is known).
 
@@ -73,6 +78,8 @@ Sleep = Callable[[float], None]
 # How long a forget waits for a run that was sending the member when its rows were deleted.
 RUN_WAIT = 600.0
 RUN_POLL = 1.0
+# How often a forget message that waits for such a batch before its purge comes back (step 4).
+DEFER_POLL = 2.0
 # The purge transaction is retried when PostgreSQL breaks a lock cycle with a batch step.
 PURGE_ATTEMPTS = 3
 _RETRYABLE = ("40P01", "40001")  # deadlock_detected, serialization_failure
@@ -170,10 +177,13 @@ def forget_member(
     settings: Settings,
     access: KlaviyoAccess | None = None,
     run_wait: float = RUN_WAIT,
+    waited: float = 0.0,
     sleep: Sleep = time.sleep,
     on_wait: Callable[[str], None] | None = None,
 ) -> ForgetOutcome:
-    """Forget one member everywhere (see the module); BadUserId before anything is written."""
+    """Forget one member everywhere (see the module); BadUserId before anything is written.
+    ``waited``: how long the caller already waited for the member's batches before the purge
+    (``member_in_flight``), counted with ``run_wait`` when a batch is still open."""
     user_id = check_user_id(user_id)
     marker = _markers(settings, user_id)[0]  # a missing secret stops it before any record
     access = access or KlaviyoAccess(settings)
@@ -199,6 +209,7 @@ def forget_member(
                 access,
                 klaviyo_delete=klaviyo_delete,
                 run_wait=run_wait,
+                waited=waited,
                 sleep=sleep,
                 on_wait=on_wait,
             )
@@ -244,6 +255,29 @@ def _close_record(outcome: ForgetOutcome) -> None:
 
 
 # -- the database ------------------------------------------------------------------------------
+
+
+# The member's items in add batches of running runs with no answer recorded, whose batch is
+# open (or failed in doubt): what the purge counts as in flight and _wait_for_batches waits for.
+# Read without locks, from the running runs only (one index probe each).
+_IN_FLIGHT = f"""
+SELECT EXISTS (
+    SELECT 1 FROM sync_runs r
+    JOIN sync_batch_items it ON it.run_id = r.id AND it.user_id = :u
+    JOIN sync_batches b ON b.run_id = it.run_id AND b.kind = it.kind AND b.seq = it.seq
+    WHERE r.status = '{RunStatus.RUNNING}' AND r.purged_at IS NULL
+    AND it.kind = '{BatchKind.ADD}' AND it.outcome IS NULL
+    AND (b.status IN ('pending', 'submitted') OR b.in_doubt)
+)
+"""
+
+
+def member_in_flight(user_id: str) -> bool:
+    """Whether a batch of a running sync has sent the member (or may yet send it, once
+    written) and not recorded Klaviyo's answer: a forget now would have to wait for it after
+    its purge (step 4). A check without locks: the purge decides again under its locks."""
+    with session_scope() as s:
+        return bool(s.scalar(text(_IN_FLIGHT), {"u": user_id}))
 
 
 def purge_member(user_id: str) -> Known:
@@ -551,6 +585,7 @@ def _forget_in_klaviyo(
     *,
     klaviyo_delete: bool,
     run_wait: float,
+    waited: float,
     sleep: Sleep,
     on_wait: Callable[[str], None] | None,
 ) -> None:
@@ -575,7 +610,7 @@ def _forget_in_klaviyo(
                 if still & known_list.in_flight:
                     outcome.problems.append(
                         f"connector {known_list.connector_id}: a batch that sent the member was "
-                        f"still open after {run_wait:.0f}s, so the member may be added to "
+                        f"still open after {waited + run_wait:.0f}s, so the member may be added to "
                         f"Klaviyo list {known_list.list_id} after it was removed; "
                         + _REPAIR.format(known_list.connector_id)
                     )

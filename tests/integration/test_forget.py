@@ -37,6 +37,7 @@ from tests.integration.helpers import (
     simulated_fleet,
     wait_idle,
 )
+from tests.sync.helpers import drop_runs, running_run_that_sent
 
 
 @dataclass
@@ -186,21 +187,26 @@ def test_members_forget_leaves_no_trace_and_the_next_appearance_is_new(
     assert user in k1.members()
 
 
-def test_the_forget_user_message_forgets_through_the_worker(stack: Stack, tmp_path: Path) -> None:
+def _send_forgets(*users: str) -> None:
     from celery import Celery
 
-    k = stack.klaviyo()
-    user, email, name, others, _, _ = _synced_person(stack, tmp_path, [k])
-    producer = Celery("forget-test-producer")  # as the deletion pipeline sends it
+    producer = Celery("forget-test-producer")  # as the deletion pipeline sends them
     configure(producer, get_settings())
     try:
-        producer.send_task(
-            "segops.forget_user",
-            kwargs={"user_id": user, "klaviyo_delete": False},
-            queue=SEGOPS_QUEUE,
-        )
+        for user in users:
+            producer.send_task(
+                "segops.forget_user",
+                kwargs={"user_id": user, "klaviyo_delete": False},
+                queue=SEGOPS_QUEUE,
+            )
     finally:
         producer.close()
+
+
+def test_the_forget_user_message_forgets_through_the_worker(stack: Stack, tmp_path: Path) -> None:
+    k = stack.klaviyo()
+    user, email, name, others, _, _ = _synced_person(stack, tmp_path, [k])
+    _send_forgets(user)
 
     def forgotten() -> Any:
         with session_scope() as s:
@@ -221,6 +227,76 @@ def test_the_forget_user_message_forgets_through_the_worker(stack: Stack, tmp_pa
         assert _redis_holding(user, email, name) == []
 
     _eventually(redis_clean)
+
+
+def _finished_message_forgets() -> list[tuple[Any, ...]]:
+    with session_scope() as s:
+        return [
+            tuple(row)
+            for row in s.execute(
+                text(
+                    "SELECT id, lists_removed, error FROM forget_records "
+                    "WHERE source = 'message' AND finished_at IS NOT NULL ORDER BY id"
+                )
+            )
+        ]
+
+
+def test_forgets_waiting_for_a_running_batch_leave_the_worker_to_others(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """As many forget messages as the worker has pool slots (2), each for a member that a
+    running sync's batch has sent and not yet heard back on. Waiting inside the task would hold
+    both slots for up to 600 s, and with them the steps that settle such a batch; each comes
+    back later instead, having written nothing, so a third forget goes through meanwhile. Once
+    the batch settles, both forget their member with nothing left open."""
+    k = stack.klaviyo()
+    waiting = [_synced_person(stack, tmp_path, [k]) for _ in range(2)]
+    free = _synced_person(stack, tmp_path, [k])
+    # the sweeper re-plans a run left planning, and re-sends a dispatched one's batches only
+    # after SEGOPS_STUCK_AFTER (20 s) without progress: this test ends well before
+    runs = [
+        running_run_that_sent(p[5][0], p[0], batches=("submitted",), phase="dispatched")
+        for p in waiting
+    ]
+    before = _finished_message_forgets()
+    try:
+        _send_forgets(*(p[0] for p in waiting))
+        time.sleep(1.0)  # both taken by the worker (and put back) before the third is sent
+        _send_forgets(free[0])
+
+        def the_free_one_forgotten() -> None:
+            assert len(_finished_message_forgets()) == len(before) + 1
+
+        _eventually(the_free_one_forgotten, timeout=15)  # far below the 600 s of a held slot
+        assert _finished_message_forgets()[len(before) :][0][1:] == (1, None)
+        assert free[0] not in k.members()
+        for user, email, name, *_ in waiting:  # nothing written for them yet
+            assert user in k.members()
+            assert "identities.email" in _columns_holding(user, email, name)
+
+        with session_scope() as s:  # the batches' jobs land and their steps record it
+            s.execute(
+                text("UPDATE sync_batches SET status = 'done' WHERE run_id = ANY(:r)"), {"r": runs}
+            )
+
+        def all_forgotten() -> list[tuple[Any, ...]]:
+            done = _finished_message_forgets()[len(before) :]
+            assert len(done) == 3
+            return [row[1:] for row in done]
+
+        assert _eventually(all_forgotten) == [(1, None)] * 3
+        assert set(k.members()) == {o for p in [*waiting, free] for o in p[3]}
+        for user, email, name, *_ in [*waiting, free]:
+            assert _columns_holding(user, email, name) == []
+
+        def redis_clean() -> None:  # every deferred copy of the messages acknowledged too
+            for user, email, name, *_ in [*waiting, free]:
+                assert _redis_holding(user, email, name) == []
+
+        _eventually(redis_clean)
+    finally:
+        drop_runs(*runs)
 
 
 @pytest.mark.parametrize("bad", ["", "x" * 1001, "a\tb"])

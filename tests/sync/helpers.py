@@ -5,6 +5,7 @@ a connector on a segment, and one whole run driven in this process."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -119,3 +120,52 @@ def run_sync(w: World, connector_id: str, *, approved_by: str | None = None) -> 
 
 def on_list(w: World) -> set[str]:
     return {p.external_id or p.email or "" for p in w.sim.list_members(w.list_id)}
+
+
+def running_run_that_sent(
+    connector_id: str,
+    user: str,
+    *,
+    seq: int = 0,
+    batches: tuple[str, ...] = (),
+    phase: str = "planning",
+) -> str:
+    """A running run whose add batch ``seq`` sent the member without recording Klaviyo's answer
+    yet (a big sync's batch while its job runs); ``batches``: the statuses of its batch rows
+    from ``seq`` on (none: no batch rows). Its id; ``drop_runs`` deletes it."""
+    run_id = str(uuid.uuid4())
+    with session_scope() as s:
+        s.execute(
+            text(
+                "INSERT INTO sync_runs (id, connector_id, trigger, status, phase) "
+                "VALUES (:r, :c, 'resync', 'running', :p)"
+            ),
+            {"r": run_id, "c": connector_id, "p": phase},
+        )
+        for offset, status in enumerate(batches):
+            s.execute(
+                text(
+                    "INSERT INTO sync_batches (run_id, kind, seq, status) "
+                    "VALUES (:r, 'add', :q, :s)"
+                ),
+                {"r": run_id, "q": seq + offset, "s": status},
+            )
+        s.execute(
+            text(
+                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
+                "VALUES (:r, :u, 'add', :q, :u)"
+            ),
+            {"r": run_id, "u": user, "q": seq},
+        )
+    return run_id
+
+
+def drop_runs(*run_ids: str) -> None:
+    """Runs a test wrote by hand, with their batches and items."""
+    with session_scope() as s:
+        for table, column in (
+            ("sync_batch_items", "run_id"),
+            ("sync_batches", "run_id"),
+            ("sync_runs", "id"),
+        ):
+            s.execute(text(f"DELETE FROM {table} WHERE {column} = ANY(:r)"), {"r": list(run_ids)})

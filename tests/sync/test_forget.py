@@ -31,7 +31,7 @@ from segops_sync.sync.inputs.identity import MEMBER_LOCK_CLASS, record_identity
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
 from segops_sync.sync.verify import FOREIGN_PREFIX, verify_list
-from tests.sync.helpers import World
+from tests.sync.helpers import World, drop_runs, running_run_that_sent
 from tests.sync.helpers import make_connector as _connector
 
 
@@ -50,38 +50,6 @@ def _sync(w: World, connector_id: str) -> str:
             time.sleep(min(step.countdown, 0.2))
     with session_scope() as s:
         finish_run(s, run_id)
-    return run_id
-
-
-def _running_run_that_sent(
-    connector_id: str, user: str, *, seq: int, batches: tuple[str, ...] = ()
-) -> str:
-    """A running run whose add batch ``seq`` sent the member without recording Klaviyo's answer
-    yet; ``batches``: the statuses of its batch rows from ``seq`` on (none: no batch rows)."""
-    run_id = str(uuid.uuid4())
-    with session_scope() as s:
-        s.execute(
-            text(
-                "INSERT INTO sync_runs (id, connector_id, trigger, status) "
-                "VALUES (:r, :c, 'resync', 'running')"
-            ),
-            {"r": run_id, "c": connector_id},
-        )
-        for offset, status in enumerate(batches):
-            s.execute(
-                text(
-                    "INSERT INTO sync_batches (run_id, kind, seq, status) "
-                    "VALUES (:r, 'add', :q, :s)"
-                ),
-                {"r": run_id, "q": seq + offset, "s": status},
-            )
-        s.execute(
-            text(
-                "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
-                "VALUES (:r, :u, 'add', :q, :u)"
-            ),
-            {"r": run_id, "u": user, "q": seq},
-        )
     return run_id
 
 
@@ -205,7 +173,7 @@ def test_a_member_a_running_sync_was_sending_is_removed_again_after_it(world: Wo
     token = uuid.uuid4().hex[:8]
     user = f"cust-{token}"
     connector_id = _connector(world, f"inflight-{token}", [user])
-    run_id = _running_run_that_sent(connector_id, user, seq=0)
+    run_id = running_run_that_sent(connector_id, user, seq=0)
 
     def the_job_lands_and_the_run_ends(_: str) -> None:
         _lands_on_the_list(world, user)
@@ -231,7 +199,7 @@ def test_the_forget_waits_for_the_batch_that_sent_the_member_not_for_its_whole_r
     user = f"cust-{token}"
     connector_id = _connector(world, f"batchwait-{token}", [user])
     # batch 3 sent the member; batch 4 of the same run is still to go
-    run_id = _running_run_that_sent(connector_id, user, seq=3, batches=("submitted", "pending"))
+    run_id = running_run_that_sent(connector_id, user, seq=3, batches=("submitted", "pending"))
     said: list[str] = []
 
     def the_job_lands_and_the_batch_settles(message: str) -> None:
@@ -264,16 +232,86 @@ def test_a_batch_that_failed_with_its_job_unanswered_is_waited_for_as_its_run(
     token = uuid.uuid4().hex[:8]
     user = f"cust-{token}"
     connector_id = _connector(world, f"doubt-{token}", [user])
-    run_id = _running_run_that_sent(connector_id, user, seq=0, batches=("failed",))
+    run_id = running_run_that_sent(connector_id, user, seq=0, batches=("failed",))
     with session_scope() as s:
         s.execute(text("UPDATE sync_batches SET in_doubt = true WHERE run_id = :r"), {"r": run_id})
 
     outcome = _forget(world, user, run_wait=0.5)
 
     assert len(outcome.problems) == 1 and "still open after" in outcome.problems[0]
+    drop_runs(run_id)
+
+
+def test_past_a_wait_before_the_purge_an_open_batch_is_named_at_once(world: World) -> None:
+    """A message that waited its whole RUN_WAIT for the member's batch before the purge
+    (tasks.forget_user) waits no more after it: the problem says how long the batch was open."""
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"waited-{token}", [user])
+    run_id = running_run_that_sent(connector_id, user, seq=0, batches=("submitted",))
+    said: list[str] = []
+
+    started = time.monotonic()
+    outcome = forget_member(
+        user,
+        source=ForgetSource.MESSAGE,
+        klaviyo_delete=False,
+        settings=get_settings(),
+        access=world.access,
+        run_wait=0.0,
+        waited=forget.RUN_WAIT,
+        sleep=lambda _: pytest.fail("the forget slept"),
+        on_wait=said.append,
+    )
+
+    assert time.monotonic() - started < forget.RUN_POLL
+    assert len(outcome.problems) == 1
+    assert f"still open after {forget.RUN_WAIT:.0f}s" in outcome.problems[0]
+    assert _rows_naming(user) == {}
+    drop_runs(run_id)
+
+
+@pytest.mark.parametrize(
+    ("batch", "in_doubt", "run_status", "expected"),
+    [
+        ("submitted", False, "running", True),  # sent, Klaviyo's answer not recorded
+        ("pending", False, "running", True),  # written, its job may go out any moment
+        ("failed", True, "running", True),  # its job may still run at Klaviyo
+        ("failed", False, "running", False),
+        ("done", False, "running", False),  # settled: its answer is recorded
+        ("submitted", False, "failed", False),  # its run is over
+        (None, False, "running", False),  # no batch row: nothing to wait for
+    ],
+)
+def test_a_member_is_in_flight_while_the_purge_would_wait_for_its_batch(
+    world: World, batch: str | None, in_doubt: bool, run_status: str, expected: bool
+) -> None:
+    """member_in_flight (what tasks.forget_user asks before the purge) agrees with what the
+    purge counts as in flight and _wait_for_batches waits for."""
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"flight-{token}", [user])
+    assert not forget.member_in_flight(user)
+    run_id = running_run_that_sent(connector_id, user, seq=0, batches=(batch,) if batch else ())
     with session_scope() as s:
-        s.execute(text("DELETE FROM sync_batches WHERE run_id = :r"), {"r": run_id})
-        s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
+        s.execute(
+            text("UPDATE sync_batches SET in_doubt = :d WHERE run_id = :r"),
+            {"d": in_doubt, "r": run_id},
+        )
+        s.execute(
+            text("UPDATE sync_runs SET status = :s WHERE id = :r"), {"s": run_status, "r": run_id}
+        )
+    try:
+        assert forget.member_in_flight(user) is expected
+        assert not forget.member_in_flight(f"other-{token}")
+        with session_scope() as s:  # once Klaviyo's answer is recorded, no longer
+            s.execute(
+                text("UPDATE sync_batch_items SET outcome = 'added' WHERE run_id = :r"),
+                {"r": run_id},
+            )
+        assert not forget.member_in_flight(user)
+    finally:
+        drop_runs(run_id)
 
 
 def test_a_profile_another_connector_entered_as_foreign_leaves_with_the_member(
@@ -496,9 +534,7 @@ def test_batches_a_planner_wrote_while_the_forget_waited_for_it_are_locked_too(
         assert _rows_naming(user) == {}
         assert [p for p in done[0].problems if "still open after" in p], done[0].problems
     finally:
-        with session_scope() as s:
-            s.execute(text("DELETE FROM sync_batches WHERE run_id = :r"), {"r": run_id})
-            s.execute(text("DELETE FROM sync_runs WHERE id = :r"), {"r": run_id})
+        drop_runs(run_id)
 
 
 def test_a_forget_stopped_after_the_purge_names_each_list_it_knew(
