@@ -43,12 +43,12 @@ from segops_sync.sync.costs import removals_first
 from segops_sync.sync.fleet import liveness
 from segops_sync.sync.fleet.access import KlaviyoAccess
 from segops_sync.sync.forget import (
-    DEFER_POLL,
     FORGOTTEN_FOR,
     RUN_WAIT,
     BadUserId,
     ForgetSource,
     check_user_id,
+    deferral,
     forget_member,
     forgotten_lately,
     member_in_flight,
@@ -229,22 +229,21 @@ def forget_user(self: Task, *args: Any, **kwargs: Any) -> None:
     nothing here logs them.
 
     While a running sync's batch has sent the member and awaits Klaviyo's answer, the message
-    comes back every DEFER_POLL seconds, for RUN_WAIT at most, before anything is written
-    (sync/forget.py, step 4): waiting inside the task would hold the pool slot that batch's own
-    steps need. (Infrastructure retries count towards RUN_WAIT too: a bound, not a clock.)"""
+    comes back later (2 s, doubling up to 30 s), for RUN_WAIT at most, before anything is
+    written (sync/forget.py, step 4): waiting inside the task would hold the pool slot that
+    batch's own steps need. (Infrastructure retries count as deferrals: a bound, not a clock.)"""
     try:
         user_id, klaviyo_delete = _forget_arguments(args, kwargs)
         user_id = check_user_id(user_id)
-        waited = self.request.retries * DEFER_POLL
+        waited, countdown = deferral(self.request.retries)
         if waited < RUN_WAIT and member_in_flight(user_id):
             if not self.request.retries:
                 log.info(
                     "forget deferred: a running sync has sent the member and awaits Klaviyo's "
-                    "answer; asked again every %.0fs, for %.0fs at most",
-                    DEFER_POLL,
+                    "answer; asked again later, for %.0fs at most",
                     RUN_WAIT,
                 )
-            raise self.retry(countdown=DEFER_POLL)
+            raise self.retry(countdown=countdown)
         outcome = forget_member(
             user_id,
             source=ForgetSource.MESSAGE,

@@ -24,8 +24,8 @@ every table, and (asked for) deleted in Klaviyo.
    it: that batch is waited for until it settles or its run ends (``run_wait`` at most; a batch
    takes seconds where its run may take hours), then its list is asked again. From a worker
    (``segops.forget_user``) that wait comes first, and off the worker: while
-   ``member_in_flight`` says so, nothing is written and the message comes back in
-   ``DEFER_POLL`` seconds (``tasks.forget_user``), since a wait inside the task would hold a
+   ``member_in_flight`` says so, nothing is written and the message comes back later
+   (``deferral``; ``tasks.forget_user``), since a wait inside the task would hold a
    pool slot, and as many forgets as slots would hold the very batch steps they wait for (a
    submitted batch settles in a step of its own). Only a batch that sends the member between
    that check and the purge's locks is waited for inside the task.
@@ -78,8 +78,23 @@ Sleep = Callable[[float], None]
 # How long a forget waits for a run that was sending the member when its rows were deleted.
 RUN_WAIT = 600.0
 RUN_POLL = 1.0
-# How often a forget message that waits for such a batch before its purge comes back (step 4).
+# When a forget message that waits for such a batch before its purge comes back (step 4):
+# 2 s, then twice as long each time up to 30 s, so a deletion pipeline's burst of thousands of
+# messages does not churn through the queue every 2 s while a big sync runs.
 DEFER_POLL = 2.0
+DEFER_POLL_MAX = 30.0
+
+
+def deferral(deferrals: int) -> tuple[float, float]:
+    """(how long a forget message has waited before its purge, how long to wait next) after
+    ``deferrals`` deferrals (step 4)."""
+    waited, poll = 0.0, DEFER_POLL
+    for _ in range(deferrals):
+        waited += poll
+        poll = min(2 * poll, DEFER_POLL_MAX)
+    return waited, poll
+
+
 # The purge transaction is retried when PostgreSQL breaks a lock cycle with a batch step.
 PURGE_ATTEMPTS = 3
 _RETRYABLE = ("40P01", "40001")  # deadlock_detected, serialization_failure

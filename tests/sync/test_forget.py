@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -269,6 +270,18 @@ def test_past_a_wait_before_the_purge_an_open_batch_is_named_at_once(world: Worl
     assert f"still open after {forget.RUN_WAIT:.0f}s" in outcome.problems[0]
     assert _rows_naming(user) == {}
     drop_runs(run_id)
+
+
+def test_a_deferred_forget_message_comes_back_less_often_and_gives_up_waiting_in_time() -> None:
+    """tasks.forget_user's schedule: soon at first (a batch usually settles in seconds), then
+    every DEFER_POLL_MAX, so a burst of deferred messages does not churn the queue; and a bound
+    of about RUN_WAIT in a few dozen deliveries, not hundreds."""
+    schedule = [forget.deferral(n) for n in range(40)]
+    assert schedule[:5] == [(0.0, 2.0), (2.0, 4.0), (6.0, 8.0), (14.0, 16.0), (30.0, 30.0)]
+    for (waited, poll), (waited_next, _) in itertools.pairwise(schedule):
+        assert waited_next == waited + poll and 0 < poll <= forget.DEFER_POLL_MAX
+    deliveries = next(n for n, (waited, _) in enumerate(schedule) if waited >= forget.RUN_WAIT)
+    assert deliveries == 23 and schedule[deliveries][0] == forget.RUN_WAIT
 
 
 @pytest.mark.parametrize(
