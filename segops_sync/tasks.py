@@ -2,7 +2,8 @@
 
 Messages carry ids, never keys or member lists. Expected failures come back as results, so
 the chord body always runs; unexpected ones reach the body's errback. Every task takes its
-retry and result options from :class:`SegopsTask` (``tests/test_tasks.py`` checks them all).
+retry and result options from :class:`SegopsTask` (``tests/test_celery_app.py`` checks them
+all).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import redis
 from celery import Signature, Task, chord
+from celery.exceptions import Reject
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -47,6 +49,7 @@ from segops_sync.sync.forget import (
     RUN_WAIT,
     BadUserId,
     ForgetSource,
+    MemberInFlight,
     check_user_id,
     deferral,
     forget_member,
@@ -229,33 +232,54 @@ def forget_user(self: Task, *args: Any, **kwargs: Any) -> None:
     nothing here logs them.
 
     While a running sync's batch has sent the member and awaits Klaviyo's answer, the message
-    comes back later (2 s, doubling up to 30 s), for RUN_WAIT at most, before anything is
-    written (sync/forget.py, step 4): waiting inside the task would hold the pool slot that
-    batch's own steps need. (Infrastructure retries count as deferrals: a bound, not a clock.)"""
+    comes back later (2 s, doubling up to 30 s; 23 times, 600 s of countdowns, at most), having
+    kept nothing (sync/forget.py, step 4): waiting inside the task would hold the pool slot
+    that batch's own steps need. (Infrastructure retries count as deferrals: a bound, not a
+    clock.) If the message cannot be sent again, the forget goes ahead here and waits."""
     try:
         user_id, klaviyo_delete = _forget_arguments(args, kwargs)
         user_id = check_user_id(user_id)
-        waited, countdown = deferral(self.request.retries)
-        if waited < RUN_WAIT and member_in_flight(user_id):
-            if not self.request.retries:
-                log.info(
-                    "forget deferred: a running sync has sent the member and awaits Klaviyo's "
-                    "answer; asked again later, for %.0fs at most",
-                    RUN_WAIT,
-                )
-            raise self.retry(countdown=countdown)
-        outcome = forget_member(
-            user_id,
-            source=ForgetSource.MESSAGE,
-            klaviyo_delete=klaviyo_delete,
-            settings=get_settings(),
-            access=klaviyo_access(),
-            run_wait=max(0.0, RUN_WAIT - waited),
-            waited=waited,
-        )
     except (Malformed, BadUserId) as exc:
         _drop("segops.forget_user", str(exc))
         return
+    waited, countdown = deferral(self.request.retries)
+    defer = waited < RUN_WAIT  # past it, the purge goes ahead and waits no more
+    try:
+        if defer and member_in_flight(user_id):  # the cheap check, without locks
+            raise MemberInFlight
+        _forget_from_message(user_id, klaviyo_delete, defer=defer, run_wait=0.0, waited=waited)
+        return
+    except MemberInFlight:
+        if not self.request.retries:
+            log.info(
+                "forget deferred: a running sync has sent the member and awaits Klaviyo's "
+                "answer; asked again later, for %.0fs at most",
+                RUN_WAIT,
+            )
+    try:
+        raise self.retry(countdown=countdown)
+    except Reject:
+        # Celery could not publish the retry and would drop this message: no trace of the
+        # erasure request would be left. Forget now, waiting here as the command does.
+        log.warning("forget: its deferral could not be sent; forgetting now, waiting here")
+    _forget_from_message(
+        user_id, klaviyo_delete, defer=False, run_wait=max(0.0, RUN_WAIT - waited), waited=waited
+    )
+
+
+def _forget_from_message(
+    user_id: str, klaviyo_delete: bool, *, defer: bool, run_wait: float, waited: float
+) -> None:
+    outcome = forget_member(
+        user_id,
+        source=ForgetSource.MESSAGE,
+        klaviyo_delete=klaviyo_delete,
+        settings=get_settings(),
+        access=klaviyo_access(),
+        defer_in_flight=defer,
+        run_wait=run_wait,
+        waited=waited,
+    )
     log.info(
         "forget %d: removed from %d Klaviyo lists, %d Klaviyo deletions requested",
         outcome.record_id,

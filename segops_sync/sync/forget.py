@@ -23,12 +23,12 @@ every table, and (asked for) deleted in Klaviyo.
 4. A batch that had already sent the member and not yet recorded Klaviyo's answer may still add
    it: that batch is waited for until it settles or its run ends (``run_wait`` at most; a batch
    takes seconds where its run may take hours), then its list is asked again. From a worker
-   (``segops.forget_user``) that wait comes first, and off the worker: while
-   ``member_in_flight`` says so, nothing is written and the message comes back later
-   (``deferral``; ``tasks.forget_user``), since a wait inside the task would hold a
-   pool slot, and as many forgets as slots would hold the very batch steps they wait for (a
-   submitted batch settles in a step of its own). Only a batch that sends the member between
-   that check and the purge's locks is waited for inside the task.
+   (``segops.forget_user``) that wait comes first, and off the worker: while such a batch is
+   open (``member_in_flight`` without locks, then the purge under its locks, which rolls back
+   with ``MemberInFlight``), nothing is kept and the message comes back later (``deferral``;
+   ``tasks.forget_user``), since a wait inside the task would hold a pool slot, and as many
+   forgets as slots would hold the very batch steps they wait for (a submitted batch settles
+   in a step of its own). Past ``RUN_WAIT`` the purge goes ahead and waits no more.
 5. ``klaviyo_delete``: one data-privacy deletion request per profile found, per Klaviyo account
    (by email when no profile was found but an email is known).
 
@@ -85,14 +85,16 @@ DEFER_POLL = 2.0
 DEFER_POLL_MAX = 30.0
 
 
-def deferral(deferrals: int) -> tuple[float, float]:
+def deferral(deferrals: object) -> tuple[float, float]:
     """(how long a forget message has waited before its purge, how long to wait next) after
-    ``deferrals`` deferrals (step 4)."""
+    ``deferrals`` deferrals (step 4): the countdowns so far, added up. ``deferrals`` comes from
+    the message's headers (Celery's ``retries``), which any producer writes: anything but a
+    count is taken as none."""
+    n = deferrals if type(deferrals) is int and deferrals > 0 else 0
     waited, poll = 0.0, DEFER_POLL
-    for _ in range(deferrals):
-        waited += poll
-        poll = min(2 * poll, DEFER_POLL_MAX)
-    return waited, poll
+    while n and poll < DEFER_POLL_MAX:  # the doubling part: a few steps
+        waited, poll, n = waited + poll, min(2 * poll, DEFER_POLL_MAX), n - 1
+    return waited + n * poll, poll
 
 
 # The purge transaction is retried when PostgreSQL breaks a lock cycle with a batch step.
@@ -193,12 +195,14 @@ def forget_member(
     access: KlaviyoAccess | None = None,
     run_wait: float = RUN_WAIT,
     waited: float = 0.0,
+    defer_in_flight: bool = False,
     sleep: Sleep = time.sleep,
     on_wait: Callable[[str], None] | None = None,
 ) -> ForgetOutcome:
     """Forget one member everywhere (see the module); BadUserId before anything is written.
-    ``waited``: how long the caller already waited for the member's batches before the purge
-    (``member_in_flight``), counted with ``run_wait`` when a batch is still open."""
+    ``defer_in_flight``: MemberInFlight, with nothing kept, instead of a purge that would wait
+    for a batch. ``waited``: how long the caller already waited for the member's batches
+    before the purge, counted with ``run_wait`` when a batch is still open."""
     user_id = check_user_id(user_id)
     marker = _markers(settings, user_id)[0]  # a missing secret stops it before any record
     access = access or KlaviyoAccess(settings)
@@ -215,7 +219,7 @@ def forget_member(
                 f"a message sent before the forget may write the member's identity back for "
                 f"{FORGOTTEN_FOR // 3600} hours (Redis took no marker: {type(exc).__name__})"
             )
-        known = purge_member(user_id)
+        known = purge_member(user_id, defer_in_flight=defer_in_flight)
         if known.lists:
             _forget_in_klaviyo(
                 known,
@@ -228,6 +232,9 @@ def forget_member(
                 sleep=sleep,
                 on_wait=on_wait,
             )
+    except MemberInFlight:
+        _delete_record(outcome.record_id)  # nothing happened: the forget comes back later
+        raise
     except Exception as exc:
         outcome.problems.append(f"the forget stopped on an error ({type(exc).__name__})")
         # The rows are gone: a retry of this forget would find no list. Each one the member was
@@ -258,6 +265,11 @@ def _open_record(source: ForgetSource, klaviyo_delete: bool) -> int:
         s.add(record)
         s.flush()
         return record.id
+
+
+def _delete_record(record_id: int) -> None:
+    with session_scope() as s:
+        s.execute(text("DELETE FROM forget_records WHERE id = :i"), {"i": record_id})
 
 
 def _close_record(outcome: ForgetOutcome) -> None:
@@ -295,12 +307,19 @@ def member_in_flight(user_id: str) -> bool:
         return bool(s.scalar(text(_IN_FLIGHT), {"u": user_id}))
 
 
-def purge_member(user_id: str) -> Known:
-    """Delete every row of the member in one transaction (see the module); what they said."""
+class MemberInFlight(Exception):
+    """A batch of a running sync has sent the member and awaits Klaviyo's answer: the purge
+    was rolled back and its record deleted (a forget that may not wait comes back later)."""
+
+
+def purge_member(user_id: str, *, defer_in_flight: bool = False) -> Known:
+    """Delete every row of the member in one transaction (see the module); what they said.
+    ``defer_in_flight``: MemberInFlight, with nothing deleted, when under the purge's locks a
+    batch is found that has sent the member and awaits Klaviyo's answer."""
     for attempt in range(1, PURGE_ATTEMPTS + 1):
         try:
             with session_scope() as s:
-                return _purge(s, user_id)
+                return _purge(s, user_id, defer_in_flight)
         except OperationalError as exc:
             if getattr(exc.orig, "sqlstate", None) not in _RETRYABLE or attempt == PURGE_ATTEMPTS:
                 raise
@@ -333,7 +352,7 @@ SELECT segment_id FROM g WHERE segment_id IS NOT NULL
 """
 
 
-def _purge(s: Session, u: str) -> Known:
+def _purge(s: Session, u: str, defer_in_flight: bool) -> Known:
     p: dict[str, Any] = {"u": u, "us": [u]}
     hold_member(s, u)  # an identity write in progress commits first: its row is deleted below
     connectors = {
@@ -404,6 +423,10 @@ def _purge(s: Session, u: str) -> Known:
 
     locked = sorted(knowing())
     lock(locked)
+    # A batch step materializing the member's batch held its row until now: its items are
+    # committed, and found here (member_in_flight's question, asked under the locks).
+    if defer_in_flight and s.scalar(text(_IN_FLIGHT), {"u": u}):
+        raise MemberInFlight
 
     ledger = list(s.execute(text(ledger_sql), {**p, "all": everyone}).all())
     items = list(s.execute(text(items_sql), p).all())

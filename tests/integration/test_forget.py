@@ -254,7 +254,8 @@ def test_forgets_waiting_for_a_running_batch_leave_the_worker_to_others(
     waiting = [_synced_person(stack, tmp_path, [k]) for _ in range(2)]
     free = _synced_person(stack, tmp_path, [k])
     # the sweeper re-plans a run left planning, and re-sends a dispatched one's batches only
-    # after SEGOPS_STUCK_AFTER (20 s) without progress: this test ends well before
+    # after SEGOPS_STUCK_AFTER (20 s) without progress: the deferred forgets come back 2, 6
+    # and 14 s after they are sent, so they end before it unless the free one takes 12 s
     runs = [
         running_run_that_sent(p[5][0], p[0], batches=("submitted",), phase="dispatched")
         for p in waiting

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -252,24 +253,24 @@ def test_past_a_wait_before_the_purge_an_open_batch_is_named_at_once(world: Worl
     run_id = running_run_that_sent(connector_id, user, seq=0, batches=("submitted",))
     said: list[str] = []
 
-    started = time.monotonic()
-    outcome = forget_member(
-        user,
-        source=ForgetSource.MESSAGE,
-        klaviyo_delete=False,
-        settings=get_settings(),
-        access=world.access,
-        run_wait=0.0,
-        waited=forget.RUN_WAIT,
-        sleep=lambda _: pytest.fail("the forget slept"),
-        on_wait=said.append,
-    )
+    try:
+        outcome = forget_member(
+            user,
+            source=ForgetSource.MESSAGE,
+            klaviyo_delete=False,
+            settings=get_settings(),
+            access=world.access,
+            run_wait=0.0,
+            waited=forget.RUN_WAIT,
+            sleep=lambda _: pytest.fail("the forget slept"),
+            on_wait=said.append,
+        )
 
-    assert time.monotonic() - started < forget.RUN_POLL
-    assert len(outcome.problems) == 1
-    assert f"still open after {forget.RUN_WAIT:.0f}s" in outcome.problems[0]
-    assert _rows_naming(user) == {}
-    drop_runs(run_id)
+        assert len(outcome.problems) == 1
+        assert f"still open after {forget.RUN_WAIT:.0f}s" in outcome.problems[0]
+        assert _rows_naming(user) == {}
+    finally:
+        drop_runs(run_id)
 
 
 def test_a_deferred_forget_message_comes_back_less_often_and_gives_up_waiting_in_time() -> None:
@@ -285,22 +286,31 @@ def test_a_deferred_forget_message_comes_back_less_often_and_gives_up_waiting_in
 
 
 @pytest.mark.parametrize(
-    ("batch", "in_doubt", "run_status", "expected"),
+    ("batch", "in_doubt", "run_status", "kind", "purged", "expected"),
     [
-        ("submitted", False, "running", True),  # sent, Klaviyo's answer not recorded
-        ("pending", False, "running", True),  # written, its job may go out any moment
-        ("failed", True, "running", True),  # its job may still run at Klaviyo
-        ("failed", False, "running", False),
-        ("done", False, "running", False),  # settled: its answer is recorded
-        ("submitted", False, "failed", False),  # its run is over
-        (None, False, "running", False),  # no batch row: nothing to wait for
+        ("submitted", False, "running", "add", False, True),  # sent, no answer recorded
+        ("pending", False, "running", "add", False, True),  # written, its job may go any moment
+        ("failed", True, "running", "add", False, True),  # its job may still run at Klaviyo
+        ("failed", False, "running", "add", False, False),
+        ("done", False, "running", "add", False, False),  # settled: its answer is recorded
+        ("submitted", False, "failed", "add", False, False),  # its run is over
+        (None, False, "running", "add", False, False),  # no batch row: nothing to wait for
+        ("submitted", False, "running", "remove", False, False),  # a removal adds nothing back
+        ("submitted", False, "running", "add", True, False),  # a purged run's items are gone
     ],
 )
-def test_a_member_is_in_flight_while_the_purge_would_wait_for_its_batch(
-    world: World, batch: str | None, in_doubt: bool, run_status: str, expected: bool
+def test_a_member_is_in_flight_exactly_while_the_purge_would_wait_for_its_batch(
+    world: World,
+    batch: str | None,
+    in_doubt: bool,
+    run_status: str,
+    kind: str,
+    purged: bool,
+    expected: bool,
 ) -> None:
-    """member_in_flight (what tasks.forget_user asks before the purge) agrees with what the
-    purge counts as in flight and _wait_for_batches waits for."""
+    """member_in_flight (what tasks.forget_user asks before the purge, and the purge under
+    its locks when it may not wait) says yes exactly when a forget that may wait would wait:
+    both are asked of the same rows."""
     token = uuid.uuid4().hex[:8]
     user = f"cust-{token}"
     connector_id = _connector(world, f"flight-{token}", [user])
@@ -308,22 +318,169 @@ def test_a_member_is_in_flight_while_the_purge_would_wait_for_its_batch(
     run_id = running_run_that_sent(connector_id, user, seq=0, batches=(batch,) if batch else ())
     with session_scope() as s:
         s.execute(
-            text("UPDATE sync_batches SET in_doubt = :d WHERE run_id = :r"),
-            {"d": in_doubt, "r": run_id},
+            text("UPDATE sync_batches SET in_doubt = :d, kind = :k WHERE run_id = :r"),
+            {"d": in_doubt, "k": kind, "r": run_id},
         )
         s.execute(
-            text("UPDATE sync_runs SET status = :s WHERE id = :r"), {"s": run_status, "r": run_id}
+            text("UPDATE sync_batch_items SET kind = :k WHERE run_id = :r"),
+            {"k": kind, "r": run_id},
+        )
+        s.execute(
+            text(
+                "UPDATE sync_runs SET status = :s, purged_at = CASE WHEN :p THEN now() END "
+                "WHERE id = :r"
+            ),
+            {"s": run_status, "p": purged, "r": run_id},
         )
     try:
         assert forget.member_in_flight(user) is expected
         assert not forget.member_in_flight(f"other-{token}")
-        with session_scope() as s:  # once Klaviyo's answer is recorded, no longer
-            s.execute(
-                text("UPDATE sync_batch_items SET outcome = 'added' WHERE run_id = :r"),
-                {"r": run_id},
-            )
-        assert not forget.member_in_flight(user)
+        slept: list[float] = []
+
+        def the_batch_settles(seconds: float) -> None:  # the wait's first poll ends it
+            slept.append(seconds)
+            with session_scope() as s:
+                s.execute(
+                    text(
+                        "UPDATE sync_batches SET status = 'done', in_doubt = false WHERE run_id = :r"
+                    ),
+                    {"r": run_id},
+                )
+
+        outcome = forget_member(
+            user,
+            source=ForgetSource.CLI,
+            klaviyo_delete=False,
+            settings=get_settings(),
+            access=world.access,
+            run_wait=5.0,
+            sleep=the_batch_settles,
+        )
+        assert (bool(slept), outcome.problems) == (expected, [])
+        assert not forget.member_in_flight(user)  # nothing of the member is left to be
     finally:
+        drop_runs(run_id)
+
+
+def _forget_message(user: str, *, retries: int = 0) -> Any:
+    """``segops.forget_user`` run eagerly in this process (Celery's ``apply``): a retry runs
+    again at once, its countdown skipped, so one call goes through every deferral."""
+    from segops_sync import tasks
+
+    tasks._access = None  # built again from this test's settings (the world's simulator)
+    return tasks.forget_user.apply(kwargs={"user_id": user}, retries=retries)
+
+
+def _message_records() -> list[tuple[Any, ...]]:
+    with session_scope() as s:
+        return [
+            tuple(r)
+            for r in s.execute(
+                text(
+                    "SELECT id, finished_at IS NOT NULL, lists_removed, error FROM forget_records "
+                    "WHERE source = 'message' ORDER BY id"
+                )
+            )
+        ]
+
+
+def test_a_forget_message_defers_while_its_batch_is_open_then_forgets_without_waiting(
+    world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task's schedule end to end (countdowns skipped): it defers, keeping nothing, as long
+    as the bound allows (23 deferrals: 600 s of countdowns), then forgets without waiting and
+    names the list the batch may still add the member to. One record, written once the
+    waiting is over."""
+    from segops_sync import tasks
+
+    asked: list[bool] = []
+
+    def member_in_flight(user_id: str) -> bool:  # the real check, counted
+        asked.append(forget.member_in_flight(user_id))
+        return asked[-1]
+
+    monkeypatch.setattr(tasks, "member_in_flight", member_in_flight)
+    caplog.set_level("INFO", logger="segops_sync.tasks")
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"deferred-{token}", [user])
+    run_id = running_run_that_sent(connector_id, user, batches=("submitted",))
+    _lands_on_the_list(world, user)  # the batch's job has landed; its step has not seen it yet
+    before = _message_records()
+    try:
+        result = _forget_message(user)
+
+        assert result.state == "SUCCESS", result.traceback
+        assert asked == [True] * 23  # the 24th delivery asks no more
+        assert forget.deferral(23)[0] == forget.RUN_WAIT
+        assert [r.getMessage() for r in caplog.records].count(
+            "forget deferred: a running sync has sent the member and awaits Klaviyo's answer; "
+            "asked again later, for 600s at most"
+        ) == 1
+        (record,) = _message_records()[len(before) :]
+        assert record[1:3] == (True, 1)
+        assert "still open after 600s" in record[3] and connector_id in record[3]
+        assert world.sim.list_members(world.list_id) == []
+        assert _rows_naming(user) == {}
+    finally:
+        drop_runs(run_id)
+
+
+def test_a_forget_message_not_in_flight_forgets_at_once(world: World) -> None:
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    _sync(world, _connector(world, f"at-once-{token}", [user]))
+    assert len(world.sim.list_members(world.list_id)) == 1
+    before = _message_records()
+
+    result = _forget_message(user)
+
+    assert result.state == "SUCCESS", result.traceback
+    assert [r[1:] for r in _message_records()[len(before) :]] == [(True, 1, None)]
+    assert world.sim.list_members(world.list_id) == []
+    assert _rows_naming(user) == {}
+
+
+def test_a_forget_message_whose_deferral_cannot_be_sent_forgets_now_and_waits(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery rejects (and so drops) a message whose retry it could not publish: an erasure
+    request would vanish without a trace. The task forgets at once instead, waiting for the
+    batch in the task as the command does."""
+    from celery.exceptions import Reject
+
+    from segops_sync import tasks
+
+    def the_broker_refuses(*_: Any, **__: Any) -> None:
+        raise Reject(ConnectionError("the broker is away"), requeue=False)
+
+    monkeypatch.setattr(tasks.forget_user, "retry", the_broker_refuses)
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"unsent-{token}", [user])
+    run_id = running_run_that_sent(connector_id, user, batches=("submitted",))
+    before = _message_records()
+
+    def the_batch_settles_soon() -> None:  # its job lands, then its step records it
+        time.sleep(1.5 * forget.RUN_POLL)
+        _lands_on_the_list(world, user)
+        with session_scope() as s:
+            s.execute(
+                text("UPDATE sync_batches SET status = 'done' WHERE run_id = :r"), {"r": run_id}
+            )
+
+    settling = threading.Thread(target=the_batch_settles_soon)
+    settling.start()
+    try:
+        result = _forget_message(user)
+        settling.join()
+
+        assert result.state == "SUCCESS", result.traceback
+        assert [r[1:] for r in _message_records()[len(before) :]] == [(True, 1, None)]
+        assert world.sim.list_members(world.list_id) == []
+        assert _rows_naming(user) == {}
+    finally:
+        settling.join()
         drop_runs(run_id)
 
 
@@ -546,6 +703,64 @@ def test_batches_a_planner_wrote_while_the_forget_waited_for_it_are_locked_too(
     try:
         assert _rows_naming(user) == {}
         assert [p for p in done[0].problems if "still open after" in p], done[0].problems
+    finally:
+        drop_runs(run_id)
+
+
+def test_a_forget_that_may_not_wait_rolls_back_on_a_batch_written_under_its_locks(
+    world: World,
+) -> None:
+    """What member_in_flight cannot see: a batch step is writing the member's items (holding
+    its batch row) when the forget begins. The purge waits for that row, then finds the items.
+    A forget that may not wait (a message's) rolls back: every row of the member stays for its
+    next try, and no forget record is left."""
+    token = uuid.uuid4().hex[:8]
+    user = f"cust-{token}"
+    connector_id = _connector(world, f"materializing-{token}", [user])
+    run_id = running_run_that_sent(connector_id, f"other-{token}", batches=("pending",))
+    with session_scope() as s:
+        records = s.scalar(text("SELECT count(*) FROM forget_records"))
+    raised: list[BaseException] = []
+
+    def forget_without_waiting() -> None:
+        try:
+            forget_member(
+                user,
+                source=ForgetSource.MESSAGE,
+                klaviyo_delete=False,
+                settings=get_settings(),
+                access=world.access,
+                defer_in_flight=True,
+                run_wait=0.0,
+            )
+        except BaseException as exc:
+            raised.append(exc)
+
+    try:
+        with get_engine().connect() as step:
+            step.execute(
+                text("SELECT 1 FROM sync_batches WHERE run_id = :r FOR UPDATE"), {"r": run_id}
+            )
+            step.execute(
+                text(
+                    "INSERT INTO sync_batch_items (run_id, user_id, kind, seq, external_id) "
+                    "VALUES (:r, :u, 'add', 0, :u)"
+                ),
+                {"r": run_id, "u": user},
+            )
+            assert not forget.member_in_flight(user)  # not committed: invisible without locks
+            forgetting = threading.Thread(target=forget_without_waiting)
+            forgetting.start()
+            deadline = time.monotonic() + 10
+            while not _waits_for_a_lock("FOR UPDATE OF b"):
+                assert time.monotonic() < deadline, "the forget never waited for the batch"
+                time.sleep(0.02)
+            step.commit()
+            forgetting.join(30)
+        assert [type(e) for e in raised] == [forget.MemberInFlight]
+        assert _rows_naming(user) == {"segment_members": 1, "sync_batch_items": 1}
+        with session_scope() as s:
+            assert s.scalar(text("SELECT count(*) FROM forget_records")) == records
     finally:
         drop_runs(run_id)
 
