@@ -41,6 +41,7 @@ from segops_sync.klaviyo.payloads import (
     MAX_FILTER_VALUES,
     MAX_IDS_PER_RELATIONSHIP_CALL,
     MAX_JOB_BYTES,
+    MAX_PAGE_SIZE,
     MAX_PROFILES_PER_JOB,
     split_into_jobs,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "MAX_FILTER_VALUES",
     "MAX_IDS_PER_RELATIONSHIP_CALL",
     "MAX_JOB_BYTES",
+    "MAX_PAGE_SIZE",
     "MAX_PROFILES_PER_JOB",
     "PROFILE_COUNT_LIMIT",
     "PROFILE_FIELDS",

@@ -20,6 +20,8 @@ from segops_sync.config import Settings
 from segops_sync.db.models import SyncBatch
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import (
+    ENDPOINT_LIMITS,
+    MAX_PAGE_SIZE,
     UNFINISHED_JOB_STATES,
     Endpoint,
     ImportErrorItem,
@@ -156,7 +158,7 @@ def add_in_bulk(
             if failed_count is not None:
                 # A job Klaviyo counts no failures of has no import errors to read: half of a
                 # first sync's job reads, and a burst of them when ten jobs finish in one poll.
-                errors = quick_retry(_all_import_errors, client, job_id) if failed_count else []
+                errors = _import_errors(client, limited, job_id, failed_count)
                 problem = _settle_job(ctx, job_id, failed_count, errors)
                 if problem is not None:
                     return transient(ctx, problem, settings)
@@ -267,6 +269,28 @@ def _identity_keys(payload: dict[str, Any] | None) -> tuple[str | None, str | No
 def _attributes(payload: dict[str, Any] | None) -> object:
     """What an import error echoes of the member we sent (its type and id are not its data)."""
     return (payload or {}).get("attributes", payload)
+
+
+def _import_errors(
+    client: KlaviyoClient, limited: LimitedSession, job_id: str, failed_count: int
+) -> list[ImportErrorItem]:
+    """Every import error of a finished job, read in this step.
+
+    A job that refused many of its members has more pages of errors than one burst allows
+    (100 pages for 10,000 members; 10 a second and 150 a minute per account). Re-queued when
+    the limiter refuses a page, a step would drop the pages it had read, and two such jobs
+    settling at once would each get half a minute's budget, every minute, and never settle. So
+    a read longer than a burst waits in-process for each page, up to a steady window: it holds
+    its pool slot for that while (a job Klaviyo refused thousands of members of is rare; a run
+    that never ends is worse). A short read keeps the batch's patience (Throttled re-queues)."""
+    if not failed_count:
+        return []
+    pages = -(-failed_count // MAX_PAGE_SIZE)
+    if pages <= ENDPOINT_LIMITS[Endpoint.GET_BULK_IMPORT_ERRORS].burst:
+        return quick_retry(_all_import_errors, client, job_id)
+    limiter = limited.limiter
+    with limited.patient(limiter.steady_window + limiter.burst_window):
+        return quick_retry(_all_import_errors, client, job_id)
 
 
 def _all_import_errors(client: KlaviyoClient, job_id: str) -> list[ImportErrorItem]:
