@@ -280,9 +280,13 @@ def _import_errors(
     (100 pages for 10,000 members; 10 a second and 150 a minute per account). Re-queued when
     the limiter refuses a page, a step would drop the pages it had read, and two such jobs
     settling at once would each get half a minute's budget, every minute, and never settle. So
-    a read longer than a burst waits in-process for each page, up to a steady window: it holds
-    its pool slot for that while (a job Klaviyo refused thousands of members of is rare; a run
-    that never ends is worse). A short read keeps the batch's patience (Throttled re-queues)."""
+    a read longer than a burst (over 1,000 failed members) waits in-process for each page, up
+    to a steady window: it holds its pool slot for the whole read, minutes when several such
+    jobs of one account read together (a job Klaviyo refused a thousand members of is rare; a
+    run that never ends is worse). A 429 or a third transient failure still ends the read and
+    its pages are read again at the next step. A short read keeps the batch's patience
+    (Throttled re-queues). Reading page by page across steps, each page's rejections saved with
+    the cursor, would hold no slot; that is the next step."""
     if not failed_count:
         return []
     pages = -(-failed_count // MAX_PAGE_SIZE)

@@ -71,7 +71,10 @@ return 0
 """
 
 # How long a batch step may hold its lock; far above a step's runtime (seconds), and a dead
-# holder's lock is taken over as soon as its node's heartbeat is gone anyway.
+# holder's lock is taken over as soon as its node's heartbeat is gone anyway. (One step can
+# outlast it: reading the import errors of jobs Klaviyo refused by the thousand, bulk_add.py;
+# a copy of that batch re-sent meanwhile may then step it too, its settle waiting for the
+# batch row's lock.)
 BATCH_LOCK_TTL = 120.0
 # Our messages carry ids; a bigger one is malformed (dropped by its task) and is not recorded.
 MAX_HELD_BYTES = 64 * 1024
