@@ -63,7 +63,7 @@ from segops_sync.db.session import session_scope
 from segops_sync.errors import InputError
 from segops_sync.klaviyo import InvalidRequest, KlaviyoClient, KlaviyoError
 from segops_sync.secrets import decrypt_api_key
-from segops_sync.states import BatchKind, RunStatus
+from segops_sync.states import OPEN_BATCH, BatchKind, RunStatus
 from segops_sync.sync.fleet.access import KlaviyoAccess, LimitedSession, Throttled
 from segops_sync.sync.inputs.identity import hold_member, is_email, known_user_id_problem
 from segops_sync.sync.outcomes import Action, decide
@@ -284,17 +284,23 @@ def _close_record(outcome: ForgetOutcome) -> None:
 # -- the database ------------------------------------------------------------------------------
 
 
-# The member's items in add batches of running runs with no answer recorded, whose batch is
-# open (or failed in doubt): what the purge counts as in flight and _wait_for_batches waits for.
-# Read without locks, from the running runs only (one index probe each).
+# A batch (b) of a run (r) that a forget waits for: the run still running, and the batch open,
+# or failed with a send unanswered (in_doubt: its job may still run at Klaviyo). One definition
+# for _wait_for_batches and _IN_FLIGHT, which must agree (test_forget checks that they do).
+_AWAITED = (
+    f"r.status = '{RunStatus.RUNNING}' "
+    f"AND (b.status IN ({', '.join(repr(str(x)) for x in OPEN_BATCH)}) OR b.in_doubt)"
+)
+# The member's items in add batches with no answer recorded, whose batch is awaited: what the
+# purge counts as in flight and then waits for. Read without locks, from the running runs only
+# (one index probe each).
 _IN_FLIGHT = f"""
 SELECT EXISTS (
     SELECT 1 FROM sync_runs r
     JOIN sync_batch_items it ON it.run_id = r.id AND it.user_id = :u
     JOIN sync_batches b ON b.run_id = it.run_id AND b.kind = it.kind AND b.seq = it.seq
-    WHERE r.status = '{RunStatus.RUNNING}' AND r.purged_at IS NULL
+    WHERE {_AWAITED} AND r.purged_at IS NULL
     AND it.kind = '{BatchKind.ADD}' AND it.outcome IS NULL
-    AND (b.status IN ('pending', 'submitted') OR b.in_doubt)
 )
 """
 
@@ -304,7 +310,11 @@ def member_in_flight(user_id: str) -> bool:
     written) and not recorded Klaviyo's answer: a forget now would have to wait for it after
     its purge (step 4). A check without locks: the purge decides again under its locks."""
     with session_scope() as s:
-        return bool(s.scalar(text(_IN_FLIGHT), {"u": user_id}))
+        return _in_flight(s, user_id)
+
+
+def _in_flight(s: Session, user_id: str) -> bool:
+    return bool(s.scalar(text(_IN_FLIGHT), {"u": user_id}))
 
 
 class MemberInFlight(Exception):
@@ -425,7 +435,7 @@ def _purge(s: Session, u: str, defer_in_flight: bool) -> Known:
     lock(locked)
     # A batch step materializing the member's batch held its row until now: its items are
     # committed, and found here (member_in_flight's question, asked under the locks).
-    if defer_in_flight and s.scalar(text(_IN_FLIGHT), {"u": u}):
+    if defer_in_flight and _in_flight(s, u):
         raise MemberInFlight
 
     ledger = list(s.execute(text(ledger_sql), {**p, "all": everyone}).all())
@@ -833,8 +843,7 @@ def _wait_for_batches(batches: list[Batch], timeout: float, sleep: Sleep) -> set
                             "JOIN unnest(CAST(:r AS text[]), CAST(:k AS text[]), "
                             "CAST(:q AS int[])) w(run_id, kind, seq) "
                             "ON b.run_id = w.run_id AND b.kind = w.kind AND b.seq = w.seq "
-                            f"WHERE r.status = '{RunStatus.RUNNING}' "
-                            "AND (b.status IN ('pending', 'submitted') OR b.in_doubt)"
+                            f"WHERE {_AWAITED}"
                         ),
                         {
                             "r": [b[0] for b in batches],
