@@ -37,7 +37,7 @@ from tests.integration.helpers import (
     simulated_fleet,
     wait_idle,
 )
-from tests.sync.helpers import drop_runs, running_run_that_sent
+from tests.sync.helpers import drop_runs, message_forget_records, running_run_that_sent
 
 
 @dataclass
@@ -229,19 +229,6 @@ def test_the_forget_user_message_forgets_through_the_worker(stack: Stack, tmp_pa
     _eventually(redis_clean)
 
 
-def _finished_message_forgets() -> list[tuple[Any, ...]]:
-    with session_scope() as s:
-        return [
-            tuple(row)
-            for row in s.execute(
-                text(
-                    "SELECT id, lists_removed, error FROM forget_records "
-                    "WHERE source = 'message' AND finished_at IS NOT NULL ORDER BY id"
-                )
-            )
-        ]
-
-
 def test_forgets_waiting_for_a_running_batch_leave_the_worker_to_others(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -260,17 +247,17 @@ def test_forgets_waiting_for_a_running_batch_leave_the_worker_to_others(
         running_run_that_sent(p[5][0], p[0], batches=("submitted",), phase="dispatched")
         for p in waiting
     ]
-    before = _finished_message_forgets()
+    before = message_forget_records(finished=True)
     try:
         _send_forgets(*(p[0] for p in waiting))
         time.sleep(1.0)  # both taken by the worker (and put back) before the third is sent
         _send_forgets(free[0])
 
         def the_free_one_forgotten() -> None:
-            assert len(_finished_message_forgets()) == len(before) + 1
+            assert len(message_forget_records(finished=True)) == len(before) + 1
 
         _eventually(the_free_one_forgotten, timeout=15)  # far below the 600 s of a held slot
-        assert _finished_message_forgets()[len(before) :][0][1:] == (1, None)
+        assert message_forget_records(finished=True)[len(before) :][0][2:] == (1, None)
         assert free[0] not in k.members()
         for user, email, name, *_ in waiting:  # nothing written for them yet
             assert user in k.members()
@@ -282,9 +269,9 @@ def test_forgets_waiting_for_a_running_batch_leave_the_worker_to_others(
             )
 
         def all_forgotten() -> list[tuple[Any, ...]]:
-            done = _finished_message_forgets()[len(before) :]
+            done = message_forget_records(finished=True)[len(before) :]
             assert len(done) == 3
-            return [row[1:] for row in done]
+            return [row[2:] for row in done]
 
         assert _eventually(all_forgotten) == [(1, None)] * 3
         assert set(k.members()) == {o for p in [*waiting, free] for o in p[3]}

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from sqlalchemy import text
@@ -169,3 +169,19 @@ def drop_runs(*run_ids: str) -> None:
             ("sync_runs", "id"),
         ):
             s.execute(text(f"DELETE FROM {table} WHERE {column} = ANY(:r)"), {"r": list(run_ids)})
+
+
+def message_forget_records(*, finished: bool = False) -> list[tuple[Any, ...]]:
+    """(id, finished, lists_removed, error) of each forget a ``segops.forget_user`` message
+    made, oldest first; ``finished``: the closed ones only."""
+    closed = " AND finished_at IS NOT NULL" if finished else ""
+    with session_scope() as s:
+        return [
+            tuple(row)
+            for row in s.execute(
+                text(
+                    "SELECT id, finished_at IS NOT NULL, lists_removed, error FROM forget_records "
+                    f"WHERE source = 'message'{closed} ORDER BY id"
+                )
+            )
+        ]

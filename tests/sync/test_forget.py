@@ -33,7 +33,12 @@ from segops_sync.sync.inputs.identity import MEMBER_LOCK_CLASS, record_identity
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
 from segops_sync.sync.verify import FOREIGN_PREFIX, verify_list
-from tests.sync.helpers import World, drop_runs, running_run_that_sent
+from tests.sync.helpers import (
+    World,
+    drop_runs,
+    message_forget_records,
+    running_run_that_sent,
+)
 from tests.sync.helpers import make_connector as _connector
 
 
@@ -371,19 +376,6 @@ def _forget_message(user: str, *, retries: int = 0) -> Any:
     return tasks.forget_user.apply(kwargs={"user_id": user}, retries=retries)
 
 
-def _message_records() -> list[tuple[Any, ...]]:
-    with session_scope() as s:
-        return [
-            tuple(r)
-            for r in s.execute(
-                text(
-                    "SELECT id, finished_at IS NOT NULL, lists_removed, error FROM forget_records "
-                    "WHERE source = 'message' ORDER BY id"
-                )
-            )
-        ]
-
-
 def test_a_forget_message_defers_while_its_batch_is_open_then_forgets_without_waiting(
     world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -406,7 +398,7 @@ def test_a_forget_message_defers_while_its_batch_is_open_then_forgets_without_wa
     connector_id = _connector(world, f"deferred-{token}", [user])
     run_id = running_run_that_sent(connector_id, user, batches=("submitted",))
     _lands_on_the_list(world, user)  # the batch's job has landed; its step has not seen it yet
-    before = _message_records()
+    before = message_forget_records()
     try:
         result = _forget_message(user)
 
@@ -417,7 +409,7 @@ def test_a_forget_message_defers_while_its_batch_is_open_then_forgets_without_wa
             "forget deferred: a running sync has sent the member and awaits Klaviyo's answer; "
             "asked again later, for 600s at most"
         ) == 1
-        (record,) = _message_records()[len(before) :]
+        (record,) = message_forget_records()[len(before) :]
         assert record[1:3] == (True, 1)
         assert "still open after 600s" in record[3] and connector_id in record[3]
         assert world.sim.list_members(world.list_id) == []
@@ -431,12 +423,12 @@ def test_a_forget_message_not_in_flight_forgets_at_once(world: World) -> None:
     user = f"cust-{token}"
     _sync(world, _connector(world, f"at-once-{token}", [user]))
     assert len(world.sim.list_members(world.list_id)) == 1
-    before = _message_records()
+    before = message_forget_records()
 
     result = _forget_message(user)
 
     assert result.state == "SUCCESS", result.traceback
-    assert [r[1:] for r in _message_records()[len(before) :]] == [(True, 1, None)]
+    assert [r[1:] for r in message_forget_records()[len(before) :]] == [(True, 1, None)]
     assert world.sim.list_members(world.list_id) == []
     assert _rows_naming(user) == {}
 
@@ -459,7 +451,7 @@ def test_a_forget_message_whose_deferral_cannot_be_sent_forgets_now_and_waits(
     user = f"cust-{token}"
     connector_id = _connector(world, f"unsent-{token}", [user])
     run_id = running_run_that_sent(connector_id, user, batches=("submitted",))
-    before = _message_records()
+    before = message_forget_records()
 
     def the_batch_settles_soon() -> None:  # its job lands, then its step records it
         time.sleep(1.5 * forget.RUN_POLL)
@@ -476,7 +468,7 @@ def test_a_forget_message_whose_deferral_cannot_be_sent_forgets_now_and_waits(
         settling.join()
 
         assert result.state == "SUCCESS", result.traceback
-        assert [r[1:] for r in _message_records()[len(before) :]] == [(True, 1, None)]
+        assert [r[1:] for r in message_forget_records()[len(before) :]] == [(True, 1, None)]
         assert world.sim.list_members(world.list_id) == []
         assert _rows_naming(user) == {}
     finally:
