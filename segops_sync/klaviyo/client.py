@@ -210,14 +210,19 @@ class KlaviyoClient:
         return _bulk_import_job(_dict_field(doc, "data", endpoint), endpoint)
 
     def iter_bulk_import_jobs(
-        self, statuses: Sequence[JobStatus], *, newest_first: bool = False
+        self,
+        statuses: Sequence[JobStatus],
+        *,
+        newest_first: bool = False,
+        before_page: Callable[[], bool] | None = None,
     ) -> Iterator[BulkImportJob]:
         """The account's jobs in these states, 100 a page (one request answers for 100 jobs),
         oldest first or (``newest_first``) newest first by ``created_at``.
 
         Klaviyo filters this list by ``status`` only (``any``/``equals``), not by id: a caller
         watching its own jobs lists them newest first and stops iterating (which stops paging)
-        once it has passed the oldest job it watches.
+        once it has passed the oldest job it watches. ``before_page`` is asked before each
+        page's request: False ends the listing there.
         """
         if isinstance(statuses, str) or not statuses:
             raise ValueError("statuses must be a non-empty sequence of job states")
@@ -225,7 +230,7 @@ class KlaviyoClient:
         params = {"filter": any_filter("status", statuses), "page[size]": str(MAX_PAGE_SIZE)}
         if newest_first:
             params["sort"] = "-created_at"
-        for item in self._paginate(endpoint, endpoint.path(), params):
+        for item in self._paginate(endpoint, endpoint.path(), params, before_page):
             yield _bulk_import_job(item, endpoint)
 
     def iter_bulk_import_errors(self, job_id: str) -> Iterator[ImportErrorItem]:
@@ -433,12 +438,18 @@ class KlaviyoClient:
         )
 
     def _paginate(
-        self, endpoint: Endpoint, path: str, params: dict[str, str]
+        self,
+        endpoint: Endpoint,
+        path: str,
+        params: dict[str, str],
+        before_page: Callable[[], bool] | None = None,
     ) -> Iterator[dict[str, Any]]:
         url: str = path
         query: dict[str, str] | None = params
         seen: set[str] = set()
         while True:
+            if before_page is not None and not before_page():
+                return
             doc = self._json(self._request(endpoint, url, params=query))
             data = doc.get("data")
             if not isinstance(data, list):

@@ -139,7 +139,7 @@ def add_in_bulk(
                 if job.status in UNFINISHED_JOB_STATES and not job_overdue(
                     job.created_at, settings.job_give_up, _now_us()
                 ):
-                    jobs.still_running(job_id)  # the poll missed it (a page shifted)
+                    jobs.still_running(job_id, job.created_at)  # the poll missed it
                     running = True
                     continue
                 if job.status in UNFINISHED_JOB_STATES:  # SEGOPS_JOB_GIVE_UP is past

@@ -15,12 +15,12 @@ from sqlalchemy import text
 
 from segops_sync.config import get_settings
 from segops_sync.connectors import create_connector
-from segops_sync.db.models import SyncRun
+from segops_sync.db.models import SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo_sim import Simulator
-from segops_sync.states import ConnectorStatus, Trigger
+from segops_sync.states import BatchStatus, ConnectorStatus, Trigger
 from segops_sync.sync.approvals import approve_mass_removal
-from segops_sync.sync.batch_step import Finished
+from segops_sync.sync.batch_step import Finished, Later
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.fleet.access import KlaviyoAccess
 from segops_sync.sync.planner import plan_run, start_run
@@ -185,3 +185,25 @@ def message_forget_records(*, finished: bool = False) -> list[tuple[Any, ...]]:
                 )
             )
         ]
+
+
+def drive_batch(w: World, batch_id: int) -> Finished:
+    """The batch's steps in this process, each when its countdown says, until it finished."""
+    deadline = time.monotonic() + 30
+    while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):
+        assert time.monotonic() < deadline, step.reason
+        time.sleep(min(step.countdown, 0.2))
+    return step
+
+
+def until_its_job_is_out(w: World, batch_id: int) -> None:
+    """Step the batch until its bulk job is out at Klaviyo (a step the limiter defers goes
+    again); the caller has made jobs slow enough to still run afterwards."""
+    deadline = time.monotonic() + 30
+    while True:
+        step = run_batch(batch_id, w.access, get_settings())
+        assert isinstance(step, Later) and time.monotonic() < deadline
+        with session_scope() as s:
+            if s.get_one(SyncBatch, batch_id).status == BatchStatus.SUBMITTED:
+                return
+        time.sleep(min(step.countdown, 0.2))

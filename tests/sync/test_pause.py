@@ -3,7 +3,6 @@ PostgreSQL and the simulator over HTTP (the broker-driven test is tests/integrat
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -13,38 +12,15 @@ from segops_sync.config import get_settings
 from segops_sync.db.models import Connector, LedgerEntry, SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.errors import InputError
-from segops_sync.states import BatchStatus, ConnectorStatus, StartReason, Trigger
+from segops_sync.states import ConnectorStatus, StartReason, Trigger
 from segops_sync.sync import planner
-from segops_sync.sync.batch_step import Finished, Later
-from segops_sync.sync.batches import run_batch
 from segops_sync.sync.pause import PAUSE_REASON, pause_connector, resume_connector
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
 from segops_sync.sync.verify import verifiable_connectors
-from tests.sync.helpers import World
+from tests.sync.helpers import World, drive_batch, until_its_job_is_out
 from tests.sync.helpers import make_connector as _connector
 from tests.sync.helpers import on_list as _on_list
-
-
-def _drive(w: World, batch_id: int) -> Finished:
-    deadline = time.monotonic() + 30
-    while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):
-        assert time.monotonic() < deadline, step.reason
-        time.sleep(min(step.countdown, 0.2))
-    return step
-
-
-def _until_its_job_is_out(w: World, batch_id: int) -> None:
-    """Step the batch until its bulk job is out at Klaviyo (a step the limiter defers goes
-    again); the caller has made jobs slow enough to still run afterwards."""
-    deadline = time.monotonic() + 30
-    while True:
-        step = run_batch(batch_id, w.access, get_settings())
-        assert isinstance(step, Later) and time.monotonic() < deadline
-        with session_scope() as s:
-            if s.get_one(SyncBatch, batch_id).status == BatchStatus.SUBMITTED:
-                return
-        time.sleep(min(step.countdown, 0.2))
 
 
 def _confirmed(connector_id: str) -> set[str]:
@@ -68,17 +44,17 @@ def test_a_paused_run_settles_what_was_sent_and_sends_nothing_more(
     connector_id, run_id, (first, second, third), members = _planned(
         world, monkeypatch, "pause", 25
     )
-    assert _drive(world, first).ok
+    assert drive_batch(world, first).ok
     world.sim.job_delay = 2.0  # the second batch's job is still running when the pause lands
     try:
-        _until_its_job_is_out(world, second)
+        until_its_job_is_out(world, second)
         with session_scope() as s:
             paused = pause_connector(s, connector_id)
         assert (paused.stopping_run_id, paused.already) == (run_id, False)
     finally:
         world.sim.job_delay = 0.05
-    assert _drive(world, second).ok  # what it sent is settled
-    assert not _drive(world, third).ok
+    assert drive_batch(world, second).ok  # what it sent is settled
+    assert not drive_batch(world, third).ok
     with session_scope() as s:
         closed = finish_run(s, run_id)
     assert closed.status == "cancelled" and closed.closed_now and closed.next_run is None
@@ -105,7 +81,7 @@ def test_a_paused_run_settles_what_was_sent_and_sends_nothing_more(
     assert started.reason == StartReason.STARTED and started.run_id
     with session_scope() as s:
         plan = plan_run(s, started.run_id, get_settings())
-    assert all(_drive(world, b).ok for b in plan.batch_ids)
+    assert all(drive_batch(world, b).ok for b in plan.batch_ids)
     with session_scope() as s:
         assert finish_run(s, started.run_id).status == "succeeded"
         assert s.get_one(SyncRun, started.run_id).trigger == "resume"
@@ -151,7 +127,7 @@ def test_a_pause_after_the_last_batch_leaves_a_complete_sync_succeeded(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     connector_id, run_id, batch_ids, _ = _planned(world, monkeypatch, "late", 15)
-    assert all(_drive(world, b).ok for b in batch_ids)
+    assert all(drive_batch(world, b).ok for b in batch_ids)
     with session_scope() as s:  # before the chord's callback closes the run
         assert pause_connector(s, connector_id).stopping_run_id == run_id
     with session_scope() as s:
@@ -187,14 +163,14 @@ def test_a_batch_that_fails_for_good_after_the_pause_fails_the_run(
     connector_id, run_id, (first, second), _ = _planned(world, monkeypatch, "broken", 15)
     world.sim.job_delay = 2.0
     try:
-        _until_its_job_is_out(world, first)
+        until_its_job_is_out(world, first)
         with session_scope() as s:
             assert pause_connector(s, connector_id).stopping_run_id == run_id
         world.sim.revoke_key(world.key)
     finally:
         world.sim.job_delay = 0.05
-    assert not _drive(world, first).ok  # Klaviyo refuses the key: failed for good
-    assert not _drive(world, second).ok  # stopped by the pause
+    assert not drive_batch(world, first).ok  # Klaviyo refuses the key: failed for good
+    assert not drive_batch(world, second).ok  # stopped by the pause
     with session_scope() as s:
         assert finish_run(s, run_id).status == "failed"
     with session_scope() as s:

@@ -43,7 +43,7 @@ from segops_sync.sync.planner import (
     start_run,
 )
 from segops_sync.sync.runs import finish_run
-from tests.sync.helpers import World, open_world
+from tests.sync.helpers import World, drive_batch, open_world, until_its_job_is_out
 from tests.sync.helpers import make_connector as _connector
 from tests.sync.helpers import on_list as _on_list
 from tests.sync.helpers import run_sync as _sync
@@ -270,10 +270,7 @@ def test_a_joiner_found_in_the_ledger_when_its_job_is_accepted_is_updated(world:
     PostgresBatchStore().load(batch_id)  # the batch writes its members: q00007 is a joiner
     with session_scope() as s:
         s.add(LedgerEntry(connector_id=connector_id, user_id=members[7], external_id="stale"))
-    deadline = time.monotonic() + 30
-    while not isinstance(step := run_batch(batch_id, world.access, get_settings()), Finished):
-        assert time.monotonic() < deadline, step.reason
-        time.sleep(min(step.countdown, 0.2))
+    step = drive_batch(world, batch_id)
     assert step.ok
     with session_scope() as s:
         finish_run(s, run_id)
@@ -326,10 +323,7 @@ def test_a_batch_in_several_jobs_settles_each_and_sends_a_lost_one_again(
         )
     # the lost job's members are unsent again, the others keep their jobs
     assert len(sent) == 3 and marks == {sent[0]: 7, None: 7, sent[2]: 6}
-    deadline = time.monotonic() + 30
-    while not isinstance(step := run_batch(batch_id, world.access, get_settings()), Finished):
-        assert time.monotonic() < deadline, step.reason
-        time.sleep(min(step.countdown, 0.2))
+    step = drive_batch(world, batch_id)
     assert step.ok and sent_whole == [False, False, False, True]
     with session_scope() as s:
         batch = s.get_one(SyncBatch, batch_id)
@@ -801,3 +795,44 @@ def test_the_synchronous_path_obeys_the_limiter(
     grants = world.access.limiter.grants(world.account, Endpoint.PROFILE_IMPORT.value)
     assert len(grants) == len(imports)  # every request, the retry too, took a grant
     assert max(sum(1 for t in grants if start <= t < start + 1.05) for start in grants) == 3
+
+
+def test_a_job_handed_over_while_it_runs_is_watched_again_with_its_created_at(
+    world: World,
+) -> None:
+    """A poll hands a watched job it could not place to its batch (deeper than its pages, or
+    a page shifted under it): the batch reads the job alone, and one still running is watched
+    again, with the created_at that read answered, so the next poll knows where to stop."""
+    members = [f"h{i:05d}" for i in range(5)]
+    _, run_id, plan = _planned_run(world, f"hand-{uuid.uuid4().hex[:6]}", members)
+    (batch_id,) = plan.add_batch_ids
+    watcher, account = world.access.watcher, world.access.account_of(world.key)
+    world.sim.job_delay = 4.0
+    try:
+        until_its_job_is_out(world, batch_id)
+        with session_scope() as s:
+            (job_id,) = s.get_one(SyncBatch, batch_id).job_ids
+        # the poll's verdict "read it yourself", and no created_at (as after a Redis restart)
+        r = world.access.redis
+        r.zrem(watcher._key(account, "watch"), job_id)
+        r.hdel(watcher._key(account, "created"), job_id)
+        r.hset(watcher._key(account, "finished"), job_id, "1")
+
+        def reads() -> int:  # of this job (the simulator serves the whole module)
+            requests = world.sim.requests(endpoint=Endpoint.GET_BULK_IMPORT_JOB)
+            return sum(1 for q in requests if q.account == world.account and job_id in q.path)
+
+        before = reads()
+        step = run_batch(batch_id, world.access, get_settings())
+        assert isinstance(step, Later), step
+        assert reads() == before + 1  # read alone: still running
+        assert r.zscore(watcher._key(account, "watch"), job_id) is not None
+        assert r.hget(watcher._key(account, "created"), job_id) is not None
+        assert r.hget(watcher._key(account, "finished"), job_id) is None
+    finally:
+        world.sim.job_delay = 0.05
+    step = drive_batch(world, batch_id)
+    assert step.ok
+    with session_scope() as s:
+        finish_run(s, run_id)
+    assert _on_list(world) == set(members)

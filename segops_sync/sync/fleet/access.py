@@ -28,19 +28,11 @@ from segops_sync.klaviyo import (
 from segops_sync.klaviyo.endpoints import endpoint_for
 from segops_sync.observability import metrics
 from segops_sync.sync.fleet.limiter import AccountLimiter, AccountResolver, spread
-from segops_sync.sync.fleet.watcher import AccountJobs, JobWatcher
+from segops_sync.sync.fleet.limiter import Throttled as Throttled  # where callers import it
+from segops_sync.sync.fleet.watcher import AccountJobs, JobWatcher, Patience
 
 # The budget that GET /api/accounts calls draw on, whichever account they turn out to be.
 ACCOUNT_LOOKUPS = "(account lookups)"
-
-
-class Throttled(Exception):
-    """No rate-limit slot is free: try again after ``wait`` seconds. Not an error."""
-
-    def __init__(self, wait: float, endpoint: str) -> None:
-        super().__init__(f"throttled on {endpoint} for {wait:.2f}s")
-        self.wait = wait
-        self.endpoint = endpoint
 
 
 @dataclass
@@ -117,6 +109,15 @@ class LimitedSession:
 PACED_BURST = 10
 # A paced request waits in-process up to this long (the M tier's gap is 0.05 s).
 PACED_PATIENCE = 0.25
+# A watcher poll's page waits in-process up to this many guarded burst windows.
+POLL_PAGE_PATIENCE = 1.05
+
+
+def poll_patience(session: LimitedSession) -> Patience:
+    """A poll's pages wait in-process up to a burst window and its guard (and a little): within
+    its budget a poll is never refused mid-way (watcher.py)."""
+    seconds = session.limiter.guarded_burst_window * POLL_PAGE_PATIENCE
+    return lambda: session.patient(seconds)
 
 
 def _paced(endpoint: Endpoint) -> bool:
@@ -176,7 +177,7 @@ class KlaviyoAccess:
 
     def jobs(self, client: KlaviyoClient, session: LimitedSession) -> AccountJobs:
         """The account's bulk-job watcher, polling (when due) with this client."""
-        return AccountJobs(self.watcher, session.account, client)
+        return AccountJobs(self.watcher, session.account, client, poll_patience(session))
 
     def _client(self, api_key: str, session: LimitedSession) -> KlaviyoClient:
         return KlaviyoClient(

@@ -291,6 +291,16 @@ return {
 )
 
 
+class Throttled(Exception):
+    """No rate-limit slot is free: try again after ``wait`` seconds. Not an error. (Raised by
+    ``access.LimitedSession``, which most callers import it from.)"""
+
+    def __init__(self, wait: float, endpoint: str) -> None:
+        super().__init__(f"throttled on {endpoint} for {wait:.2f}s")
+        self.wait = wait
+        self.endpoint = endpoint
+
+
 class AccountLimiter:
     """Distributed per-(account, endpoint) limiter over Klaviyo's burst and steady windows."""
 
@@ -331,6 +341,9 @@ class AccountLimiter:
         self._w1_us = 1_000_000.0 / time_scale
         # The burst log's window: Klaviyo's, stretched by the guard (Margins).
         self._w1_guarded_us = self._w1_us * (1.0 + burst_guard)
+        # The burst window as the log keeps it (seconds): the longest a slot within the
+        # minute's budget can take to free.
+        self.guarded_burst_window = self._w1_guarded_us / 1_000_000
         self._w60_us = 60_000_000.0 / time_scale
         self._grace_us = self.ACTIVE_SECONDS * 1_000_000.0 / time_scale
         self._acquire = redis.register_script(_ACQUIRE_LUA)
