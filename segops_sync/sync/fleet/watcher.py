@@ -37,8 +37,8 @@ Coordination, all in Redis, per account:
     page's request; waiters come back in a moment, later the more pages the poll has read, not
     a whole interval later), then ``polled`` until the next poll is due (after a 429, until its
     Retry-After; after a page the limiter refused, until the slot it named). A poller that dies
-    leaves a lease that expires; one that ends deletes or sets the gate only while it is still
-    its own.
+    leaves a lease that expires; one that ends deletes or sets the gate unless another poll has
+    taken it meanwhile.
 ``watch``
     sorted set job id -> when it was registered (Redis server time, µs). Only jobs registered
     before a poll *started* are looked for; a job registered during a poll waits for the next.
@@ -118,11 +118,12 @@ EARLY_MARGIN_MS = 50
 # first sync's; a poll of two listings stays below the 135 a minute the limiter admits of the
 # endpoint, 3 s each at its burst.
 MAX_POLL_PAGES = 30
-# Sets the gate to a new value (with a lease) or deletes it (no value), only while it is the
-# poller's own: ``polling:<token>:`` and the pages read.
+# Sets the gate to a new value (with a lease) or deletes it (no value), unless another poll
+# holds it (its own value is ``polling:<token>:`` and the pages read). A gate whose lease lapsed
+# with nobody taking it is taken back: the poll's hold still applies.
 _OWN_GATE = """
 local v = redis.call('GET', KEYS[1])
-if not v or string.sub(v, 1, string.len(ARGV[1])) ~= ARGV[1] then return 0 end
+if v and string.sub(v, 1, string.len(ARGV[1])) ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1

@@ -365,8 +365,8 @@ def test_a_long_poll_renews_its_lease_and_waiters_come_back_later_the_further_it
     """A poll may now read many pages, waiting for the limiter between them: its lease is
     renewed at each page (a second poller does not start while it reads), the gate says how far
     it got, and a batch that finds it polling comes back later the further it got (not every
-    50 ms while the poll reads for seconds). A failed poll frees the gate only while it is its
-    own."""
+    50 ms while the poll reads for seconds). A poll writes the gate unless another poll holds
+    it."""
     sim, client, account, list_id = env
     sim.job_delay = 60.0
     jobs = submit(client, list_id, 250)  # three pages
@@ -401,6 +401,9 @@ def test_a_long_poll_renews_its_lease_and_waiters_come_back_later_the_further_it
     assert fake.get(gate) == b"polling:someone-else:2"
     assert watcher._own_gate(keys=[gate], args=["polling:someone-else:", "", 0]) == 1
     assert fake.get(gate) is None
+    # A lease that lapsed with nobody else polling: the poll's hold is still written.
+    assert watcher._own_gate(keys=[gate], args=["polling:mine:", "polled", 3000]) == 1
+    assert (fake.get(gate), fake.pttl(gate)) == (b"polled", 3000)
 
 
 def test_a_poll_longer_than_a_burst_waits_for_its_pages_in_the_limiter() -> None:
