@@ -287,10 +287,8 @@ def _close_record(outcome: ForgetOutcome) -> None:
 # A batch (b) of a run (r) that a forget waits for: the run still running, and the batch open,
 # or failed with a send unanswered (in_doubt: its job may still run at Klaviyo). One definition
 # for _wait_for_batches and _IN_FLIGHT, which must agree (test_forget checks that they do).
-_AWAITED = (
-    f"r.status = '{RunStatus.RUNNING}' "
-    f"AND (b.status IN ({', '.join(repr(str(x)) for x in OPEN_BATCH)}) OR b.in_doubt)"
-)
+_OPEN = f"b.status IN ({', '.join(repr(str(x)) for x in OPEN_BATCH)})"  # a batch (b) not settled
+_AWAITED = f"r.status = '{RunStatus.RUNNING}' AND ({_OPEN} OR b.in_doubt)"
 # The member's items in add batches with no answer recorded, whose batch is awaited: what the
 # purge counts as in flight and then waits for. Read without locks, from the running runs only
 # (one index probe each).
@@ -411,7 +409,7 @@ def _purge(s: Session, u: str, defer_in_flight: bool) -> Known:
     lock_open_batches = text(
         "SELECT b.id FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
         f"WHERE r.status = '{RunStatus.RUNNING}' AND r.connector_id = ANY(:c) "
-        "AND b.status IN ('pending', 'submitted') ORDER BY b.id FOR UPDATE OF b"
+        f"AND {_OPEN} ORDER BY b.id FOR UPDATE OF b"
     )
 
     def lock(connector_ids: list[str]) -> None:
@@ -544,7 +542,7 @@ def _clear_bounds(s: Session, keys: list[str]) -> None:
         text(
             "SELECT b.id, b.lo_user_id, b.hi_user_id, c.segment_id, r.connector_id, "
             f"(r.status = '{RunStatus.RUNNING}' AND NOT b.materialized "
-            "AND b.status IN ('pending', 'submitted')) AS to_write "
+            f"AND {_OPEN}) AS to_write "
             "FROM sync_batches b JOIN sync_runs r ON r.id = b.run_id "
             "LEFT JOIN connectors c ON c.id = r.connector_id "
             "WHERE r.purged_at IS NULL AND (b.lo_user_id = ANY(:us) OR b.hi_user_id = ANY(:us))"
