@@ -18,12 +18,12 @@ from segops_sync.connectors import create_connector
 from segops_sync.db.models import SyncBatch, SyncRun
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo_sim import Simulator
-from segops_sync.states import BatchStatus, ConnectorStatus, Trigger
+from segops_sync.states import BatchStatus, ConnectorStatus, StartReason, Trigger
 from segops_sync.sync.approvals import approve_mass_removal
 from segops_sync.sync.batch_step import Finished, Later
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.fleet.access import KlaviyoAccess
-from segops_sync.sync.planner import plan_run, start_run
+from segops_sync.sync.planner import Plan, plan_run, start_run
 from segops_sync.sync.runs import finish_run
 
 AddPath = Literal["bulk", "direct"]
@@ -100,20 +100,16 @@ def run_sync(w: World, connector_id: str, *, approved_by: str | None = None) -> 
     if approved_by is not None:
         with session_scope() as s:
             approve_mass_removal(s, connector_id, by=approved_by)
-    with session_scope() as s:
-        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC)
-    assert outcome.reason == "started" and outcome.run_id
-    with session_scope() as s:
-        plan = plan_run(s, outcome.run_id, get_settings())
+    run_id, plan = start_and_plan(connector_id)
     for batch_id in plan.batch_ids:
         deadline = time.monotonic() + 60
         while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):
             assert time.monotonic() < deadline, f"batch {batch_id} never finished: {step.reason}"
             time.sleep(min(step.countdown, 0.5))
     with session_scope() as s:
-        finish_run(s, outcome.run_id)
+        finish_run(s, run_id)
         s.flush()  # before expunge, or the closing is never written
-        run = s.get_one(SyncRun, outcome.run_id)
+        run = s.get_one(SyncRun, run_id)
         s.expunge(run)
     return run
 
@@ -185,6 +181,15 @@ def message_forget_records(*, finished: bool = False) -> list[tuple[Any, ...]]:
                 )
             )
         ]
+
+
+def start_and_plan(connector_id: str, trigger: Trigger = Trigger.RESYNC) -> tuple[str, Plan]:
+    """A run of the connector started (it must start) and planned: its id and its plan."""
+    with session_scope() as s:
+        outcome = start_run(s, connector_id, trigger=trigger)
+    assert outcome.reason == StartReason.STARTED and outcome.run_id
+    with session_scope() as s:
+        return outcome.run_id, plan_run(s, outcome.run_id, get_settings())
 
 
 def drive_batch(w: World, batch_id: int) -> Finished:

@@ -23,13 +23,11 @@ from segops_sync.config import get_settings
 from segops_sync.db.session import session_scope
 from segops_sync.klaviyo import MAX_PAGE_SIZE, MAX_PROFILES_PER_JOB, Endpoint
 from segops_sync.klaviyo_sim import Simulator, SimulatorServer
-from segops_sync.states import Trigger
 from segops_sync.sync.batch_step import Finished
 from segops_sync.sync.batches import run_batch
 from segops_sync.sync.fleet.access import KlaviyoAccess
-from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
-from tests.sync.helpers import World, make_connector, open_world
+from tests.sync.helpers import World, make_connector, open_world, start_and_plan
 
 TIME_SCALE = 20.0  # the steady window 3 s, the burst window 0.05 s
 
@@ -75,11 +73,8 @@ def test_two_jobs_refused_whole_settle_though_their_errors_outrun_a_minutes_budg
     token = uuid.uuid4().hex[:8]
     users = _members_klaviyo_refuses(world, token, 2 * MAX_PROFILES_PER_JOB)
     connector_id = make_connector(world, f"refused-{token}", users)
-    with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
-    assert run_id
-    with session_scope() as s:
-        batch_ids = plan_run(s, run_id, get_settings()).batch_ids
+    run_id, plan = start_and_plan(connector_id)
+    batch_ids = plan.batch_ids
     assert len(batch_ids) == 2
 
     finished: dict[int, float] = {}

@@ -18,7 +18,6 @@ from sqlalchemy.exc import OperationalError
 from segops_sync.config import get_settings
 from segops_sync.db.models import ForgetRecord
 from segops_sync.db.session import get_engine, session_scope
-from segops_sync.states import Trigger
 from segops_sync.sync import forget
 from segops_sync.sync.batch_step import Finished
 from segops_sync.sync.batches import run_batch
@@ -30,7 +29,6 @@ from segops_sync.sync.forget import (
     forget_member,
 )
 from segops_sync.sync.inputs.identity import MEMBER_LOCK_CLASS, record_identity
-from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
 from segops_sync.sync.verify import FOREIGN_PREFIX, verify_list
 from tests.sync.helpers import (
@@ -38,18 +36,15 @@ from tests.sync.helpers import (
     drop_runs,
     message_forget_records,
     running_run_that_sent,
+    start_and_plan,
 )
 from tests.sync.helpers import make_connector as _connector
 
 
 def _sync(w: World, connector_id: str) -> str:
-    """One whole run driven in this process; its id. (helpers.run_sync insists the run started
-    and returns the row: these tests never asked for that.)"""
-    with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
-    assert run_id
-    with session_scope() as s:
-        plan = plan_run(s, run_id, get_settings())
+    """One whole run driven in this process; its id. (helpers.run_sync returns the row: these
+    tests never asked for that.)"""
+    run_id, plan = start_and_plan(connector_id)
     for batch_id in plan.batch_ids:
         deadline = time.monotonic() + 60
         while not isinstance(step := run_batch(batch_id, w.access, get_settings()), Finished):

@@ -18,7 +18,7 @@ from segops_sync.sync.pause import PAUSE_REASON, pause_connector, resume_connect
 from segops_sync.sync.planner import plan_run, start_run
 from segops_sync.sync.runs import finish_run
 from segops_sync.sync.verify import verifiable_connectors
-from tests.sync.helpers import World, drive_batch, until_its_job_is_out
+from tests.sync.helpers import World, drive_batch, start_and_plan, until_its_job_is_out
 from tests.sync.helpers import make_connector as _connector
 from tests.sync.helpers import on_list as _on_list
 
@@ -113,11 +113,8 @@ def _planned(
     monkeypatch.setattr(planner, "ADD_BATCH_SIZE", 10)
     members = [f"{name}{i:03d}-{uuid.uuid4().hex[:4]}@example.com" for i in range(size)]
     connector_id = _connector(world, f"{name}-{uuid.uuid4().hex[:6]}", members)
-    with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RECOMPUTE).run_id
-    assert run_id
-    with session_scope() as s:
-        batch_ids = plan_run(s, run_id, get_settings()).add_batch_ids
+    run_id, plan = start_and_plan(connector_id, Trigger.RECOMPUTE)
+    batch_ids = plan.add_batch_ids
     assert len(batch_ids) == -(-size // 10)
     return connector_id, run_id, batch_ids, members
 

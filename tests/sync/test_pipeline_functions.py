@@ -43,7 +43,7 @@ from segops_sync.sync.planner import (
     start_run,
 )
 from segops_sync.sync.runs import finish_run
-from tests.sync.helpers import World, drive_batch, open_world, until_its_job_is_out
+from tests.sync.helpers import World, drive_batch, open_world, start_and_plan, until_its_job_is_out
 from tests.sync.helpers import make_connector as _connector
 from tests.sync.helpers import on_list as _on_list
 from tests.sync.helpers import run_sync as _sync
@@ -62,11 +62,7 @@ def world(
 def _planned_run(w: World, segment: str, members: list[str]) -> tuple[str, str, Plan]:
     """A connector on ``segment`` of ``members``, with a run started and planned."""
     connector_id = _connector(w, segment, members)
-    with session_scope() as s:
-        run_id = start_run(s, connector_id, trigger=Trigger.RESYNC).run_id
-    assert run_id
-    with session_scope() as s:
-        return connector_id, run_id, plan_run(s, run_id, get_settings())
+    return connector_id, *start_and_plan(connector_id)
 
 
 def test_plan_cuts_the_delta_into_batches_of_one_call(world: World) -> None:
@@ -469,11 +465,7 @@ def test_a_batch_waiting_for_a_submission_slot_builds_its_job_body_once(
     segment = f"slot-{uuid.uuid4().hex[:6]}"
     members = [f"s{i}@example.com" for i in range(5)]
     connector_id = _connector(world, segment, members)
-    with session_scope() as s:
-        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC)
-    assert outcome.run_id
-    with session_scope() as s:
-        (batch_id,) = plan_run(s, outcome.run_id, get_settings()).batch_ids
+    (batch_id,) = start_and_plan(connector_id)[1].batch_ids
     while True:  # the limiter's account, as a batch resolves it (GET /api/accounts: 1/s)
         try:
             assert world.access.account_of(world.key) == world.account
@@ -658,21 +650,17 @@ def test_the_last_open_batch_closes_its_run_and_a_poison_pill_fails_it(world: Wo
 
     segment = f"rec-{uuid.uuid4().hex[:6]}"
     connector_id = _connector(world, segment, [f"rec{i}@example.com" for i in range(3)])
-    with session_scope() as s:
-        outcome = start_run(s, connector_id, trigger=Trigger.RESYNC)
-    assert outcome.run_id
-    with session_scope() as s:
-        plan = plan_run(s, outcome.run_id, get_settings())
+    run_id, plan = start_and_plan(connector_id)
     (batch_id,) = plan.batch_ids
     with session_scope() as s:
         assert run_ready_to_close(s, batch_id) is None  # the batch itself is still open
         assert fail_crashing_batch(s, batch_id, crashes=5)
         assert not fail_crashing_batch(s, batch_id, crashes=5)  # once only
     with session_scope() as s:
-        assert run_ready_to_close(s, batch_id) == outcome.run_id
-        finish_run(s, outcome.run_id)
+        assert run_ready_to_close(s, batch_id) == run_id
+        finish_run(s, run_id)
     with session_scope() as s:
-        run = s.get_one(SyncRun, outcome.run_id)
+        run = s.get_one(SyncRun, run_id)
         connector = s.get_one(Connector, connector_id)
         assert run.status == "failed" and connector.status == "error"
         assert run.error and "killed its worker process 5 times in a row" in run.error
